@@ -1,0 +1,40 @@
+# The whole dev loop. CPU path: a local virtual environment with the CPU build of torch.
+# On a GPU node install with `pip install -e .` instead, which takes the CUDA build of torch.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_CPU := torch==2.13.0
+
+.PHONY: install demo test test-fast lint format assets clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# CPU wheel first: a bare torch requirement would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q $(TORCH_CPU)
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+demo: install  ## SFT then SimPO on the tiny recipe, on the CPU, in well under 5 minutes
+	$(BIN)/simpo train tiny --output-dir outputs/tiny
+
+test: install  ## the whole test suite (what CI runs)
+	$(BIN)/python -m pytest -q
+
+test-fast: install  ## everything but the end-to-end CLI runs
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff format --check simpo_cli tests scripts
+	$(BIN)/ruff check simpo_cli tests scripts
+
+format: install
+	$(BIN)/ruff format simpo_cli tests scripts
+	$(BIN)/ruff check --fix simpo_cli tests scripts
+
+assets: install  ## rebuild the tiny recipe's tokenizer and data (deterministic)
+	$(BIN)/python scripts/build_tiny_assets.py
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache *.egg-info

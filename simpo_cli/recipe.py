@@ -1,0 +1,481 @@
+"""The recipe: one typed schema for the YAML file, its loading, `--set` overrides and errors.
+
+Everything after `load_recipe` works on a validated `Recipe`; no other module reads raw YAML.
+This module must not import torch: `simpo validate` and `simpo config show` answer from it alone.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from simpo_cli.errors import RecipeError
+
+_HERE = Path(__file__).resolve().parent
+# Installed, recipes/ is package data inside simpo_cli/; in a source checkout it sits beside it.
+RECIPES_DIR = _HERE / "recipes" if (_HERE / "recipes").is_dir() else _HERE.parent / "recipes"
+StageName = Literal["sft", "preference"]
+STAGES: tuple[StageName, ...] = ("sft", "preference")
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class ModelSettings(Section):
+    """The policy model the first stage starts from, and how to load it."""
+
+    name_or_path: str | None = Field(
+        None, description="Hub model name or local folder (required when init is 'pretrained')."
+    )
+    init: Literal["pretrained", "from_config"] = Field(
+        "pretrained",
+        description="'pretrained' loads weights; 'from_config' builds a randomly initialised "
+        "model from `config` (seeded by the first stage's training.seed).",
+    )
+    config: dict[str, Any] | None = Field(
+        None, description="Model config for init 'from_config' (keys of a config.json)."
+    )
+    tokenizer: str | None = Field(
+        None, description="Tokenizer name or folder; default: the model's."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Dtype the weights are loaded in."
+    )
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
+        None, description="Attention kernel; default: transformers' choice."
+    )
+    chat_template: str | None = Field(
+        None, description="Chat template override: a .jinja file or the template text itself."
+    )
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub repository.")
+
+    @model_validator(mode="after")
+    def _check_init(self) -> ModelSettings:
+        if self.init == "pretrained" and not self.name_or_path:
+            raise ValueError(
+                "name_or_path is required when init is 'pretrained'; set model.name_or_path "
+                "to a hub name or a local model folder"
+            )
+        if self.init == "from_config":
+            if not self.config or "model_type" not in self.config:
+                raise ValueError(
+                    "init 'from_config' needs model.config with a model_type (e.g. llama) and "
+                    "the architecture's sizes"
+                )
+            if not (self.tokenizer or self.name_or_path):
+                raise ValueError("init 'from_config' needs model.tokenizer (a tokenizer folder)")
+        return self
+
+
+class DataSource(Section):
+    """Where rows come from: a hub dataset name, a .json/.jsonl/.parquet file or a saved folder."""
+
+    path: str = Field(description="Hub dataset name, local data file, or save_to_disk folder.")
+    split: str = Field("train", description="Split to read (hub datasets and saved DatasetDicts).")
+    subset: str | None = Field(None, description="Hub dataset configuration name, if any.")
+    max_rows: PositiveInt | None = Field(None, description="Read only the first N rows.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        # `train: data/pairs.jsonl` is shorthand for `train: {path: data/pairs.jsonl}`.
+        return {"path": value} if isinstance(value, str) else value
+
+
+class SFTData(Section):
+    train: DataSource = Field(description="Training rows: `messages` lists or prompt/completion.")
+    eval: DataSource | None = Field(None, description="Held-out rows, same formats.")
+    max_length: PositiveInt = Field(2048, description="Tokens per example; longer ones are cut.")
+
+
+class PreferenceData(Section):
+    train: DataSource = Field(description="Training pairs: chosen/rejected (+ optional prompt).")
+    eval: DataSource | None = Field(None, description="Held-out pairs, same formats.")
+    max_length: PositiveInt = Field(2048, description="Tokens of prompt + response.")
+    max_prompt_length: PositiveInt = Field(1800, description="Tokens kept of a long prompt.")
+
+    @model_validator(mode="after")
+    def _check_lengths(self) -> PreferenceData:
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length "
+                f"({self.max_length}), or responses are cut to nothing; lower max_prompt_length"
+            )
+        return self
+
+
+class TrainingSettings(Section):
+    """Optimisation settings, named as in transformers' TrainingArguments."""
+
+    learning_rate: PositiveFloat = 1e-6
+    lr_scheduler_type: Literal[
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+        "constant_with_warmup", "inverse_sqrt", "cosine_with_min_lr",
+    ] = "cosine"  # fmt: skip
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    num_train_epochs: PositiveFloat = 1.0
+    max_steps: int = Field(-1, ge=-1, description="-1: run num_train_epochs; else stop after N.")
+    per_device_train_batch_size: PositiveInt = 2
+    per_device_eval_batch_size: PositiveInt = 4
+    gradient_accumulation_steps: PositiveInt = 1
+    gradient_checkpointing: bool = False
+    bf16: bool = False
+    fp16: bool = False
+    seed: int = 42
+    optim: str = "adamw_torch"
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_epsilon: PositiveFloat = 1e-8
+    max_grad_norm: float = Field(1.0, ge=0)
+    logging_steps: PositiveInt = 10
+    save_steps: PositiveInt = 500
+    save_total_limit: PositiveInt | None = 2
+    eval_steps: PositiveInt | None = Field(
+        None, description="Evaluate every N steps; default: at the end."
+    )
+    dataloader_num_workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _check_precision(self) -> TrainingSettings:
+        if self.bf16 and self.fp16:
+            raise ValueError("bf16 and fp16 are both true; choose one (the paper uses bf16)")
+        if self.max_steps == 0:
+            raise ValueError("max_steps is 0; use -1 to train for num_train_epochs, or N > 0")
+        return self
+
+
+class SFTTraining(TrainingSettings):
+    learning_rate: PositiveFloat = 2e-5
+
+
+class SFTStage(Section):
+    """Supervised fine-tuning: causal-LM loss on every assistant turn."""
+
+    data: SFTData
+    training: SFTTraining = Field(default_factory=SFTTraining)
+
+
+class PreferenceStage(Section):
+    """Preference optimisation of the policy on chosen/rejected pairs (SimPO)."""
+
+    loss: Literal["simpo"] = "simpo"
+    beta: PositiveFloat = Field(2.0, description="Reward scale on the average log-prob.")
+    gamma_beta_ratio: float | None = Field(
+        None, ge=0, description="Target margin as gamma/beta (the authors' form); default 0.5."
+    )
+    gamma: float | None = Field(
+        None, ge=0, description="Target margin as gamma (the paper's equation); not with the ratio."
+    )
+    loss_type: Literal["sigmoid", "hinge"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    sft_weight: float = Field(0.0, ge=0, description="Weight of an added CE loss on chosen.")
+    data: PreferenceData
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+
+    @model_validator(mode="after")
+    def _check_margin(self) -> PreferenceStage:
+        if self.gamma is not None and self.gamma_beta_ratio is not None:
+            raise ValueError(
+                f"gamma ({self.gamma}) and gamma_beta_ratio ({self.gamma_beta_ratio}) are both "
+                "set; give the margin once: gamma = beta * gamma_beta_ratio"
+            )
+        if self.label_smoothing and self.loss_type == "hinge":
+            raise ValueError("label_smoothing applies to loss_type sigmoid only; set it to 0")
+        return self
+
+    @property
+    def resolved_gamma(self) -> float:
+        """Absolute target margin gamma used in the loss."""
+        if self.gamma is not None:
+            return self.gamma
+        ratio = 0.5 if self.gamma_beta_ratio is None else self.gamma_beta_ratio
+        return self.beta * ratio
+
+
+class LoggingSettings(Section):
+    report_to: list[Literal["wandb", "tensorboard"]] = Field(
+        default_factory=list, description="Trackers besides metrics.jsonl (always written)."
+    )
+    project: str = Field("simpo", description="wandb project name.")
+    run_name: str | None = Field(None, description="Run name; default: recipe name + stage.")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _listify(cls, value: Any) -> Any:
+        if value in (None, "none", []):
+            return []
+        return [value] if isinstance(value, str) else value
+
+
+class LaunchSettings(Section):
+    """How processes are launched; one process in place until multi-process launch is added."""
+
+
+class Recipe(Section):
+    name: str = Field("recipe", description="Recipe name; default: the file's name.")
+    description: str | None = None
+    output_dir: str | None = Field(None, description="Where stages write; default outputs/<name>.")
+    model: ModelSettings
+    pipeline: list[StageName] = Field(
+        default_factory=lambda: ["sft", "preference"], description="Stages run by `simpo train`."
+    )
+    sft: SFTStage | None = None
+    preference: PreferenceStage | None = None
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    launch: LaunchSettings = Field(default_factory=LaunchSettings)
+
+    @model_validator(mode="after")
+    def _check_pipeline(self) -> Recipe:
+        if not self.pipeline:
+            raise ValueError("pipeline is empty; list the stages to run, e.g. [sft, preference]")
+        if len(set(self.pipeline)) != len(self.pipeline):
+            raise ValueError(f"pipeline {self.pipeline} repeats a stage; list each once")
+        if self.pipeline != sorted(self.pipeline, key=STAGES.index):
+            raise ValueError(
+                f"pipeline {self.pipeline} is out of order; sft runs before preference"
+            )
+        for stage in self.pipeline:
+            if getattr(self, stage) is None:
+                raise ValueError(f"pipeline runs '{stage}' but the recipe has no {stage}: section")
+        return self
+
+    def stage(self, name: StageName) -> SFTStage | PreferenceStage:
+        section = getattr(self, name)
+        if section is None:
+            raise RecipeError([f"recipe '{self.name}' has no {name}: section; add one to run it"])
+        return section
+
+    def first_stage_seed(self) -> int:
+        return self.stage(self.pipeline[0]).training.seed
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(
+            self.model_dump(mode="json"), sort_keys=False, default_flow_style=None, width=100
+        )
+
+
+def stage_identity(recipe: dict[str, Any], stage: str) -> dict[str, Any]:
+    """The part of a (dumped) recipe that decides a stage's result: the model and the sections of
+    this stage and every stage before it. Names, output folders and logging do not count."""
+    pipeline = list(recipe.get("pipeline") or [])
+    before = pipeline[: pipeline.index(stage) + 1] if stage in pipeline else [stage]
+    return {"model": recipe.get("model"), **{name: recipe.get(name) for name in before}}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def shipped_recipes() -> list[str]:
+    """Names of the recipes that ship with the package (recipes/<name>/recipe.yaml)."""
+    return sorted(p.parent.name for p in RECIPES_DIR.glob("*/recipe.yaml"))
+
+
+def find_recipe(ref: str) -> Path:
+    """A recipe path as given, a folder holding recipe.yaml, or a shipped recipe's name."""
+    path = Path(ref).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir() and (path / "recipe.yaml").is_file():
+        return path / "recipe.yaml"
+    shipped = RECIPES_DIR / ref / "recipe.yaml"
+    if "/" not in ref and shipped.is_file():
+        return shipped
+    names = ", ".join(shipped_recipes()) or "none"
+    raise RecipeError(
+        [f"{ref}: no such recipe file, and no shipped recipe of that name (shipped: {names})"]
+    )
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (['a','b','c'], value), the value parsed as YAML (so 2.5 is a float)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+        raise RecipeError(
+            [f"--set {text}: expected KEY.PATH=VALUE, e.g. --set preference.beta=2.5"]
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[tuple[str, ...], str]:
+    """Set each override into `raw` in place; return {key path: the --set text} for messages."""
+    origins: dict[tuple[str, ...], str] = {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for i, key in enumerate(keys[:-1]):
+            child = node.setdefault(key, {})
+            if child is None:
+                child = node[key] = {}
+            if isinstance(child, str) and key in ("train", "eval"):
+                # A data source written as a bare path: `--set sft.data.train.max_rows=100`.
+                child = node[key] = {"path": child}
+            if not isinstance(child, dict):
+                where = ".".join(keys[: i + 1])
+                raise RecipeError([f"--set {text}: {where} is a value, not a section"])
+            node = child
+        node[keys[-1]] = value
+        origins[tuple(keys)] = f"--set {text}"
+    return origins
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise RecipeError([f"{path}: cannot read the recipe: {err.strerror}"]) from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise RecipeError([f"{path}:{where}: invalid YAML: {problem}"]) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(
+            [f"{path}: a recipe is a mapping of keys (model:, sft:, ...), not a list"]
+        )
+    return raw
+
+
+def load_recipe(ref: str, overrides: list[str] | None = None) -> Recipe:
+    """Find, read, override, validate and resolve a recipe; RecipeError lists every problem."""
+    path = find_recipe(ref)
+    raw = read_yaml(path)
+    origins = apply_overrides(raw, list(overrides or []))
+    raw.setdefault("name", path.parent.name if path.name == "recipe.yaml" else path.stem)
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise RecipeError(format_errors(err, str(path), origins)) from None
+    return resolve_paths(recipe, path.parent)
+
+
+def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
+    """Make local paths absolute: a relative path names a file beside the recipe, else in the
+    current folder. Strings that are neither stay as they are: hub model or dataset names."""
+
+    def local(value: str | None) -> str | None:
+        if value is None or Path(value).is_absolute():
+            return value
+        for candidate in (base / value, Path.cwd() / value):
+            if candidate.exists():
+                return str(candidate.resolve())
+        return value
+
+    model = recipe.model
+    model.name_or_path = local(model.name_or_path)
+    model.tokenizer = local(model.tokenizer)
+    if model.chat_template and model.chat_template.endswith(".jinja"):
+        model.chat_template = local(model.chat_template)
+    for name in STAGES:
+        stage = getattr(recipe, name)
+        if stage is None:
+            continue
+        for source in (stage.data.train, stage.data.eval):
+            if source is not None:
+                source.path = local(source.path)
+    return recipe
+
+
+# --------------------------------------------------------------------------- error messages
+
+_FIXES = {
+    "missing": "add it",
+    "float_parsing": "give a number, e.g. 2.0",
+    "float_type": "give a number, e.g. 2.0",
+    "int_parsing": "give a whole number",
+    "int_type": "give a whole number",
+    "int_from_float": "give a whole number",
+    "bool_parsing": "use true or false",
+    "bool_type": "use true or false",
+    "string_type": "give a string (quote it)",
+    "list_type": "give a list, e.g. [a, b]",
+    "dict_type": "give a mapping of keys",
+    "model_type": "give a mapping of keys",
+    "model_attributes_type": "give a mapping of keys",
+    "greater_than": "raise it",
+    "greater_than_equal": "raise it",
+    "less_than": "lower it",
+    "less_than_equal": "lower it",
+}
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """Names of the keys allowed in the section at `loc` (for "did you mean")."""
+    model: Any = Recipe
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = _section_type(field.annotation)
+        if model is None:
+            return []
+    return list(getattr(model, "model_fields", {}))
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _section_type(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+def format_errors(
+    err: ValidationError, source: str, origins: dict[tuple[str, ...], str] | None = None
+) -> list[str]:
+    """One line per problem: where, key path, value, constraint and the fix."""
+    origins = origins or {}
+    lines = []
+    for item in err.errors(include_url=False):
+        loc = tuple(p for p in item["loc"] if p != "function-after[...]")
+        kind = item["type"]
+        key = _dotted(loc)
+        where = origins.get(tuple(str(p) for p in loc), source)
+        message = item["msg"].removeprefix("Value error, ")
+        if kind == "extra_forbidden":
+            allowed = _fields_at(loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
+            hint = f"did you mean '{close[0]}'?" if close else f"allowed: {', '.join(allowed)}"
+            lines.append(f"{where}: {key}: unknown key; {hint}")
+        elif kind == "missing":
+            lines.append(f"{where}: {key}: required key is missing; add it")
+        elif kind == "value_error":
+            lines.append(f"{where}: {key}: {message}")
+        else:
+            value = item.get("input")
+            fix = _FIXES.get(kind, "")
+            if kind == "literal_error":
+                options = str(item.get("ctx", {}).get("expected", "")).replace("'", "")
+                close = difflib.get_close_matches(
+                    str(value), [o.strip() for o in options.replace(" or ", ",").split(",")], n=1
+                )
+                fix = f"did you mean '{close[0]}'?" if close else f"use one of {options}"
+            constraint = message[0].lower() + message[1:] if message else kind
+            lines.append(f"{where}: {key} = {value!r}: {constraint}" + (f"; {fix}" if fix else ""))
+    return lines

@@ -1,0 +1,374 @@
+"""The training stages: SFT and SimPO on transformers' Trainer, and the pipeline that chains them.
+
+Trainer runs the loop, checkpointing, resume and (later) DeepSpeed; this module adds what is
+SimPO-specific: the paired forward pass, the loss, the authors' metric names, the stage folders.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+
+from simpo_cli.data import (
+    PreferenceCollator,
+    SFTCollator,
+    load_source,
+    load_tokenizer,
+    prepare,
+)
+from simpo_cli.errors import UserError
+from simpo_cli.eval import score_pairs, summarize
+from simpo_cli.losses import IGNORE_INDEX, sequence_logps, simpo_loss
+from simpo_cli.outputs import StageDir, reproducibility_record
+from simpo_cli.recipe import PreferenceStage, Recipe, SFTStage, stage_identity
+
+
+class SimPOTrainer(Trainer):
+    """Trainer whose loss is SimPO on pairs stacked [chosen; rejected] by PreferenceCollator."""
+
+    def __init__(self, *args, stage: PreferenceStage, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stage = stage
+        # Our loss is a mean over this micro-batch's pairs: Trainer must divide it by the number
+        # of accumulation steps (and must not pass num_items_in_batch, a token count, to it).
+        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = False
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        logits = model(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
+        ).logits
+        logps, _ = sequence_logps(logits, labels, average=True)
+        half = labels.shape[0] // 2
+        chosen_logps, rejected_logps = logps[:half], logps[half:]
+        stage = self.stage
+        out = simpo_loss(
+            chosen_logps,
+            rejected_logps,
+            beta=stage.beta,
+            gamma=stage.resolved_gamma,
+            label_smoothing=stage.label_smoothing,
+            loss_type=stage.loss_type,
+        )
+        loss = out.losses.mean()
+        if stage.sft_weight > 0:
+            # The authors' added term: the chosen responses' per-token cross-entropy.
+            sft_loss = -chosen_logps.mean()
+            loss = loss + stage.sft_weight * sft_loss
+            self._store("sft_loss", sft_loss)
+        self._store_pair_metrics(out, chosen_logps, rejected_logps, logits, labels, half)
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+    @torch.no_grad()
+    def _store_pair_metrics(self, out, chosen_logps, rejected_logps, logits, labels, half):
+        margins = out.chosen_rewards - out.rejected_rewards
+        self._store("rewards/chosen", out.chosen_rewards.mean())
+        self._store("rewards/rejected", out.rejected_rewards.mean())
+        self._store("rewards/accuracies", (margins > 0).float().mean())
+        self._store("rewards/margins", margins.mean())
+        self._store("logps/chosen", chosen_logps.mean())
+        self._store("logps/rejected", rejected_logps.mean())
+        # Mean raw logit over response positions (the ones that predict a trained token).
+        mask = (labels[:, 1:] != IGNORE_INDEX).unsqueeze(-1)
+        per_row = (logits[:, :-1] * mask).sum((1, 2)) / (mask.sum((1, 2)) * logits.shape[-1])
+        self._store("logits/chosen", per_row[:half].mean())
+        self._store("logits/rejected", per_row[half:].mean())
+
+    def _store(self, name: str, value: torch.Tensor) -> None:
+        self._metrics[name].append(value.detach().float().item())
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Training logs get the mean of each SimPO metric since the previous log.
+        if "loss" in logs:
+            for name, values in self._metrics.items():
+                logs[name] = sum(values) / len(values)
+            self._metrics.clear()
+        super().log(logs, start_time)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        pad_id = self.processing_class.pad_token_id
+        scores = score_pairs(self.model, dataset, pad_id, self.args.per_device_eval_batch_size)
+        summary = summarize(scores, self.stage)
+        metrics = {
+            f"{metric_key_prefix}_loss": summary["loss"],
+            f"{metric_key_prefix}_rewards/accuracies": summary["reward_accuracy"],
+            f"{metric_key_prefix}_rewards/margins": summary["reward_margin"],
+            f"{metric_key_prefix}_logps/chosen": _mean(scores["chosen_logps"]),
+            f"{metric_key_prefix}_logps/rejected": _mean(scores["rejected_logps"]),
+        }
+        self.log(metrics)
+        return metrics
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / max(len(values), 1)
+
+
+class MetricsFile(TrainerCallback):
+    """Writes every log (training and evaluation) to metrics.jsonl, one JSON object per line."""
+
+    def __init__(self, stage_dir: StageDir):
+        self.stage_dir = stage_dir
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            self.stage_dir.append_metrics({"step": state.global_step, **logs})
+
+
+# --------------------------------------------------------------------------- building pieces
+
+
+def training_arguments(stage: SFTStage | PreferenceStage, recipe: Recipe, name: str, out: Path):
+    t = stage.training
+    has_eval = stage.data.eval is not None
+    report_to = list(recipe.logging.report_to) or "none"
+    if "wandb" in recipe.logging.report_to:
+        _offline_wandb_without_key(recipe.logging.project)
+    return TrainingArguments(
+        output_dir=str(out),
+        run_name=recipe.logging.run_name or f"{recipe.name}-{name}",
+        report_to=report_to,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        # transformers 5 takes a ratio in [0, 1) through warmup_steps.
+        warmup_steps=t.warmup_ratio,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        activation_checkpointing=t.gradient_checkpointing,  # transformers 5 name
+        bf16=t.bf16,
+        fp16=t.fp16,
+        seed=t.seed,
+        optim=t.optim,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_epsilon=t.adam_epsilon,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if has_eval and t.eval_steps else "no",
+        eval_steps=t.eval_steps,
+        dataloader_num_workers=t.dataloader_num_workers,
+        remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def _offline_wandb_without_key(project: str) -> None:
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise UserError(
+            "logging.report_to: wandb is not installed; pip install 'simpo-cli[wandb]' or "
+            "remove wandb from logging.report_to"
+        ) from None
+    os.environ.setdefault("WANDB_PROJECT", project)
+    if not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
+        # Never an interactive login prompt in the middle of a launch: log offline, sync later.
+        os.environ["WANDB_MODE"] = "offline"
+        print("wandb: no WANDB_API_KEY set; logging offline (sync later with `wandb sync`)")
+
+
+def load_model(recipe: Recipe, start_from: str | None, seed: int):
+    """The stage's starting model: a previous stage's output, the recipe's pretrained model, or
+    a fresh model built from model.config (seeded, so every run builds the same weights)."""
+    settings = recipe.model
+    dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16}.get(
+        settings.dtype, torch.float16
+    )
+    kwargs: dict[str, Any] = {"trust_remote_code": settings.trust_remote_code}
+    if settings.attn_implementation:
+        kwargs["attn_implementation"] = settings.attn_implementation
+    if start_from is None and settings.init == "from_config":
+        set_seed(seed)
+        config = dict(settings.config or {})
+        model_type = config.pop("model_type")
+        model_config = AutoConfig.for_model(model_type, **config)
+        model = AutoModelForCausalLM.from_config(model_config, **kwargs)
+        return model.to(dtype) if isinstance(dtype, torch.dtype) else model
+    source = start_from or settings.name_or_path
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    except OSError as err:
+        raise UserError(
+            f"model.name_or_path: cannot load '{source}': {str(err).splitlines()[0]}; give a "
+            "local model folder or a reachable hub name"
+        ) from None
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def stage_start(recipe: Recipe, name: str, output_dir: Path) -> str | None:
+    """Where a stage's model starts: the previous stage's output folder, or None for the recipe's
+    model when it is the pipeline's first stage."""
+    if name not in recipe.pipeline or recipe.pipeline.index(name) == 0:
+        return None
+    previous = recipe.pipeline[recipe.pipeline.index(name) - 1]
+    previous_dir = StageDir(output_dir / previous)
+    if not previous_dir.is_complete():
+        raise UserError(
+            f"stage '{name}' starts from the '{previous}' stage's model, which is not finished "
+            f"in {previous_dir.path}; run `simpo train` (all stages) or `simpo {previous}` first"
+        )
+    return str(previous_dir.path)
+
+
+def run_stage(recipe: Recipe, name: str, output_dir: Path, overwrite: bool = False) -> Path:
+    """Run one stage into output_dir/<name>: resume it if a checkpoint is there, skip it if it
+    has finished. Returns the stage folder, which holds the trained model."""
+    stage = recipe.stage(name)
+    stage_dir = StageDir(output_dir / name)
+    dumped = recipe.model_dump(mode="json")
+    if stage_dir.is_complete() and not overwrite:
+        stage_dir.prepare(recipe.to_yaml(), stage_identity(dumped, name), False, name)
+        print(f"[{name}] already finished in {stage_dir.path}; skipping (--overwrite reruns it)")
+        return stage_dir.path
+    start_from = stage_start(recipe, name, output_dir)
+    stage_dir.prepare(recipe.to_yaml(), stage_identity(dumped, name), overwrite, name)
+    _print_settings(recipe, name, stage, start_from)
+
+    tokenizer = load_tokenizer(recipe.model, start_from)
+    kind = "sft" if isinstance(stage, SFTStage) else "preference"
+    max_prompt = getattr(stage.data, "max_prompt_length", 0)
+    datasets_, fingerprints, report_lines = {}, {}, []
+    for split in ("train", "eval"):
+        source = getattr(stage.data, split)
+        if source is None:
+            continue
+        role = f"{name}.data.{split}"
+        raw = load_source(source, role)
+        datasets_[split], report = prepare(
+            raw, tokenizer, kind, role, stage.data.max_length, max_prompt
+        )
+        fingerprints[role] = _fingerprint(source, raw)
+        report_lines += report.lines()
+    print("\n".join(["data report:", *("  " + line for line in report_lines)]))
+    (stage_dir.path / "data_report.txt").write_text("\n".join(report_lines) + "\n")
+
+    model = load_model(recipe, start_from, stage.training.seed)
+    _check_vocab(model, tokenizer)
+    args = training_arguments(stage, recipe, name, stage_dir.path)
+    common = {
+        "model": model,
+        "args": args,
+        "train_dataset": datasets_["train"],
+        "eval_dataset": datasets_.get("eval"),
+        "processing_class": tokenizer,
+        "callbacks": [MetricsFile(stage_dir)],
+    }
+    if kind == "sft":
+        trainer = Trainer(data_collator=SFTCollator(tokenizer.pad_token_id), **common)
+    else:
+        trainer = SimPOTrainer(
+            data_collator=PreferenceCollator(tokenizer.pad_token_id), stage=stage, **common
+        )
+
+    checkpoint = stage_dir.last_checkpoint()
+    before = None
+    if checkpoint is not None:
+        step = int(checkpoint.name.split("-")[1])
+        print(f"[{name}] resuming from {checkpoint} (step {step})")
+        stage_dir.trim_metrics(step)
+    elif kind == "preference" and "eval" in datasets_:
+        before = trainer.evaluate()
+        stage_dir.write_json("eval_before.json", before)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+
+    summary: dict[str, Any] = {"global_step": trainer.state.global_step}
+    if "eval" in datasets_:
+        after = trainer.evaluate()
+        summary["eval"] = after
+        if kind == "preference":
+            before = before or _read_json(stage_dir.path / "eval_before.json")
+            _print_before_after(name, before, after)
+    trainer.save_model(str(stage_dir.path))
+    tokenizer.save_pretrained(str(stage_dir.path))
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    record = reproducibility_record(
+        stage.training.seed, fingerprints, world, start_from or str(recipe.model.name_or_path)
+    )
+    stage_dir.write_json("reproducibility.json", record)
+    stage_dir.mark_complete(summary)
+    print(f"[{name}] finished: model in {stage_dir.path}")
+    return stage_dir.path
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def _fingerprint(source, raw) -> str:
+    from simpo_cli.data import fingerprint
+
+    return fingerprint(source, raw)
+
+
+def _check_vocab(model, tokenizer) -> None:
+    rows = model.get_input_embeddings().weight.shape[0]
+    if rows < len(tokenizer):
+        raise UserError(
+            f"model.config.vocab_size: the model has {rows} embedding rows but the tokenizer "
+            f"has {len(tokenizer)} tokens; set vocab_size to at least {len(tokenizer)}"
+        )
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    import json
+
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _print_settings(recipe: Recipe, name: str, stage, start_from: str | None) -> None:
+    t = stage.training
+    start = start_from or (
+        f"new {recipe.model.config.get('model_type')} model from config (seed {t.seed})"
+        if recipe.model.init == "from_config"
+        else recipe.model.name_or_path
+    )
+    print(f"[{name}] start model: {start}")
+    if isinstance(stage, PreferenceStage):
+        origin = (
+            "given as gamma"
+            if stage.gamma is not None
+            else f"beta {stage.beta} x gamma_beta_ratio "
+            f"{0.5 if stage.gamma_beta_ratio is None else stage.gamma_beta_ratio}"
+        )
+        print(
+            f"[{name}] loss {stage.loss} ({stage.loss_type}): beta {stage.beta}, "
+            f"gamma {stage.resolved_gamma:g} ({origin}), label_smoothing "
+            f"{stage.label_smoothing}, sft_weight {stage.sft_weight}"
+        )
+    print(
+        f"[{name}] lr {t.learning_rate:g} ({t.lr_scheduler_type}, warmup {t.warmup_ratio}), "
+        f"batch {t.per_device_train_batch_size} x accumulation {t.gradient_accumulation_steps}, "
+        f"epochs {t.num_train_epochs:g}, max_length {stage.data.max_length}, seed {t.seed}"
+    )
+
+
+def _print_before_after(name: str, before: dict | None, after: dict) -> None:
+    if not before:
+        return
+    print(f"[{name}] held-out pairs        before     after")
+    for label, key in (("reward accuracy", "eval_rewards/accuracies"), ("SimPO loss", "eval_loss")):
+        print(f"[{name}]   {label:<18} {before[key]:>8.4f}  {after[key]:>8.4f}")

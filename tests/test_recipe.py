@@ -1,0 +1,251 @@
+"""The recipe schema, overrides and error messages; the read-only CLI commands."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from simpo_cli.errors import RecipeError
+from simpo_cli.recipe import RECIPES_DIR, load_recipe, shipped_recipes
+
+MINIMAL = """
+model: {name_or_path: some-org/some-model}
+pipeline: [preference]
+preference:
+  beta: 2.5
+  gamma_beta_ratio: 0.55
+  data: {train: pairs.jsonl, max_length: 128, max_prompt_length: 64}
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def errors_of(path: Path, overrides=()) -> list[str]:
+    with pytest.raises(RecipeError) as info:
+        load_recipe(str(path), list(overrides))
+    return info.value.messages
+
+
+def simpo(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "simpo_cli.cli", *args], capture_output=True, text=True, cwd=cwd
+    )
+
+
+@pytest.mark.parametrize("name", shipped_recipes())
+def test_every_shipped_recipe_validates(name):
+    recipe = load_recipe(name)
+    assert recipe.pipeline
+    for stage in recipe.pipeline:
+        data = recipe.stage(stage).data
+        assert Path(data.train.path).is_file(), "shipped recipes reference shipped data"
+
+
+def test_shipped_recipes_include_tiny():
+    assert "tiny" in shipped_recipes()
+    assert (RECIPES_DIR / "tiny" / "recipe.yaml").is_file()
+
+
+def test_gamma_from_ratio_is_resolved(tmp_path):
+    recipe = load_recipe(str(write(tmp_path, MINIMAL)))
+    assert recipe.preference.resolved_gamma == pytest.approx(2.5 * 0.55)
+    assert recipe.name == "r"
+
+
+def test_gamma_absolute_and_default(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    absolute = load_recipe(str(path), ["preference.gamma_beta_ratio=null", "preference.gamma=1.6"])
+    assert absolute.preference.resolved_gamma == 1.6
+    default = load_recipe(str(path), ["preference.gamma_beta_ratio=null"])
+    assert default.preference.resolved_gamma == pytest.approx(2.5 * 0.5)
+
+
+def test_both_gamma_forms_is_one_clear_error(tmp_path):
+    (line,) = errors_of(write(tmp_path, MINIMAL), ["preference.gamma=1.0"])
+    assert "preference" in line and "gamma (1.0)" in line and "gamma_beta_ratio (0.55)" in line
+    assert "give the margin once" in line
+
+
+def test_misspelt_key_suggests_the_right_one(tmp_path):
+    path = write(tmp_path, MINIMAL.replace("beta: 2.5", "betta: 2.5"))
+    (line,) = errors_of(path)
+    assert line == f"{path}: preference.betta: unknown key; did you mean 'beta'?"
+
+
+def test_unknown_key_without_a_close_match_lists_allowed(tmp_path):
+    (line,) = errors_of(write(tmp_path, MINIMAL + "zzz: 1\n"))
+    assert "zzz: unknown key; allowed: name, description, output_dir, model" in line
+
+
+def test_wrong_type_names_key_value_and_fix(tmp_path):
+    (line,) = errors_of(write(tmp_path, MINIMAL.replace("beta: 2.5", "beta: high")))
+    assert "preference.beta = 'high'" in line
+    assert "give a number" in line
+
+
+def test_bad_range(tmp_path):
+    (line,) = errors_of(write(tmp_path, MINIMAL.replace("beta: 2.5", "beta: -1")))
+    assert "preference.beta = -1: input should be greater than 0" in line
+
+
+def test_bad_choice_suggests(tmp_path):
+    (line,) = errors_of(write(tmp_path, MINIMAL + "  loss_type: hinj\n"))
+    assert "preference.loss_type = 'hinj'" in line and "did you mean 'hinge'?" in line
+
+
+def test_prompt_length_not_below_max_length(tmp_path):
+    text = MINIMAL.replace("max_prompt_length: 64", "max_prompt_length: 128")
+    (line,) = errors_of(write(tmp_path, text))
+    assert "preference.data" in line
+    assert "max_prompt_length (128) must be smaller than max_length (128)" in line
+
+
+def test_all_errors_reported_at_once(tmp_path):
+    text = MINIMAL.replace("beta: 2.5", "beta: -1").replace("max_length: 128", "max_lenght: 128")
+    text += "logging: {report_to: wandbb}\n"
+    lines = errors_of(write(tmp_path, text))
+    assert len(lines) == 3
+    joined = "\n".join(lines)
+    assert "preference.beta = -1" in joined
+    assert "preference.data.max_lenght: unknown key; did you mean 'max_length'?" in joined
+    assert "logging.report_to[0] = 'wandbb'" in joined and "did you mean 'wandb'?" in joined
+
+
+def test_missing_required_section(tmp_path):
+    (line,) = errors_of(write(tmp_path, "model: {name_or_path: x}\npipeline: [sft]\n"))
+    assert "pipeline runs 'sft' but the recipe has no sft: section" in line
+
+
+def test_missing_required_key(tmp_path):
+    (line,) = errors_of(write(tmp_path, MINIMAL.replace("train: pairs.jsonl, ", "")))
+    assert line.endswith("preference.data.train: required key is missing; add it")
+
+
+def test_pipeline_order_and_unknown_stage(tmp_path):
+    lines = errors_of(write(tmp_path, MINIMAL.replace("[preference]", "[preference, sfft]")))
+    assert "pipeline[1] = 'sfft'" in lines[0] and "did you mean 'sft'?" in lines[0]
+
+
+def test_set_overrides_are_typed_and_validated(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    recipe = load_recipe(str(path), ["preference.beta=10", "preference.training.bf16=true"])
+    assert recipe.preference.beta == 10.0 and recipe.preference.training.bf16 is True
+    (line,) = errors_of(path, ["preference.beta=abc"])
+    assert line.startswith("--set preference.beta=abc: preference.beta = 'abc'")
+    (line,) = errors_of(path, ["preference.bta=1"])
+    assert line.startswith("--set preference.bta=1: preference.bta: unknown key")
+    (line,) = errors_of(path, ["beta"])
+    assert "expected KEY.PATH=VALUE" in line
+
+
+def test_set_into_shorthand_data_source(tmp_path):
+    recipe = load_recipe(str(write(tmp_path, MINIMAL)), ["preference.data.train.max_rows=5"])
+    assert recipe.preference.data.train.max_rows == 5
+    assert recipe.preference.data.train.path.endswith("pairs.jsonl")
+
+
+def test_relative_paths_resolve_beside_the_recipe(tmp_path):
+    (tmp_path / "pairs.jsonl").write_text("{}\n")
+    recipe = load_recipe(str(write(tmp_path, MINIMAL)))
+    assert recipe.preference.data.train.path == str((tmp_path / "pairs.jsonl").resolve())
+    # A name that is not a local file stays as written: a hub model name.
+    assert recipe.model.name_or_path == "some-org/some-model"
+
+
+def test_yaml_syntax_error_names_line(tmp_path):
+    path = write(tmp_path, "model: {name_or_path: x\npipeline: [sft]\n")
+    (line,) = errors_of(path)
+    assert line.startswith(f"{path}: line ") and "invalid YAML" in line
+
+
+def test_unknown_recipe_lists_shipped():
+    with pytest.raises(RecipeError) as info:
+        load_recipe("no-such-recipe")
+    assert "shipped: " in info.value.messages[0] and "tiny" in info.value.messages[0]
+
+
+def test_resolved_recipe_round_trips(tmp_path):
+    recipe = load_recipe(str(write(tmp_path, MINIMAL)))
+    dumped = tmp_path / "dumped.yaml"
+    dumped.write_text(recipe.to_yaml())
+    again = load_recipe(str(dumped))
+    assert again.name == recipe.name  # the dumped name wins over the file's
+    assert again.preference == recipe.preference and again.model == recipe.model
+
+
+# --------------------------------------------------------------------------- CLI, read-only
+
+
+def test_cli_validate_exit_codes(tmp_path):
+    good = write(tmp_path, MINIMAL)
+    bad = write(tmp_path, MINIMAL.replace("beta: 2.5", "beta: -1"), "bad.yaml")
+    ok = simpo("validate", str(good), "tiny")
+    assert ok.returncode == 0, ok.stderr
+    assert "ok: tiny" in ok.stdout
+    result = simpo("validate", str(good), str(bad))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert (
+        result.stderr.strip()
+        == f"error: {bad}: preference.beta = -1: input should be greater than 0; raise it"
+    )
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path):
+    bad = write(tmp_path, MINIMAL + "  loss_typ: hinge\n")
+    for command in (["train", str(bad)], ["sft", str(bad)], ["config", "show", str(bad)]):
+        result = simpo(*command)
+        assert result.returncode == 2, command
+        assert "Traceback" not in result.stderr
+        assert result.stderr.count("\n") == 1 and "did you mean 'loss_type'?" in result.stderr
+
+
+def test_config_show_prints_resolved_yaml_without_torch():
+    code = (
+        "import sys\n"
+        "from simpo_cli.cli import app\n"
+        "try:\n"
+        "    app(['config', 'show', 'tiny', '--set', 'preference.beta=3'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "assert 'torch' not in sys.modules, 'config show imported torch'\n"
+        "app(['validate', 'tiny'], standalone_mode=False)\n"
+        "assert 'torch' not in sys.modules, 'validate imported torch'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    shown = yaml.safe_load(result.stdout.split("ok: tiny")[0])
+    assert shown["preference"]["beta"] == 3.0
+    assert shown["preference"]["training"]["warmup_ratio"] == 0.1  # a default, filled in
+    assert "# resolved gamma = 1.5" in result.stdout
+
+
+def test_dry_run_prints_plan_and_starts_nothing(tmp_path):
+    result = simpo("train", "tiny", "--dry-run", "--output-dir", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert f"sft: -> {tmp_path / 'out' / 'sft'} (starts fresh)" in result.stdout
+    assert "preference: -> " in result.stdout and "gamma 1" in result.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_on_every_command():
+    for command in (
+        [],
+        ["train"],
+        ["sft"],
+        ["preference"],
+        ["validate"],
+        ["config", "show"],
+        ["data", "inspect"],
+        ["eval"],
+    ):
+        result = simpo(*command, "--help")
+        assert result.returncode == 0, (command, result.stderr)
+        assert "Usage:" in result.stdout
