@@ -1,0 +1,710 @@
+"""The data pipeline against facts worked out by hand on the shipped tiny tokenizer.
+
+The tiny tokenizer (recipes/tiny/tokenizer) is a byte-level BPE whose Llama-3-style chat template
+writes `{{ bos_token }}` itself, while its post-processor also prepends <|begin_of_text|> when
+add_special_tokens=True; eos is <|eot_id|> and pad is <|pad|>. Expected token ids are built by
+tokenizing hand-written rendered text with add_special_tokens=False, independently of the code
+under test, which tokenizes the prompt and response pieces separately.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Never touch the hub: set before datasets/transformers read their configuration.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import hashlib  # noqa: E402
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import datasets  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from simpo_cli.data import (  # noqa: E402
+    DataReport,
+    PreferenceCollator,
+    SFTCollator,
+    check_columns,
+    fingerprint,
+    load_source,
+    load_tokenizer,
+    preference_messages,
+    prepare,
+    render_segments,
+    show_tokens,
+    sft_messages,
+    tokenize_conversation,
+    tokenize_pair,
+    tokenize_segments,
+)
+from simpo_cli.errors import DataError  # noqa: E402
+from simpo_cli.losses import IGNORE_INDEX  # noqa: E402
+from simpo_cli.recipe import DataSource, ModelSettings  # noqa: E402
+
+TINY_TOKENIZER = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "tokenizer"
+
+BOS_TEXT = "<|begin_of_text|>"
+EOT_TEXT = "<|eot_id|>"
+USER_HEADER = "<|start_header_id|>user<|end_header_id|>\n\n"
+SYSTEM_HEADER = "<|start_header_id|>system<|end_header_id|>\n\n"
+ASSISTANT_HEADER = "<|start_header_id|>assistant<|end_header_id|>\n\n"
+
+# A ChatML-style layout (`<start>role\ncontent<end>\n`) that writes no BOS and ends every turn
+# with `<|eot_id|>\n`. The tiny vocabulary has no <|im_start|>/<|im_end|>, so its
+# <|start_header_id|> and <|eot_id|> special tokens stand in for them.
+CHATML_TEMPLATE = (
+    "{% for m in messages %}"
+    "{{ '<|start_header_id|>' + m['role'] + '\\n' + m['content'] + '<|eot_id|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant\\n' }}{% endif %}"
+)
+# A template that writes no BOS and ends turns with a plain newline, no EOS at all.
+PLAIN_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
+
+USER = {"role": "user", "content": "Sort: 3 1 2"}
+SYSTEM = {"role": "system", "content": "You sort digits."}
+CHOSEN = {"role": "assistant", "content": "1 2 3"}
+REJECTED = {"role": "assistant", "content": "3 2 1"}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The shipped tiny tokenizer as the CLI loads it (never mutated: see `fresh_tok`)."""
+    return load_tokenizer(ModelSettings(name_or_path=str(TINY_TOKENIZER)))
+
+
+@pytest.fixture
+def fresh_tok():
+    """A private copy for tests that change the chat template."""
+    return load_tokenizer(ModelSettings(name_or_path=str(TINY_TOKENIZER)))
+
+
+def enc(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def masked(n: int) -> list[int]:
+    return [IGNORE_INDEX] * n
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def pair_row(prompt: str, chosen: str, rejected: str) -> dict:
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+# --------------------------------------------------------------------------- 1. Llama-3 template
+
+
+def test_tiny_tokenizer_facts(tok):
+    """Preconditions the rest relies on: the special ids, and that both the template and the
+    tokenizer add a BOS, so naive tokenization of a rendered conversation would give two."""
+    assert tok.bos_token_id == tok.convert_tokens_to_ids(BOS_TEXT) == 0
+    assert tok.eos_token_id == tok.convert_tokens_to_ids(EOT_TEXT) == 4
+    assert tok.pad_token_id == tok.convert_tokens_to_ids("<|pad|>") == 5
+    assert tok.padding_side == "right"
+    rendered = tok.apply_chat_template([USER, CHOSEN], tokenize=False)
+    assert rendered == BOS_TEXT + USER_HEADER + "Sort: 3 1 2" + EOT_TEXT + ASSISTANT_HEADER + (
+        "1 2 3" + EOT_TEXT
+    )
+    assert tok(rendered)["input_ids"][:2] == [0, 0]
+
+
+def test_render_segments_llama_template(tok):
+    prompt = (
+        BOS_TEXT + SYSTEM_HEADER + "You sort digits." + EOT_TEXT
+        + USER_HEADER + "Sort: 3 1 2" + EOT_TEXT + ASSISTANT_HEADER
+    )  # fmt: skip
+    assert render_segments(tok, [SYSTEM, USER, CHOSEN]) == [
+        (prompt, False),
+        ("1 2 3" + EOT_TEXT, True),
+    ]
+
+
+def test_tokenize_segments_llama_masks_prompt_trains_reply(tok):
+    """System/user turns and the assistant header are -100; `1 2 3<|eot_id|>` is trained; one
+    BOS at 0; ids equal the whole rendered text tokenized without special tokens."""
+    prompt = (
+        BOS_TEXT + SYSTEM_HEADER + "You sort digits." + EOT_TEXT
+        + USER_HEADER + "Sort: 3 1 2" + EOT_TEXT + ASSISTANT_HEADER
+    )  # fmt: skip
+    reply = "1 2 3" + EOT_TEXT
+    ids, labels = tokenize_segments(tok, render_segments(tok, [SYSTEM, USER, CHOSEN]))
+
+    assert ids == enc(tok, prompt + reply)
+    n_prompt = len(enc(tok, prompt))
+    assert labels == masked(n_prompt) + enc(tok, reply)
+    # By hand: "1", " 2", " 3", <|eot_id|> are the only trained tokens.
+    assert [label for label in labels if label != IGNORE_INDEX] == [22, 272, 271, 4]
+    assert ids[0] == 0 and ids.count(0) == 1
+    header = enc(tok, ASSISTANT_HEADER)
+    assert ids[n_prompt - len(header) : n_prompt] == header
+    assert labels[n_prompt - len(header) : n_prompt] == masked(len(header))
+    assert ids[-1] == labels[-1] == tok.eos_token_id
+
+
+def test_tokenize_pair_llama(tok):
+    prompt = BOS_TEXT + USER_HEADER + "Sort: 3 1 2" + EOT_TEXT + ASSISTANT_HEADER
+    out = tokenize_pair(tok, {"chosen": [USER, CHOSEN], "rejected": [USER, REJECTED]}, "w", 64, 32)
+    n = len(enc(tok, prompt))
+    assert out["drop"] == "" and out["truncated"] is False
+    assert out["chosen_ids"] == enc(tok, prompt + "1 2 3" + EOT_TEXT)
+    assert out["rejected_ids"] == enc(tok, prompt + "3 2 1" + EOT_TEXT)
+    assert out["chosen_labels"] == masked(n) + enc(tok, "1 2 3" + EOT_TEXT)
+    assert out["rejected_labels"] == masked(n) + enc(tok, "3 2 1" + EOT_TEXT)
+    assert out["chosen_ids"].count(0) == out["rejected_ids"].count(0) == 1
+
+
+# --------------------------------------------------------------------------- 2. other templates
+
+
+def test_chatml_override_from_jinja_file_gets_one_bos_and_no_extra_eos(tmp_path):
+    """A template without BOS relies on the tokenizer's: one BOS is prepended (masked). Its reply
+    piece `1 2 3<|eot_id|>\\n` already holds the EOS, so none is appended."""
+    template_file = tmp_path / "chatml.jinja"
+    template_file.write_text(CHATML_TEMPLATE)
+    tokenizer = load_tokenizer(
+        ModelSettings(name_or_path=str(TINY_TOKENIZER), chat_template=str(template_file))
+    )
+    assert tokenizer.chat_template == CHATML_TEMPLATE
+
+    prompt = "<|start_header_id|>user\nSort: 3 1 2<|eot_id|>\n<|start_header_id|>assistant\n"
+    reply = "1 2 3<|eot_id|>\n"
+    pieces = render_segments(tokenizer, [USER, CHOSEN])
+    assert pieces == [(prompt, False), (reply, True)]
+
+    ids, labels = tokenize_segments(tokenizer, pieces)
+    assert ids == [0] + enc(tokenizer, prompt + reply)
+    assert labels == masked(1 + len(enc(tokenizer, prompt))) + enc(tokenizer, reply)
+    assert ids.count(0) == 1
+    assert ids.count(4) == 2  # the user turn's and the reply's <|eot_id|>, nothing appended
+    assert ids[-2:] == [4, 204]  # <|eot_id|>, "\n"
+
+
+def test_template_text_override_without_eos_gets_eos_appended(fresh_tok):
+    """`user: ...\\nassistant: ` then `1 2 3\\n`: no EOS in the reply, so <|eot_id|> is appended
+    and trained; one BOS is prepended."""
+    tokenizer = load_tokenizer(
+        ModelSettings(name_or_path=str(TINY_TOKENIZER), chat_template=PLAIN_TEMPLATE)
+    )
+    assert tokenizer.chat_template == PLAIN_TEMPLATE
+    pieces = render_segments(tokenizer, [USER, CHOSEN])
+    assert pieces == [("user: Sort: 3 1 2\nassistant: ", False), ("1 2 3\n", True)]
+
+    ids, labels = tokenize_segments(tokenizer, pieces)
+    prompt_ids = enc(tokenizer, "user: Sort: 3 1 2\nassistant: ")
+    reply_ids = enc(tokenizer, "1 2 3\n")
+    assert ids == [0] + prompt_ids + reply_ids + [4]
+    assert labels == masked(1 + len(prompt_ids)) + reply_ids + [4]
+
+    out = tokenize_pair(tokenizer, pair_row("Sort: 3 1 2", "1 2 3", "3 2 1"), "w", 64, 32)
+    assert out["chosen_ids"] == [0] + prompt_ids + reply_ids + [4]
+    assert out["rejected_ids"] == [0] + prompt_ids + enc(tokenizer, "3 2 1\n") + [4]
+
+
+def test_load_tokenizer_errors(tmp_path):
+    with pytest.raises(DataError, match=r"model\.chat_template: cannot read .*missing\.jinja"):
+        load_tokenizer(
+            ModelSettings(
+                name_or_path=str(TINY_TOKENIZER), chat_template=str(tmp_path / "missing.jinja")
+            )
+        )
+    with pytest.raises(DataError, match="cannot load a tokenizer from '.*no-such-tokenizer'"):
+        load_tokenizer(ModelSettings(name_or_path=str(tmp_path / "no-such-tokenizer")))
+
+
+def test_load_tokenizer_pads_with_eos_when_there_is_no_pad(tmp_path, fresh_tok):
+    fresh_tok.pad_token = None
+    fresh_tok.save_pretrained(tmp_path)
+    tokenizer = load_tokenizer(ModelSettings(name_or_path=str(tmp_path)))
+    assert tokenizer.pad_token_id == 4
+
+
+# --------------------------------------------------------------------------- 3. SFT
+
+
+def test_multi_turn_sft_trains_every_assistant_turn(tok):
+    messages = [
+        {"role": "user", "content": "Sort: 2 1"},
+        {"role": "assistant", "content": "1 2"},
+        {"role": "user", "content": "Reverse it."},
+        {"role": "assistant", "content": "2 1"},
+    ]
+    p1 = BOS_TEXT + USER_HEADER + "Sort: 2 1" + EOT_TEXT + ASSISTANT_HEADER
+    r1 = "1 2" + EOT_TEXT
+    p2 = USER_HEADER + "Reverse it." + EOT_TEXT + ASSISTANT_HEADER
+    r2 = "2 1" + EOT_TEXT
+    assert render_segments(tok, messages) == [(p1, False), (r1, True), (p2, False), (r2, True)]
+
+    out = tokenize_conversation(tok, {"messages": messages}, "w", 512)
+    assert out["drop"] == "" and out["truncated"] is False
+    assert out["input_ids"] == enc(tok, p1 + r1 + p2 + r2)
+    assert out["labels"] == (
+        masked(len(enc(tok, p1))) + enc(tok, r1) + masked(len(enc(tok, p2))) + enc(tok, r2)
+    )
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"prompt": "Sort: 3 1 2", "completion": "1 2 3"},
+        {"prompt": [SYSTEM, USER], "completion": [CHOSEN]},
+        {"prompt": [SYSTEM, USER], "completion": "1 2 3"},
+    ],
+    ids=["strings", "message-lists", "mixed"],
+)
+def test_prompt_completion_equals_messages(tok, row):
+    messages = [USER, CHOSEN] if isinstance(row["prompt"], str) else [SYSTEM, USER, CHOSEN]
+    assert sft_messages(row, "w") == messages
+    assert tokenize_conversation(tok, row, "w", 512) == tokenize_conversation(
+        tok, {"messages": messages}, "w", 512
+    )
+
+
+def test_sft_truncation_and_drops(tok):
+    full = tokenize_conversation(tok, {"messages": [USER, CHOSEN]}, "w", 512)
+    n = len(full["input_ids"])
+    cut = tokenize_conversation(tok, {"messages": [USER, CHOSEN]}, "w", n - 2)
+    assert cut == {
+        "input_ids": full["input_ids"][: n - 2],
+        "labels": full["labels"][: n - 2],
+        "drop": "",
+        "truncated": True,
+    }
+    # Cut inside the prompt: nothing left to train on.
+    prompt_only = tokenize_conversation(tok, {"messages": [USER, CHOSEN]}, "w", n - 4)
+    assert prompt_only["drop"] == "no response tokens after truncation"
+    empty = {"messages": [USER, {"role": "assistant", "content": "  "}]}
+    assert tokenize_conversation(tok, empty, "w", 512)["drop"] == "empty response"
+    with pytest.raises(DataError, match="w: the conversation has no assistant turn"):
+        tokenize_conversation(tok, {"messages": [USER]}, "w", 512)
+
+
+# --------------------------------------------------------------------------- 4. preference formats
+
+PREFERENCE_ENCODINGS = {
+    "lists-holding-prompt": {
+        "chosen": [SYSTEM, USER, CHOSEN],
+        "rejected": [SYSTEM, USER, REJECTED],
+    },
+    "ultrafeedback-binarized": {
+        "prompt": "Sort: 3 1 2",
+        "chosen": [SYSTEM, USER, CHOSEN],
+        "rejected": [SYSTEM, USER, REJECTED],
+    },
+    "prompt-messages-plus-reply-lists": {
+        "prompt": [SYSTEM, USER],
+        "chosen": [CHOSEN],
+        "rejected": [REJECTED],
+    },
+    "strings": {
+        "prompt": [SYSTEM, USER],
+        "chosen": "1 2 3",
+        "rejected": "3 2 1",
+    },
+}
+
+
+@pytest.mark.parametrize("name", list(PREFERENCE_ENCODINGS))
+def test_preference_formats_agree(tok, name):
+    row = PREFERENCE_ENCODINGS[name]
+    assert preference_messages(row, "w") == ([SYSTEM, USER], CHOSEN, REJECTED)
+    reference = tokenize_pair(tok, PREFERENCE_ENCODINGS["lists-holding-prompt"], "w", 64, 32)
+    assert tokenize_pair(tok, row, "w", 64, 32) == reference
+
+
+def test_plain_string_pair_matches_lists(tok):
+    strings = tokenize_pair(tok, pair_row("Sort: 3 1 2", "1 2 3", "3 2 1"), "w", 64, 32)
+    lists = tokenize_pair(tok, {"chosen": [USER, CHOSEN], "rejected": [USER, REJECTED]}, "w", 64, 32)
+    assert strings == lists
+
+
+def test_preference_row_errors():
+    with pytest.raises(DataError, match="^r: row 2: chosen must end with an assistant message$"):
+        preference_messages({"chosen": [USER], "rejected": [USER, REJECTED]}, "r: row 2")
+    with pytest.raises(DataError, match="^r: row 2: rejected must end with an assistant message$"):
+        preference_messages({"chosen": [USER, CHOSEN], "rejected": [REJECTED, USER]}, "r: row 2")
+    other = {"role": "user", "content": "Sort: 9 8"}
+    with pytest.raises(DataError, match="^r: row 2: chosen and rejected have different prompt"):
+        preference_messages({"chosen": [USER, CHOSEN], "rejected": [other, REJECTED]}, "r: row 2")
+    with pytest.raises(DataError, match="^r: row 2: no prompt"):
+        preference_messages({"chosen": "1 2 3", "rejected": "3 2 1"}, "r: row 2")
+    with pytest.raises(DataError, match="^r: row 2: chosen: expected a string or a list"):
+        preference_messages({"chosen": 7, "rejected": "x", "prompt": "p"}, "r: row 2")
+
+
+# --------------------------------------------------------------------------- 5. truncation
+
+
+def _long_prompt_pair():
+    return pair_row("Sort: " + " ".join(["7"] * 30), "7 " * 7 + "7", "7 7")
+
+
+def test_long_prompt_keeps_bos_and_its_tail_then_cuts_responses(tok):
+    """max_length 24, max_prompt_length 10: the prompt becomes BOS + its last 9 tokens, and each
+    response is cut to 24 - 10 = 14 tokens (the short rejected one is left whole)."""
+    row = _long_prompt_pair()
+    full = tokenize_pair(tok, row, "w", 10_000, 9_000)
+    assert full["truncated"] is False
+    n_prompt = full["chosen_labels"].count(IGNORE_INDEX)
+    prompt = full["chosen_ids"][:n_prompt]
+    chosen, rejected = full["chosen_ids"][n_prompt:], full["rejected_ids"][n_prompt:]
+    assert n_prompt > 10 and len(chosen) > 14 and len(rejected) < 14  # the case is what we claim
+
+    out = tokenize_pair(tok, row, "w", 24, 10)
+    kept_prompt = [0] + prompt[-9:]
+    assert out["truncated"] is True
+    assert out["chosen_ids"] == kept_prompt + chosen[:14]
+    assert out["chosen_labels"] == masked(10) + chosen[:14]
+    assert out["rejected_ids"] == kept_prompt + rejected
+    assert out["rejected_labels"] == masked(10) + rejected
+    assert out["rejected_ids"][-1] == 4  # the whole rejected reply, EOS included
+    assert len(out["chosen_ids"]) == 24 and out["chosen_ids"].count(0) == 1
+
+
+def test_short_prompt_long_response_cuts_only_the_response(tok):
+    row = pair_row("Sort: 7", "7 " * 20 + "7", "7")
+    full = tokenize_pair(tok, row, "w", 10_000, 9_000)
+    n_prompt = full["chosen_labels"].count(IGNORE_INDEX)
+    out = tokenize_pair(tok, row, "w", n_prompt + 5, n_prompt + 1)
+    assert out["truncated"] is True
+    assert out["chosen_ids"] == full["chosen_ids"][: n_prompt + 5]
+    assert out["chosen_labels"] == full["chosen_labels"][: n_prompt + 5]
+    assert out["rejected_ids"] == full["rejected_ids"]
+
+
+@pytest.mark.parametrize(("max_length", "max_prompt_length"), [(64, 40), (20, 5), (13, 12)])
+def test_lengths_never_exceed_max_length(tok, max_length, max_prompt_length):
+    out = tokenize_pair(tok, _long_prompt_pair(), "w", max_length, max_prompt_length)
+    assert out["truncated"] is True
+    for side in ("chosen", "rejected"):
+        assert len(out[f"{side}_ids"]) == len(out[f"{side}_labels"])
+        assert len(out[f"{side}_ids"]) <= max_length
+        assert out[f"{side}_ids"][0] == 0
+        assert out[f"{side}_labels"].count(IGNORE_INDEX) == max_prompt_length
+    assert out["drop"] == ""
+
+
+def test_short_pair_and_long_prompt_that_fits_are_untouched(tok):
+    """Truncation starts only when prompt + longer response exceeds max_length: a prompt longer
+    than max_prompt_length is kept whole if the pair fits."""
+    row = _long_prompt_pair()
+    full = tokenize_pair(tok, row, "w", 10_000, 9_000)
+    n_total = len(full["chosen_ids"])
+    assert tokenize_pair(tok, row, "w", n_total, 5) == full
+    short = tokenize_pair(tok, pair_row("Sort: 3 1 2", "1 2 3", "3 2 1"), "w", 64, 40)
+    assert short["truncated"] is False and len(short["chosen_ids"]) == 15  # 11 prompt + 4
+
+
+# --------------------------------------------------------------------------- 6. prepare
+
+
+def test_prepare_preference_drops_counts_and_means(tok):
+    rows = [
+        pair_row("Sort: 3 1 2", "1 2 3", "3 2 1"),  # kept: 4 + 4 trained tokens
+        pair_row("Sort: 2 1", "  \n", "2 1"),  # empty chosen
+        pair_row("Sort: 2 1", "1 2", "1 2"),  # identical
+        pair_row("Sort: " + " ".join(["7"] * 30), "7 7", "7"),  # kept, prompt truncated
+        pair_row("Sort: 5 4", "4 5", ""),  # empty rejected
+    ]
+    kept, report = prepare(datasets.Dataset.from_list(rows), tok, "preference", "p", 24, 12)
+    assert isinstance(report, DataReport)
+    assert (report.rows_read, report.rows_kept, report.truncated) == (5, 2, 1)
+    assert dict(report.dropped) == {"empty response": 2, "chosen identical to rejected": 1}
+    # Trained tokens: "1 2 3<eot>" 4 and "7 7<eot>" 3 -> 3.5; "3 2 1<eot>" 4 and "7<eot>" 2 -> 3.
+    assert report.mean_tokens == {"chosen": 3.5, "rejected": 3.0}
+    assert sorted(kept.column_names) == [
+        "chosen_ids",
+        "chosen_labels",
+        "rejected_ids",
+        "rejected_labels",
+    ]
+    assert kept[0] == {
+        k: v for k, v in tokenize_pair(tok, rows[0], "w", 24, 12).items() if k.startswith(("c", "r"))
+    }
+    assert len(kept[1]["chosen_ids"]) == 12 + 3
+    assert report.lines() == [
+        "p: 5 rows read, 2 kept",
+        "  dropped (chosen identical to rejected): 1",
+        "  dropped (empty response): 2",
+        "  truncated: 1",
+        "  mean chosen tokens: 3.5",
+        "  mean rejected tokens: 3.0",
+    ]
+
+
+def test_prepare_sft_report(tok):
+    rows = [
+        {"messages": [USER, CHOSEN]},  # 4 trained
+        {"messages": [USER, {"role": "assistant", "content": " "}]},  # empty
+        {"messages": [SYSTEM, USER, {"role": "assistant", "content": "1 2 3 4 5 6"}]},  # 7
+    ]
+    kept, report = prepare(datasets.Dataset.from_list(rows), tok, "sft", "s", 512)
+    assert (report.rows_read, report.rows_kept, report.truncated) == (3, 2, 0)
+    assert dict(report.dropped) == {"empty response": 1}
+    assert report.mean_tokens == {"response": 5.5}
+    assert sorted(kept.column_names) == ["input_ids", "labels"]
+
+
+def test_prepare_all_rows_dropped_is_a_data_error(tok):
+    rows = [pair_row("a", " ", "b"), pair_row("a", "b", "b")]
+    with pytest.raises(DataError, match=r"^p: no usable rows \(.*2 rows read, 0 kept"):
+        prepare(datasets.Dataset.from_list(rows), tok, "preference", "p", 64, 32)
+
+
+def test_prepare_keeps_rows_after_a_first_batch_of_dropped_rows(tok):
+    """1000 dropped rows (one full writer batch of empty lists) then one good row: the good row
+    must be kept and counted, not crash while writing the tokenized columns."""
+    rows = [pair_row("Sort: 2 1", " ", "2 1")] * 1000 + [pair_row("Sort: 2 1", "1 2", "2 1")]
+    kept, report = prepare(datasets.Dataset.from_list(rows), tok, "preference", "p", 64, 32)
+    assert (report.rows_read, report.rows_kept, len(kept)) == (1001, 1, 1)
+    assert kept[0]["chosen_ids"][-4:] == enc(tok, ASSISTANT_HEADER)[-1:] + enc(tok, "1 2<|eot_id|>")
+
+
+def test_prepare_names_the_bad_row(tok):
+    """Rows are numbered from 0, as `simpo data inspect --row` numbers them."""
+    rows = [
+        {"chosen": [USER, CHOSEN], "rejected": [USER, REJECTED]},
+        {"chosen": [USER, CHOSEN], "rejected": [USER, REJECTED]},
+        {"chosen": [USER, CHOSEN, USER], "rejected": [USER, REJECTED]},
+    ]
+    with pytest.raises(DataError, match="^pref.data.train: row 2: chosen must end with an assistant"):
+        prepare(datasets.Dataset.from_list(rows), tok, "preference", "pref.data.train", 64, 32)
+
+
+def test_missing_columns_name_needed_and_found(tok):
+    with pytest.raises(
+        DataError,
+        match=r"^t: missing column\(s\) for preference data: need chosen/rejected; "
+        r"found prompt, chosen$",
+    ):
+        check_columns(["prompt", "chosen"], "preference", "t")
+    with pytest.raises(
+        DataError, match=r"need messages or completion/prompt; found prompt, answer$"
+    ):
+        prepare(datasets.Dataset.from_list([{"prompt": "a", "answer": "b"}]), tok, "sft", "t", 64)
+    check_columns(["prompt", "completion", "extra"], "sft", "t")  # accepted: no error
+
+
+# --------------------------------------------------------------------------- 7. source errors
+
+
+def test_jsonl_broken_line_names_file_and_line(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n\n{"prompt": "a",\n')
+    with pytest.raises(DataError) as err:
+        load_source(DataSource(path=str(path)), "simpo.data.train")
+    message = str(err.value)
+    assert message.startswith(f"{path}: line 3: invalid JSON")
+
+
+def test_json_values_that_are_not_objects(tmp_path):
+    listed = tmp_path / "pairs.json"
+    listed.write_text('[{"prompt": "a"}, ["not", "an", "object"]]')
+    with pytest.raises(DataError, match=f"^{listed}: item 2: expected a JSON object, got \\["):
+        load_source(DataSource(path=str(listed)), "r")
+    lines = tmp_path / "pairs.jsonl"
+    lines.write_text('{"prompt": "a"}\n"just a string"\n')
+    with pytest.raises(DataError, match=f"^{lines}: line 2: expected a JSON object"):
+        load_source(DataSource(path=str(lines)), "r")
+    broken = tmp_path / "broken.json"
+    broken.write_text('[\n  {"prompt": "a"},\n  {"prompt": }\n]\n')
+    with pytest.raises(DataError, match=f"^{broken}: line 3: invalid JSON"):
+        load_source(DataSource(path=str(broken)), "r")
+
+
+@pytest.mark.parametrize("text", ["", "\n  \n", "[]"])
+def test_empty_file(tmp_path, text):
+    path = tmp_path / ("empty.json" if text == "[]" else "empty.jsonl")
+    path.write_text(text)
+    with pytest.raises(DataError, match=f"^{path}: no rows; the file is empty$"):
+        load_source(DataSource(path=str(path)), "r")
+
+
+def test_unsupported_suffix(tmp_path):
+    path = tmp_path / "pairs.csv"
+    path.write_text("prompt,chosen,rejected\na,b,c\n")
+    with pytest.raises(DataError, match=f"^simpo.data.train: {path}: unsupported file type '.csv'"):
+        load_source(DataSource(path=str(path)), "simpo.data.train")
+
+
+def test_damaged_parquet_and_plain_folder(tmp_path):
+    parquet = tmp_path / "pairs.parquet"
+    parquet.write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match=f"^r: {parquet}: cannot read parquet"):
+        load_source(DataSource(path=str(parquet)), "r")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    with pytest.raises(DataError, match=f"^r: {folder}: not a dataset saved with save_to_disk"):
+        load_source(DataSource(path=str(folder)), "r")
+
+
+def test_hub_name_offline_is_a_data_error(monkeypatch):
+    # Offline even if another module imported datasets before this one set the environment.
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError, match="^r: cannot load 'simpo-tests/no-such-dataset' \\(split x\\)"):
+        load_source(DataSource(path="simpo-tests/no-such-dataset", split="x"), "r")
+
+
+def test_rows_with_mixed_types_are_a_data_error(tmp_path):
+    """Row 1 has chosen as a string, row 2 as a message list: Arrow cannot build one column, which
+    must surface as a DataError naming the file, not a raw pyarrow exception."""
+    path = write_jsonl(
+        tmp_path / "mixed.jsonl",
+        [
+            pair_row("a", "b", "c"),
+            {"prompt": "a", "chosen": [{"role": "assistant", "content": "b"}], "rejected": "c"},
+        ],
+    )
+    with pytest.raises(DataError, match=str(path)):
+        load_source(DataSource(path=str(path)), "r")
+
+
+def test_jsonl_with_unicode_line_separator_in_a_string(tmp_path):
+    """U+2028 is legal unescaped inside a JSON string (json.dumps(..., ensure_ascii=False) writes
+    it raw), so this is one valid JSON Lines row; it is not a line break."""
+    row = pair_row("first\u2028second", "b\x85c", "d")
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert load_source(DataSource(path=str(path)), "r").to_list() == [row]
+
+
+# --------------------------------------------------------------------------- 8. sources
+
+
+SOURCE_ROWS = [
+    {
+        "prompt": f"Sort: {a} {b}",
+        "chosen": [{"role": "user", "content": f"Sort: {a} {b}"}, {"role": "assistant", "content": f"{b} {a}"}],
+        "rejected": [{"role": "user", "content": f"Sort: {a} {b}"}, {"role": "assistant", "content": f"{a} {b}"}],
+        "score": float(a),
+    }
+    for a, b in [(3, 1), (5, 2), (9, 4), (8, 0)]
+]  # fmt: skip
+
+
+def _write_sources(tmp_path: Path) -> dict[str, DataSource]:
+    write_jsonl(tmp_path / "rows.jsonl", SOURCE_ROWS)
+    (tmp_path / "rows.json").write_text(json.dumps(SOURCE_ROWS, indent=2))
+    dataset = datasets.Dataset.from_list(SOURCE_ROWS)
+    dataset.to_parquet(str(tmp_path / "rows.parquet"))
+    dataset.save_to_disk(str(tmp_path / "saved"))
+    other = datasets.Dataset.from_list(SOURCE_ROWS[:1])
+    datasets.DatasetDict({"train": other, "test": dataset}).save_to_disk(str(tmp_path / "dict"))
+    return {
+        "jsonl": DataSource(path=str(tmp_path / "rows.jsonl")),
+        "json": DataSource(path=str(tmp_path / "rows.json")),
+        "parquet": DataSource(path=str(tmp_path / "rows.parquet")),
+        "saved": DataSource(path=str(tmp_path / "saved")),
+        "dict-split": DataSource(path=str(tmp_path / "dict"), split="test"),
+    }
+
+
+def test_sources_give_identical_rows(tmp_path):
+    sources = _write_sources(tmp_path)
+    for name, source in sources.items():
+        assert load_source(source, "r").to_list() == SOURCE_ROWS, name
+        limited = source.model_copy(update={"max_rows": 2})
+        assert load_source(limited, "r").to_list() == SOURCE_ROWS[:2], name
+    more = sources["jsonl"].model_copy(update={"max_rows": 99})
+    assert len(load_source(more, "r")) == 4
+    train = DataSource(path=str(tmp_path / "dict"))  # split defaults to train
+    assert load_source(train, "r").to_list() == SOURCE_ROWS[:1]
+
+
+def test_missing_split_lists_available(tmp_path):
+    sources = _write_sources(tmp_path)
+    missing = sources["dict-split"].model_copy(update={"split": "validation"})
+    with pytest.raises(
+        DataError, match=r"^r: .*dict: no split 'validation'; set split to one of train, test$"
+    ):
+        load_source(missing, "r")
+
+
+def test_fingerprint_of_a_file_is_its_sha256(tmp_path):
+    path = write_jsonl(tmp_path / "rows.jsonl", SOURCE_ROWS)
+    source = DataSource(path=str(path))
+    expected = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    assert fingerprint(source, load_source(source, "r")) == expected
+
+
+# --------------------------------------------------------------------------- 9. collators
+
+
+def test_preference_collator_stacks_chosen_then_rejected():
+    features = [
+        {"chosen_ids": [0, 7, 8], "chosen_labels": [-100, 8, 4],
+         "rejected_ids": [0, 7], "rejected_labels": [-100, 7]},
+        {"chosen_ids": [0, 9], "chosen_labels": [-100, 9],
+         "rejected_ids": [0, 9, 9, 4], "rejected_labels": [-100, -100, 9, 4]},
+    ]  # fmt: skip
+    batch = PreferenceCollator(pad_token_id=5)(features)
+    assert batch["input_ids"].dtype == torch.long
+    assert batch["input_ids"].tolist() == [
+        [0, 7, 8, 5],
+        [0, 9, 5, 5],
+        [0, 7, 5, 5],
+        [0, 9, 9, 4],
+    ]
+    assert batch["labels"].tolist() == [
+        [-100, 8, 4, -100],
+        [-100, 9, -100, -100],
+        [-100, 7, -100, -100],
+        [-100, -100, 9, 4],
+    ]
+    assert batch["attention_mask"].tolist() == [
+        [1, 1, 1, 0],
+        [1, 1, 0, 0],
+        [1, 1, 0, 0],
+        [1, 1, 1, 1],
+    ]
+
+
+def test_sft_collator_right_pads():
+    features = [
+        {"input_ids": [0, 7, 8], "labels": [-100, 8, 4]},
+        {"input_ids": [0, 9, 9, 9, 4], "labels": [-100, -100, 9, 9, 4]},
+    ]
+    batch = SFTCollator(pad_token_id=5)(features)
+    assert batch["input_ids"].tolist() == [[0, 7, 8, 5, 5], [0, 9, 9, 9, 4]]
+    assert batch["labels"].tolist() == [[-100, 8, 4, -100, -100], [-100, -100, 9, 9, 4]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+
+
+# --------------------------------------------------------------------------- 10. show_tokens
+
+
+def test_show_tokens_brackets_exactly_the_response(tok):
+    ids, labels = tokenize_segments(tok, render_segments(tok, [USER, CHOSEN]))
+    assert show_tokens(tok, ids, labels, color=False) == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>↵\n↵\nSort: 3 1 2<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>↵\n↵\n⟦1 2 3<|eot_id|>⟧"
+    )
+    two_turns = [USER, CHOSEN, {"role": "user", "content": "Again"}, REJECTED]
+    ids, labels = tokenize_segments(tok, render_segments(tok, two_turns))
+    shown = show_tokens(tok, ids, labels, color=False)
+    assert shown.endswith(
+        "⟦1 2 3<|eot_id|>⟧<|start_header_id|>user<|end_header_id|>↵\n↵\nAgain<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>↵\n↵\n⟦3 2 1<|eot_id|>⟧"
+    )
+    assert shown.count("⟦") == shown.count("⟧") == 2
+
+
+def test_show_tokens_color(tok):
+    shown = show_tokens(tok, [0, 22], [IGNORE_INDEX, 22], color=True)
+    assert shown == "\x1b[2m<|begin_of_text|>\x1b[0m\x1b[42;30m1\x1b[0m"

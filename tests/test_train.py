@@ -1,0 +1,277 @@
+"""Training stages on the tiny model: accumulation invariance, the real CLI end to end, resume, and
+`simpo eval` against an independent computation with plain transformers."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from simpo_cli.recipe import RECIPES_DIR, load_recipe
+from simpo_cli.trainer import load_model, run_stage
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+TINY_DATA = RECIPES_DIR / "tiny" / "data"
+STAGE_FILES = (
+    "model.safetensors",
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "resolved_recipe.yaml",
+    "metrics.jsonl",
+    "reproducibility.json",
+    "data_report.txt",
+    "stage_complete.json",
+)
+
+
+def simpo(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "simpo_cli.cli", *args], capture_output=True, text=True, **kwargs
+    )
+
+
+def metrics(stage_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------- accumulation
+
+
+def _one_sgd_step(stage: str, out: Path, micro: int, accumulation: int) -> dict:
+    """One optimizer step of plain SGD (lr 1, no clipping, no warmup) from the seeded tiny
+    model: the weight change is exactly minus the gradient of the step's loss."""
+    t = f"{stage}.training"
+    recipe = load_recipe(
+        "tiny",
+        [
+            f"pipeline=[{stage}]",
+            f"{stage}.data.train.max_rows=8",
+            f"{stage}.data.eval=null",
+            f"{t}.max_steps=1",
+            f"{t}.optim=sgd",
+            f"{t}.learning_rate=1.0",
+            f"{t}.lr_scheduler_type=constant",
+            f"{t}.warmup_ratio=0",
+            f"{t}.max_grad_norm=0",
+            f"{t}.per_device_train_batch_size={micro}",
+            f"{t}.gradient_accumulation_steps={accumulation}",
+            f"{t}.logging_steps=1",
+        ],
+    )
+    stage_dir = run_stage(recipe, stage, out)
+    start = load_model(recipe, None, recipe.stage(stage).training.seed).state_dict()
+    end = load_file(stage_dir / "model.safetensors")
+    step = next(m for m in metrics(stage_dir) if "loss" in m)
+    return {"delta": {k: end[k] - start[k] for k in end}, "loss": step["loss"]}
+
+
+@pytest.mark.parametrize("stage", ["preference", "sft"])
+def test_gradient_accumulation_invariance(tmp_path, stage):
+    """micro-batch 4 x accumulation 1 and micro-batch 2 x accumulation 2 see the same 4 examples
+    (same seed, same sampler order) and must give the same loss and the same gradients."""
+    whole = _one_sgd_step(stage, tmp_path / "a", micro=4, accumulation=1)
+    split = _one_sgd_step(stage, tmp_path / "b", micro=2, accumulation=2)
+    assert split["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+    moved = 0
+    for name, delta in whole["delta"].items():
+        torch.testing.assert_close(split["delta"][name], delta, rtol=1e-4, atol=1e-6)
+        moved += int(delta.abs().max() > 0)
+    assert moved > 0, "the step changed no weight"
+
+
+# --------------------------------------------------------------------------- the CLI end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "out"
+    result = simpo("train", "tiny", "--output-dir", str(out))
+    return out, result
+
+
+@pytest.mark.slow
+def test_cli_train_tiny_end_to_end(tiny_run):
+    out, result = tiny_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    for stage in ("sft", "preference"):
+        for name in STAGE_FILES:
+            assert (out / stage / name).is_file(), f"{stage}/{name} missing"
+    assert f"final model: {out / 'preference'}" in result.stdout
+
+    # Losses finite, and the authors' metric names logged.
+    pref = [m for m in metrics(out / "preference") if "loss" in m and "rewards/chosen" in m]
+    assert pref, "no training logs"
+    for m in pref:
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                    "rewards/margins", "logps/chosen", "logps/rejected", "logits/chosen",
+                    "logits/rejected", "grad_norm", "learning_rate", "epoch"):  # fmt: skip
+            assert math.isfinite(m[key]), (key, m)
+    assert all(math.isfinite(m["loss"]) for m in metrics(out / "sft") if "loss" in m)
+
+    # The SimPO stage changed the SFT model's weights.
+    sft = load_file(out / "sft" / "model.safetensors")
+    final = load_file(out / "preference" / "model.safetensors")
+    assert any(not torch.equal(sft[k], final[k]) for k in sft)
+
+    # Held-out reward accuracy and SimPO loss clearly improve over the stage.
+    before = json.loads((out / "preference" / "eval_before.json").read_text())
+    after = json.loads((out / "preference" / "stage_complete.json").read_text())["eval"]
+    assert after["eval_rewards/accuracies"] >= before["eval_rewards/accuracies"] + 0.05
+    assert after["eval_loss"] <= 0.5 * before["eval_loss"]
+    assert "reward accuracy" in result.stdout and "SimPO loss" in result.stdout
+
+    record = json.loads((out / "preference" / "reproducibility.json").read_text())
+    assert record["seed"] == 42 and record["world_size"] == 1
+    assert record["start_model"] == str(out / "sft")
+    assert record["datasets"]["preference.data.train"].startswith("sha256:")
+    assert "torch" in record["packages"] and "transformers" in record["packages"]
+
+
+@pytest.mark.slow
+def test_saved_model_loads_with_transformers(tiny_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, result = tiny_run
+    assert result.returncode == 0
+    model = AutoModelForCausalLM.from_pretrained(out / "preference")
+    tokenizer = AutoTokenizer.from_pretrained(out / "preference")
+    saved = load_file(out / "preference" / "model.safetensors")
+    for name, tensor in model.state_dict().items():
+        if name in saved:
+            assert torch.equal(tensor, saved[name])
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Sort: 3 1 2"}], tokenize=False, add_generation_prompt=True
+    )
+    assert rendered.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+@pytest.mark.slow
+def test_rerun_skips_finished_stages(tiny_run):
+    out, first = tiny_run
+    assert first.returncode == 0
+    before = (out / "preference" / "model.safetensors").stat().st_mtime_ns
+    result = simpo("train", "tiny", "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "[sft] already finished" in result.stdout
+    assert "[preference] already finished" in result.stdout
+    assert (out / "preference" / "model.safetensors").stat().st_mtime_ns == before
+
+
+@pytest.mark.slow
+def test_changed_recipe_does_not_reuse_a_stage(tiny_run):
+    out, first = tiny_run
+    assert first.returncode == 0
+    result = simpo("train", "tiny", "--output-dir", str(out), "--set", "preference.beta=3")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "holds a 'preference' run made with a different recipe" in result.stderr
+    assert (out / "preference" / "stage_complete.json").is_file(), "nothing was deleted"
+
+
+# --------------------------------------------------------------------------- resume
+
+
+RESUME_SETS = [
+    "--set", "pipeline=[preference]",
+    "--set", "preference.data.eval=null",
+    "--set", "preference.data.train.max_rows=1200",
+    "--set", "preference.training.per_device_train_batch_size=2",
+    "--set", "preference.training.save_steps=20",
+    "--set", "preference.training.logging_steps=10",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_resume_after_a_stop_continues(tmp_path):
+    """Kill a run once its first checkpoint exists; the same command then resumes from it, and
+    ends with the same weights as a run that was never stopped."""
+    stopped = tmp_path / "stopped"
+    command = [sys.executable, "-m", "simpo_cli.cli", "preference", "tiny", "-o", str(stopped)]
+    process = subprocess.Popen(
+        command + RESUME_SETS, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    checkpoint = stopped / "preference" / "checkpoint-20" / "trainer_state.json"
+    deadline = time.time() + 300
+    while not checkpoint.is_file() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # let the checkpoint finish writing
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (stopped / "preference" / "stage_complete.json").exists(), "stopped too late"
+
+    resumed = simpo("preference", "tiny", "-o", str(stopped), *RESUME_SETS)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    steps = [m["step"] for m in metrics(stopped / "preference") if "loss" in m]
+    assert steps == sorted(set(steps)), "a step was logged twice or the run restarted"
+    done = json.loads((stopped / "preference" / "stage_complete.json").read_text())
+    assert done["global_step"] == 600
+
+    straight = tmp_path / "straight"
+    result = simpo("preference", "tiny", "-o", str(straight), *RESUME_SETS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a = load_file(stopped / "preference" / "model.safetensors")
+    b = load_file(straight / "preference" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- simpo eval
+
+
+@pytest.mark.slow
+def test_eval_matches_plain_transformers(tiny_run, tmp_path):
+    """Per-pair average log-probs from `simpo eval` equal a computation written here with plain
+    transformers: render with the chat template, response = what follows the generation prompt,
+    average the log-probs of the response tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, first = tiny_run
+    assert first.returncode == 0
+    rows = [json.loads(x) for x in (TINY_DATA / "pref_eval.jsonl").read_text().splitlines()[:12]]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result_file = tmp_path / "scores.json"
+    result = simpo("eval", str(out / "preference"), "--pairs", str(pairs), "--output",
+                   str(result_file))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    scores = json.loads(result_file.read_text())
+    assert len(scores["pairs"]) == len(rows)
+
+    model = AutoModelForCausalLM.from_pretrained(out / "preference").eval()
+    tokenizer = AutoTokenizer.from_pretrained(out / "preference")
+    for row, got in zip(rows, scores["pairs"], strict=True):
+        for side in ("chosen", "rejected"):
+            conversation = row[side]
+            prompt = tokenizer.apply_chat_template(
+                conversation[:-1], tokenize=False, add_generation_prompt=True
+            )
+            full = tokenizer.apply_chat_template(conversation, tokenize=False)
+            ids = tokenizer(full, add_special_tokens=False, return_tensors="pt").input_ids
+            n_prompt = len(tokenizer(prompt, add_special_tokens=False).input_ids)
+            with torch.no_grad():
+                logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+            targets = ids[0, 1:]
+            token_logps = logp[torch.arange(len(targets)), targets][n_prompt - 1 :]
+            assert got[f"{side}_tokens"] == len(token_logps)
+            assert got[f"{side}_logps"] == pytest.approx(token_logps.mean().item(), abs=1e-5)
+
+    chosen = torch.tensor([p["chosen_logps"] for p in scores["pairs"]])
+    rejected = torch.tensor([p["rejected_logps"] for p in scores["pairs"]])
+    summary = scores["summary"]
+    margins = 2.0 * (chosen - rejected)
+    assert summary["reward_accuracy"] == pytest.approx((margins > 0).float().mean().item())
+    expected_loss = torch.nn.functional.softplus(-(margins - 1.0)).mean().item()
+    assert summary["loss"] == pytest.approx(expected_loss, rel=1e-5)
+    assert summary["beta"] == 2.0 and summary["gamma"] == 1.0
