@@ -6,7 +6,6 @@ Used by the preference stage (held-out numbers before and after training) and by
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +140,3 @@ def _stage_settings(model_dir, pairs, split, beta, gamma, max_length, max_prompt
     except Exception as err:  # pydantic ValidationError: flags out of range
         first = str(err).splitlines()[-1].strip()
         raise UserError(f"simpo eval: invalid settings: {first}") from None
-
-
-def is_finite(summary: dict[str, Any]) -> bool:
-    return all(math.isfinite(v) for v in summary.values() if isinstance(v, float))

@@ -6,6 +6,7 @@ SimPO-specific: the paired forward pass, the loss, the authors' metric names, th
 
 from __future__ import annotations
 
+import json
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -24,6 +25,7 @@ from transformers import (
 from simpo_cli.data import (
     PreferenceCollator,
     SFTCollator,
+    fingerprint,
     load_source,
     load_tokenizer,
     prepare,
@@ -139,6 +141,8 @@ def training_arguments(stage: SFTStage | PreferenceStage, recipe: Recipe, name: 
     report_to = list(recipe.logging.report_to) or "none"
     if "wandb" in recipe.logging.report_to:
         _offline_wandb_without_key(recipe.logging.project)
+    if "tensorboard" in recipe.logging.report_to:
+        _require("tensorboard", "tensorboard")
     return TrainingArguments(
         output_dir=str(out),
         run_name=recipe.logging.run_name or f"{recipe.name}-{name}",
@@ -175,14 +179,18 @@ def training_arguments(stage: SFTStage | PreferenceStage, recipe: Recipe, name: 
     )
 
 
-def _offline_wandb_without_key(project: str) -> None:
-    try:
-        import wandb  # noqa: F401
-    except ImportError:
+def _require(module: str, extra: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
         raise UserError(
-            "logging.report_to: wandb is not installed; pip install 'simpo-cli[wandb]' or "
-            "remove wandb from logging.report_to"
-        ) from None
+            f"logging.report_to: {extra} is not installed; pip install 'simpo-cli[{extra}]' or "
+            f"remove {extra} from logging.report_to"
+        )
+
+
+def _offline_wandb_without_key(project: str) -> None:
+    _require("wandb", "wandb")
     os.environ.setdefault("WANDB_PROJECT", project)
     if not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
         # Never an interactive login prompt in the middle of a launch: log offline, sync later.
@@ -257,12 +265,12 @@ def run_stage(recipe: Recipe, name: str, output_dir: Path, overwrite: bool = Fal
         source = getattr(stage.data, split)
         if source is None:
             continue
-        role = f"{name}.data.{split}"
+        role = f"{name}.data.{split} ({source.path})"
         raw = load_source(source, role)
         datasets_[split], report = prepare(
             raw, tokenizer, kind, role, stage.data.max_length, max_prompt
         )
-        fingerprints[role] = _fingerprint(source, raw)
+        fingerprints[f"{name}.data.{split}"] = fingerprint(source, raw)
         report_lines += report.lines()
     print("\n".join(["data report:", *("  " + line for line in report_lines)]))
     (stage_dir.path / "data_report.txt").write_text("\n".join(report_lines) + "\n")
@@ -318,12 +326,6 @@ def run_stage(recipe: Recipe, name: str, output_dir: Path, overwrite: bool = Fal
 # --------------------------------------------------------------------------- reporting
 
 
-def _fingerprint(source, raw) -> str:
-    from simpo_cli.data import fingerprint
-
-    return fingerprint(source, raw)
-
-
 def _check_vocab(model, tokenizer) -> None:
     rows = model.get_input_embeddings().weight.shape[0]
     if rows < len(tokenizer):
@@ -334,8 +336,6 @@ def _check_vocab(model, tokenizer) -> None:
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
-    import json
-
     return json.loads(path.read_text()) if path.is_file() else None
 
 

@@ -34,8 +34,8 @@ from simpo_cli.data import (  # noqa: E402
     preference_messages,
     prepare,
     render_segments,
-    show_tokens,
     sft_messages,
+    show_tokens,
     tokenize_conversation,
     tokenize_pair,
     tokenize_segments,
@@ -99,6 +99,11 @@ def masked(n: int) -> list[int]:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return path
+
+
+def pair_columns(out: dict) -> dict:
+    """The columns prepare keeps from a tokenize_pair result."""
+    return {k: out[k] for k in ("chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels")}
 
 
 def pair_row(prompt: str, chosen: str, rejected: str) -> dict:
@@ -327,7 +332,9 @@ def test_preference_formats_agree(tok, name):
 
 def test_plain_string_pair_matches_lists(tok):
     strings = tokenize_pair(tok, pair_row("Sort: 3 1 2", "1 2 3", "3 2 1"), "w", 64, 32)
-    lists = tokenize_pair(tok, {"chosen": [USER, CHOSEN], "rejected": [USER, REJECTED]}, "w", 64, 32)
+    lists = tokenize_pair(
+        tok, {"chosen": [USER, CHOSEN], "rejected": [USER, REJECTED]}, "w", 64, 32
+    )
     assert strings == lists
 
 
@@ -349,7 +356,7 @@ def test_preference_row_errors():
 
 
 def _long_prompt_pair():
-    return pair_row("Sort: " + " ".join(["7"] * 30), "7 " * 7 + "7", "7 7")
+    return pair_row("Sort: " + " ".join(["7"] * 40), " ".join(["7"] * 20), "7 7")
 
 
 def test_long_prompt_keeps_bos_and_its_tail_then_cuts_responses(tok):
@@ -405,7 +412,9 @@ def test_short_pair_and_long_prompt_that_fits_are_untouched(tok):
     n_total = len(full["chosen_ids"])
     assert tokenize_pair(tok, row, "w", n_total, 5) == full
     short = tokenize_pair(tok, pair_row("Sort: 3 1 2", "1 2 3", "3 2 1"), "w", 64, 40)
-    assert short["truncated"] is False and len(short["chosen_ids"]) == 15  # 11 prompt + 4
+    # 17 prompt tokens (BOS, 5 for the user header, "Sort" ":" " 3" " 1" " 2", <|eot_id|>,
+    # 5 for the assistant header) + 4 reply tokens.
+    assert short["truncated"] is False and len(short["chosen_ids"]) == 17 + 4
 
 
 # --------------------------------------------------------------------------- 6. prepare
@@ -431,9 +440,7 @@ def test_prepare_preference_drops_counts_and_means(tok):
         "rejected_ids",
         "rejected_labels",
     ]
-    assert kept[0] == {
-        k: v for k, v in tokenize_pair(tok, rows[0], "w", 24, 12).items() if k.startswith(("c", "r"))
-    }
+    assert kept[0] == pair_columns(tokenize_pair(tok, rows[0], "w", 24, 12))
     assert len(kept[1]["chosen_ids"]) == 12 + 3
     assert report.lines() == [
         "p: 5 rows read, 2 kept",
@@ -460,8 +467,10 @@ def test_prepare_sft_report(tok):
 
 def test_prepare_all_rows_dropped_is_a_data_error(tok):
     rows = [pair_row("a", " ", "b"), pair_row("a", "b", "b")]
-    with pytest.raises(DataError, match=r"^p: no usable rows \(.*2 rows read, 0 kept"):
+    with pytest.raises(DataError, match=r"^p: no usable rows \(") as err:
         prepare(datasets.Dataset.from_list(rows), tok, "preference", "p", 64, 32)
+    assert "dropped (chosen identical to rejected): 1" in str(err.value)
+    assert "dropped (empty response): 1" in str(err.value)
 
 
 def test_prepare_keeps_rows_after_a_first_batch_of_dropped_rows(tok):
@@ -470,7 +479,7 @@ def test_prepare_keeps_rows_after_a_first_batch_of_dropped_rows(tok):
     rows = [pair_row("Sort: 2 1", " ", "2 1")] * 1000 + [pair_row("Sort: 2 1", "1 2", "2 1")]
     kept, report = prepare(datasets.Dataset.from_list(rows), tok, "preference", "p", 64, 32)
     assert (report.rows_read, report.rows_kept, len(kept)) == (1001, 1, 1)
-    assert kept[0]["chosen_ids"][-4:] == enc(tok, ASSISTANT_HEADER)[-1:] + enc(tok, "1 2<|eot_id|>")
+    assert kept[0] == pair_columns(tokenize_pair(tok, rows[-1], "w", 64, 32))
 
 
 def test_prepare_names_the_bad_row(tok):
@@ -480,7 +489,9 @@ def test_prepare_names_the_bad_row(tok):
         {"chosen": [USER, CHOSEN], "rejected": [USER, REJECTED]},
         {"chosen": [USER, CHOSEN, USER], "rejected": [USER, REJECTED]},
     ]
-    with pytest.raises(DataError, match="^pref.data.train: row 2: chosen must end with an assistant"):
+    with pytest.raises(
+        DataError, match="^pref.data.train: row 2: chosen must end with an assistant"
+    ):
         prepare(datasets.Dataset.from_list(rows), tok, "preference", "pref.data.train", 64, 32)
 
 
@@ -557,7 +568,9 @@ def test_hub_name_offline_is_a_data_error(monkeypatch):
 
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(DataError, match="^r: cannot load 'simpo-tests/no-such-dataset' \\(split x\\)"):
+    with pytest.raises(
+        DataError, match="^r: cannot load 'simpo-tests/no-such-dataset' \\(split x\\)"
+    ):
         load_source(DataSource(path="simpo-tests/no-such-dataset", split="x"), "r")
 
 
@@ -587,15 +600,17 @@ def test_jsonl_with_unicode_line_separator_in_a_string(tmp_path):
 # --------------------------------------------------------------------------- 8. sources
 
 
-SOURCE_ROWS = [
-    {
+def _source_row(a: int, b: int) -> dict:
+    user = {"role": "user", "content": f"Sort: {a} {b}"}
+    return {
         "prompt": f"Sort: {a} {b}",
-        "chosen": [{"role": "user", "content": f"Sort: {a} {b}"}, {"role": "assistant", "content": f"{b} {a}"}],
-        "rejected": [{"role": "user", "content": f"Sort: {a} {b}"}, {"role": "assistant", "content": f"{a} {b}"}],
+        "chosen": [user, {"role": "assistant", "content": f"{b} {a}"}],
+        "rejected": [user, {"role": "assistant", "content": f"{a} {b}"}],
         "score": float(a),
     }
-    for a, b in [(3, 1), (5, 2), (9, 4), (8, 0)]
-]  # fmt: skip
+
+
+SOURCE_ROWS = [_source_row(a, b) for a, b in [(3, 1), (5, 2), (9, 4), (8, 0)]]
 
 
 def _write_sources(tmp_path: Path) -> dict[str, DataSource]:

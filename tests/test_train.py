@@ -275,3 +275,41 @@ def test_eval_matches_plain_transformers(tiny_run, tmp_path):
     expected_loss = torch.nn.functional.softplus(-(margins - 1.0)).mean().item()
     assert summary["loss"] == pytest.approx(expected_loss, rel=1e-5)
     assert summary["beta"] == 2.0 and summary["gamma"] == 1.0
+
+
+# --------------------------------------------------------------------------- user errors
+
+
+def _pairs_recipe(tmp_path: Path, pairs_text: str) -> Path:
+    (tmp_path / "pairs.jsonl").write_text(pairs_text)
+    recipe = (RECIPES_DIR / "tiny" / "recipe.yaml").read_text()
+    recipe = recipe.replace("tokenizer: tokenizer", f"tokenizer: {RECIPES_DIR / 'tiny/tokenizer'}")
+    recipe = recipe.replace("train: data/pref_train.jsonl", "train: pairs.jsonl")
+    recipe = recipe.replace("eval: data/pref_eval.jsonl", "eval: null")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe)
+    return path
+
+
+GOOD_PAIR = {"prompt": "Sort: 2 1", "chosen": "1 2", "rejected": "2 1"}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (json.dumps(GOOD_PAIR) + "\n{broken\n", "pairs.jsonl: line 2: invalid JSON"),
+        (json.dumps({"prompt": "x", "chosen": "y"}) + "\n", "missing column(s) for preference"),
+        (json.dumps({**GOOD_PAIR, "chosen": 3}) + "\n", "row 0: chosen: expected a string"),
+    ],
+)
+def test_data_errors_end_the_cli_with_one_line(tmp_path, text, expected):
+    recipe = _pairs_recipe(tmp_path, text)
+    out = tmp_path / "out"
+    result = simpo("preference", str(recipe), "-o", str(out), "--set", "pipeline=[preference]")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    # stderr also holds the tokenizing progress bar; the error is one line, the last.
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and result.stderr.rstrip().endswith(errors[0])
+    assert expected in errors[0] and str(tmp_path / "pairs.jsonl") in errors[0]
+    assert not (out / "preference" / "model.safetensors").exists()
