@@ -40,13 +40,19 @@ def load_source(source: DataSource, role: str):
                 "use .json, .jsonl or .parquet, or a save_to_disk folder"
             )
         if kind == "json":
-            dataset = datasets.Dataset.from_list(_read_json_rows(path))
+            try:
+                dataset = datasets.Dataset.from_list(_read_json_rows(path))
+            except (TypeError, ValueError) as err:  # pyarrow's ArrowTypeError / ArrowInvalid
+                raise DataError(
+                    f"{role}: {path}: a column holds different types in different rows ({err}); "
+                    "make each column one type (e.g. chosen always a list of messages)"
+                ) from None
         else:
             try:
                 dataset = datasets.Dataset.from_parquet(str(path))
             except Exception as err:  # pyarrow raises several types for a damaged file
                 raise DataError(f"{role}: {path}: cannot read parquet: {err}") from None
-    elif path.is_dir():
+    elif path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "state.json")):
         try:
             loaded = datasets.load_from_disk(str(path))
         except Exception as err:
@@ -63,6 +69,8 @@ def load_source(source: DataSource, role: str):
             loaded = loaded[source.split]
         dataset = loaded
     else:
+        # A hub name, or a local copy of a hub dataset repository (data files in a folder):
+        # the same load_dataset call either way.
         try:
             dataset = datasets.load_dataset(source.path, source.subset, split=source.split)
         except Exception as err:
@@ -79,7 +87,7 @@ def load_source(source: DataSource, role: str):
 def _read_json_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of a JSON Lines file, or of a .json file holding a list of objects."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # tolerate a byte-order mark
     except (OSError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: cannot read: {err}") from None
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
@@ -91,7 +99,8 @@ def _read_json_rows(path: Path) -> list[dict[str, Any]]:
         unit = "item"
     else:
         numbered = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        # split("\n"), not splitlines(): JSON strings may hold U+2028 or U+0085 unescaped.
+        for number, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
@@ -390,6 +399,9 @@ def prepare(dataset, tokenizer, kind: str, name: str, max_length: int, max_promp
 
     tokenized = dataset.map(
         one,
+        # Explicit types: a first batch of only dropped rows (empty lists) must not fix the id
+        # columns' type as a list of nulls.
+        features=_tokenized_features(kind),
         with_indices=True,
         remove_columns=dataset.column_names,
         desc=f"Tokenizing {name}",
@@ -406,8 +418,27 @@ def prepare(dataset, tokenizer, kind: str, name: str, max_length: int, max_promp
         counts = [sum(x != IGNORE_INDEX for x in labels) for labels in kept[column]]
         report.mean_tokens[side] = sum(counts) / max(len(counts), 1)
     if len(kept) == 0:
-        raise DataError(f"{name}: no usable rows ({', '.join(report.lines()[1:])})")
+        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(report.dropped.items()))
+        raise DataError(f"{name}: no usable rows: all {report.rows_read} dropped ({reasons})")
     return kept, report
+
+
+def _tokenized_features(kind: str):
+    import datasets
+
+    ints = datasets.List(datasets.Value("int64"))
+    columns = (
+        ("chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels")
+        if kind == "preference"
+        else ("input_ids", "labels")
+    )
+    return datasets.Features(
+        {
+            **dict.fromkeys(columns, ints),
+            "drop": datasets.Value("string"),
+            "truncated": datasets.Value("bool"),
+        }
+    )
 
 
 # --------------------------------------------------------------------------- collating

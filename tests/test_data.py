@@ -29,6 +29,7 @@ from simpo_cli.data import (  # noqa: E402
     SFTCollator,
     check_columns,
     fingerprint,
+    inspect_row,
     load_source,
     load_tokenizer,
     preference_messages,
@@ -217,6 +218,17 @@ def test_template_text_override_without_eos_gets_eos_appended(fresh_tok):
     out = tokenize_pair(tokenizer, pair_row("Sort: 3 1 2", "1 2 3", "3 2 1"), "w", 64, 32)
     assert out["chosen_ids"] == [0] + prompt_ids + reply_ids + [4]
     assert out["rejected_ids"] == [0] + prompt_ids + enc(tokenizer, "3 2 1\n") + [4]
+
+
+def test_template_writing_bos_twice_still_gives_one(tok, fresh_tok):
+    """An override that prefixes the shipped template with another `{{ bos_token }}` renders two
+    BOS strings; the tokenized example still starts with exactly one."""
+    fresh_tok.chat_template = "{{ bos_token }}" + tok.chat_template
+    pieces = render_segments(fresh_tok, [USER, CHOSEN])
+    assert pieces[0][0].startswith(BOS_TEXT + BOS_TEXT + USER_HEADER)
+    assert tokenize_segments(fresh_tok, pieces) == tokenize_segments(
+        tok, render_segments(tok, [USER, CHOSEN])
+    )
 
 
 def test_load_tokenizer_errors(tmp_path):
@@ -467,10 +479,11 @@ def test_prepare_sft_report(tok):
 
 def test_prepare_all_rows_dropped_is_a_data_error(tok):
     rows = [pair_row("a", " ", "b"), pair_row("a", "b", "b")]
-    with pytest.raises(DataError, match=r"^p: no usable rows \(") as err:
+    with pytest.raises(DataError) as err:
         prepare(datasets.Dataset.from_list(rows), tok, "preference", "p", 64, 32)
-    assert "dropped (chosen identical to rejected): 1" in str(err.value)
-    assert "dropped (empty response): 1" in str(err.value)
+    assert str(err.value) == (
+        "p: no usable rows: all 2 dropped (1 chosen identical to rejected, 1 empty response)"
+    )
 
 
 def test_prepare_keeps_rows_after_a_first_batch_of_dropped_rows(tok):
@@ -551,15 +564,16 @@ def test_unsupported_suffix(tmp_path):
         load_source(DataSource(path=str(path)), "simpo.data.train")
 
 
-def test_damaged_parquet_and_plain_folder(tmp_path):
+def test_damaged_parquet_and_empty_folder(tmp_path):
     parquet = tmp_path / "pairs.parquet"
     parquet.write_bytes(b"not parquet at all")
     with pytest.raises(DataError, match=f"^r: {parquet}: cannot read parquet"):
         load_source(DataSource(path=str(parquet)), "r")
     folder = tmp_path / "folder"
-    folder.mkdir()
-    with pytest.raises(DataError, match=f"^r: {folder}: not a dataset saved with save_to_disk"):
+    folder.mkdir()  # neither a save_to_disk folder nor one holding data files
+    with pytest.raises(DataError, match="^r: ") as err:
         load_source(DataSource(path=str(folder)), "r")
+    assert str(folder) in str(err.value)
 
 
 def test_hub_name_offline_is_a_data_error(monkeypatch):
@@ -621,7 +635,13 @@ def _write_sources(tmp_path: Path) -> dict[str, DataSource]:
     dataset.save_to_disk(str(tmp_path / "saved"))
     other = datasets.Dataset.from_list(SOURCE_ROWS[:1])
     datasets.DatasetDict({"train": other, "test": dataset}).save_to_disk(str(tmp_path / "dict"))
+    # A local copy of a hub dataset repository: data files named by split, read by the same
+    # load_dataset(name, split=...) call that reads a hub name.
+    (tmp_path / "repo").mkdir()
+    write_jsonl(tmp_path / "repo" / "train.jsonl", SOURCE_ROWS[:1])
+    write_jsonl(tmp_path / "repo" / "test.jsonl", SOURCE_ROWS)
     return {
+        "hub-layout": DataSource(path=str(tmp_path / "repo"), split="test"),
         "jsonl": DataSource(path=str(tmp_path / "rows.jsonl")),
         "json": DataSource(path=str(tmp_path / "rows.json")),
         "parquet": DataSource(path=str(tmp_path / "rows.parquet")),
@@ -723,3 +743,20 @@ def test_show_tokens_brackets_exactly_the_response(tok):
 def test_show_tokens_color(tok):
     shown = show_tokens(tok, [0, 22], [IGNORE_INDEX, 22], color=True)
     assert shown == "\x1b[2m<|begin_of_text|>\x1b[0m\x1b[42;30m1\x1b[0m"
+
+
+# --------------------------------------------------------------------------- 11. data inspect
+
+
+def test_inspect_row_marks_trained_tokens():
+    """`simpo data inspect tiny`: row 0 of the shipped pairs is "Sort: 1 2 3 7 4" with chosen
+    "1 2 3 4 7" and rejected "1 2 3 7 4"; only the replies and their <|eot_id|> are marked."""
+    from simpo_cli.recipe import load_recipe
+
+    shown = inspect_row(load_recipe("tiny"), "preference", 0, color=False)
+    assert "⟦1 2 3 4 7<|eot_id|>⟧" in shown and "⟦1 2 3 7 4<|eot_id|>⟧" in shown
+    assert shown.count("⟦") == 3  # the legend and the two replies
+    assert "BOS count 1; ends with EOS: yes" in shown
+    assert shown.count("<|begin_of_text|>") == 2  # one per side
+    with pytest.raises(DataError, match=r"--row 5000: preference.data.train has 3000 rows"):
+        inspect_row(load_recipe("tiny"), "preference", 5000, color=False)
