@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from simpo_cli.errors import RecipeError
 
@@ -235,6 +243,8 @@ class Recipe(Section):
     preference: PreferenceStage | None = None
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     launch: LaunchSettings = Field(default_factory=LaunchSettings)
+    # Where each key path's value came from ("recipe" or "--set"); absent keys are defaults.
+    _origins: dict[tuple[str, ...], str] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _check_pipeline(self) -> Recipe:
@@ -357,13 +367,60 @@ def load_recipe(ref: str, overrides: list[str] | None = None) -> Recipe:
     """Find, read, override, validate and resolve a recipe; RecipeError lists every problem."""
     path = find_recipe(ref)
     raw = read_yaml(path)
+    in_file = set(_key_paths(raw))
     origins = apply_overrides(raw, list(overrides or []))
     raw.setdefault("name", path.parent.name if path.name == "recipe.yaml" else path.stem)
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as err:
         raise RecipeError(format_errors(err, str(path), origins)) from None
+    recipe._origins = {key: "recipe" for key in in_file} | {key: "--set" for key in origins}
     return resolve_paths(recipe, path.parent)
+
+
+def _key_paths(raw: Any, prefix: tuple[str, ...] = ()):
+    """The key path of every value (not section) written in a raw YAML mapping."""
+    for key, value in raw.items():
+        if isinstance(value, dict) and value:
+            yield from _key_paths(value, (*prefix, str(key)))
+        else:
+            yield (*prefix, str(key))
+
+
+def settings_table(recipe: Recipe, stage: StageName) -> list[str]:
+    """Every resolved setting of a stage, one per line, with where it came from: the recipe
+    file, a --set override, or the default."""
+    section = recipe.stage(stage)
+    rows: list[tuple[str, str, str]] = []
+
+    def walk(model: BaseModel, path: tuple[str, ...]) -> None:
+        for name in type(model).model_fields:
+            value = getattr(model, name)
+            key = (*path, name)
+            if isinstance(value, DataSource):
+                value = value.path + ("" if value.split == "train" else f" [{value.split}]")
+            if isinstance(value, BaseModel):
+                walk(value, key)
+                continue
+            if value is None:
+                continue
+            origin = next(
+                (
+                    recipe._origins[key[:i]]
+                    for i in range(len(key), 0, -1)
+                    if key[:i] in recipe._origins
+                ),
+                "default",
+            )
+            rows.append((".".join(key), str(value), origin))
+
+    walk(section, (stage,))
+    if isinstance(section, PreferenceStage):
+        how = "gamma" if section.gamma is not None else "beta x gamma_beta_ratio"
+        rows.insert(2, (f"{stage}.gamma (resolved)", f"{section.resolved_gamma:g}", how))
+    width = max(len(key) for key, _, _ in rows)
+    value_width = min(max(len(value) for _, value, _ in rows), 16)
+    return [f"  {k:<{width}}  {v:<{value_width}}  {o}" for k, v, o in rows]
 
 
 def resolve_paths(recipe: Recipe, base: Path) -> Recipe:

@@ -34,7 +34,7 @@ from simpo_cli.errors import UserError
 from simpo_cli.eval import score_pairs, summarize
 from simpo_cli.losses import IGNORE_INDEX, sequence_logps, simpo_loss
 from simpo_cli.outputs import StageDir, reproducibility_record
-from simpo_cli.recipe import PreferenceStage, Recipe, SFTStage, stage_identity
+from simpo_cli.recipe import PreferenceStage, Recipe, SFTStage, settings_table, stage_identity
 
 
 class SimPOTrainer(Trainer):
@@ -139,10 +139,6 @@ def training_arguments(stage: SFTStage | PreferenceStage, recipe: Recipe, name: 
     t = stage.training
     has_eval = stage.data.eval is not None
     report_to = list(recipe.logging.report_to) or "none"
-    if "wandb" in recipe.logging.report_to:
-        _offline_wandb_without_key(recipe.logging.project)
-    if "tensorboard" in recipe.logging.report_to:
-        _require("tensorboard", "tensorboard")
     return TrainingArguments(
         output_dir=str(out),
         run_name=recipe.logging.run_name or f"{recipe.name}-{name}",
@@ -179,6 +175,19 @@ def training_arguments(stage: SFTStage | PreferenceStage, recipe: Recipe, name: 
     )
 
 
+def prepare_trackers(recipe: Recipe) -> None:
+    """Fail early if a tracker the recipe asks for is missing; keep wandb from prompting."""
+    if "tensorboard" in recipe.logging.report_to:
+        _require("tensorboard", "tensorboard")
+    if "wandb" in recipe.logging.report_to:
+        _require("wandb", "wandb")
+        os.environ.setdefault("WANDB_PROJECT", recipe.logging.project)
+        if not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
+            # Never an interactive login prompt in the middle of a launch: log offline.
+            os.environ["WANDB_MODE"] = "offline"
+            print("wandb: no WANDB_API_KEY set; logging offline (sync later with `wandb sync`)")
+
+
 def _require(module: str, extra: str) -> None:
     import importlib.util
 
@@ -187,15 +196,6 @@ def _require(module: str, extra: str) -> None:
             f"logging.report_to: {extra} is not installed; pip install 'simpo-cli[{extra}]' or "
             f"remove {extra} from logging.report_to"
         )
-
-
-def _offline_wandb_without_key(project: str) -> None:
-    _require("wandb", "wandb")
-    os.environ.setdefault("WANDB_PROJECT", project)
-    if not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
-        # Never an interactive login prompt in the middle of a launch: log offline, sync later.
-        os.environ["WANDB_MODE"] = "offline"
-        print("wandb: no WANDB_API_KEY set; logging offline (sync later with `wandb sync`)")
 
 
 def load_model(recipe: Recipe, start_from: str | None, seed: int):
@@ -255,7 +255,8 @@ def run_stage(recipe: Recipe, name: str, output_dir: Path, overwrite: bool = Fal
         return stage_dir.path
     start_from = stage_start(recipe, name, output_dir)
     stage_dir.prepare(recipe.to_yaml(), stage_identity(dumped, name), overwrite, name)
-    _print_settings(recipe, name, stage, start_from)
+    _print_settings(recipe, name, start_from)
+    prepare_trackers(recipe)
 
     tokenizer = load_tokenizer(recipe.model, start_from)
     kind = "sft" if isinstance(stage, SFTStage) else "preference"
@@ -339,31 +340,16 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _print_settings(recipe: Recipe, name: str, stage, start_from: str | None) -> None:
-    t = stage.training
+def _print_settings(recipe: Recipe, name: str, start_from: str | None) -> None:
+    seed = recipe.stage(name).training.seed
     start = start_from or (
-        f"new {recipe.model.config.get('model_type')} model from config (seed {t.seed})"
+        f"new {recipe.model.config.get('model_type')} model from model.config (seed {seed})"
         if recipe.model.init == "from_config"
         else recipe.model.name_or_path
     )
     print(f"[{name}] start model: {start}")
-    if isinstance(stage, PreferenceStage):
-        origin = (
-            "given as gamma"
-            if stage.gamma is not None
-            else f"beta {stage.beta} x gamma_beta_ratio "
-            f"{0.5 if stage.gamma_beta_ratio is None else stage.gamma_beta_ratio}"
-        )
-        print(
-            f"[{name}] loss {stage.loss} ({stage.loss_type}): beta {stage.beta}, "
-            f"gamma {stage.resolved_gamma:g} ({origin}), label_smoothing "
-            f"{stage.label_smoothing}, sft_weight {stage.sft_weight}"
-        )
-    print(
-        f"[{name}] lr {t.learning_rate:g} ({t.lr_scheduler_type}, warmup {t.warmup_ratio}), "
-        f"batch {t.per_device_train_batch_size} x accumulation {t.gradient_accumulation_steps}, "
-        f"epochs {t.num_train_epochs:g}, max_length {stage.data.max_length}, seed {t.seed}"
-    )
+    print(f"[{name}] settings (value, then where it came from):")
+    print("\n".join(settings_table(recipe, name)))
 
 
 def _print_before_after(name: str, before: dict | None, after: dict) -> None:

@@ -249,3 +249,14 @@ def test_help_on_every_command():
         result = simpo(*command, "--help")
         assert result.returncode == 0, (command, result.stderr)
         assert "Usage:" in result.stdout
+
+
+def test_settings_table_says_where_each_value_came_from(tmp_path):
+    from simpo_cli.recipe import settings_table
+
+    recipe = load_recipe(str(write(tmp_path, MINIMAL)), ["preference.training.seed=7"])
+    rows = {line.split()[0]: line.split()[1:] for line in settings_table(recipe, "preference")}
+    assert rows["preference.beta"] == ["2.5", "recipe"]
+    assert rows["preference.training.seed"] == ["7", "--set"]
+    assert rows["preference.training.learning_rate"] == ["1e-06", "default"]
+    assert rows["preference.gamma"] == ["(resolved)", "1.375", "beta", "x", "gamma_beta_ratio"]

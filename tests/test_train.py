@@ -313,3 +313,18 @@ def test_data_errors_end_the_cli_with_one_line(tmp_path, text, expected):
     assert len(errors) == 1 and result.stderr.rstrip().endswith(errors[0])
     assert expected in errors[0] and str(tmp_path / "pairs.jsonl") in errors[0]
     assert not (out / "preference" / "model.safetensors").exists()
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("tensorboard") is not None,
+    reason="tensorboard is installed here",
+)
+def test_missing_tracker_fails_before_any_work(tmp_path):
+    out = tmp_path / "out"
+    result = simpo("train", "tiny", "-o", str(out), "--set", "logging.report_to=[tensorboard]")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: logging.report_to: tensorboard is not installed; pip install "
+        "'simpo-cli[tensorboard]' or remove tensorboard from logging.report_to"
+    )
+    assert not (out / "sft" / "data_report.txt").exists(), "failed only after reading data"
