@@ -328,3 +328,47 @@ def test_missing_tracker_fails_before_any_work(tmp_path):
         "'simpo-cli[tensorboard]' or remove tensorboard from logging.report_to"
     )
     assert not (out / "sft" / "data_report.txt").exists(), "failed only after reading data"
+
+
+# --------------------------------------------------------------------------- the paired forward
+
+
+@pytest.mark.parametrize("sft_weight", [0.0, 0.5])
+def test_simpo_compute_loss_matches_separate_passes(tmp_path, sft_weight):
+    """SimPOTrainer.compute_loss (chosen and rejected stacked in one padded forward pass) equals
+    the loss written out from two separate, unpadded passes per sequence, plus the SFT term
+    sft_weight * mean(-avg_logp_chosen); the logged metrics carry the authors' names."""
+    from transformers import TrainingArguments
+
+    from simpo_cli.data import PreferenceCollator, load_source, load_tokenizer, prepare
+    from simpo_cli.losses import sequence_logps
+    from simpo_cli.trainer import SimPOTrainer
+
+    recipe = load_recipe("tiny", ["pipeline=[preference]", f"preference.sft_weight={sft_weight}"])
+    stage = recipe.preference
+    tokenizer = load_tokenizer(recipe.model)
+    rows = load_source(stage.data.train.model_copy(update={"max_rows": 6}), "t")
+    pairs, _ = prepare(rows, tokenizer, "preference", "t", 64, 40)
+    model = load_model(recipe, None, 42)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    trainer = SimPOTrainer(model=model, args=args, train_dataset=pairs, stage=stage)
+    batch = PreferenceCollator(tokenizer.pad_token_id)([pairs[i] for i in range(len(pairs))])
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, batch)
+
+        def avg_logp(ids, labels):
+            logits = model(torch.tensor([ids])).logits
+            return sequence_logps(logits, torch.tensor([labels]))[0].item()
+
+        chosen = torch.tensor([avg_logp(p["chosen_ids"], p["chosen_labels"]) for p in pairs])
+        rejected = torch.tensor([avg_logp(p["rejected_ids"], p["rejected_labels"]) for p in pairs])
+    z = 2.0 * (chosen - rejected) - 1.0  # beta 2, gamma = 2 * 0.5
+    expected = torch.nn.functional.softplus(-z).mean() + sft_weight * (-chosen.mean())
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    logged = {k: v[0] for k, v in trainer._metrics.items()}
+    assert logged["rewards/accuracies"] == pytest.approx((chosen > rejected).float().mean().item())
+    assert logged["logps/chosen"] == pytest.approx(chosen.mean().item(), rel=1e-5)
+    assert logged["rewards/margins"] == pytest.approx(
+        2.0 * (chosen - rejected).mean().item(), rel=1e-4
+    )
+    assert ("sft_loss" in logged) == (sft_weight > 0)
