@@ -6,7 +6,10 @@ read a recipe (validate, config show, --dry-run) never import torch.
 
 from __future__ import annotations
 
+import os
 import sys
+from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -47,81 +50,169 @@ def _output_dir(recipe: Recipe, flag: Path | None) -> Path:
     return Path(recipe.output_dir or f"outputs/{recipe.name}")
 
 
-def _run(recipe_ref: str, stages: list[str] | None, output_dir, sets, dry_run, overwrite) -> None:
+class Precision(str, Enum):
+    no = "no"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+@dataclass
+class LaunchFlags:
+    """Launch flags; each is the `--set launch.KEY=VALUE` it stands for."""
+
+    num_processes: int | None = None
+    num_machines: int | None = None
+    machine_rank: int | None = None
+    main_process_ip: str | None = None
+    main_process_port: int | None = None
+    deepspeed: str | None = None
+    mixed_precision: str | None = None
+
+    def launch_sets(self) -> list[str]:
+        return [
+            f"launch.{key}={value}"
+            for key, value in vars(self).items()
+            if value is not None and key != "mixed_precision"
+        ]
+
+    def precision_sets(self, recipe: Recipe) -> list[str]:
+        """One precision for every stage, so the launcher, the Trainer and DeepSpeed's "auto"
+        values cannot disagree."""
+        if self.mixed_precision is None:
+            return []
+        return [
+            f"{name}.training.{key}={self.mixed_precision == key}"
+            for name in STAGES
+            if getattr(recipe, name) is not None
+            for key in ("bf16", "fp16")
+        ]
+
+
+def _run(
+    command: str,
+    recipe_ref: str,
+    stages: list[str] | None,
+    output_dir: Path | None,
+    sets: list[str] | None,
+    flags: LaunchFlags,
+    dry_run: bool,
+    overwrite: bool,
+) -> None:
+    sets = list(sets or []) + flags.launch_sets()
     recipe = load_recipe(recipe_ref, sets)
+    if flags.mixed_precision is not None:
+        sets += flags.precision_sets(recipe)
+        recipe = load_recipe(recipe_ref, sets)
     out = _output_dir(recipe, output_dir)
     names = list(recipe.pipeline) if stages is None else stages
     for name in names:
         recipe.stage(name)  # a missing section is an error before anything starts
+    from simpo_cli import launch
+
+    child_args = [command, recipe_ref, "--output-dir", str(out)]
+    child_args += [arg for s in sets for arg in ("--set", s)]
+    child_args += ["--overwrite"] if overwrite else []
+    relaunch = launch.needs_launch(recipe.launch) and not launch.inside_launch()
     if dry_run:
-        _print_plan(recipe, names, out)
+        from simpo_cli.plan import print_plan
+
+        print_plan(recipe, names, out, child_args if relaunch else None)
         return
-    from simpo_cli.trainer import run_stage
+    if relaunch:
+        sys.exit(_launch(recipe, child_args))
+    from simpo_cli.trainer import run_stage, say
 
     final = out
     for name in names:
         final = run_stage(recipe, name, out, overwrite)
-    print(f"final model: {final}")
+    say(f"final model: {final}")
 
 
-def _print_plan(recipe: Recipe, names: list[str], out: Path) -> None:
-    from simpo_cli.outputs import StageDir
+def _launch(recipe: Recipe, child_args: list[str]) -> int:
+    """Re-run this command on every process through `accelerate launch`; wait for them."""
+    import shlex
 
-    print(recipe.to_yaml().rstrip())
-    print("\nplan:")
-    for name in names:
-        stage_dir = StageDir(out / name)
-        checkpoint = stage_dir.last_checkpoint()
-        if stage_dir.is_complete():
-            state = "finished (skipped; --overwrite reruns it)"
-        elif checkpoint is not None:
-            state = f"resumes from {checkpoint.name}"
-        else:
-            state = "starts fresh"
-        stage = recipe.stage(name)
-        extra = f", gamma {stage.resolved_gamma:g}" if name == "preference" else ""
-        print(f"  {name}: -> {stage_dir.path} ({state}){extra}")
+    import torch
+
+    from simpo_cli import launch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    launch.preflight(recipe.launch, gpus)
+    command = launch.launch_command(recipe, child_args)
+    print("launching: " + shlex.join(command), flush=True)
+    if gpus == 0:
+        print(f"no GPU here: running {recipe.launch.world_size} processes on the CPU", flush=True)
+    return launch.run(command)
 
 
-@app.command()
-def train(
-    recipe: RecipeArg,
-    output_dir: OutputDir = None,
-    set_: SetOption = None,
-    dry_run: DryRun = False,
-    overwrite: Overwrite = False,
-) -> None:
-    """Run every stage of the recipe's pipeline in order (e.g. SFT then SimPO).
+def _run_command(name: str, stages: list[str] | None, doc: str):
+    """A command that runs `stages` (None: the whole pipeline) with the shared options."""
 
-    Each stage writes DIR/<stage>/ and the next starts from its model. Running the same command
-    again resumes from the last checkpoint and skips finished stages.
-    """
-    _run(recipe, None, output_dir, set_, dry_run, overwrite)
-
-
-def _stage_command(stage: str, doc: str):
     def command(
         recipe: RecipeArg,
         output_dir: OutputDir = None,
         set_: SetOption = None,
         dry_run: DryRun = False,
         overwrite: Overwrite = False,
+        num_processes: Annotated[
+            int | None,
+            typer.Option(min=1, help="Processes (GPUs) per machine.", rich_help_panel="Launch"),
+        ] = None,
+        num_machines: Annotated[
+            int | None, typer.Option(min=1, help="Machines in the run.", rich_help_panel="Launch")
+        ] = None,
+        machine_rank: Annotated[
+            int | None, typer.Option(min=0, help="This machine's rank.", rich_help_panel="Launch")
+        ] = None,
+        main_process_ip: Annotated[
+            str | None, typer.Option(help="Address of machine 0.", rich_help_panel="Launch")
+        ] = None,
+        main_process_port: Annotated[
+            int | None,
+            typer.Option(min=1, max=65535, help="Rendezvous port.", rich_help_panel="Launch"),
+        ] = None,
+        deepspeed: Annotated[
+            str | None,
+            typer.Option(
+                help="zero1, zero2, zero3, zero3_offload or a JSON path.", rich_help_panel="Launch"
+            ),
+        ] = None,
+        mixed_precision: Annotated[
+            Precision | None,
+            typer.Option(help="Precision of every stage.", rich_help_panel="Launch"),
+        ] = None,
     ) -> None:
-        _run(recipe, [stage], output_dir, set_, dry_run, overwrite)
+        flags = LaunchFlags(
+            num_processes, num_machines, machine_rank, main_process_ip, main_process_port,
+            deepspeed, mixed_precision.value if mixed_precision else None,
+        )  # fmt: skip
+        _run(name, recipe, stages, output_dir, set_, flags, dry_run, overwrite)
 
     command.__doc__ = doc
     return command
 
 
+app.command("train")(
+    _run_command(
+        "train",
+        None,
+        "Run every stage of the recipe's pipeline in order (e.g. SFT then SimPO).\n\n"
+        "Each stage writes DIR/<stage>/ and the next starts from its model. Running the same "
+        "command again resumes from the last checkpoint and skips finished stages. More than "
+        "one process, or DeepSpeed, re-launches through `accelerate launch`.",
+    )
+)
 app.command("sft")(
-    _stage_command(
+    _run_command(
         "sft",
+        ["sft"],
         "Run only the SFT stage: causal-LM loss on every assistant turn, into DIR/sft/.",
     )
 )
 app.command("preference")(
-    _stage_command(
+    _run_command(
         "preference",
+        ["preference"],
         "Run only the preference (SimPO) stage into DIR/preference/.\n\n"
         "When the pipeline has an SFT stage first, it starts from that stage's finished model.",
     )
@@ -224,8 +315,10 @@ def main() -> None:
     try:
         app()
     except UserError as err:
-        for line in err.messages:
-            print(f"error: {line}", file=sys.stderr)
+        # Every process of a launch meets the same error; one of them says it.
+        if os.environ.get("RANK", "0") == "0":
+            for line in err.messages:
+                print(f"error: {line}", file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)

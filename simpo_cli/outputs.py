@@ -52,15 +52,13 @@ class StageDir:
         ]
         return max(steps)[1] if steps else None
 
-    def prepare(self, recipe_yaml: str, identity: dict[str, Any], overwrite: bool, stage: str):
-        """Create the folder, or check that what is in it was made by the same recipe.
+    def check(self, identity: dict[str, Any], stage: str) -> None:
+        """Refuse a folder made by a different recipe, or one that is not a stage folder.
 
         `identity` is the part of the recipe that decides this stage's result (model, data, and
         settings of this stage and the ones before it): a run that differs there must not resume
-        or skip someone's earlier run. Nothing is deleted unless the user passed --overwrite.
+        or skip someone's earlier run. Read-only, so every process of a launch can run it.
         """
-        if overwrite and self.path.exists():
-            shutil.rmtree(self.path)
         if self.recipe_file.is_file():
             before = yaml.safe_load(self.recipe_file.read_text()) or {}
             if stage_identity(before, stage) != identity:
@@ -73,6 +71,11 @@ class StageDir:
                 f"{self.path}: exists and is not a simpo stage folder; choose another "
                 "--output-dir (or pass --overwrite to replace it)"
             )
+
+    def create(self, recipe_yaml: str, overwrite: bool) -> None:
+        """Make the folder (emptied first with --overwrite) and write resolved_recipe.yaml."""
+        if overwrite and self.path.exists():
+            shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.recipe_file.write_text(recipe_yaml)
 

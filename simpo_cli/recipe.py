@@ -136,7 +136,14 @@ class TrainingSettings(Section):
     max_steps: int = Field(-1, ge=-1, description="-1: run num_train_epochs; else stop after N.")
     per_device_train_batch_size: PositiveInt = 2
     per_device_eval_batch_size: PositiveInt = 4
-    gradient_accumulation_steps: PositiveInt = 1
+    gradient_accumulation_steps: PositiveInt | None = Field(
+        None, description="Default 1, or derived from total_batch_size."
+    )
+    total_batch_size: PositiveInt | None = Field(
+        None,
+        description="Pairs (examples) per optimizer step across all processes; accumulation "
+        "is derived from it, so the same recipe trains the same batch on 8, 4 or 2 GPUs.",
+    )
     gradient_checkpointing: bool = False
     bf16: bool = False
     fp16: bool = False
@@ -228,7 +235,38 @@ class LoggingSettings(Section):
 
 
 class LaunchSettings(Section):
-    """How processes are launched; one process in place until multi-process launch is added."""
+    """How the training processes are launched. One process runs in place; more processes, or
+    DeepSpeed, re-launch `simpo` through `accelerate launch`."""
+
+    num_processes: PositiveInt = Field(1, description="Processes (GPUs) per machine.")
+    num_machines: PositiveInt = Field(1, description="Machines (nodes) in the run.")
+    machine_rank: int = Field(0, ge=0, description="This machine's rank, 0..num_machines-1.")
+    main_process_ip: str | None = Field(None, description="Address of machine 0 (multi-node).")
+    main_process_port: int = Field(29500, ge=1, le=65535, description="Rendezvous port.")
+    rdzv_backend: Literal["static", "c10d"] = Field(
+        "static", description="'c10d' for an elastic rendezvous endpoint (SLURM), else static."
+    )
+    deepspeed: str | None = Field(
+        None, description="DeepSpeed config: zero1, zero2, zero3, zero3_offload, or a JSON path."
+    )
+    gpu_memory_gb: PositiveFloat = Field(80, description="Per-GPU memory, for the fit check.")
+
+    @property
+    def world_size(self) -> int:
+        return self.num_processes * self.num_machines
+
+    @model_validator(mode="after")
+    def _check_machines(self) -> LaunchSettings:
+        if self.machine_rank >= self.num_machines:
+            raise ValueError(
+                f"machine_rank ({self.machine_rank}) must be below num_machines "
+                f"({self.num_machines}); machines are numbered from 0"
+            )
+        if self.num_machines > 1 and not self.main_process_ip:
+            raise ValueError(
+                "main_process_ip is required with num_machines > 1: the address of machine 0"
+            )
+        return self
 
 
 class Recipe(Section):
@@ -259,7 +297,48 @@ class Recipe(Section):
         for stage in self.pipeline:
             if getattr(self, stage) is None:
                 raise ValueError(f"pipeline runs '{stage}' but the recipe has no {stage}: section")
+        problems = [p for name in STAGES if getattr(self, name) for p in self._batch_problems(name)]
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
+
+    def _batch_problems(self, name: StageName) -> list[str]:
+        t = self.stage(name).training
+        if t.total_batch_size is None:
+            return []
+        world = self.launch.world_size
+        per_step = t.per_device_train_batch_size * world
+        where = f"{name}.training.total_batch_size: {t.total_batch_size}"
+        if t.total_batch_size % per_step:
+            fits = [
+                b for b in range(1, t.total_batch_size + 1) if t.total_batch_size % (b * world) == 0
+            ]
+            return [
+                f"{where} is not a multiple of per_device_train_batch_size "
+                f"{t.per_device_train_batch_size} x {world} processes = {per_step}; with {world} "
+                f"processes, per_device_train_batch_size {_or_list(fits[:8])} would work"
+            ]
+        derived = t.total_batch_size // per_step
+        if t.gradient_accumulation_steps not in (None, derived):
+            return [
+                f"{where} needs gradient_accumulation_steps {derived} with {world} processes x "
+                f"per_device_train_batch_size {t.per_device_train_batch_size}, but "
+                f"{t.gradient_accumulation_steps} is set; remove one of the two"
+            ]
+        return []
+
+    def accumulation_steps(self, name: StageName) -> int:
+        """Gradient accumulation of a stage: given, derived from total_batch_size, or 1."""
+        t = self.stage(name).training
+        if t.total_batch_size is not None:
+            return t.total_batch_size // (t.per_device_train_batch_size * self.launch.world_size)
+        return t.gradient_accumulation_steps or 1
+
+    def total_batch(self, name: StageName) -> int:
+        t = self.stage(name).training
+        return (
+            t.per_device_train_batch_size * self.launch.world_size * self.accumulation_steps(name)
+        )
 
     def stage(self, name: StageName) -> SFTStage | PreferenceStage:
         section = getattr(self, name)
@@ -274,6 +353,11 @@ class Recipe(Section):
         return yaml.safe_dump(
             self.model_dump(mode="json"), sort_keys=False, default_flow_style=None, width=100
         )
+
+
+def _or_list(values: list[int]) -> str:
+    text = [str(v) for v in values]
+    return text[0] if len(text) == 1 else ", ".join(text[:-1]) + " or " + text[-1]
 
 
 def stage_identity(recipe: dict[str, Any], stage: str) -> dict[str, Any]:
@@ -523,7 +607,10 @@ def format_errors(
         elif kind == "missing":
             lines.append(f"{where}: {key}: required key is missing; add it")
         elif kind == "value_error":
-            lines.append(f"{where}: {key}: {message}")
+            # A section's validator may report several problems, one per line; top-level
+            # messages name their keys themselves.
+            for part in message.split("\n"):
+                lines.append(f"{where}: {part}" if not loc else f"{where}: {key}: {part}")
         else:
             value = item.get("input")
             fix = _FIXES.get(kind, "")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from simpo_cli.data import (
     prepare,
 )
 from simpo_cli.errors import UserError
-from simpo_cli.eval import score_pairs, summarize
+from simpo_cli.eval import summarize
 from simpo_cli.losses import IGNORE_INDEX, sequence_logps, simpo_loss
 from simpo_cli.outputs import StageDir, reproducibility_record
 from simpo_cli.recipe import PreferenceStage, Recipe, SFTStage, settings_table, stage_identity
@@ -101,44 +102,104 @@ class SimPOTrainer(Trainer):
             self._metrics.clear()
         super().log(logs, start_time)
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        pad_id = self.processing_class.pad_token_id
-        scores = score_pairs(self.model, dataset, pad_id, self.args.per_device_eval_batch_size)
-        summary = summarize(scores, self.stage)
-        metrics = {
-            f"{metric_key_prefix}_loss": summary["loss"],
-            f"{metric_key_prefix}_rewards/accuracies": summary["reward_accuracy"],
-            f"{metric_key_prefix}_rewards/margins": summary["reward_margin"],
-            f"{metric_key_prefix}_logps/chosen": _mean(scores["chosen_logps"]),
-            f"{metric_key_prefix}_logps/rejected": _mean(scores["rejected_logps"]),
-        }
-        self.log(metrics)
-        return metrics
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Per-pair scores for Trainer's evaluation loop, which shards the eval set over the
+        processes, runs DeepSpeed's inference set-up when needed, and gathers the results."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            logits = model(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                use_cache=False,
+            ).logits
+            logps, n_tokens = sequence_logps(logits, inputs["labels"])
+        half = logps.shape[0] // 2
+        scores = torch.stack(
+            [logps[:half], logps[half:], n_tokens[:half].float(), n_tokens[half:].float()], dim=1
+        )
+        return None, scores, torch.zeros(half, device=scores.device)
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / max(len(values), 1)
+def preference_metrics(stage: PreferenceStage, prediction) -> dict[str, float]:
+    """Held-out metrics from the gathered per-pair scores [N, 4] of prediction_step."""
+    scores = prediction.predictions
+    summary = summarize(
+        {"chosen_logps": scores[:, 0].tolist(), "rejected_logps": scores[:, 1].tolist()}, stage
+    )
+    return {
+        "loss": summary["loss"],
+        "rewards/accuracies": summary["reward_accuracy"],
+        "rewards/margins": summary["reward_margin"],
+        "logps/chosen": float(scores[:, 0].mean()),
+        "logps/rejected": float(scores[:, 1].mean()),
+    }
 
 
 class MetricsFile(TrainerCallback):
-    """Writes every log (training and evaluation) to metrics.jsonl, one JSON object per line."""
+    """Writes every log (training and evaluation) to metrics.jsonl, one JSON object per line,
+    and the evaluation before the first step (eval_on_start) to eval_before.json."""
 
     def __init__(self, stage_dir: StageDir):
         self.stage_dir = stage_dir
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
+        if is_main_process() and logs:
             self.stage_dir.append_metrics({"step": state.global_step, **logs})
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if is_main_process() and metrics and state.global_step == 0:
+            self.stage_dir.write_json("eval_before.json", metrics)
+
+
+# --------------------------------------------------------------------------- processes
+# Ranks come from torch.distributed when it is up, else from the launcher's environment: under
+# DeepSpeed on CPU, accelerate has reported one process while torch.distributed had two.
+
+
+def rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def say(message: str) -> None:
+    """Print once per run, not once per process."""
+    if is_main_process():
+        print(message, flush=True)
 
 
 # --------------------------------------------------------------------------- building pieces
 
 
-def training_arguments(stage: SFTStage | PreferenceStage, recipe: Recipe, name: str, out: Path):
+def training_arguments(
+    recipe: Recipe, name: str, out: Path, eval_on_start: bool
+) -> TrainingArguments:
+    """TrainingArguments for a stage. Under a launcher this also sets up torch.distributed and,
+    with a DeepSpeed config, registers it so that ZeRO-3 models are created sharded."""
+    stage = recipe.stage(name)
     t = stage.training
     has_eval = stage.data.eval is not None
     report_to = list(recipe.logging.report_to) or "none"
+    deepspeed = None
+    if recipe.launch.deepspeed is not None:
+        from simpo_cli.launch import read_deepspeed_config
+
+        deepspeed = read_deepspeed_config(recipe.launch.deepspeed)
     return TrainingArguments(
         output_dir=str(out),
         run_name=recipe.logging.run_name or f"{recipe.name}-{name}",
@@ -151,7 +212,7 @@ def training_arguments(stage: SFTStage | PreferenceStage, recipe: Recipe, name: 
         max_steps=t.max_steps,
         per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_eval_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        gradient_accumulation_steps=recipe.accumulation_steps(name),
         activation_checkpointing=t.gradient_checkpointing,  # transformers 5 name
         bf16=t.bf16,
         fp16=t.fp16,
@@ -169,8 +230,11 @@ def training_arguments(stage: SFTStage | PreferenceStage, recipe: Recipe, name: 
         save_total_limit=t.save_total_limit,
         eval_strategy="steps" if has_eval and t.eval_steps else "no",
         eval_steps=t.eval_steps,
+        eval_on_start=eval_on_start,
+        deepspeed=deepspeed,
         dataloader_num_workers=t.dataloader_num_workers,
         remove_unused_columns=False,
+        ddp_find_unused_parameters=False,  # every parameter takes part in every step
         use_cpu=not torch.cuda.is_available(),
     )
 
@@ -245,21 +309,36 @@ def stage_start(recipe: Recipe, name: str, output_dir: Path) -> str | None:
 
 def run_stage(recipe: Recipe, name: str, output_dir: Path, overwrite: bool = False) -> Path:
     """Run one stage into output_dir/<name>: resume it if a checkpoint is there, skip it if it
-    has finished. Returns the stage folder, which holds the trained model."""
+    has finished. Every process of a launch runs this; only the main process writes files.
+    Returns the stage folder, which holds the trained model."""
     stage = recipe.stage(name)
     stage_dir = StageDir(output_dir / name)
-    dumped = recipe.model_dump(mode="json")
+    identity = stage_identity(recipe.model_dump(mode="json"), name)
     if stage_dir.is_complete() and not overwrite:
-        stage_dir.prepare(recipe.to_yaml(), stage_identity(dumped, name), False, name)
-        print(f"[{name}] already finished in {stage_dir.path}; skipping (--overwrite reruns it)")
+        stage_dir.check(identity, name)
+        say(f"[{name}] already finished in {stage_dir.path}; skipping (--overwrite reruns it)")
         return stage_dir.path
     start_from = stage_start(recipe, name, output_dir)
-    stage_dir.prepare(recipe.to_yaml(), stage_identity(dumped, name), overwrite, name)
-    _print_settings(recipe, name, start_from)
+    if not overwrite:
+        stage_dir.check(identity, name)
     prepare_trackers(recipe)
+    kind = "sft" if isinstance(stage, SFTStage) else "preference"
+    checkpoint = None if overwrite else stage_dir.last_checkpoint()
+    has_eval = stage.data.eval is not None
+    args = training_arguments(
+        recipe,
+        name,
+        stage_dir.path,
+        eval_on_start=kind == "preference" and has_eval and not checkpoint,
+    )
+    _start_processes(args, recipe)
+    if is_main_process():
+        stage_dir.create(recipe.to_yaml(), overwrite)
+    barrier()
+    if is_main_process():
+        _print_settings(recipe, name, start_from)
 
     tokenizer = load_tokenizer(recipe.model, start_from)
-    kind = "sft" if isinstance(stage, SFTStage) else "preference"
     max_prompt = getattr(stage.data, "max_prompt_length", 0)
     datasets_, fingerprints, report_lines = {}, {}, []
     for split in ("train", "eval"):
@@ -273,12 +352,12 @@ def run_stage(recipe: Recipe, name: str, output_dir: Path, overwrite: bool = Fal
         )
         fingerprints[f"{name}.data.{split}"] = fingerprint(source, raw)
         report_lines += report.lines()
-    print("\n".join(["data report:", *("  " + line for line in report_lines)]))
-    (stage_dir.path / "data_report.txt").write_text("\n".join(report_lines) + "\n")
+    say("\n".join(["data report:", *("  " + line for line in report_lines)]))
+    if is_main_process():
+        (stage_dir.path / "data_report.txt").write_text("\n".join(report_lines) + "\n")
 
     model = load_model(recipe, start_from, stage.training.seed)
     _check_vocab(model, tokenizer)
-    args = training_arguments(stage, recipe, name, stage_dir.path)
     common = {
         "model": model,
         "args": args,
@@ -291,44 +370,70 @@ def run_stage(recipe: Recipe, name: str, output_dir: Path, overwrite: bool = Fal
         trainer = Trainer(data_collator=SFTCollator(tokenizer.pad_token_id), **common)
     else:
         trainer = SimPOTrainer(
-            data_collator=PreferenceCollator(tokenizer.pad_token_id), stage=stage, **common
+            data_collator=PreferenceCollator(tokenizer.pad_token_id),
+            compute_metrics=partial(preference_metrics, stage),
+            stage=stage,
+            **common,
         )
 
-    checkpoint = stage_dir.last_checkpoint()
-    before = None
     if checkpoint is not None:
         step = int(checkpoint.name.split("-")[1])
-        print(f"[{name}] resuming from {checkpoint} (step {step})")
-        stage_dir.trim_metrics(step)
-    elif kind == "preference" and "eval" in datasets_:
-        before = trainer.evaluate()
-        stage_dir.write_json("eval_before.json", before)
+        say(f"[{name}] resuming from {checkpoint} (step {step})")
+        if is_main_process():
+            stage_dir.trim_metrics(step)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
     summary: dict[str, Any] = {"global_step": trainer.state.global_step}
-    if "eval" in datasets_:
-        after = trainer.evaluate()
-        summary["eval"] = after
+    if has_eval:
+        summary["eval"] = trainer.evaluate()
         if kind == "preference":
-            before = before or _read_json(stage_dir.path / "eval_before.json")
-            _print_before_after(name, before, after)
+            _print_before_after(
+                name, _read_json(stage_dir.path / "eval_before.json"), summary["eval"]
+            )
+    # Under ZeRO-3 every process takes part in gathering the sharded weights; Trainer writes
+    # the consolidated 16-bit state dict from the main process only.
     trainer.save_model(str(stage_dir.path))
-    tokenizer.save_pretrained(str(stage_dir.path))
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    record = reproducibility_record(
-        stage.training.seed, fingerprints, world, start_from or str(recipe.model.name_or_path)
-    )
-    stage_dir.write_json("reproducibility.json", record)
-    stage_dir.mark_complete(summary)
-    print(f"[{name}] finished: model in {stage_dir.path}")
+    if is_main_process():
+        tokenizer.save_pretrained(str(stage_dir.path))
+        record = reproducibility_record(
+            stage.training.seed,
+            fingerprints,
+            world_size(),
+            start_from or str(recipe.model.name_or_path),
+        )
+        stage_dir.write_json("reproducibility.json", record)
+        stage_dir.mark_complete(summary)
+    barrier()
+    say(f"[{name}] finished: model in {stage_dir.path}")
     return stage_dir.path
+
+
+def _start_processes(args: TrainingArguments, recipe: Recipe) -> None:
+    """Join the process group now rather than at the first step, so files are written by the
+    main process only from the start, and check it has the size the recipe planned."""
+    _ = args.device  # sets up torch.distributed under a launcher
+    if recipe.launch.deepspeed is not None and torch.distributed.is_initialized():
+        import deepspeed
+
+        # ZeRO-3 creates the model sharded (zero.Init), which sizes its partitions from
+        # DeepSpeed's own process group: on CPU nothing has started it by then.
+        if not deepspeed.comm.is_initialized():
+            deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+    actual, planned = world_size(), recipe.launch.world_size
+    if actual != planned:
+        raise UserError(
+            f"launch: the recipe plans {planned} process(es) but {actual} are running; "
+            "start it with `simpo train` (which launches the right number) or set "
+            "launch.num_processes / num_machines to match"
+        )
 
 
 # --------------------------------------------------------------------------- reporting
 
 
 def _check_vocab(model, tokenizer) -> None:
-    rows = model.get_input_embeddings().weight.shape[0]
+    weight = model.get_input_embeddings().weight
+    rows = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 keeps the full shape here
     if rows < len(tokenizer):
         raise UserError(
             f"model.config.vocab_size: the model has {rows} embedding rows but the tokenizer "
@@ -355,6 +460,7 @@ def _print_settings(recipe: Recipe, name: str, start_from: str | None) -> None:
 def _print_before_after(name: str, before: dict | None, after: dict) -> None:
     if not before:
         return
-    print(f"[{name}] held-out pairs        before     after")
+    lines = [f"[{name}] held-out pairs        before     after"]
     for label, key in (("reward accuracy", "eval_rewards/accuracies"), ("SimPO loss", "eval_loss")):
-        print(f"[{name}]   {label:<18} {before[key]:>8.4f}  {after[key]:>8.4f}")
+        lines.append(f"[{name}]   {label:<18} {before[key]:>8.4f}  {after[key]:>8.4f}")
+    say("\n".join(lines))
