@@ -129,7 +129,11 @@ def preflight(launch: LaunchSettings, gpus: int) -> None:
     processes than GPUs, a busy rendezvous port."""
     import importlib.util
 
-    if launch.deepspeed is not None and importlib.util.find_spec("deepspeed") is None:
+    try:
+        has_deepspeed = importlib.util.find_spec("deepspeed") is not None
+    except ValueError:  # present in sys.modules as None: imports of it fail
+        has_deepspeed = False
+    if launch.deepspeed is not None and not has_deepspeed:
         raise UserError(
             "launch.deepspeed: DeepSpeed is not installed; pip install deepspeed (or "
             "'simpo-cli[deepspeed]'), or drop --deepspeed to train with plain data parallel"

@@ -227,14 +227,6 @@ def test_config_show_prints_resolved_yaml_without_torch():
     assert "# resolved gamma = 1.5" in result.stdout
 
 
-def test_dry_run_prints_plan_and_starts_nothing(tmp_path):
-    result = simpo("train", "tiny", "--dry-run", "--output-dir", str(tmp_path / "out"))
-    assert result.returncode == 0, result.stderr
-    assert f"sft: -> {tmp_path / 'out' / 'sft'} (starts fresh)" in result.stdout
-    assert "preference: -> " in result.stdout and "gamma 1" in result.stdout
-    assert not (tmp_path / "out").exists()
-
-
 def test_help_on_every_command():
     for command in (
         [],

@@ -1,0 +1,434 @@
+"""Launching: the accelerate command, batch arithmetic, the dry-run plan, pre-flight failures,
+and real 2-process runs on the CPU (data parallel, ZeRO-2, ZeRO-3) against a 1-process run."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from simpo_cli.errors import RecipeError, UserError
+from simpo_cli.launch import (
+    launch_command,
+    model_states_memory,
+    preflight,
+    read_deepspeed_config,
+)
+from simpo_cli.recipe import LaunchSettings, load_recipe
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def simpo(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "simpo_cli.cli", *args], capture_output=True, text=True, **kwargs
+    )
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def test_launch_command_for_two_nodes_of_eight_gpus_with_zero3():
+    sets = [
+        "launch.num_processes=8",
+        "launch.num_machines=2",
+        "launch.machine_rank=1",
+        "launch.main_process_ip=10.1.2.3",
+        "launch.deepspeed=zero3",
+        "preference.training.bf16=true",
+        "sft.training.bf16=true",
+    ]
+    recipe = load_recipe("tiny", sets)
+    child = ["train", "tiny", "--output-dir", "runs/x", *[a for s in sets for a in ("--set", s)]]
+    assert launch_command(recipe, child) == [
+        "accelerate", "launch",
+        "--num_processes", "16",
+        "--num_machines", "2",
+        "--machine_rank", "1",
+        "--main_process_port", "29500",
+        "--mixed_precision", "bf16",
+        "--dynamo_backend", "no",
+        "--main_process_ip", "10.1.2.3",
+        "--rdzv_backend", "static",
+        "--multi_gpu",
+        "-m", "simpo_cli.cli", *child,
+    ]  # fmt: skip
+
+
+def test_shipped_deepspeed_configs_fill_auto_values_from_the_recipe():
+    for name, stage in (("zero1", 1), ("zero2", 2), ("zero3", 3), ("zero3_offload", 3)):
+        config = read_deepspeed_config(name)
+        assert config["zero_optimization"]["stage"] == stage
+        for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                    "gradient_clipping", "train_batch_size"):  # fmt: skip
+            assert config[key] == "auto", (name, key)
+        assert config["bf16"]["enabled"] == "auto"
+    assert read_deepspeed_config("zero3")["zero_optimization"][
+        "stage3_gather_16bit_weights_on_model_save"
+    ]
+    with pytest.raises(UserError, match="use one of zero1, zero2, zero3, zero3_offload"):
+        read_deepspeed_config("zero4")
+
+
+# --------------------------------------------------------------------------- batch arithmetic
+
+
+def test_total_batch_size_derives_accumulation_on_any_number_of_gpus():
+    for processes, machines, expected in ((8, 1, 8), (4, 1, 16), (2, 1, 32), (8, 2, 4)):
+        recipe = load_recipe(
+            "tiny",
+            [
+                "preference.training.total_batch_size=128",
+                "preference.training.per_device_train_batch_size=2",
+                f"launch.num_processes={processes}",
+                f"launch.num_machines={machines}",
+                "launch.main_process_ip=10.0.0.1",
+            ],
+        )
+        assert recipe.accumulation_steps("preference") == expected
+        assert recipe.total_batch("preference") == 128
+
+
+def test_total_batch_size_that_does_not_divide_says_what_would():
+    with pytest.raises(RecipeError) as info:
+        load_recipe(
+            "tiny",
+            [
+                "preference.training.total_batch_size=128",
+                "preference.training.per_device_train_batch_size=3",
+                "launch.num_processes=8",
+            ],
+        )
+    (line,) = info.value.messages
+    assert line.endswith(
+        "preference.training.total_batch_size: 128 is not a multiple of "
+        "per_device_train_batch_size 3 x 8 processes = 24; with 8 processes, "
+        "per_device_train_batch_size 1, 2, 4, 8 or 16 would work"
+    )
+
+
+def test_total_batch_size_and_a_different_accumulation_conflict():
+    with pytest.raises(RecipeError) as info:
+        load_recipe(
+            "tiny",
+            [
+                "preference.training.total_batch_size=64",
+                "preference.training.per_device_train_batch_size=4",
+                "preference.training.gradient_accumulation_steps=2",
+                "launch.num_processes=4",
+            ],
+        )
+    assert "needs gradient_accumulation_steps 4 with 4 processes" in info.value.messages[0]
+
+
+def test_launch_settings_errors():
+    with pytest.raises(RecipeError) as info:
+        load_recipe("tiny", ["launch.num_machines=2", "launch.machine_rank=2"])
+    joined = "\n".join(info.value.messages)
+    assert "machine_rank (2) must be below num_machines (2)" in joined
+    with pytest.raises(RecipeError) as info:
+        load_recipe("tiny", ["launch.num_machines=2"])
+    assert "main_process_ip is required with num_machines > 1" in info.value.messages[0]
+
+
+# --------------------------------------------------------------------------- memory estimate
+
+
+def test_memory_estimate_matches_deepspeed_estimators():
+    """Our per-GPU model-state bytes equal DeepSpeed's own estimators for ZeRO-2 and ZeRO-3
+    (an 8B model with a 525M-parameter largest layer, 8 GPUs x 2 nodes)."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    params, largest = 8_030_000_000, 525_000_000
+    _, zero2_gpu = estimate_zero2_model_states_mem_needs(params, 8, 2, cpu_offload=False)
+    assert model_states_memory(params, largest, 2, False, 8, 2).gpu_bytes == zero2_gpu
+    _, zero3_gpu, _ = estimate_zero3_model_states_mem_needs(
+        params, largest, 8, 2, cpu_offload=False, zero_init=True
+    )
+    assert model_states_memory(params, largest, 3, False, 8, 2).gpu_bytes == zero3_gpu
+    cpu, offload_gpu, _ = estimate_zero3_model_states_mem_needs(
+        params, largest, 8, 2, cpu_offload=True, cpu_offload_params=True, zero_init=True
+    )
+    offload = model_states_memory(params, largest, 3, True, 8, 2)
+    assert (offload.gpu_bytes, offload.cpu_bytes) == (offload_gpu, cpu)
+    # Without ZeRO every GPU holds 16 bytes per parameter.
+    assert model_states_memory(params, largest, 0, False, 8, 2).gpu_bytes == 16 * params
+
+
+def test_dry_run_for_eight_gpus_prints_a_command_to_paste(tmp_path):
+    out = tmp_path / "out"
+    result = simpo(
+        "train", "tiny", "--dry-run", "--output-dir", str(out),
+        "--num-processes", "8", "--deepspeed", "zero3", "--mixed-precision", "bf16",
+        "--set", "preference.training.total_batch_size=128",
+        "--set", "preference.training.per_device_train_batch_size=2",
+        "--set", "sft.training.total_batch_size=128",
+        "--set", "sft.training.per_device_train_batch_size=4",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert "8 process(es) per machine x 1 machine(s) = 8; DeepSpeed zero3 (ZeRO-3)" in text
+    command = next(line.strip() for line in text.splitlines() if "accelerate launch" in line)
+    assert command.startswith(
+        "accelerate launch --num_processes 8 --num_machines 1 --machine_rank 0 "
+        "--main_process_port 29500 --mixed_precision bf16 --dynamo_backend no --multi_gpu "
+        f"-m simpo_cli.cli train tiny --output-dir {out} "
+    )
+    assert "--set launch.deepspeed=zero3" in command
+    assert "--set preference.training.bf16=True" in command
+    assert "2 per device x 8 process(es) x 8 accumulation step(s) = 128 per optimizer step" in text
+    assert "4 per device x 8 process(es) x 4 accumulation step(s) = 128 per optimizer step" in text
+    # 3000 shipped pairs / 128 per step -> 24 steps per epoch; 320 SFT rows -> 3.
+    assert "optimizer steps: 24 per epoch (3000 rows, before dropped rows); 24 in all" in text
+    assert "optimizer steps: 3 per epoch (320 rows, before dropped rows); 3 in all" in text
+    assert "memory per GPU for model states (ZeRO-3, 8 GPU(s))" in text
+    assert "WARNING" not in text
+    assert not out.exists()
+
+
+def test_dry_run_warns_when_it_will_not_fit(tmp_path):
+    result = simpo(
+        "preference", "tiny", "--dry-run", "--output-dir", str(tmp_path / "o"),
+        "--set", "pipeline=[preference]", "--set", "launch.gpu_memory_gb=0.001",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "WARNING: preference needs about" in result.stdout
+    assert "more than launch.gpu_memory_gb (0.001)" in result.stdout
+
+
+# --------------------------------------------------------------------------- pre-flight
+
+
+def test_busy_port_is_a_clear_error():
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        with pytest.raises(
+            UserError, match=f"port {port} is in use on this machine .*; pass --main-process-port"
+        ):
+            preflight(LaunchSettings(num_processes=2, main_process_port=port), gpus=0)
+
+
+def test_more_processes_than_gpus_is_a_clear_error():
+    with pytest.raises(UserError, match="8 processes but this machine has 2 GPU"):
+        preflight(LaunchSettings(num_processes=8), gpus=2)
+
+
+def test_missing_deepspeed_is_one_line_exit_2(tmp_path):
+    code = (
+        "import sys\n"
+        "sys.modules['deepspeed'] = None  # as on a machine without DeepSpeed\n"
+        "from simpo_cli.cli import main\n"
+        f"sys.argv = ['simpo', 'train', 'tiny', '-o', {str(tmp_path)!r}, '--deepspeed', 'zero2']\n"
+        "main()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: launch.deepspeed: DeepSpeed is not installed")
+    assert "Traceback" not in result.stderr
+
+
+# --------------------------------------------------------------------------- 2 processes on CPU
+
+BASE_SETS = [
+    "pipeline=[preference]",
+    "model.init=pretrained",
+    "model.config=null",
+    "preference.data.train.max_rows=320",
+    "preference.training.total_batch_size=16",
+    "preference.training.logging_steps=1",
+    "preference.training.save_steps=10",
+]
+
+
+@pytest.fixture(scope="module")
+def start_model(tmp_path_factory):
+    """The tiny recipe's seeded model saved as a folder: every run below starts from exactly
+    these weights (a from_config model created sharded under ZeRO-3 draws other random
+    numbers)."""
+    from simpo_cli.data import load_tokenizer
+    from simpo_cli.trainer import load_model
+
+    folder = tmp_path_factory.mktemp("start") / "model"
+    recipe = load_recipe("tiny")
+    load_model(recipe, None, 42).save_pretrained(folder)
+    load_tokenizer(recipe.model).save_pretrained(folder)
+    return folder
+
+
+def _train(out: Path, start: Path, *extra: str) -> subprocess.CompletedProcess:
+    sets = [*BASE_SETS, f"model.name_or_path={start}"]
+    args = [a for s in sets for a in ("--set", s)]
+    return simpo("preference", "tiny", "-o", str(out), *args, *extra)
+
+
+def _losses(out: Path) -> tuple[list[float], list[float]]:
+    lines = [json.loads(x) for x in (out / "preference" / "metrics.jsonl").read_text().splitlines()]
+    train = [m["loss"] for m in lines if "loss" in m]
+    held_out = [m["eval_loss"] for m in lines if "eval_loss" in m]
+    return train, held_out
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, start_model):
+    out = tmp_path_factory.mktemp("single") / "out"
+    result = _train(out, start_model, "--set", "preference.training.per_device_train_batch_size=16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("deepspeed", "tolerance"),
+    # Same data order, same total batch of 16 pairs: only the order of floating-point sums
+    # differs (gradients averaged over 2 processes; ZeRO-3 gathers and reduces in buckets),
+    # so per-step losses agree to float32 rounding accumulated over 20 steps.
+    [(None, 1e-5), ("zero2", 1e-5), ("zero3", 1e-4)],
+)
+def test_two_processes_match_one(tmp_path, start_model, single, deepspeed, tolerance):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    extra = ["--num-processes", "2", "--set", "preference.training.per_device_train_batch_size=8"]
+    extra += ["--deepspeed", deepspeed] if deepspeed else []
+    result = _train(out, start_model, *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "launching: accelerate launch --num_processes 2" in result.stdout
+
+    one_train, one_eval = _losses(single)
+    two_train, two_eval = _losses(out)
+    assert len(two_train) == len(one_train) == 20, "each step logged once, by rank 0 only"
+    assert two_train == pytest.approx(one_train, rel=tolerance)
+    assert two_eval == pytest.approx(one_eval, rel=tolerance)
+    record = json.loads((out / "preference" / "reproducibility.json").read_text())
+    assert record["world_size"] == 2
+
+    saved = load_file(out / "preference" / "model.safetensors")
+    assert all(t.numel() > 0 for t in saved.values()), "an empty tensor was saved"
+    model = AutoModelForCausalLM.from_pretrained(out / "preference")
+    loaded = model.state_dict()
+    for name, tensor in saved.items():
+        assert loaded[name].shape == tensor.shape and (loaded[name] == tensor).all()
+    trained = _trained_weights(out / "preference" / "checkpoint-20", deepspeed)
+    for name, tensor in trained.items():
+        # The tiny model ties lm_head to the embedding; the saved file holds it once.
+        saved_name = "model.embed_tokens.weight" if name == "lm_head.weight" else name
+        assert (saved[saved_name] == tensor).all(), name
+    reference = load_file(single / "preference" / "model.safetensors")
+    for name, tensor in reference.items():
+        assert (saved[name] - tensor).abs().max() < 1e-4, name
+
+
+def _trained_weights(checkpoint: Path, deepspeed: str | None) -> dict:
+    """The weights as training left them: the optimizer's copy in the last checkpoint (ZeRO:
+    the fp32 partitions of every rank, consolidated by DeepSpeed's own tool)."""
+    if deepspeed is None:
+        from safetensors.torch import load_file
+
+        return load_file(checkpoint / "model.safetensors")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint))
+
+
+@pytest.mark.slow
+def test_zero3_resume_after_a_stop(tmp_path, start_model):
+    """Kill a 2-process ZeRO-3 run (launcher and workers) after its first checkpoint; the
+    same command resumes it from there and ends with the weights of a run never stopped."""
+    from safetensors.torch import load_file
+
+    extra = [
+        "--num-processes", "2", "--deepspeed", "zero3",
+        "--set", "preference.training.per_device_train_batch_size=2",
+        "--set", "preference.data.train.max_rows=640",
+        "--set", "preference.data.eval=null",
+    ]  # fmt: skip
+    stopped = tmp_path / "stopped"
+    sets = [*BASE_SETS, f"model.name_or_path={start_model}"]
+    args = [sys.executable, "-m", "simpo_cli.cli", "preference", "tiny", "-o", str(stopped)]
+    args += [a for s in sets for a in ("--set", s)] + extra
+    process = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    checkpoint = stopped / "preference" / "checkpoint-10" / "trainer_state.json"
+    deadline = time.time() + 300
+    while not checkpoint.is_file() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # let the checkpoint's files finish
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (stopped / "preference" / "stage_complete.json").exists(), "stopped too late"
+
+    resumed = _train(stopped, start_model, *extra)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    done = json.loads((stopped / "preference" / "stage_complete.json").read_text())
+    assert done["global_step"] == 40
+    steps = [
+        json.loads(x)["step"]
+        for x in (stopped / "preference" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == sorted(set(steps)), "a step was logged twice or the run restarted"
+
+    straight = tmp_path / "straight"
+    result = _train(straight, start_model, *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a = load_file(stopped / "preference" / "model.safetensors")
+    b = load_file(straight / "preference" / "model.safetensors")
+    for name in a:
+        assert (a[name] - b[name]).abs().max() < 1e-5, name
+
+
+@pytest.mark.slow
+def test_a_dying_rank_stops_the_others(tmp_path, start_model):
+    """Kill one worker of a 2-process run: the launcher stops the other instead of leaving it
+    waiting in a collective, and says what happened."""
+    sets = [*BASE_SETS, f"model.name_or_path={start_model}"]
+    args = [sys.executable, "-m", "simpo_cli.cli", "preference", "tiny", "-o", str(tmp_path)]
+    args += [a for s in sets for a in ("--set", s)]
+    args += ["--num-processes", "2", "--set", "preference.data.train.max_rows=3000"]
+    args += ["--set", "preference.training.per_device_train_batch_size=8"]
+    process = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    metrics = tmp_path / "preference" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while process.poll() is None and time.time() < deadline:
+        if metrics.is_file() and '"loss"' in metrics.read_text():
+            break
+        time.sleep(0.1)
+    victim = _worker_pid(rank=1)
+    assert victim is not None, "no rank-1 worker found"
+    os.kill(victim, signal.SIGKILL)
+    try:
+        _, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail("the launcher did not stop after a rank died")
+    assert process.returncode not in (0, None)
+    assert "error: training process rank 1 failed" in stderr
+    assert _worker_pid(rank=0) is None, "rank 0 was left running"
+
+
+def _worker_pid(rank: int) -> int | None:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"simpo_cli.cli" in cmdline and f"RANK={rank}".encode() in environ:
+            if b"LOCAL_RANK=" + str(rank).encode() in environ:
+                return int(entry.name)
+    return None
