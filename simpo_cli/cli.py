@@ -110,7 +110,10 @@ def _run(
     from simpo_cli import launch
 
     child_args = [command, recipe_ref, "--output-dir", str(out)]
-    child_args += [arg for s in sets for arg in ("--set", s)]
+    # The launcher, not the training processes, needs the machine's rank: leaving it out keeps
+    # one command line for every machine but --machine_rank.
+    child_sets = [s for s in sets if not s.startswith("launch.machine_rank=")]
+    child_args += [arg for s in child_sets for arg in ("--set", s)]
     child_args += ["--overwrite"] if overwrite else []
     relaunch = launch.needs_launch(recipe.launch) and not launch.inside_launch()
     if dry_run:

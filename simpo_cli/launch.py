@@ -13,20 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from simpo_cli.errors import UserError
-from simpo_cli.recipe import LaunchSettings, Recipe
+from simpo_cli.recipe import DEEPSPEED_DIR, LaunchSettings, Recipe, shipped_deepspeed_configs
 
-_HERE = Path(__file__).resolve().parent
-# Installed, the configs are package data inside simpo_cli/; in a checkout they sit at the top.
-DEEPSPEED_DIR = (
-    _HERE / "deepspeed_configs"
-    if (_HERE / "deepspeed_configs").is_dir()
-    else _HERE.parent / "configs" / "deepspeed"
-)
 GIB = 1024**3
-
-
-def deepspeed_names() -> list[str]:
-    return sorted(p.stem for p in DEEPSPEED_DIR.glob("*.json"))
 
 
 def deepspeed_config_path(value: str) -> Path:
@@ -39,7 +28,7 @@ def deepspeed_config_path(value: str) -> Path:
         return shipped
     raise UserError(
         f"launch.deepspeed: '{value}' is neither a JSON file nor a shipped config; use one of "
-        f"{', '.join(deepspeed_names())}, or a path"
+        f"{', '.join(shipped_deepspeed_configs())}, or a path"
     )
 
 
@@ -152,7 +141,10 @@ def preflight(launch: LaunchSettings, gpus: int) -> None:
 
 
 def port_is_free(port: int) -> bool:
+    """Nothing listens on the port. Like the rendezvous store, ignore connections of a stopped
+    run still in TIME_WAIT: a requeued job reuses its port at once."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("", port))
         except OSError:

@@ -24,8 +24,14 @@ from pydantic import (
 from simpo_cli.errors import RecipeError
 
 _HERE = Path(__file__).resolve().parent
-# Installed, recipes/ is package data inside simpo_cli/; in a source checkout it sits beside it.
+# Installed, recipes/ and the DeepSpeed configs are package data inside simpo_cli/; in a source
+# checkout they sit at the top of the repository.
 RECIPES_DIR = _HERE / "recipes" if (_HERE / "recipes").is_dir() else _HERE.parent / "recipes"
+DEEPSPEED_DIR = (
+    _HERE / "deepspeed_configs"
+    if (_HERE / "deepspeed_configs").is_dir()
+    else _HERE.parent / "configs" / "deepspeed"
+)
 StageName = Literal["sft", "preference"]
 STAGES: tuple[StageName, ...] = ("sft", "preference")
 
@@ -255,6 +261,18 @@ class LaunchSettings(Section):
     def world_size(self) -> int:
         return self.num_processes * self.num_machines
 
+    @field_validator("deepspeed")
+    @classmethod
+    def _known_deepspeed(cls, value: str | None) -> str | None:
+        shipped = shipped_deepspeed_configs()
+        if value is None or value in shipped or value.endswith(".json"):
+            return value
+        close = difflib.get_close_matches(value, shipped, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else "or give a path to a .json file"
+        raise ValueError(
+            f"'{value}' is not a shipped DeepSpeed config ({', '.join(shipped)}); {hint}"
+        )
+
     @model_validator(mode="after")
     def _check_machines(self) -> LaunchSettings:
         if self.machine_rank >= self.num_machines:
@@ -313,10 +331,16 @@ class Recipe(Section):
             fits = [
                 b for b in range(1, t.total_batch_size + 1) if t.total_batch_size % (b * world) == 0
             ]
+            fix = (
+                f"with {world} processes, per_device_train_batch_size "
+                f"{_or_list(fits[:8])} would work"
+                if fits
+                else f"no per-device batch divides it over {world} processes; use a "
+                f"total_batch_size that is a multiple of {world}"
+            )
             return [
                 f"{where} is not a multiple of per_device_train_batch_size "
-                f"{t.per_device_train_batch_size} x {world} processes = {per_step}; with {world} "
-                f"processes, per_device_train_batch_size {_or_list(fits[:8])} would work"
+                f"{t.per_device_train_batch_size} x {world} processes = {per_step}; {fix}"
             ]
         derived = t.total_batch_size // per_step
         if t.gradient_accumulation_steps not in (None, derived):
@@ -369,6 +393,10 @@ def stage_identity(recipe: dict[str, Any], stage: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- loading
+
+
+def shipped_deepspeed_configs() -> list[str]:
+    return sorted(p.stem for p in DEEPSPEED_DIR.glob("*.json"))
 
 
 def shipped_recipes() -> list[str]:

@@ -66,6 +66,7 @@ def _one_sgd_step(stage: str, out: Path, micro: int, accumulation: int) -> dict:
             f"{t}.max_grad_norm=0",
             f"{t}.per_device_train_batch_size={micro}",
             f"{t}.gradient_accumulation_steps={accumulation}",
+            f"{t}.total_batch_size=null",
             f"{t}.logging_steps=1",
         ],
     )
@@ -187,6 +188,7 @@ RESUME_SETS = [
     "--set", "preference.data.eval=null",
     "--set", "preference.data.train.max_rows=1200",
     "--set", "preference.training.per_device_train_batch_size=2",
+    "--set", "preference.training.total_batch_size=null",
     "--set", "preference.training.save_steps=20",
     "--set", "preference.training.logging_steps=10",
 ]  # fmt: skip
