@@ -188,22 +188,98 @@ class SFTStage(Section):
     training: SFTTraining = Field(default_factory=SFTTraining)
 
 
-class PreferenceStage(Section):
-    """Preference optimisation of the policy on chosen/rejected pairs (SimPO)."""
+LossName = Literal["simpo", "dpo", "ipo", "rdpo", "cpo", "orpo", "rrhf", "slic"]
 
-    loss: Literal["simpo"] = "simpo"
-    beta: PositiveFloat = Field(2.0, description="Reward scale on the average log-prob.")
+# The hyperparameters each loss takes, with their defaults (the paper's names: beta, tau,
+# lambda, alpha, delta). A hyperparameter given for a loss that does not use it is an error.
+LOSS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "simpo": {
+        "beta": 2.0,
+        "gamma_beta_ratio": 0.5,
+        "loss_type": "sigmoid",
+        "label_smoothing": 0.0,
+        "sft_weight": 0.0,
+        "length_normalize": True,
+    },
+    "dpo": {"beta": 0.1, "label_smoothing": 0.0, "reference": {}},
+    "ipo": {"tau": 0.1, "reference": {}},
+    "rdpo": {"beta": 0.1, "alpha": 0.1, "reference": {}},
+    "cpo": {"beta": 0.1, "lambda": 1.0},
+    "orpo": {"lambda": 0.1},
+    "rrhf": {"lambda": 1.0},
+    "slic": {"delta": 1.0, "lambda": 1.0},
+}
+LOSS_PARAMETERS = sorted({key for params in LOSS_DEFAULTS.values() for key in params} | {"gamma"})
+
+
+class ReferenceSettings(Section):
+    """The frozen reference policy of DPO, IPO and R-DPO."""
+
+    mode: Literal["cached", "live"] = Field(
+        "cached",
+        description="'cached': reference log-probs computed once before training and stored "
+        "on disk, so training holds one model; 'live': a second model in memory.",
+    )
+    model: str | None = Field(None, description="Reference model; default: the stage's start.")
+
+
+class PreferenceStage(Section):
+    """Preference optimisation of the policy on chosen/rejected pairs: SimPO or a baseline."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    loss: LossName = Field("simpo", description="simpo, dpo, ipo, rdpo, cpo, orpo, rrhf, slic.")
+    beta: PositiveFloat | None = Field(
+        None, description="Reward scale (simpo 2.0; dpo, rdpo, cpo 0.1)."
+    )
     gamma_beta_ratio: float | None = Field(
-        None, ge=0, description="Target margin as gamma/beta (the authors' form); default 0.5."
+        None, ge=0, description="SimPO margin as gamma/beta (the authors' form); default 0.5."
     )
     gamma: float | None = Field(
-        None, ge=0, description="Target margin as gamma (the paper's equation); not with the ratio."
+        None, ge=0, description="SimPO margin as gamma (the paper's equation); not with the ratio."
     )
-    loss_type: Literal["sigmoid", "hinge"] = "sigmoid"
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
-    sft_weight: float = Field(0.0, ge=0, description="Weight of an added CE loss on chosen.")
+    loss_type: Literal["sigmoid", "hinge"] | None = Field(None, description="SimPO variant.")
+    label_smoothing: float | None = Field(None, ge=0, lt=0.5, description="simpo, dpo.")
+    sft_weight: float | None = Field(None, ge=0, description="SimPO: weight of a CE on chosen.")
+    length_normalize: bool | None = Field(
+        None, description="SimPO: average log-probs over tokens (false: sums, an ablation)."
+    )
+    tau: PositiveFloat | None = Field(None, description="IPO regularisation (default 0.1).")
+    lambda_: float | None = Field(
+        None,
+        ge=0,
+        alias="lambda",
+        description="Weight of the SFT/odds term: cpo, orpo, rrhf, slic.",
+    )
+    alpha: float | None = Field(None, ge=0, description="R-DPO length penalty (default 0.1).")
+    delta: PositiveFloat | None = Field(None, description="SLiC-HF hinge margin (default 1.0).")
+    reference: ReferenceSettings | None = Field(None, description="dpo, ipo, rdpo.")
     data: PreferenceData
     training: TrainingSettings = Field(default_factory=TrainingSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_loss_defaults(cls, raw: Any) -> Any:
+        """Reject hyperparameters the chosen loss does not take; fill the ones it does."""
+        if not isinstance(raw, dict) or raw.get("loss", "simpo") not in LOSS_DEFAULTS:
+            return raw
+        loss = raw.get("loss", "simpo")
+        defaults = LOSS_DEFAULTS[loss]
+        allowed = set(defaults) | ({"gamma"} if loss == "simpo" else set())
+        wrong = [k for k in LOSS_PARAMETERS if raw.get(k) is not None and k not in allowed]
+        if wrong:
+            users = {k: [n for n, p in LOSS_DEFAULTS.items() if k in p] or ["simpo"] for k in wrong}
+            raise ValueError(
+                "; ".join(f"{k} applies to {', '.join(users[k])}, not {loss}" for k in wrong)
+                + f"; remove it (loss {loss} takes {', '.join(sorted(allowed))})"
+            )
+        filled = dict(raw)
+        for key, value in defaults.items():
+            if key == "gamma_beta_ratio" and raw.get("gamma") is not None:
+                continue  # the margin was given as gamma
+            if filled.get(key) is None:
+                filled[key] = value
+        return filled
 
     @model_validator(mode="after")
     def _check_margin(self) -> PreferenceStage:
@@ -218,11 +294,16 @@ class PreferenceStage(Section):
 
     @property
     def resolved_gamma(self) -> float:
-        """Absolute target margin gamma used in the loss."""
+        """SimPO's absolute target margin gamma (0 for other losses)."""
+        if self.loss != "simpo":
+            return 0.0
         if self.gamma is not None:
             return self.gamma
-        ratio = 0.5 if self.gamma_beta_ratio is None else self.gamma_beta_ratio
-        return self.beta * ratio
+        return (self.beta or 0.0) * (self.gamma_beta_ratio or 0.0)
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.reference is not None
 
 
 class LoggingSettings(Section):
@@ -373,10 +454,12 @@ class Recipe(Section):
     def first_stage_seed(self) -> int:
         return self.stage(self.pipeline[0]).training.seed
 
+    def dump(self) -> dict[str, Any]:
+        """The recipe as YAML keys (aliases such as `lambda`), defaults filled."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
     def to_yaml(self) -> str:
-        return yaml.safe_dump(
-            self.model_dump(mode="json"), sort_keys=False, default_flow_style=None, width=100
-        )
+        return yaml.safe_dump(self.dump(), sort_keys=False, default_flow_style=None, width=100)
 
 
 def _or_list(values: list[int]) -> str:
@@ -506,9 +589,9 @@ def settings_table(recipe: Recipe, stage: StageName) -> list[str]:
     rows: list[tuple[str, str, str]] = []
 
     def walk(model: BaseModel, path: tuple[str, ...]) -> None:
-        for name in type(model).model_fields:
+        for name, field in type(model).model_fields.items():
             value = getattr(model, name)
-            key = (*path, name)
+            key = (*path, field.alias or name)
             if isinstance(value, DataSource):
                 value = value.path + ("" if value.split == "train" else f" [{value.split}]")
             if isinstance(value, BaseModel):
@@ -527,7 +610,7 @@ def settings_table(recipe: Recipe, stage: StageName) -> list[str]:
             rows.append((".".join(key), str(value), origin))
 
     walk(section, (stage,))
-    if isinstance(section, PreferenceStage):
+    if isinstance(section, PreferenceStage) and section.loss == "simpo":
         how = "gamma" if section.gamma is not None else "beta x gamma_beta_ratio"
         rows.insert(2, (f"{stage}.gamma (resolved)", f"{section.resolved_gamma:g}", how))
     width = max(len(key) for key, _, _ in rows)
@@ -589,13 +672,14 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
     """Names of the keys allowed in the section at `loc` (for "did you mean")."""
     model: Any = Recipe
     for part in loc:
-        field = getattr(model, "model_fields", {}).get(part)
+        fields = getattr(model, "model_fields", {})
+        field = next((f for n, f in fields.items() if part in (n, f.alias)), None)
         if field is None:
             return []
         model = _section_type(field.annotation)
         if model is None:
             return []
-    return list(getattr(model, "model_fields", {}))
+    return [f.alias or name for name, f in getattr(model, "model_fields", {}).items()]
 
 
 def _section_type(annotation: Any) -> type[BaseModel] | None:

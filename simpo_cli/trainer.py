@@ -313,7 +313,7 @@ def run_stage(recipe: Recipe, name: str, output_dir: Path, overwrite: bool = Fal
     Returns the stage folder, which holds the trained model."""
     stage = recipe.stage(name)
     stage_dir = StageDir(output_dir / name)
-    identity = stage_identity(recipe.model_dump(mode="json"), name)
+    identity = stage_identity(recipe.dump(), name)
     if stage_dir.is_complete() and not overwrite:
         stage_dir.check(identity, name)
         say(f"[{name}] already finished in {stage_dir.path}; skipping (--overwrite reruns it)")
