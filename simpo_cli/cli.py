@@ -26,8 +26,12 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect recipes.", no_args_is_help=True)
 data_app = typer.Typer(help="Inspect how a recipe's data is tokenized.", no_args_is_help=True)
+recipes_app = typer.Typer(
+    help="The shipped recipes: the paper's settings and the tiny demo.", no_args_is_help=True
+)
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
+app.add_typer(recipes_app, name="recipes")
 
 RecipeArg = Annotated[str, typer.Argument(help="Recipe file, folder, or shipped name (e.g. tiny).")]
 OutputDir = Annotated[
@@ -277,6 +281,52 @@ def data_inspect(
         raise UserError(f"--stage {stage}: no such stage; use one of {', '.join(STAGES)}")
     use_color = sys.stdout.isatty() if color is None else color
     print(inspect_row(loaded, stage, row, use_color))
+
+
+ShippedName = Annotated[str, typer.Argument(help="A shipped recipe's name (simpo recipes list).")]
+
+
+@recipes_app.command("list")
+def recipes_list() -> None:
+    """List the shipped recipes: model, method (the preference loss, or sft) and key settings."""
+    from simpo_cli.recipe import recipe_summary, shipped_recipes
+
+    rows, failed = [("NAME", "MODEL", "METHOD", "HYPERPARAMETERS")], []
+    for name in shipped_recipes():
+        try:
+            rows.append((name, *recipe_summary(load_recipe(name))))
+        except UserError as err:
+            failed += err.messages
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True))
+            + "  "
+            + row[3]
+        )
+    if failed:
+        raise UserError(failed)
+
+
+@recipes_app.command("show")
+def recipes_show(name: ShippedName) -> None:
+    """Print a shipped recipe file as written, comments included."""
+    from simpo_cli.recipe import shipped_recipe_dir
+
+    print((shipped_recipe_dir(name) / "recipe.yaml").read_text(), end="")
+
+
+@recipes_app.command("copy")
+def recipes_copy(
+    name: ShippedName,
+    dest: Annotated[Path, typer.Argument(help="Folder to copy into (created if missing).")],
+) -> None:
+    """Copy a shipped recipe's files into DEST to edit them; never overwrites a file."""
+    from simpo_cli.recipe import copy_recipe
+
+    for target, origin in copy_recipe(name, dest):
+        print(f"wrote {target}" + (f" (from {origin}; recipe.yaml points at it)" if origin else ""))
+    print(f"edit {dest / 'recipe.yaml'}, then: simpo train {dest}")
 
 
 @app.command("eval")

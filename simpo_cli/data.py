@@ -319,7 +319,12 @@ def _content(message: Message) -> str:
 
 
 def tokenize_pair(
-    tokenizer, row: dict[str, Any], where: str, max_length: int, max_prompt_length: int
+    tokenizer,
+    row: dict[str, Any],
+    where: str,
+    max_length: int,
+    max_prompt_length: int,
+    tokenization: str = "default",
 ) -> dict[str, Any]:
     """One preference row -> chosen/rejected input_ids and labels, or a drop reason.
 
@@ -384,7 +389,15 @@ def tokenize_conversation(
     return {"input_ids": ids, "labels": labels, "drop": drop, "truncated": truncated}
 
 
-def prepare(dataset, tokenizer, kind: str, name: str, max_length: int, max_prompt_length: int = 0):
+def prepare(
+    dataset,
+    tokenizer,
+    kind: str,
+    name: str,
+    max_length: int,
+    max_prompt_length: int = 0,
+    tokenization: str = "default",
+):
     """Tokenize a loaded dataset for a stage ('sft' or 'preference'); drop and count bad rows.
 
     Returns (tokenized dataset, DataReport). Raises DataError naming the row for malformed rows.
@@ -394,7 +407,7 @@ def prepare(dataset, tokenizer, kind: str, name: str, max_length: int, max_promp
     def one(row: dict[str, Any], index: int) -> dict[str, Any]:
         where = f"{name}: row {index}"
         if kind == "preference":
-            return tokenize_pair(tokenizer, row, where, max_length, max_prompt_length)
+            return tokenize_pair(tokenizer, row, where, max_length, max_prompt_length, tokenization)
         return tokenize_conversation(tokenizer, row, where, max_length)
 
     tokenized = dataset.map(
@@ -472,15 +485,24 @@ class PreferenceCollator:
     single forward pass: rows [0, B) are chosen, [B, 2B) the matching rejected."""
 
     pad_token_id: int
+    # Cached reference log-probs (DPO, IPO, R-DPO), (chosen, rejected) summed, by pair_id.
+    reference: list[tuple[float, float] | None] | None = None
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
         ids = [f["chosen_ids"] for f in features] + [f["rejected_ids"] for f in features]
         labels = [f["chosen_labels"] for f in features] + [f["rejected_labels"] for f in features]
-        return {
+        batch = {
             "input_ids": _pad(ids, self.pad_token_id),
             "labels": _pad(labels, IGNORE_INDEX),
             "attention_mask": _pad([[1] * len(r) for r in ids], 0),
         }
+        pairs = [self.reference[f["pair_id"]] for f in features] if self.reference else []
+        if pairs and all(p is not None for p in pairs):  # None: the pre-pass that fills them
+            batch["ref_chosen_logps"] = torch.tensor([p[0] for p in pairs])
+            batch["ref_rejected_logps"] = torch.tensor([p[1] for p in pairs])
+        return batch
 
 
 # --------------------------------------------------------------------------- showing an example
@@ -525,8 +547,14 @@ def inspect_row(recipe, stage_name: str, row: int, color: bool) -> str:
         out = tokenize_conversation(tokenizer, dataset[row], where, stage.data.max_length)
         shown = {"example": (out["input_ids"], out["labels"])}
     else:
+        data = stage.data
         out = tokenize_pair(
-            tokenizer, dataset[row], where, stage.data.max_length, stage.data.max_prompt_length
+            tokenizer,
+            dataset[row],
+            where,
+            data.max_length,
+            data.max_prompt_length,
+            data.tokenization,
         )
         shown = {
             side: (out[f"{side}_ids"], out[f"{side}_labels"]) for side in ("chosen", "rejected")

@@ -120,6 +120,10 @@ def _stage_settings(model_dir, pairs, split, beta, gamma, max_length, max_prompt
     recipe_file = model_dir / "resolved_recipe.yaml"
     if recipe_file.is_file():
         saved = (yaml.safe_load(recipe_file.read_text()) or {}).get("preference") or {}
+    if saved.get("loss", "simpo") != "simpo":
+        # Scores are SimPO's (likelihood) rewards whatever the model was trained with; keep
+        # only the data settings of another loss.
+        saved = {"data": saved.get("data") or {}}
     margin = {"gamma": gamma} if gamma is not None else {}
     if not margin and saved:
         margin = {k: saved[k] for k in ("gamma", "gamma_beta_ratio") if saved.get(k) is not None}

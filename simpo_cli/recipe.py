@@ -118,6 +118,11 @@ class PreferenceData(Section):
     eval: DataSource | None = Field(None, description="Held-out pairs, same formats.")
     max_length: PositiveInt = Field(2048, description="Tokens of prompt + response.")
     max_prompt_length: PositiveInt = Field(1800, description="Tokens kept of a long prompt.")
+    tokenization: Literal["default", "authors"] = Field(
+        "default",
+        description="'authors': the SimPO authors' convention for exact parity (assistant "
+        "header counted as response tokens, their truncation); 'default': the header is prompt.",
+    )
 
     @model_validator(mode="after")
     def _check_lengths(self) -> PreferenceData:
@@ -485,6 +490,106 @@ def shipped_deepspeed_configs() -> list[str]:
 def shipped_recipes() -> list[str]:
     """Names of the recipes that ship with the package (recipes/<name>/recipe.yaml)."""
     return sorted(p.parent.name for p in RECIPES_DIR.glob("*/recipe.yaml"))
+
+
+def shipped_recipe_dir(name: str) -> Path:
+    """The folder of a shipped recipe; an unknown name is one RecipeError with a "did you mean"."""
+    names = shipped_recipes()
+    if name in names:
+        return RECIPES_DIR / name
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
+    hint = f"did you mean '{close[0]}'?" if close else "`simpo recipes list` shows them"
+    raise RecipeError([f"{name}: no shipped recipe of that name; {hint}"])
+
+
+def recipe_summary(recipe: Recipe) -> tuple[str, str, str]:
+    """(model, method, key hyperparameters) of a recipe, one entry per stage of its pipeline, for
+    `simpo recipes list`: e.g. ("meta-llama/...", "simpo", "beta=2.5 gamma/beta=0.55 lr=1e-06")."""
+    model = (
+        recipe.model.name_or_path
+        or f"{recipe.model.init} ({(recipe.model.config or {}).get('model_type')})"
+    )
+    methods, settings = [], []
+    for name in recipe.pipeline:
+        stage = recipe.stage(name)
+        shown: list[str] = []
+        if isinstance(stage, PreferenceStage):
+            methods.append(stage.loss)
+            for key, default in LOSS_DEFAULTS[stage.loss].items():
+                value = getattr(stage, "lambda_" if key == "lambda" else key)
+                if key == "gamma_beta_ratio":
+                    shown.append(
+                        f"gamma={stage.gamma:g}"
+                        if stage.gamma is not None
+                        else f"gamma/beta={value:g}"
+                    )
+                elif key == "reference":
+                    shown.append(f"ref={value.mode}")
+                elif key in ("beta", "tau", "alpha", "lambda", "delta") or value != default:
+                    shown.append(
+                        f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
+                    )
+        else:
+            methods.append("sft")
+        shown.append(f"lr={stage.training.learning_rate:g}")
+        settings.append(" ".join(shown))
+    return model, " -> ".join(methods), "; ".join(settings)
+
+
+def copy_recipe(name: str, dest: Path) -> list[tuple[Path, str | None]]:
+    """Copy a shipped recipe's folder into `dest` to edit it. A file the recipe names outside its
+    folder (the Gemma-2 recipes share one chat template) is copied beside it and recipe.yaml
+    rewritten to point there. Nothing is overwritten: if any target exists, RecipeError and
+    nothing is written. Returns (file written, where it came from when outside the folder)."""
+    source = shipped_recipe_dir(name)
+    plan: dict[Path, tuple[Path, str | None]] = {
+        dest / path.relative_to(source): (path, None)
+        for path in sorted(source.rglob("*"))
+        if path.is_file() and "__pycache__" not in path.parts
+    }
+    text = (source / "recipe.yaml").read_text()
+    for ref in _outside_references(read_yaml(source / "recipe.yaml"), source):
+        outside = (source / ref).resolve()
+        plan[dest / outside.name] = (outside, ref)
+        # Rewrite the value, not the header comments that describe the shipped layout.
+        text = "\n".join(
+            line if line.lstrip().startswith("#") else line.replace(ref, outside.name)
+            for line in text.split("\n")
+        )
+    if dest.exists() and not dest.is_dir():
+        raise RecipeError([f"{dest}: exists and is not a folder; give a folder to copy into"])
+    existing = next((target for target in plan if target.exists()), None)
+    if existing is not None:
+        raise RecipeError(
+            [f"{existing}: already exists; nothing was copied (choose a new folder or remove it)"]
+        )
+    for target, (path, _) in plan.items():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target == dest / "recipe.yaml":
+            target.write_text(text)
+        else:
+            target.write_bytes(path.read_bytes())
+    return [(target, origin) for target, (_, origin) in plan.items()]
+
+
+def _outside_references(raw: dict[str, Any], folder: Path) -> list[str]:
+    """Relative paths in a raw recipe that name an existing file outside `folder`."""
+    model = raw.get("model") or {}
+    values = [model.get(key) for key in ("name_or_path", "tokenizer", "chat_template")]
+    for stage in STAGES:
+        data = (raw.get(stage) or {}).get("data") or {}
+        for split in ("train", "eval"):
+            source = data.get(split)
+            values.append(source.get("path") if isinstance(source, dict) else source)
+    inside = folder.resolve()
+    refs = []
+    for value in values:
+        if not isinstance(value, str) or Path(value).is_absolute() or "\n" in value:
+            continue
+        target = (folder / value).resolve()
+        if target.is_file() and inside not in target.parents and value not in refs:
+            refs.append(value)
+    return refs
 
 
 def find_recipe(ref: str) -> Path:

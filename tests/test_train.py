@@ -337,14 +337,14 @@ def test_missing_tracker_fails_before_any_work(tmp_path):
 
 @pytest.mark.parametrize("sft_weight", [0.0, 0.5])
 def test_simpo_compute_loss_matches_separate_passes(tmp_path, sft_weight):
-    """SimPOTrainer.compute_loss (chosen and rejected stacked in one padded forward pass) equals
+    """PreferenceTrainer.compute_loss (chosen and rejected stacked in one padded forward pass) equals
     the loss written out from two separate, unpadded passes per sequence, plus the SFT term
     sft_weight * mean(-avg_logp_chosen); the logged metrics carry the authors' names."""
     from transformers import TrainingArguments
 
     from simpo_cli.data import PreferenceCollator, load_source, load_tokenizer, prepare
     from simpo_cli.losses import sequence_logps
-    from simpo_cli.trainer import SimPOTrainer
+    from simpo_cli.trainer import PreferenceTrainer
 
     recipe = load_recipe("tiny", ["pipeline=[preference]", f"preference.sft_weight={sft_weight}"])
     stage = recipe.preference
@@ -353,7 +353,7 @@ def test_simpo_compute_loss_matches_separate_passes(tmp_path, sft_weight):
     pairs, _ = prepare(rows, tokenizer, "preference", "t", 64, 40)
     model = load_model(recipe, None, 42)
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
-    trainer = SimPOTrainer(model=model, args=args, train_dataset=pairs, stage=stage)
+    trainer = PreferenceTrainer(model=model, args=args, train_dataset=pairs, stage=stage)
     batch = PreferenceCollator(tokenizer.pad_token_id)([pairs[i] for i in range(len(pairs))])
     with torch.no_grad():
         loss = trainer.compute_loss(model, batch)
