@@ -337,7 +337,7 @@ def test_missing_tracker_fails_before_any_work(tmp_path):
 
 @pytest.mark.parametrize("sft_weight", [0.0, 0.5])
 def test_simpo_compute_loss_matches_separate_passes(tmp_path, sft_weight):
-    """PreferenceTrainer.compute_loss (chosen and rejected stacked in one padded forward pass) equals
+    """PreferenceTrainer.compute_loss (chosen and rejected stacked in one padded forward) equals
     the loss written out from two separate, unpadded passes per sequence, plus the SFT term
     sft_weight * mean(-avg_logp_chosen); the logged metrics carry the authors' names."""
     from transformers import TrainingArguments
