@@ -16,7 +16,15 @@ from typing import Annotated
 import typer
 
 from simpo_cli.errors import UserError
-from simpo_cli.recipe import STAGES, Recipe, load_recipe
+from simpo_cli.recipe import (
+    STAGES,
+    Recipe,
+    copy_recipe,
+    load_recipe,
+    recipe_summary,
+    shipped_recipe_dir,
+    shipped_recipes,
+)
 
 app = typer.Typer(
     help="Align language models with SimPO from YAML recipes.",
@@ -289,21 +297,15 @@ ShippedName = Annotated[str, typer.Argument(help="A shipped recipe's name (simpo
 @recipes_app.command("list")
 def recipes_list() -> None:
     """List the shipped recipes: model, method (the preference loss, or sft) and key settings."""
-    from simpo_cli.recipe import recipe_summary, shipped_recipes
-
     rows, failed = [("NAME", "MODEL", "METHOD", "HYPERPARAMETERS")], []
     for name in shipped_recipes():
         try:
             rows.append((name, *recipe_summary(load_recipe(name))))
         except UserError as err:
             failed += err.messages
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    for row in rows:
-        print(
-            "  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True))
-            + "  "
-            + row[3]
-        )
+    width = [max(len(row[i]) for row in rows) for i in range(3)]
+    for name, model, method, settings in rows:
+        print(f"{name:<{width[0]}}  {model:<{width[1]}}  {method:<{width[2]}}  {settings}")
     if failed:
         raise UserError(failed)
 
@@ -311,8 +313,6 @@ def recipes_list() -> None:
 @recipes_app.command("show")
 def recipes_show(name: ShippedName) -> None:
     """Print a shipped recipe file as written, comments included."""
-    from simpo_cli.recipe import shipped_recipe_dir
-
     print((shipped_recipe_dir(name) / "recipe.yaml").read_text(), end="")
 
 
@@ -322,8 +322,6 @@ def recipes_copy(
     dest: Annotated[Path, typer.Argument(help="Folder to copy into (created if missing).")],
 ) -> None:
     """Copy a shipped recipe's files into DEST to edit them; never overwrites a file."""
-    from simpo_cli.recipe import copy_recipe
-
     for target, origin in copy_recipe(name, dest):
         print(f"wrote {target}" + (f" (from {origin}; recipe.yaml points at it)" if origin else ""))
     print(f"edit {dest / 'recipe.yaml'}, then: simpo train {dest}")

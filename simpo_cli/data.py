@@ -1,10 +1,18 @@
 """Data: reading sources, rendering conversations, tokenizing, masking, truncating and collating.
 
-Convention (the same for SFT and preference data):
+Default convention (SFT data, and preference data with tokenization "default"):
 - prompt   = the chat template applied to the prompt messages with the generation prompt;
 - response = the rest of the rendered conversation (the reply, its end-of-turn/EOS);
 - exactly one BOS at the start; labels are -100 everywhere except response tokens, so losses
   and per-token averages cover response tokens only.
+
+The SimPO authors' convention (preference data with tokenization "authors", for exact parity
+with the paper's runs):
+- prompt   = the chat template applied to the prompt messages WITHOUT the generation prompt;
+- response = the template applied to the reply alone, less the BOS the template writes, so the
+  assistant header is response text: trained, and counted in the per-token average;
+- one BOS before the prompt, an EOS ending each response; the authors' truncation (see
+  `_authors_tokens`).
 """
 
 from __future__ import annotations
@@ -326,11 +334,8 @@ def tokenize_pair(
     max_prompt_length: int,
     tokenization: str = "default",
 ) -> dict[str, Any]:
-    """One preference row -> chosen/rejected input_ids and labels, or a drop reason.
-
-    Truncation: when prompt + the longer response exceeds max_length, the prompt keeps its last
-    max_prompt_length tokens (and its BOS); if still too long, both responses are cut to fit.
-    """
+    """One preference row -> chosen/rejected input_ids and labels, or a drop reason, in the
+    `tokenization` convention: "default" or "authors" (see the module docstring)."""
     prompt, chosen, rejected = preference_messages(row, where)
     out: dict[str, Any] = {"drop": "", "truncated": False}
     if not _content(chosen).strip() or not _content(rejected).strip():
@@ -343,6 +348,32 @@ def tokenize_pair(
             **{f"{s}_{k}": [] for s in ("chosen", "rejected") for k in ("ids", "labels")},
         }
 
+    tokens = _authors_tokens if tokenization == "authors" else _default_tokens
+    prompt_ids, responses, out["truncated"] = tokens(
+        tokenizer, prompt, chosen, rejected, where, max_length, max_prompt_length
+    )
+    for side, response in responses.items():
+        out[f"{side}_ids"] = prompt_ids + response
+        out[f"{side}_labels"] = [IGNORE_INDEX] * len(prompt_ids) + response
+    if not all(responses.values()):  # cannot happen with max_prompt_length < max_length
+        out["drop"] = "empty response after truncation"
+    return out
+
+
+def _default_tokens(
+    tokenizer,
+    prompt: list[Message],
+    chosen: Message,
+    rejected: Message,
+    where: str,
+    max_length: int,
+    max_prompt_length: int,
+) -> tuple[list[int], dict[str, list[int]], bool]:
+    """Prompt ids, response ids by side and whether anything was cut, in the default convention.
+
+    Truncation: when prompt + the longer response exceeds max_length, the prompt keeps its last
+    max_prompt_length tokens (and its BOS); if still too long, both responses are cut to fit.
+    """
     prompt_ids: list[int] | None = None
     responses = {}
     for side, reply in (("chosen", chosen), ("rejected", rejected)):
@@ -356,8 +387,8 @@ def tokenize_pair(
     assert prompt_ids is not None
 
     longest = max(len(r) for r in responses.values())
-    if len(prompt_ids) + longest > max_length:
-        out["truncated"] = True
+    truncated = len(prompt_ids) + longest > max_length
+    if truncated:
         if len(prompt_ids) > max_prompt_length:
             bos = tokenizer.bos_token_id
             keep_bos = bos is not None and prompt_ids[:1] == [bos]
@@ -365,12 +396,71 @@ def tokenize_pair(
             prompt_ids = prompt_ids[:keep_bos] + prompt_ids[len(prompt_ids) - tail :]
         room = max_length - len(prompt_ids)
         responses = {side: r[:room] for side, r in responses.items()}
-    for side, response in responses.items():
-        out[f"{side}_ids"] = prompt_ids + response
-        out[f"{side}_labels"] = [IGNORE_INDEX] * len(prompt_ids) + response
-    if not all(responses.values()):  # cannot happen with max_prompt_length < max_length
-        out["drop"] = "empty response after truncation"
-    return out
+    return prompt_ids, responses, truncated
+
+
+def _authors_tokens(
+    tokenizer,
+    prompt: list[Message],
+    chosen: Message,
+    rejected: Message,
+    where: str,
+    max_length: int,
+    max_prompt_length: int,
+) -> tuple[list[int], dict[str, list[int]], bool]:
+    """Prompt ids, response ids by side and whether anything was cut, in the SimPO authors'
+    convention: the prompt is rendered without the generation prompt and each reply on its own, so
+    the assistant header starts the response; the pieces are tokenized separately."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False)
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    if bos is not None:
+        # The authors prepend a BOS unless present. Extra copies (a template override writing
+        # two) go too: a double BOS silently costs points, and standard templates write one.
+        while prompt_ids[:2] == [bos, bos]:
+            prompt_ids = prompt_ids[1:]
+        if prompt_ids[:1] != [bos]:
+            prompt_ids = [bos] + prompt_ids
+    responses = {}
+    for side, reply in (("chosen", chosen), ("rejected", rejected)):
+        text = _render_reply_alone(tokenizer, reply, where)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if eos is not None and ids[-1:] != [eos]:
+            ids = ids + [eos]
+        responses[side] = ids
+
+    longest = max(len(r) for r in responses.values())
+    # Too long means something is cut: the prompt if over max_prompt_length, else the longer
+    # response (it exceeds max_length - max_prompt_length).
+    truncated = len(prompt_ids) + longest > max_length
+    if truncated:
+        # keep_end: the last max_prompt_length tokens, as the authors cut; unlike the default
+        # convention this may drop the BOS, which their runs did too.
+        prompt_ids = prompt_ids[-max_prompt_length:]
+        if len(prompt_ids) + longest > max_length:
+            # Their fixed budget, not max_length - len(prompt_ids): a pair with a short prompt
+            # ends up shorter than max_length.
+            room = max_length - max_prompt_length
+            responses = {side: r[:room] for side, r in responses.items()}
+    return prompt_ids, responses, truncated
+
+
+def _render_reply_alone(tokenizer, reply: Message, where: str) -> str:
+    """The template applied to [reply] alone (its assistant header, content, end-of-turn), less
+    the BOS text the template writes at the start of every rendering."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        text = tokenizer.apply_chat_template([reply], tokenize=False)
+    except TemplateError as err:
+        raise DataError(
+            f"{where}: the chat template cannot render an assistant message on its own ({err}), "
+            "which tokenization 'authors' needs; use tokenization 'default' or another template"
+        ) from None
+    bos_text = tokenizer.bos_token
+    while bos_text and text.startswith(bos_text):  # every BOS copy: the prompt holds the one BOS
+        text = text[len(bos_text) :]
+    return text
 
 
 def tokenize_conversation(
