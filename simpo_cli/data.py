@@ -526,6 +526,27 @@ def prepare(
     return kept, report
 
 
+def add_mismatched_pairs(dataset, max_length: int):
+    """KTO's KL term scores completions under prompts they do not answer: row i gets
+    kl_ids / kl_labels = its own prompt followed by the chosen response of row i + 1 (the last
+    row wraps to the first), cut to max_length. A fixed pairing, so that a cached reference
+    pre-pass can score it once."""
+
+    def split(ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+        n_prompt = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+        return ids[:n_prompt], ids[n_prompt:]
+
+    ids, labels = dataset["chosen_ids"], dataset["chosen_labels"]
+    kl_ids, kl_labels = [], []
+    for i in range(len(ids)):
+        prompt, _ = split(ids[i], labels[i])
+        _, response = split(ids[(i + 1) % len(ids)], labels[(i + 1) % len(ids)])
+        response = response[: max_length - len(prompt)]
+        kl_ids.append(prompt + response)
+        kl_labels.append([IGNORE_INDEX] * len(prompt) + response)
+    return dataset.add_column("kl_ids", kl_ids).add_column("kl_labels", kl_labels)
+
+
 def _tokenized_features(kind: str):
     import datasets
 
@@ -572,17 +593,20 @@ class SFTCollator:
 @dataclass
 class PreferenceCollator:
     """Stacks chosen then rejected into one batch of 2B rows, so both go through the policy in a
-    single forward pass: rows [0, B) are chosen, [B, 2B) the matching rejected."""
+    single forward pass: rows [0, B) are chosen, [B, 2B) the matching rejected, and for KTO
+    [2B, 3B) the mismatched completions of its KL term."""
 
     pad_token_id: int
-    # Cached reference log-probs (DPO, IPO, R-DPO), (chosen, rejected) summed, by pair_id.
-    reference: list[tuple[float, float] | None] | None = None
+    # Cached reference log-probs (DPO, IPO, R-DPO, KTO), summed, per pair_id: (chosen,
+    # rejected) or, for KTO, (chosen, rejected, mismatched).
+    reference: list[tuple[float, ...] | None] | None = None
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
-        ids = [f["chosen_ids"] for f in features] + [f["rejected_ids"] for f in features]
-        labels = [f["chosen_labels"] for f in features] + [f["rejected_labels"] for f in features]
+        sides = ("chosen", "rejected", "kl") if "kl_ids" in features[0] else ("chosen", "rejected")
+        ids = [f[f"{side}_ids"] for side in sides for f in features]
+        labels = [f[f"{side}_labels"] for side in sides for f in features]
         batch = {
             "input_ids": _pad(ids, self.pad_token_id),
             "labels": _pad(labels, IGNORE_INDEX),
@@ -590,8 +614,8 @@ class PreferenceCollator:
         }
         pairs = [self.reference[f["pair_id"]] for f in features] if self.reference else []
         if pairs and all(p is not None for p in pairs):  # None: the pre-pass that fills them
-            batch["ref_chosen_logps"] = torch.tensor([p[0] for p in pairs])
-            batch["ref_rejected_logps"] = torch.tensor([p[1] for p in pairs])
+            for column, side in enumerate(sides):
+                batch[f"ref_{side}_logps"] = torch.tensor([p[column] for p in pairs])
         return batch
 
 

@@ -18,12 +18,14 @@ from simpo_cli.recipe import PreferenceStage
 
 
 class PairScores(NamedTuple):
-    """Summed log-probs and response token counts of chosen and rejected, each [B]."""
+    """Summed log-probs and response token counts of chosen and rejected, each [B]; for KTO
+    also the summed log-probs of the mismatched completions of its KL term [B]."""
 
     chosen_sum: torch.Tensor
     rejected_sum: torch.Tensor
     chosen_tokens: torch.Tensor
     rejected_tokens: torch.Tensor
+    kl_sum: torch.Tensor | None = None
 
     @property
     def chosen_avg(self) -> torch.Tensor:
@@ -69,6 +71,22 @@ def _rdpo(s: PreferenceStage, p: PairScores, r: PairScores | None) -> Preference
     )  # fmt: skip
 
 
+def _kto(s: PreferenceStage, p: PairScores, r: PairScores | None) -> PreferenceLoss:
+    # Each pair is split into a desirable (chosen) and an undesirable (rejected) example; the
+    # pair's loss is the mean of the two, so the batch mean is KTO's mean over 2B examples.
+    # z0 comes from this micro-batch's mismatched completions (per process).
+    z0 = losses.kto_kl_estimate(p.kl_sum, r.kl_sum)
+    half = p.chosen_sum.shape[0]
+    desirable = torch.arange(2 * half, device=p.chosen_sum.device) < half
+    out = losses.kto_loss(
+        torch.cat([p.chosen_sum, p.rejected_sum]),
+        torch.cat([r.chosen_sum, r.rejected_sum]),
+        desirable, z0, s.beta, s.desirable_weight, s.undesirable_weight,
+    )  # fmt: skip
+    pair_losses = (out.losses[:half] + out.losses[half:]) / 2
+    return PreferenceLoss(pair_losses, out.rewards[:half], out.rewards[half:])
+
+
 def _cpo(s: PreferenceStage, p: PairScores, _: PairScores | None) -> PreferenceLoss:
     return losses.cpo_loss(p.chosen_sum, p.rejected_sum, -p.chosen_avg, s.beta, s.lambda_)
 
@@ -90,6 +108,7 @@ OBJECTIVES: dict[str, Objective] = {
     "dpo": _dpo,
     "ipo": _ipo,
     "rdpo": _rdpo,
+    "kto": _kto,
     "cpo": _cpo,
     "orpo": _orpo,
     "rrhf": _rrhf,
@@ -101,7 +120,7 @@ def preference_objective(
     stage: PreferenceStage, policy: PairScores, reference: PairScores | None
 ) -> PreferenceLoss:
     """Per-pair losses and rewards of the stage's loss. `reference` is required exactly for the
-    losses with a reference model (dpo, ipo, rdpo)."""
+    losses with a reference model (dpo, ipo, rdpo, kto)."""
     if stage.uses_reference and reference is None:
         raise ValueError(f"loss {stage.loss} needs reference log-probs")
     return OBJECTIVES[stage.loss](stage, policy, reference)

@@ -193,7 +193,7 @@ class SFTStage(Section):
     training: SFTTraining = Field(default_factory=SFTTraining)
 
 
-LossName = Literal["simpo", "dpo", "ipo", "rdpo", "cpo", "orpo", "rrhf", "slic"]
+LossName = Literal["simpo", "dpo", "ipo", "rdpo", "kto", "cpo", "orpo", "rrhf", "slic"]
 
 # The hyperparameters each loss takes, with their defaults (the paper's names: beta, tau,
 # lambda, alpha, delta). A hyperparameter given for a loss that does not use it is an error.
@@ -209,6 +209,7 @@ LOSS_DEFAULTS: dict[str, dict[str, Any]] = {
     "dpo": {"beta": 0.1, "label_smoothing": 0.0, "reference": {}},
     "ipo": {"tau": 0.1, "reference": {}},
     "rdpo": {"beta": 0.1, "alpha": 0.1, "reference": {}},
+    "kto": {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0, "reference": {}},
     "cpo": {"beta": 0.1, "lambda": 1.0},
     "orpo": {"lambda": 0.1},
     "rrhf": {"lambda": 1.0},
@@ -218,7 +219,7 @@ LOSS_PARAMETERS = sorted({key for params in LOSS_DEFAULTS.values() for key in pa
 
 
 class ReferenceSettings(Section):
-    """The frozen reference policy of DPO, IPO and R-DPO."""
+    """The frozen reference policy of DPO, IPO, R-DPO and KTO."""
 
     mode: Literal["cached", "live"] = Field(
         "cached",
@@ -233,7 +234,9 @@ class PreferenceStage(Section):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
-    loss: LossName = Field("simpo", description="simpo, dpo, ipo, rdpo, cpo, orpo, rrhf, slic.")
+    loss: LossName = Field(
+        "simpo", description="simpo, dpo, ipo, rdpo, kto, cpo, orpo, rrhf, slic."
+    )
     beta: PositiveFloat | None = Field(
         None, description="Reward scale (simpo 2.0; dpo, rdpo, cpo 0.1)."
     )
@@ -258,7 +261,9 @@ class PreferenceStage(Section):
     )
     alpha: float | None = Field(None, ge=0, description="R-DPO length penalty (default 0.1).")
     delta: PositiveFloat | None = Field(None, description="SLiC-HF hinge margin (default 1.0).")
-    reference: ReferenceSettings | None = Field(None, description="dpo, ipo, rdpo.")
+    desirable_weight: PositiveFloat | None = Field(None, description="KTO lambda_D (1.0).")
+    undesirable_weight: PositiveFloat | None = Field(None, description="KTO lambda_U (1.0).")
+    reference: ReferenceSettings | None = Field(None, description="dpo, ipo, rdpo, kto.")
     data: PreferenceData
     training: TrainingSettings = Field(default_factory=TrainingSettings)
 

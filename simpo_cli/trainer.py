@@ -25,6 +25,7 @@ from transformers import (
 from simpo_cli.data import (
     PreferenceCollator,
     SFTCollator,
+    add_mismatched_pairs,
     fingerprint,
     load_source,
     load_tokenizer,
@@ -60,6 +61,12 @@ class PreferenceTrainer(Trainer):
             input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
         ).logits
         sums, counts = sequence_logps(logits, inputs["labels"], average=False)
+        if self.stage.loss == "kto":  # [chosen; rejected; mismatched] from the collator
+            b = sums.shape[0] // 3
+            scores = PairScores(
+                sums[:b], sums[b : 2 * b], counts[:b], counts[b : 2 * b], sums[2 * b :]
+            )
+            return scores, logits
         half = sums.shape[0] // 2
         return PairScores(sums[:half], sums[half:], counts[:half], counts[half:]), logits
 
@@ -67,8 +74,11 @@ class PreferenceTrainer(Trainer):
         if not self.stage.uses_reference:
             return None
         if "ref_chosen_logps" in inputs:
-            ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-            return policy._replace(chosen_sum=ref_chosen, rejected_sum=ref_rejected)
+            return policy._replace(
+                chosen_sum=inputs["ref_chosen_logps"],
+                rejected_sum=inputs["ref_rejected_logps"],
+                kl_sum=inputs.get("ref_kl_logps"),
+            )
         with torch.no_grad():
             reference, _ = self._pair_scores(self.ref_model, inputs)
         return reference
@@ -119,7 +129,8 @@ class PreferenceTrainer(Trainer):
         with torch.no_grad():
             policy, _ = self._pair_scores(model, inputs)
             if self.scoring_reference:
-                scores = torch.stack([policy.chosen_sum, policy.rejected_sum], dim=1)
+                sums = [policy.chosen_sum, policy.rejected_sum, policy.kl_sum]
+                scores = torch.stack([x for x in sums if x is not None], dim=1)
             else:
                 out = preference_objective(
                     self.stage, policy, self._reference_scores(inputs, policy)
@@ -130,16 +141,17 @@ class PreferenceTrainer(Trainer):
                 )  # fmt: skip
         return None, scores, torch.zeros(scores.shape[0], device=scores.device)
 
-    def summed_logps(self, dataset) -> tuple[list[float], list[float]]:
-        """Summed log-probs of every pair's chosen and rejected under this trainer's model, in
-        dataset order (the reference pre-pass)."""
+    def summed_logps(self, dataset) -> list[list[float]]:
+        """Summed log-probs of every pair's sequences under this trainer's model, in dataset
+        order, one list per side: chosen, rejected (and KTO's mismatched). The reference
+        pre-pass."""
         self.scoring_reference, metrics = True, self.compute_metrics
         self.compute_metrics = None
         try:
             scores = self.predict(dataset).predictions
         finally:
             self.scoring_reference, self.compute_metrics = False, metrics
-        return scores[:, 0].tolist(), scores[:, 1].tolist()
+        return [scores[:, column].tolist() for column in range(scores.shape[1])]
 
     def _prepare_reference(self, ref_model):
         """The live reference model, frozen, placed like the policy: under DeepSpeed its own
@@ -390,6 +402,8 @@ def run_stage(recipe: Recipe, name: str, output_dir: Path, overwrite: bool = Fal
         datasets_[split], report = prepare(
             raw, tokenizer, kind, role, stage.data.max_length, max_prompt, tokenization
         )
+        if getattr(stage, "loss", None) == "kto":
+            datasets_[split] = add_mismatched_pairs(datasets_[split], stage.data.max_length)
         fingerprints[f"{name}.data.{split}"] = fingerprint(source, raw)
         report_lines += report.lines()
     say("\n".join(["data report:", *("  " + line for line in report_lines)]))
@@ -524,8 +538,7 @@ class CachedReference(TrainerCallback):
             key = _reference_key(identity, dataset, trainer.processing_class)
             path = output_dir / "reference_logps" / f"{key}.json"
             if path.is_file():
-                cached = json.loads(path.read_text())
-                self._fill(first, cached["chosen"], cached["rejected"])
+                self._fill(first, json.loads(path.read_text())["sides"])
                 say(f"[preference] reference log-probs of {len(dataset)} pairs from {path}")
             elif resuming and not stage.reference.model:
                 raise UserError(
@@ -552,16 +565,16 @@ class CachedReference(TrainerCallback):
         for attr, first, path in self.todo:
             dataset = getattr(self.trainer, attr)
             say(f"[preference] computing reference log-probs of {len(dataset)} pairs")
-            chosen, rejected = scorer.summed_logps(dataset)
-            self._fill(first, chosen, rejected)
+            sides = scorer.summed_logps(dataset)
+            self._fill(first, sides)
             if is_main_process():
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps({"chosen": chosen, "rejected": rejected}))
+                path.write_text(json.dumps({"sides": sides}))
         self.todo = []
         barrier()
 
-    def _fill(self, first: int, chosen: list[float], rejected: list[float]) -> None:
-        for offset, pair in enumerate(zip(chosen, rejected, strict=True)):
+    def _fill(self, first: int, sides: list[list[float]]) -> None:
+        for offset, pair in enumerate(zip(*sides, strict=True)):
             self.table[first + offset] = pair
 
 
@@ -590,7 +603,8 @@ def _reference_key(identity: dict[str, Any], dataset, tokenizer) -> str:
 
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
     digest.update((tokenizer.chat_template or "").encode())
-    for column in ("chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels"):
+    columns = [c for c in dataset.column_names if c.endswith(("_ids", "_labels"))]
+    for column in sorted(columns):
         for row in dataset[column]:
             digest.update(np.asarray(row, dtype=np.int64).tobytes())
             digest.update(b"|")

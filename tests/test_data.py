@@ -760,3 +760,27 @@ def test_inspect_row_marks_trained_tokens():
     assert shown.count("<|begin_of_text|>") == 2  # one per side
     with pytest.raises(DataError, match=r"--row 5000: preference.data.train has 3000 rows"):
         inspect_row(load_recipe("tiny"), "preference", 5000, color=False)
+
+
+# --------------------------------------------------------------------------- 12. KTO's KL pairs
+
+
+def test_mismatched_pairs_join_each_prompt_to_the_next_rows_chosen_response(tok):
+    """Row i's KL sequence = its own prompt + row i+1's chosen response (the last wraps)."""
+    from simpo_cli.data import add_mismatched_pairs
+
+    rows = [pair_row(f"Sort: {a} {b}", f"{min(a, b)} {max(a, b)}", f"{a} {b}") for a, b in
+            ((3, 1), (5, 2), (9, 4))]  # fmt: skip
+    pairs, _ = prepare(datasets.Dataset.from_list(rows), tok, "preference", "p", 64, 32)
+    with_kl = add_mismatched_pairs(pairs, max_length=64)
+    for i in range(3):
+        ids, labels = pairs[i]["chosen_ids"], pairs[i]["chosen_labels"]
+        n_prompt = labels.index(next(x for x in labels if x != IGNORE_INDEX))
+        nxt = pairs[(i + 1) % 3]
+        n_next = nxt["chosen_labels"].index(
+            next(x for x in nxt["chosen_labels"] if x != IGNORE_INDEX)
+        )
+        assert with_kl[i]["kl_ids"] == ids[:n_prompt] + nxt["chosen_ids"][n_next:]
+        assert with_kl[i]["kl_labels"] == masked(n_prompt) + nxt["chosen_ids"][n_next:]
+    cut = add_mismatched_pairs(pairs, max_length=n_prompt + 2)
+    assert all(len(row) <= n_prompt + 2 for row in cut["kl_ids"])

@@ -464,3 +464,23 @@ def test_tiny_pipeline_under_zero3_on_two_processes(tmp_path):
     assert after["eval_rewards/accuracies"] > before["eval_rewards/accuracies"]
     assert after["eval_loss"] < 0.5 * before["eval_loss"]
     assert result.stdout.count("[preference] finished") == 1, "only rank 0 reports"
+
+
+@pytest.mark.slow
+def test_reference_pre_pass_under_zero3(tmp_path, start_model):
+    """DPO under 2-process ZeRO-3: the cached reference pre-pass (run inside the training
+    engine) and a live reference model (its own inference engine) train identically, and the
+    first step's loss is log 2 (policy == reference)."""
+    dpo = ["--set", "preference.loss=dpo", "--set", "preference.gamma_beta_ratio=null"]
+    common = [*dpo, "--num-processes", "2", "--deepspeed", "zero3",
+              "--set", "preference.training.per_device_train_batch_size=8"]  # fmt: skip
+    runs = {}
+    for mode in ("cached", "live"):
+        out = tmp_path / mode
+        result = _train(out, start_model, *common, "--set", f"preference.reference.mode={mode}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[mode] = _losses(out)
+    assert runs["cached"][0] == pytest.approx(runs["live"][0], rel=1e-5)
+    assert runs["cached"][1] == pytest.approx(runs["live"][1], rel=1e-5)
+    assert runs["cached"][0][0] == pytest.approx(0.693147, rel=1e-5)
+    assert len(list((tmp_path / "cached" / "reference_logps").glob("*.json"))) == 2

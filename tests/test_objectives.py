@@ -94,6 +94,26 @@ def test_reference_free_baselines():
     assert out.losses.tolist() == pytest.approx(expected)
 
 
+def test_kto_splits_each_pair_into_a_desirable_and_an_undesirable_example():
+    # Mismatched completions: policy sums -3, -1, reference -4, -4: z0 = mean(1, 3) = 2.
+    # beta 0.1; r_w = (1, 0), r_l = (-1, 1) from POLICY - REFERENCE.
+    # desirable: 1 - sigmoid(0.1 * (r_w - 2)); undesirable: 1 - sigmoid(0.1 * (2 - r_l)).
+    policy = POLICY._replace(kl_sum=torch.tensor([-3.0, -1.0]))
+    reference = REFERENCE._replace(kl_sum=torch.tensor([-4.0, -4.0]))
+    out = preference_objective(stage(loss="kto"), policy, reference)
+
+    def sigmoid(x: float) -> float:
+        return 1 / (1 + math.exp(-x))
+
+    expected = [
+        ((1 - sigmoid(0.1 * (1 - 2))) + (1 - sigmoid(0.1 * (2 + 1)))) / 2,
+        ((1 - sigmoid(0.1 * (0 - 2))) + (1 - sigmoid(0.1 * (2 - 1)))) / 2,
+    ]
+    assert out.losses.tolist() == pytest.approx(expected)
+    assert out.chosen_rewards.tolist() == pytest.approx([0.1, 0.0])
+    assert out.rejected_rewards.tolist() == pytest.approx([-0.1, 0.1])
+
+
 def test_losses_with_a_reference_refuse_to_run_without_one():
     with pytest.raises(ValueError, match="loss dpo needs reference log-probs"):
         preference_objective(stage(loss="dpo"), POLICY, None)
@@ -107,7 +127,9 @@ def test_each_loss_takes_only_its_hyperparameters():
         stage(loss="dpo", tau=0.5)
     with pytest.raises(ValueError, match="gamma_beta_ratio applies to simpo, not cpo"):
         stage(loss="cpo", gamma_beta_ratio=0.5)
-    assert set(LOSS_DEFAULTS) == {"simpo", "dpo", "ipo", "rdpo", "cpo", "orpo", "rrhf", "slic"}
+    assert set(LOSS_DEFAULTS) == {
+        "simpo", "dpo", "ipo", "rdpo", "kto", "cpo", "orpo", "rrhf", "slic"
+    }  # fmt: skip
 
 
 def test_a_wrong_hyperparameter_in_a_recipe_is_one_clear_line():
@@ -115,7 +137,7 @@ def test_a_wrong_hyperparameter_in_a_recipe_is_one_clear_line():
         load_recipe("tiny", ["preference.loss=ipo", "preference.gamma_beta_ratio=null"])
     (line,) = info.value.messages
     assert line.endswith(
-        "preference: beta applies to simpo, dpo, rdpo, cpo, not ipo; remove it "
+        "preference: beta applies to simpo, dpo, rdpo, kto, cpo, not ipo; remove it "
         "(loss ipo takes reference, tau)"
     )
 
@@ -127,6 +149,7 @@ LOSS_SETS = {
     "dpo": ["preference.beta=0.5"],
     "ipo": ["preference.beta=null", "preference.tau=0.5"],
     "rdpo": ["preference.beta=0.5", "preference.alpha=0.05"],
+    "kto": ["preference.beta=0.5"],
     "cpo": ["preference.beta=0.5"],
     "orpo": ["preference.beta=null"],
     "rrhf": ["preference.beta=null"],
@@ -166,6 +189,20 @@ def test_every_loss_trains_the_tiny_model(tmp_path, loss):
     after = json.loads((stage_dir / "stage_complete.json").read_text())["eval"]
     assert math.isfinite(after["eval_loss"])
     assert after["eval_loss"] < before["eval_loss"], "the held-out loss did not go down"
+
+
+@pytest.mark.slow
+def test_kto_cached_and_live_reference_agree(tmp_path):
+    """KTO's cache holds three log-probs per pair (chosen, rejected, mismatched)."""
+    cached = _run("kto", tmp_path / "cached")
+    live = _run("kto", tmp_path / "live", "preference.reference.mode=live")
+    cached_losses = [m["loss"] for m in _metrics(cached) if "loss" in m]
+    assert cached_losses == pytest.approx(
+        [m["loss"] for m in _metrics(live) if "loss" in m], rel=1e-6
+    )
+    assert cached_losses[0] == pytest.approx(0.5, rel=1e-6)  # r = z0 = 0: 1 - sigmoid(0)
+    (stored, *_) = (tmp_path / "cached" / "reference_logps").glob("*.json")
+    assert len(json.loads(stored.read_text())["sides"]) == 3
 
 
 @pytest.mark.slow

@@ -223,7 +223,7 @@ def test_header_says_where_every_number_comes_from(name):
     assert text.startswith(f"# {name}: ")
     for source in ("NeurIPS 2024", "arXiv 2405.14734", "princeton-nlp/SimPO training_configs/"):
         assert source in header
-    assert "shared/reference/simpo.md section 2" in header
+    assert "Both for " in header  # the paper setting the numbers belong to
     missing = [
         f"{key} {value}"
         for key, value in _numbers(yaml.safe_load(text))
@@ -299,12 +299,19 @@ def test_templates_render_each_prompt_as_a_prefix_of_its_continuation(env, templ
 
 @pytest.mark.parametrize(
     "messages",
-    [CHAT[2:], [CHAT[1], CHAT[1]], [CHAT[1], CHAT[0]]],
-    ids=["assistant-first", "two-users", "late-system"],
+    [[CHAT[2], CHAT[2]], [CHAT[1], CHAT[1]], [CHAT[1], CHAT[0]]],
+    ids=["two-replies", "two-users", "late-system"],
 )
 def test_gemma_template_rejects_turns_gemma_cannot_hold(messages):
     with pytest.raises(jinja2.TemplateError, match="alternate user/assistant"):
         render(GEMMA_TEMPLATE, "plain", messages, "<bos>")
+
+
+def test_gemma_template_renders_a_reply_alone():
+    """The authors' tokenization renders each reply on its own (header on the response side)."""
+    assert render(GEMMA_TEMPLATE, "plain", [CHAT[2]], "<bos>") == (
+        "<bos><start_of_turn>model\n1 2 3<end_of_turn>\n"
+    )
 
 
 def test_llama3_sft_template_is_the_instruct_turn_format():
