@@ -1,8 +1,8 @@
 """Compute cost of SimPO against DPO, side by side, on the same model and data.
 
 Runs the real preference stage (`simpo preference tiny` with overrides) per method, each in its
-own process (a warm-up run, then the measured one), and prints time per optimizer step and peak
-memory as ratios to SimPO:
+own process (a first run for memory, a later one for time), and prints time per optimizer step
+and peak memory as ratios to SimPO:
 
     simpo        one model, one forward pass over chosen + rejected
     dpo-live     a second (reference) model in memory, a second forward pass every step
@@ -10,7 +10,8 @@ memory as ratios to SimPO:
                  apart), then one model and one pass per step, like SimPO
 
 Peak memory is the training process's resident set above what it held after importing the
-libraries (Linux: /proc/self/clear_refs resets the high-water mark). The default model is the
+libraries, in its first run (Linux: /proc/self/clear_refs resets the high-water mark); time per
+step comes from a later run of the same process. The default model is the
 tiny recipe's architecture widened to about 20M parameters so that model state, not the Python
 runtime, dominates; on a GPU the same script measures GPU time and memory of the same code.
 
@@ -61,16 +62,19 @@ def train_seconds(stage_dir):
 recipe = load_recipe("tiny", json.loads(sys.argv[1]))
 out = Path(sys.argv[2])
 cached = recipe.preference.uses_reference and recipe.preference.reference.mode == "cached"
-run_stage(recipe, "preference", out)  # warm-up: every method measured on its second run
+# Memory from the first run, which starts from the process after imports; time from later
+# runs, once one-off costs (allocator growth, lazy initialisation) are paid.
+Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
+base = status("VmRSS")
+run_stage(recipe, "preference", out)
+peak = status("VmHWM") - base
 if cached:
     # The pre-pass: a run that must recompute the stored reference log-probs, minus one
     # that reads them.
     shutil.rmtree(out / "reference_logps")
     with_prepass_s, _ = train_seconds(run_stage(recipe, "preference", out, overwrite=True))
-Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
-base = status("VmRSS")
 train_s, steps = train_seconds(run_stage(recipe, "preference", out, overwrite=True))
-result = {"peak_bytes": status("VmHWM") - base, "train_s": train_s, "steps": steps}
+result = {"peak_bytes": peak, "train_s": train_s, "steps": steps}
 result["prepass_s"] = with_prepass_s - train_s if cached else None
 print("RESULT " + json.dumps(result))
 """
@@ -123,8 +127,9 @@ def main() -> None:
             f"{prepass} |"
         )
     print(
-        "s/step = Trainer's train_runtime / steps; peak = resident memory above the process "
-        "after imports; pre-pass = the cached reference log-probs, computed once per data set"
+        "s/step = Trainer's train_runtime / steps (a warm run); peak = resident memory of a "
+        "first run above the process after imports; pre-pass = the cached reference "
+        "log-probs, computed once per data set"
     )
 
 

@@ -467,12 +467,13 @@ def test_tiny_pipeline_under_zero3_on_two_processes(tmp_path):
 
 
 @pytest.mark.slow
-def test_reference_pre_pass_under_zero3(tmp_path, start_model):
-    """DPO under 2-process ZeRO-3: the cached reference pre-pass (run inside the training
-    engine) and a live reference model (its own inference engine) train identically, and the
-    first step's loss is log 2 (policy == reference)."""
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_reference_pre_pass_under_zero(tmp_path, start_model, zero):
+    """DPO under 2-process ZeRO-2 and ZeRO-3: the cached reference pre-pass (run inside the
+    training engine) and a live reference model (its own inference engine) train identically,
+    and the first step's loss is log 2 (policy == reference)."""
     dpo = ["--set", "preference.loss=dpo", "--set", "preference.gamma_beta_ratio=null"]
-    common = [*dpo, "--num-processes", "2", "--deepspeed", "zero3",
+    common = [*dpo, "--num-processes", "2", "--deepspeed", zero,
               "--set", "preference.training.per_device_train_batch_size=8"]  # fmt: skip
     runs = {}
     for mode in ("cached", "live"):

@@ -220,3 +220,22 @@ def test_cached_and_live_reference_give_the_same_run(tmp_path):
     again = _run("dpo", tmp_path / "cached", overwrite=True)
     assert [m["loss"] for m in _metrics(again) if "loss" in m] == cached_losses
     assert {p: p.stat().st_mtime_ns for p in stored} == before
+
+
+@pytest.mark.slow
+def test_compute_comparison_script_prints_the_table():
+    """scripts/compare_compute.py, on the tiny model for 2 steps: one row per method, SimPO
+    the 1.00x baseline, the cached reference's pre-pass reported apart."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "compare_compute.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--steps", "2", "--tiny"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ")]
+    table = {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows[2:]}
+    assert set(table) == {"simpo", "dpo-live", "dpo-cached"}
+    assert table["simpo"][1] == "1.00x" and table["simpo"][3] == "1.00x"
+    assert table["simpo"][4] == "-" and float(table["dpo-cached"][4]) >= 0
