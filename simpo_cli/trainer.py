@@ -300,7 +300,7 @@ def prepare_trackers(recipe: Recipe) -> None:
         if not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
             # Never an interactive login prompt in the middle of a launch: log offline.
             os.environ["WANDB_MODE"] = "offline"
-            print("wandb: no WANDB_API_KEY set; logging offline (sync later with `wandb sync`)")
+            say("wandb: no WANDB_API_KEY set; logging offline (sync later with `wandb sync`)")
 
 
 def _require(module: str, extra: str) -> None:
