@@ -141,6 +141,19 @@ def _run(
     for name in names:
         final = run_stage(recipe, name, out, overwrite)
     say(f"final model: {final}")
+    _plot_when_possible(out)
+
+
+def _plot_when_possible(out: Path) -> None:
+    """Leave a picture of the run beside it when matplotlib is installed."""
+    import importlib.util
+
+    from simpo_cli.trainer import is_main_process
+
+    if is_main_process() and importlib.util.find_spec("matplotlib") is not None:
+        from simpo_cli.plot import plot_run
+
+        print(f"training curves: {plot_run(out)}")
 
 
 def _launch(recipe: Recipe, child_args: list[str]) -> int:
@@ -360,6 +373,20 @@ def evaluate(
     )
     if output:
         print(f"wrote {output}")
+
+
+@app.command()
+def plot(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (e.g. outputs/tiny) or a stage's.")],
+    output: Annotated[
+        Path | None, typer.Option(help="PNG to write; default RUN_DIR/training_curves.png.")
+    ] = None,
+) -> None:
+    """Draw the training curves of a run (loss, reward accuracy, margin; training and held-out)
+    into a PNG. Needs matplotlib."""
+    from simpo_cli.plot import plot_run
+
+    print(f"wrote {plot_run(run_dir, output)}")
 
 
 def main() -> None:

@@ -238,6 +238,10 @@ def test_help_on_every_command():
         ["config", "show"],
         ["data", "inspect"],
         ["eval"],
+        ["plot"],
+        ["recipes", "list"],
+        ["recipes", "show"],
+        ["recipes", "copy"],
     ):
         result = simpo(*command, "--help")
         assert result.returncode == 0, (command, result.stderr)

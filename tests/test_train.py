@@ -374,3 +374,23 @@ def test_simpo_compute_loss_matches_separate_passes(tmp_path, sft_weight):
         2.0 * (chosen - rejected).mean().item(), rel=1e-4
     )
     assert ("sft_loss" in logged) == (sft_weight > 0)
+
+
+# --------------------------------------------------------------------------- the picture
+
+
+@pytest.mark.slow
+def test_run_leaves_a_plot_of_its_curves(tiny_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    out, result = tiny_run
+    assert result.returncode == 0
+    png = out / "training_curves.png"
+    assert f"training curves: {png}" in result.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    again = simpo("plot", str(out / "preference"), "--output", str(tmp_path / "p.png"))
+    assert again.returncode == 0 and (tmp_path / "p.png").is_file()
+    missing = simpo("plot", str(tmp_path))
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == (
+        f"error: {tmp_path}: no metrics.jsonl here or in its sft/ and preference/ folders"
+    )

@@ -1,0 +1,380 @@
+"""The `simpo` command line: each command parses, loads the recipe, calls one package function.
+
+Known user errors end with one line per problem on stderr and exit code 2. Commands that only
+read a recipe (validate, config show, --dry-run) never import torch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from simpo_cli.errors import UserError
+from simpo_cli.recipe import (
+    STAGES,
+    Recipe,
+    copy_recipe,
+    load_recipe,
+    recipe_summary,
+    shipped_recipe_dir,
+    shipped_recipes,
+)
+
+app = typer.Typer(
+    help="Align language models with SimPO from YAML recipes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Inspect recipes.", no_args_is_help=True)
+data_app = typer.Typer(help="Inspect how a recipe's data is tokenized.", no_args_is_help=True)
+recipes_app = typer.Typer(
+    help="The shipped recipes: the paper's settings and the tiny demo.", no_args_is_help=True
+)
+app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
+app.add_typer(recipes_app, name="recipes")
+
+RecipeArg = Annotated[str, typer.Argument(help="Recipe file, folder, or shipped name (e.g. tiny).")]
+OutputDir = Annotated[
+    Path | None,
+    typer.Option("--output-dir", "-o", help="Where stages write; default: the recipe's."),
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a recipe key: --set preference.beta=2.5 (repeatable)."),
+]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the plan; start nothing.")]
+Overwrite = Annotated[
+    bool, typer.Option("--overwrite", help="Delete the stage folders and start over.")
+]
+
+
+def _output_dir(recipe: Recipe, flag: Path | None) -> Path:
+    if flag is not None:
+        return flag
+    return Path(recipe.output_dir or f"outputs/{recipe.name}")
+
+
+class Precision(str, Enum):
+    no = "no"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+@dataclass
+class LaunchFlags:
+    """Launch flags; each is the `--set launch.KEY=VALUE` it stands for."""
+
+    num_processes: int | None = None
+    num_machines: int | None = None
+    machine_rank: int | None = None
+    main_process_ip: str | None = None
+    main_process_port: int | None = None
+    deepspeed: str | None = None
+    mixed_precision: str | None = None
+
+    def launch_sets(self) -> list[str]:
+        return [
+            f"launch.{key}={value}"
+            for key, value in vars(self).items()
+            if value is not None and key != "mixed_precision"
+        ]
+
+    def precision_sets(self, recipe: Recipe) -> list[str]:
+        """One precision for every stage, so the launcher, the Trainer and DeepSpeed's "auto"
+        values cannot disagree."""
+        if self.mixed_precision is None:
+            return []
+        return [
+            f"{name}.training.{key}={self.mixed_precision == key}"
+            for name in STAGES
+            if getattr(recipe, name) is not None
+            for key in ("bf16", "fp16")
+        ]
+
+
+def _run(
+    command: str,
+    recipe_ref: str,
+    stages: list[str] | None,
+    output_dir: Path | None,
+    sets: list[str] | None,
+    flags: LaunchFlags,
+    dry_run: bool,
+    overwrite: bool,
+) -> None:
+    sets = list(sets or []) + flags.launch_sets()
+    recipe = load_recipe(recipe_ref, sets)
+    if flags.mixed_precision is not None:
+        sets += flags.precision_sets(recipe)
+        recipe = load_recipe(recipe_ref, sets)
+    out = _output_dir(recipe, output_dir)
+    names = list(recipe.pipeline) if stages is None else stages
+    for name in names:
+        recipe.stage(name)  # a missing section is an error before anything starts
+    from simpo_cli import launch
+
+    child_args = [command, recipe_ref, "--output-dir", str(out)]
+    # The launcher, not the training processes, needs the machine's rank: leaving it out keeps
+    # one command line for every machine but --machine_rank.
+    child_sets = [s for s in sets if not s.startswith("launch.machine_rank=")]
+    child_args += [arg for s in child_sets for arg in ("--set", s)]
+    child_args += ["--overwrite"] if overwrite else []
+    relaunch = launch.needs_launch(recipe.launch) and not launch.inside_launch()
+    if dry_run:
+        from simpo_cli.plan import print_plan
+
+        print_plan(recipe, names, out, child_args if relaunch else None)
+        return
+    if relaunch:
+        sys.exit(_launch(recipe, child_args))
+    from simpo_cli.trainer import run_stage, say
+
+    final = out
+    for name in names:
+        final = run_stage(recipe, name, out, overwrite)
+    say(f"final model: {final}")
+
+
+def _launch(recipe: Recipe, child_args: list[str]) -> int:
+    """Re-run this command on every process through `accelerate launch`; wait for them."""
+    import shlex
+
+    import torch
+
+    from simpo_cli import launch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    launch.preflight(recipe.launch, gpus)
+    command = launch.launch_command(recipe, child_args)
+    print("launching: " + shlex.join(command), flush=True)
+    if gpus == 0:
+        print(f"no GPU here: running {recipe.launch.world_size} processes on the CPU", flush=True)
+    return launch.run(command)
+
+
+def _run_command(name: str, stages: list[str] | None, doc: str):
+    """A command that runs `stages` (None: the whole pipeline) with the shared options."""
+
+    def command(
+        recipe: RecipeArg,
+        output_dir: OutputDir = None,
+        set_: SetOption = None,
+        dry_run: DryRun = False,
+        overwrite: Overwrite = False,
+        num_processes: Annotated[
+            int | None,
+            typer.Option(min=1, help="Processes (GPUs) per machine.", rich_help_panel="Launch"),
+        ] = None,
+        num_machines: Annotated[
+            int | None, typer.Option(min=1, help="Machines in the run.", rich_help_panel="Launch")
+        ] = None,
+        machine_rank: Annotated[
+            int | None, typer.Option(min=0, help="This machine's rank.", rich_help_panel="Launch")
+        ] = None,
+        main_process_ip: Annotated[
+            str | None, typer.Option(help="Address of machine 0.", rich_help_panel="Launch")
+        ] = None,
+        main_process_port: Annotated[
+            int | None,
+            typer.Option(min=1, max=65535, help="Rendezvous port.", rich_help_panel="Launch"),
+        ] = None,
+        deepspeed: Annotated[
+            str | None,
+            typer.Option(
+                help="zero1, zero2, zero3, zero3_offload or a JSON path.", rich_help_panel="Launch"
+            ),
+        ] = None,
+        mixed_precision: Annotated[
+            Precision | None,
+            typer.Option(help="Precision of every stage.", rich_help_panel="Launch"),
+        ] = None,
+    ) -> None:
+        flags = LaunchFlags(
+            num_processes, num_machines, machine_rank, main_process_ip, main_process_port,
+            deepspeed, mixed_precision.value if mixed_precision else None,
+        )  # fmt: skip
+        _run(name, recipe, stages, output_dir, set_, flags, dry_run, overwrite)
+
+    command.__doc__ = doc
+    return command
+
+
+app.command("train")(
+    _run_command(
+        "train",
+        None,
+        "Run every stage of the recipe's pipeline in order (e.g. SFT then SimPO).\n\n"
+        "Each stage writes DIR/<stage>/ and the next starts from its model. Running the same "
+        "command again resumes from the last checkpoint and skips finished stages. More than "
+        "one process, or DeepSpeed, re-launches through `accelerate launch`.",
+    )
+)
+app.command("sft")(
+    _run_command(
+        "sft",
+        ["sft"],
+        "Run only the SFT stage: causal-LM loss on every assistant turn, into DIR/sft/.",
+    )
+)
+app.command("preference")(
+    _run_command(
+        "preference",
+        ["preference"],
+        "Run only the preference (SimPO) stage into DIR/preference/.\n\n"
+        "When the pipeline has an SFT stage first, it starts from that stage's finished model.",
+    )
+)
+
+
+@app.command()
+def validate(
+    recipes: Annotated[list[str], typer.Argument(help="Recipe files or shipped names.")],
+    set_: SetOption = None,
+) -> None:
+    """Check recipes against the schema; print every problem. Exit 0 if all are valid, else 2."""
+    failed = False
+    for ref in recipes:
+        try:
+            recipe = load_recipe(ref, set_)
+        except UserError as err:
+            failed = True
+            for line in err.messages:
+                print(f"error: {line}", file=sys.stderr)
+            continue
+        print(f"ok: {ref} ({recipe.name}: {' -> '.join(recipe.pipeline)})")
+    if failed:
+        raise typer.Exit(2)
+
+
+@config_app.command("show")
+def config_show(recipe: RecipeArg, set_: SetOption = None) -> None:
+    """Print the fully resolved recipe (defaults filled, paths resolved) as YAML."""
+    loaded = load_recipe(recipe, set_)
+    print(loaded.to_yaml().rstrip())
+    if loaded.preference is not None:
+        stage = loaded.preference
+        print(f"# resolved gamma = {stage.resolved_gamma:g}")
+
+
+@data_app.command("inspect")
+def data_inspect(
+    recipe: RecipeArg,
+    stage: Annotated[
+        str, typer.Option(help=f"Stage whose data to show: {', '.join(STAGES)}.")
+    ] = "preference",
+    row: Annotated[int, typer.Option(min=0, help="Row of the training data to show.")] = 0,
+    set_: SetOption = None,
+    color: Annotated[
+        bool | None,
+        typer.Option("--color/--no-color", help="Default: when printing to a terminal."),
+    ] = None,
+) -> None:
+    """Print one rendered example token by token with the trained tokens marked.
+
+    Prompt, padding and template tokens are masked (not trained); a misplaced mask, a double BOS
+    or a missing EOS is visible at a glance.
+    """
+    from simpo_cli.data import inspect_row
+
+    loaded = load_recipe(recipe, set_)
+    if stage not in STAGES:
+        raise UserError(f"--stage {stage}: no such stage; use one of {', '.join(STAGES)}")
+    use_color = sys.stdout.isatty() if color is None else color
+    print(inspect_row(loaded, stage, row, use_color))
+
+
+ShippedName = Annotated[str, typer.Argument(help="A shipped recipe's name (simpo recipes list).")]
+
+
+@recipes_app.command("list")
+def recipes_list() -> None:
+    """List the shipped recipes: model, method (the preference loss, or sft) and key settings."""
+    rows, failed = [("NAME", "MODEL", "METHOD", "HYPERPARAMETERS")], []
+    for name in shipped_recipes():
+        try:
+            rows.append((name, *recipe_summary(load_recipe(name))))
+        except UserError as err:
+            failed += err.messages
+    width = [max(len(row[i]) for row in rows) for i in range(3)]
+    for name, model, method, settings in rows:
+        print(f"{name:<{width[0]}}  {model:<{width[1]}}  {method:<{width[2]}}  {settings}")
+    if failed:
+        raise UserError(failed)
+
+
+@recipes_app.command("show")
+def recipes_show(name: ShippedName) -> None:
+    """Print a shipped recipe file as written, comments included."""
+    print((shipped_recipe_dir(name) / "recipe.yaml").read_text(), end="")
+
+
+@recipes_app.command("copy")
+def recipes_copy(
+    name: ShippedName,
+    dest: Annotated[Path, typer.Argument(help="Folder to copy into (created if missing).")],
+) -> None:
+    """Copy a shipped recipe's files into DEST to edit them; never overwrites a file."""
+    for target, origin in copy_recipe(name, dest):
+        print(f"wrote {target}" + (f" (from {origin}; recipe.yaml points at it)" if origin else ""))
+    print(f"edit {dest / 'recipe.yaml'}, then: simpo train {dest}")
+
+
+@app.command("eval")
+def evaluate(
+    model_dir: Annotated[str, typer.Argument(help="A model folder, e.g. outputs/tiny/preference.")],
+    pairs: Annotated[str, typer.Option(help="Preference pairs: file, saved folder or hub name.")],
+    split: Annotated[str, typer.Option(help="Split of --pairs to read.")] = "train",
+    output: Annotated[str | None, typer.Option(help="Write the results as JSON here.")] = None,
+    beta: Annotated[
+        float | None, typer.Option(help="Default: the stage's recipe, else 2.0.")
+    ] = None,
+    gamma: Annotated[
+        float | None, typer.Option(help="Absolute margin; default: the recipe's.")
+    ] = None,
+    max_length: Annotated[int | None, typer.Option(min=1)] = None,
+    max_prompt_length: Annotated[int | None, typer.Option(min=1)] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+) -> None:
+    """Score preference pairs under a model: per-pair average log-probs, reward accuracy, mean
+    margin and SimPO loss."""
+    if not Path(model_dir).is_dir():
+        raise UserError(f"{model_dir}: no such model folder")
+    from simpo_cli.eval import evaluate_model_dir
+
+    result = evaluate_model_dir(
+        model_dir, pairs, split, output, beta, gamma, max_length, max_prompt_length, batch_size
+    )
+    s = result["summary"]
+    print(
+        f"pairs {s['pairs']}: reward accuracy {s['reward_accuracy']:.4f}, mean margin "
+        f"{s['reward_margin']:.4f}, SimPO loss {s['loss']:.4f} (beta {s['beta']:g}, "
+        f"gamma {s['gamma']:g})"
+    )
+    if output:
+        print(f"wrote {output}")
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as err:
+        # Every process of a launch meets the same error; one of them says it.
+        if os.environ.get("RANK", "0") == "0":
+            for line in err.messages:
+                print(f"error: {line}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

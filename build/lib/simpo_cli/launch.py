@@ -1,0 +1,228 @@
+"""The launch: DeepSpeed configs, the `accelerate launch` command line, the arithmetic a dry
+run prints (batch, steps, memory), and running the launcher. Building a command has no side
+effects; `preflight` only checks the machine; `run` starts the processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from simpo_cli.errors import UserError
+from simpo_cli.recipe import DEEPSPEED_DIR, LaunchSettings, Recipe, shipped_deepspeed_configs
+
+GIB = 1024**3
+
+
+def deepspeed_config_path(value: str) -> Path:
+    """A shipped DeepSpeed config by name (zero3), or a JSON file by path."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path.resolve()
+    shipped = DEEPSPEED_DIR / f"{value}.json"
+    if shipped.is_file():
+        return shipped
+    raise UserError(
+        f"launch.deepspeed: '{value}' is neither a JSON file nor a shipped config; use one of "
+        f"{', '.join(shipped_deepspeed_configs())}, or a path"
+    )
+
+
+def read_deepspeed_config(value: str) -> dict:
+    path = deepspeed_config_path(value)
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"launch.deepspeed: {path}: line {err.lineno}: {err.msg}") from None
+    if not isinstance(config.get("zero_optimization", {}), dict):
+        raise UserError(f"launch.deepspeed: {path}: zero_optimization must be a mapping")
+    return config
+
+
+LAUNCHED_ENV = "SIMPO_LAUNCHED"
+
+
+def inside_launch() -> bool:
+    """True in a process started by a launcher: ours marks its children, and torchrun (under
+    accelerate, SLURM scripts or by hand) sets LOCAL_RANK. Such a process never launches again."""
+    return os.environ.get(LAUNCHED_ENV) == "1" or "LOCAL_RANK" in os.environ
+
+
+def needs_launch(launch: LaunchSettings) -> bool:
+    return launch.world_size > 1 or launch.deepspeed is not None
+
+
+def launch_command(recipe: Recipe, simpo_args: list[str]) -> list[str]:
+    """The `accelerate launch` command that runs `simpo <simpo_args>` on every process.
+
+    DeepSpeed is configured through the Trainer (TrainingArguments.deepspeed, where transformers
+    fills the config's "auto" values from the recipe), so the launcher itself only starts
+    processes: the same command serves data parallel and every ZeRO stage.
+    """
+    launch = recipe.launch
+    first = recipe.stage(recipe.pipeline[0]).training
+    precision = "bf16" if first.bf16 else "fp16" if first.fp16 else "no"
+    command = [
+        "accelerate", "launch",
+        "--num_processes", str(launch.world_size),
+        "--num_machines", str(launch.num_machines),
+        "--machine_rank", str(launch.machine_rank),
+        "--main_process_port", str(launch.main_process_port),
+        "--mixed_precision", precision,
+        "--dynamo_backend", "no",
+    ]  # fmt: skip
+    if launch.num_machines > 1:
+        command += ["--main_process_ip", str(launch.main_process_ip)]
+        command += ["--rdzv_backend", launch.rdzv_backend]
+    if launch.world_size > 1:
+        # torchrun-style processes. On a CPU-only machine too: accelerate's --cpu would start
+        # a single process; the children select the CPU themselves (TrainingArguments.use_cpu).
+        command += ["--multi_gpu"]
+    return command + ["-m", "simpo_cli.cli", *simpo_args]
+
+
+def run(command: list[str]) -> int:
+    """Run an `accelerate launch ...` command in this process and wait for every training
+    process. When one fails, torchrun's agent stops the others; this returns 2 if they all
+    stopped on a user error (already printed by rank 0), else the failing exit code."""
+    from accelerate.commands.launch import launch_command as accelerate_launch
+    from accelerate.commands.launch import launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    assert command[:2] == ["accelerate", "launch"], command
+    os.environ[LAUNCHED_ENV] = "1"  # the children must run in place, not launch again
+    args = launch_command_parser().parse_args(command[2:])
+    try:
+        accelerate_launch(args)
+    except ChildFailedError as err:
+        codes = {rank: failure.exitcode for rank, failure in err.failures.items()}
+        if all(code == 2 for code in codes.values()):
+            return 2
+        rank, first = err.get_first_failure()
+        print(
+            f"error: training process rank {rank} failed (exit code {first.exitcode}) and the "
+            "launcher stopped the others; its messages are above. Run the same command again "
+            "to resume from the last checkpoint",
+            file=sys.stderr,
+        )
+        return first.exitcode if first.exitcode > 0 else 1
+    return 0
+
+
+def preflight(launch: LaunchSettings, gpus: int) -> None:
+    """Checks that turn a hang or a deep stack trace into one line: DeepSpeed missing, more
+    processes than GPUs, a busy rendezvous port."""
+    import importlib.util
+
+    try:
+        has_deepspeed = importlib.util.find_spec("deepspeed") is not None
+    except ValueError:  # present in sys.modules as None: imports of it fail
+        has_deepspeed = False
+    if launch.deepspeed is not None and not has_deepspeed:
+        raise UserError(
+            "launch.deepspeed: DeepSpeed is not installed; pip install deepspeed (or "
+            "'simpo-cli[deepspeed]'), or drop --deepspeed to train with plain data parallel"
+        )
+    if gpus and launch.num_processes > gpus:
+        raise UserError(
+            f"launch.num_processes: {launch.num_processes} processes but this machine has "
+            f"{gpus} GPU(s); pass --num-processes {gpus} (one process per GPU)"
+        )
+    if launch.machine_rank == 0 and not port_is_free(launch.main_process_port):
+        raise UserError(
+            f"launch.main_process_port: port {launch.main_process_port} is in use on this "
+            "machine (another run?); pass --main-process-port with a free port, e.g. "
+            f"{free_port()}"
+        )
+
+
+def port_is_free(port: int) -> bool:
+    """Nothing listens on the port. Like the rendezvous store, ignore connections of a stopped
+    run still in TIME_WAIT: a requeued job reuses its port at once."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- memory arithmetic
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Per-GPU bytes for model states (weights, gradients, optimizer) under a ZeRO stage."""
+
+    gpu_bytes: int
+    cpu_bytes: int
+    stage: int
+    offload: bool
+
+
+def model_states_memory(
+    n_params: int, largest_layer: int, stage: int, offload: bool, gpus_per_node: int, nodes: int
+) -> MemoryEstimate:
+    """Model-state memory per GPU with mixed-precision Adam, following DeepSpeed's estimators
+    (estimate_zero2/3_model_states_mem_needs; bytes per parameter, N = all GPUs):
+
+        no ZeRO: 16          (fp32 weights 4 + grads 4 + Adam 8, every GPU holds all)
+        ZeRO-1:  4 + 16/N    (16-bit weights and grads; fp32 master, grads and Adam sharded)
+        ZeRO-2:  2 + 18/N    (16-bit weights; 16-bit and fp32 grads, master and Adam sharded)
+        ZeRO-3:  4 x largest layer + 18/N   (everything sharded; one layer gathered at a time)
+        ZeRO-3 + offload of parameters and optimizer: 4 x largest layer on the GPU, the rest
+        (18 per parameter per node, x1.5 buffer) in CPU memory.
+    """
+    total = gpus_per_node * nodes
+    p = n_params
+    if stage == 3 and offload:
+        return MemoryEstimate(4 * largest_layer, int(p * 18 / nodes * 1.5), 3, True)
+    gpu = {
+        0: 16 * p,
+        1: 4 * p + 16 * p // total,
+        2: 2 * p + 18 * p // total,
+        3: 4 * largest_layer + 18 * p // total,
+    }[stage]
+    return MemoryEstimate(int(gpu), 0, stage, False)
+
+
+def logits_bytes(per_device_batch: int, max_length: int, vocab: int, paired: bool) -> int:
+    """fp32 logits of one micro-batch (log-softmax is taken in fp32): the peak that grows with
+    the vocabulary; a preference batch holds chosen and rejected, twice the rows."""
+    rows = per_device_batch * (2 if paired else 1)
+    return rows * max_length * vocab * 4
+
+
+def count_parameters(recipe: Recipe) -> tuple[int, int, int] | None:
+    """(parameters, largest layer, vocabulary) of the recipe's model, from its config alone:
+    built on the meta device, no weights read. None when the config cannot be read here."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    settings = recipe.model
+    try:
+        if settings.init == "from_config":
+            config = dict(settings.config or {})
+            config = AutoConfig.for_model(config.pop("model_type"), **config)
+        else:
+            config = AutoConfig.from_pretrained(
+                settings.name_or_path, trust_remote_code=settings.trust_remote_code
+            )
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception:  # offline hub name, unknown architecture: the estimate is skipped
+        return None
+    sizes = {id(p): p.numel() for p in model.parameters()}  # tied weights count once
+    vocab = model.get_input_embeddings().weight.shape[0]
+    return sum(sizes.values()), max(sizes.values()), vocab

@@ -1,0 +1,149 @@
+"""A stage's output folder: what it holds, whether it is finished, and the records written into it.
+
+DIR/<stage>/ holds the model (safetensors + config + tokenizer with its chat template),
+resolved_recipe.yaml, metrics.jsonl, reproducibility.json, data_report.txt, checkpoint-N/ folders
+while training runs, and stage_complete.json once the stage has finished.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from simpo_cli.errors import UserError
+from simpo_cli.recipe import stage_identity
+
+PACKAGES = ("simpo-cli", "torch", "transformers", "datasets", "accelerate", "deepspeed", "trl")
+
+
+@dataclass(frozen=True)
+class StageDir:
+    path: Path
+
+    @property
+    def recipe_file(self) -> Path:
+        return self.path / "resolved_recipe.yaml"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def complete_file(self) -> Path:
+        return self.path / "stage_complete.json"
+
+    def is_complete(self) -> bool:
+        return self.complete_file.is_file()
+
+    def last_checkpoint(self) -> Path | None:
+        steps = [
+            (int(p.name.split("-")[1]), p)
+            for p in self.path.glob("checkpoint-*")
+            if p.name.split("-")[1].isdigit() and (p / "trainer_state.json").is_file()
+        ]
+        return max(steps)[1] if steps else None
+
+    def check(self, identity: dict[str, Any], stage: str) -> None:
+        """Refuse a folder made by a different recipe, or one that is not a stage folder.
+
+        `identity` is the part of the recipe that decides this stage's result (model, data, and
+        settings of this stage and the ones before it): a run that differs there must not resume
+        or skip someone's earlier run. Read-only, so every process of a launch can run it.
+        """
+        if self.recipe_file.is_file():
+            before = yaml.safe_load(self.recipe_file.read_text()) or {}
+            if stage_identity(before, stage) != identity:
+                raise UserError(
+                    f"{self.path}: holds a '{stage}' run made with a different recipe; pass "
+                    "--overwrite to start it over, or choose another --output-dir"
+                )
+        elif self.path.is_dir() and any(self.path.iterdir()):
+            raise UserError(
+                f"{self.path}: exists and is not a simpo stage folder; choose another "
+                "--output-dir (or pass --overwrite to replace it)"
+            )
+
+    def create(self, recipe_yaml: str, overwrite: bool) -> None:
+        """Make the folder (emptied first with --overwrite) and write resolved_recipe.yaml."""
+        if overwrite and self.path.exists():
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.recipe_file.write_text(recipe_yaml)
+
+    def trim_metrics(self, after_step: int) -> None:
+        """On resume, drop metric lines logged after the checkpoint: those steps run again."""
+        if not self.metrics_file.is_file():
+            return
+        kept = [
+            line
+            for line in self.metrics_file.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= after_step
+        ]
+        self.metrics_file.write_text("".join(line + "\n" for line in kept))
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        with self.metrics_file.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def write_json(self, name: str, payload: dict[str, Any]) -> None:
+        (self.path / name).write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+    def mark_complete(self, summary: dict[str, Any]) -> None:
+        self.write_json(self.complete_file.name, {"finished_at": _now(), **summary})
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def git_commit() -> str | None:
+    """The commit of the simpo source tree, when it runs from a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        result = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True
+        )
+    except OSError:
+        return None
+    if result.returncode != 0:
+        return None
+    dirty = subprocess.run(
+        ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return result.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def reproducibility_record(
+    seed: int, fingerprints: dict[str, str], world_size: int, start_model: str
+) -> dict[str, Any]:
+    return {
+        "created_at": _now(),
+        "packages": package_versions(),
+        "git_commit": git_commit(),
+        "seed": seed,
+        "start_model": start_model,
+        "datasets": fingerprints,
+        "world_size": world_size,
+        "platform": platform.platform(),
+    }

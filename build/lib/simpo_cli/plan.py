@@ -1,0 +1,161 @@
+"""`--dry-run`: what a run would do, printed without starting it: the resolved recipe, the exact
+launch command, the batch arithmetic, optimizer steps, and per-GPU memory for model states."""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+from pathlib import Path
+
+from simpo_cli import launch
+from simpo_cli.outputs import StageDir
+from simpo_cli.recipe import DataSource, Recipe, StageName
+
+
+def print_plan(recipe: Recipe, names: list[StageName], out: Path, child: list[str] | None) -> None:
+    print(recipe.to_yaml().rstrip())
+    lines = ["", "launch:"]
+    settings = recipe.launch
+    ds = launch.read_deepspeed_config(settings.deepspeed) if settings.deepspeed else None
+    zero = (ds or {}).get("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+    offload = _offloads(zero)
+    lines.append(
+        f"  {settings.num_processes} process(es) per machine x {settings.num_machines} "
+        f"machine(s) = {settings.world_size}; "
+        + (f"DeepSpeed {settings.deepspeed} (ZeRO-{stage})" if ds else "no DeepSpeed")
+    )
+    if child is None:
+        lines.append("  runs in this process (no launcher)")
+    else:
+        command = launch.launch_command(recipe, child)
+        if settings.num_machines > 1:
+            lines.append("  run on every machine, with --machine_rank set to that machine's rank:")
+        lines.append("  " + shlex.join(command))
+
+    lines += ["", "stages:"]
+    for name in names:
+        lines += _stage_lines(recipe, name, out)
+    lines += ["", *_memory_lines(recipe, names, stage, offload)]
+    print("\n".join(lines))
+
+
+def _offloads(zero: dict) -> bool:
+    return any(
+        (zero.get(key) or {}).get("device", "none") not in ("none", None)
+        for key in ("offload_param", "offload_optimizer")
+    )
+
+
+def _stage_lines(recipe: Recipe, name: StageName, out: Path) -> list[str]:
+    stage_dir = StageDir(out / name)
+    checkpoint = stage_dir.last_checkpoint()
+    if stage_dir.is_complete():
+        state = "finished, will be skipped; --overwrite reruns it"
+    elif checkpoint is not None:
+        state = f"resumes from {checkpoint.name}"
+    else:
+        state = "starts fresh"
+    section = recipe.stage(name)
+    t = section.training
+    world = recipe.launch.world_size
+    accumulation = recipe.accumulation_steps(name)
+    total = recipe.total_batch(name)
+    lines = [
+        f"  {name} -> {stage_dir.path} ({state})",
+        f"    batch: {t.per_device_train_batch_size} per device x {world} process(es) x "
+        f"{accumulation} accumulation step(s) = {total} per optimizer step",
+    ]
+    if name == "preference":
+        lines.append(f"    gamma {section.resolved_gamma:g} (beta {section.beta:g})")
+    rows = count_rows(section.data.train)
+    if rows is None:
+        lines.append("    optimizer steps: unknown until the data is read (hub dataset)")
+    else:
+        per_epoch = math.ceil(rows / total)
+        steps = t.max_steps if t.max_steps > 0 else math.ceil(per_epoch * t.num_train_epochs)
+        lines.append(
+            f"    optimizer steps: {per_epoch} per epoch ({rows} rows, before dropped rows); "
+            f"{steps} in all"
+        )
+    return lines
+
+
+def _memory_lines(recipe: Recipe, names: list[StageName], stage: int, offload: bool) -> list[str]:
+    counted = launch.count_parameters(recipe)
+    if counted is None:
+        return ["memory: unknown (the model's config cannot be read here)"]
+    n_params, largest, vocab = counted
+    settings = recipe.launch
+    estimate = launch.model_states_memory(
+        n_params, largest, stage, offload, settings.num_processes, settings.num_machines
+    )
+    where = f"ZeRO-{stage}" + (" with CPU offload" if offload else "") if stage else "no ZeRO"
+    lines = [
+        f"memory per GPU for model states ({where}, {settings.world_size} GPU(s)): "
+        f"{_bytes(estimate.gpu_bytes)} for {_count(n_params)} parameters (largest layer "
+        f"{_count(largest)}); activations not included"
+    ]
+    if estimate.cpu_bytes:
+        lines.append(f"  CPU memory per machine: {_bytes(estimate.cpu_bytes)}")
+    for name in names:
+        section = recipe.stage(name)
+        logits = launch.logits_bytes(
+            section.training.per_device_train_batch_size,
+            section.data.max_length,
+            vocab,
+            paired=name == "preference",
+        )
+        lines.append(
+            f"  {name}: fp32 logits of one micro-batch: {_bytes(logits)} (vocabulary {vocab})"
+        )
+        peak = estimate.gpu_bytes + logits
+        if peak > settings.gpu_memory_gb * launch.GIB:
+            lines.append(
+                f"  WARNING: {name} needs about {peak / launch.GIB:.1f} GiB per GPU before "
+                f"activations, more than launch.gpu_memory_gb ({settings.gpu_memory_gb:g}); use a "
+                "higher ZeRO stage or offload (--deepspeed zero3 / zero3_offload), more GPUs, "
+                "or a smaller per_device_train_batch_size with more accumulation"
+            )
+    return lines
+
+
+def count_rows(source: DataSource) -> int | None:
+    """Rows a local source holds (capped by max_rows), without tokenizing; None for the hub."""
+    path = Path(source.path)
+    if path.is_file():
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            rows = pq.ParquetFile(path).metadata.num_rows
+        elif path.suffix == ".json" and path.read_text().lstrip().startswith("["):
+            rows = len(json.loads(path.read_text()))
+        else:
+            rows = sum(1 for line in path.read_text().split("\n") if line.strip())
+    elif path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "state.json")):
+        import datasets
+
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            loaded = loaded[source.split] if source.split in loaded else None
+        rows = len(loaded) if loaded is not None else None
+    else:
+        return None
+    if rows is not None and source.max_rows is not None:
+        rows = min(rows, source.max_rows)
+    return rows
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("GiB", launch.GIB), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
