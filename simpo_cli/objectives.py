@@ -74,7 +74,7 @@ def _rdpo(s: PreferenceStage, p: PairScores, r: PairScores | None) -> Preference
 def _kto(s: PreferenceStage, p: PairScores, r: PairScores | None) -> PreferenceLoss:
     # Each pair is split into a desirable (chosen) and an undesirable (rejected) example; the
     # pair's loss is the mean of the two, so the batch mean is KTO's mean over 2B examples.
-    # z0 comes from this micro-batch's mismatched completions (per process).
+    # z0 comes from the mismatched completions in kl_sum (the trainer passes every process's).
     z0 = losses.kto_kl_estimate(p.kl_sum, r.kl_sum)
     half = p.chosen_sum.shape[0]
     desirable = torch.arange(2 * half, device=p.chosen_sum.device) < half

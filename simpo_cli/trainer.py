@@ -83,10 +83,17 @@ class PreferenceTrainer(Trainer):
             reference, _ = self._pair_scores(self.ref_model, inputs)
         return reference
 
+    def _objective(self, policy: PairScores, reference: PairScores | None):
+        if self.stage.loss == "kto" and world_size() > 1:
+            # KTO's reference point z0 estimates a KL over the whole batch: every process's
+            # mismatched completions, as one process would see them (it carries no gradient).
+            policy = policy._replace(kl_sum=_all_gather(policy.kl_sum.detach()))
+            reference = reference._replace(kl_sum=_all_gather(reference.kl_sum))
+        return preference_objective(self.stage, policy, reference)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         policy, logits = self._pair_scores(model, inputs)
-        reference = self._reference_scores(inputs, policy)
-        out = preference_objective(self.stage, policy, reference)
+        out = self._objective(policy, self._reference_scores(inputs, policy))
         loss = out.losses.mean()
         self._store_pair_metrics(out, policy, logits, inputs["labels"])
         return (loss, {"logits": logits}) if return_outputs else loss
@@ -132,9 +139,7 @@ class PreferenceTrainer(Trainer):
                 sums = [policy.chosen_sum, policy.rejected_sum, policy.kl_sum]
                 scores = torch.stack([x for x in sums if x is not None], dim=1)
             else:
-                out = preference_objective(
-                    self.stage, policy, self._reference_scores(inputs, policy)
-                )
+                out = self._objective(policy, self._reference_scores(inputs, policy))
                 scores = torch.stack(
                     [out.losses, out.chosen_rewards, out.rejected_rewards,
                      policy.chosen_avg, policy.rejected_avg], dim=1,
@@ -226,6 +231,13 @@ def is_main_process() -> bool:
 def barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def _all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """The same-shaped tensors of every process, concatenated in rank order."""
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    torch.distributed.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
 
 
 def say(message: str) -> None:

@@ -485,3 +485,24 @@ def test_reference_pre_pass_under_zero(tmp_path, start_model, zero):
     assert runs["cached"][1] == pytest.approx(runs["live"][1], rel=1e-5)
     assert runs["cached"][0][0] == pytest.approx(0.693147, rel=1e-5)
     assert len(list((tmp_path / "cached" / "reference_logps").glob("*.json"))) == 2
+
+
+@pytest.mark.slow
+def test_kto_on_two_processes_matches_one(tmp_path, start_model):
+    """KTO's reference point z0 is the KL estimate over the whole batch: with it gathered from
+    both processes, a 2-process run trains like a 1-process run at the same total batch."""
+    # Held-out z0 is per evaluation step too: 8 pairs a step in both runs, 96 pairs in all.
+    kto = ["--set", "preference.loss=kto", "--set", "preference.gamma_beta_ratio=null",
+           "--set", "preference.data.eval.max_rows=96"]  # fmt: skip
+    one = tmp_path / "one"
+    result = _train(one, start_model, *kto,
+                    "--set", "preference.training.per_device_train_batch_size=16",
+                    "--set", "preference.training.per_device_eval_batch_size=8")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = tmp_path / "two"
+    result = _train(two, start_model, *kto, "--num-processes", "2",
+                    "--set", "preference.training.per_device_train_batch_size=8",
+                    "--set", "preference.training.per_device_eval_batch_size=4")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _losses(two)[0] == pytest.approx(_losses(one)[0], rel=1e-5)
+    assert _losses(two)[1] == pytest.approx(_losses(one)[1], rel=1e-5)
