@@ -1,3 +1,0 @@
-"""simpo: align language models with SimPO from YAML recipes."""
-
-__version__ = "0.1.0"
