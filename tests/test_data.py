@@ -77,18 +77,6 @@ REJECTED = {"role": "assistant", "content": "3 2 1"}
 # --------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(scope="module")
-def tok():
-    """The shipped tiny tokenizer as the CLI loads it (never mutated: see `fresh_tok`)."""
-    return load_tokenizer(ModelSettings(name_or_path=str(TINY_TOKENIZER)))
-
-
-@pytest.fixture
-def fresh_tok():
-    """A private copy for tests that change the chat template."""
-    return load_tokenizer(ModelSettings(name_or_path=str(TINY_TOKENIZER)))
-
-
 def enc(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 

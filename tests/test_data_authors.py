@@ -21,10 +21,10 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from simpo_cli.data import load_source, load_tokenizer, prepare, tokenize_pair  # noqa: E402
+from simpo_cli.data import load_source, prepare, tokenize_pair  # noqa: E402
 from simpo_cli.errors import DataError  # noqa: E402
 from simpo_cli.losses import IGNORE_INDEX  # noqa: E402
-from simpo_cli.recipe import DataSource, ModelSettings  # noqa: E402
+from simpo_cli.recipe import DataSource  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TOKENIZER = ROOT / "recipes" / "tiny" / "tokenizer"
@@ -45,18 +45,6 @@ PAIR = {"chosen": [SYSTEM, USER, CHOSEN], "rejected": [SYSTEM, USER, REJECTED]}
 # The same conversation written out by hand, as the template renders it.
 PROMPT_TEXT = BOS_TEXT + SYSTEM_HEADER + "You sort digits." + EOT_TEXT + USER_HEADER
 PROMPT_TEXT += "Sort: 3 1 2" + EOT_TEXT
-
-
-@pytest.fixture(scope="module")
-def tok():
-    """The shipped tiny tokenizer as the CLI loads it (never mutated: see `fresh_tok`)."""
-    return load_tokenizer(ModelSettings(name_or_path=str(TINY_TOKENIZER)))
-
-
-@pytest.fixture
-def fresh_tok():
-    """A private copy for tests that change the chat template."""
-    return load_tokenizer(ModelSettings(name_or_path=str(TINY_TOKENIZER)))
 
 
 def enc(tokenizer, text: str) -> list[int]:
