@@ -44,34 +44,28 @@ def load_source(source: DataSource, role: str):
         kind = LOCAL_SUFFIXES.get(path.suffix.lower())
         if kind is None:
             raise DataError(
-                f"{role}: {path}: unsupported file type '{path.suffix}'; "
+                f"{_at(role, path)}: unsupported file type '{path.suffix}'; "
                 "use .json, .jsonl or .parquet, or a save_to_disk folder"
             )
         if kind == "json":
-            try:
-                dataset = datasets.Dataset.from_list(_read_json_rows(path))
-            except (TypeError, ValueError) as err:  # pyarrow's ArrowTypeError / ArrowInvalid
-                raise DataError(
-                    f"{role}: {path}: a column holds different types in different rows ({err}); "
-                    "make each column one type (e.g. chosen always a list of messages)"
-                ) from None
+            dataset = _json_dataset(path, role)
         else:
             try:
                 dataset = datasets.Dataset.from_parquet(str(path))
             except Exception as err:  # pyarrow raises several types for a damaged file
-                raise DataError(f"{role}: {path}: cannot read parquet: {err}") from None
+                raise DataError(f"{_at(role, path)}: cannot read parquet: {err}") from None
     elif path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "state.json")):
         try:
             loaded = datasets.load_from_disk(str(path))
         except Exception as err:
             raise DataError(
-                f"{role}: {path}: not a dataset saved with save_to_disk ({err}); "
+                f"{_at(role, path)}: not a dataset saved with save_to_disk ({err}); "
                 "point path at a .json/.jsonl/.parquet file or a saved dataset folder"
             ) from None
         if isinstance(loaded, datasets.DatasetDict):
             if source.split not in loaded:
                 raise DataError(
-                    f"{role}: {path}: no split '{source.split}'; "
+                    f"{_at(role, path)}: no split '{source.split}'; "
                     f"set split to one of {', '.join(loaded)}"
                 )
             loaded = loaded[source.split]
@@ -92,8 +86,71 @@ def load_source(source: DataSource, role: str):
     return dataset
 
 
-def _read_json_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSON Lines file, or of a .json file holding a list of objects."""
+# Raw datasets read from a JSON file carry each row's place in the file ("line 12", "item 3") in
+# this column, so that every data error names the line a user can open; other sources have none
+# and their rows are named "row N", counted from 1.
+LOCATION_COLUMN = "__location__"
+# The same, kept in a tokenized dataset (collators leave it out of the model's inputs).
+SOURCE_ROW = "source_row"
+
+
+def _at(role: str, path: Path) -> str:
+    """`role: path`, or the role alone when it names the path already (the stages' roles do)."""
+    return role if str(path) in role else f"{role}: {path}"
+
+
+def _json_dataset(path: Path, role: str):
+    """A JSON/JSONL file as a Dataset with the union of the rows' keys (a key a row lacks is null
+    there), so a column that appears in later rows only is kept; plus LOCATION_COLUMN."""
+    import datasets
+
+    numbered, unit = _read_json_rows(path)
+    columns: dict[str, None] = {}  # ordered set: first appearance
+    for _, row in numbered:
+        columns.update(dict.fromkeys(row))
+    kinds: dict[str, tuple[str, int]] = {}
+    for number, row in numbered:
+        for key, value in row.items():
+            if value is None:
+                continue
+            kind = _json_kind(value)
+            first = kinds.setdefault(key, (kind, number))
+            if first[0] != kind:
+                raise DataError(
+                    f"{_at(role, path)}: {unit} {number}: '{key}' is {kind} but {unit} {first[1]} "
+                    f"has {first[0]}; make each column one type (e.g. chosen always a list of "
+                    "messages)"
+                )
+    table = {key: [row.get(key) for _, row in numbered] for key in columns}
+    table[LOCATION_COLUMN] = [f"{unit} {number}" for number, _ in numbered]
+    try:
+        return datasets.Dataset.from_dict(table)
+    except (TypeError, ValueError) as err:  # pyarrow's ArrowTypeError / ArrowInvalid
+        raise DataError(
+            f"{_at(role, path)}: rows hold values of different shapes that cannot form one column "
+            f"({err}); make each column one type"
+        ) from None
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "a list" if isinstance(value, list) else "an object"
+
+
+def row_location(row: dict[str, Any], index: int) -> str:
+    """Where a raw row is in its source, counted from 1: "line 12" of a JSONL file, "item 3" of
+    a JSON list, else "row N" by position."""
+    return row.get(LOCATION_COLUMN) or f"row {index + 1}"
+
+
+def _read_json_rows(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], str]:
+    """(number, row) of each row of a JSON Lines file (number: the line) or of a .json file
+    holding a list of objects (number: the item, from 1), and that unit ("line" or "item")."""
     try:
         text = path.read_text(encoding="utf-8-sig")  # tolerate a byte-order mark
     except (OSError, UnicodeDecodeError) as err:
@@ -124,7 +181,7 @@ def _read_json_rows(path: Path) -> list[dict[str, Any]]:
             raise DataError(f"{path}: {unit} {number}: expected a JSON object, got {row!r:.60}")
     if not numbered:
         raise DataError(f"{path}: no rows; the file is empty")
-    return [row for _, row in numbered]
+    return numbered, unit
 
 
 def fingerprint(source: DataSource, dataset) -> str:
@@ -180,14 +237,18 @@ def _adds_bos(tokenizer) -> bool:
 # --------------------------------------------------------------------------- rendering
 
 
-def render_segments(tokenizer, messages: list[Message]) -> list[tuple[str, bool]]:
+def render_segments(
+    tokenizer, messages: list[Message], last_reply_only: bool = False
+) -> list[tuple[str, bool]]:
     """Split a rendered conversation into (text, trained) pieces: every assistant reply (with its
-    end-of-turn) is trained; the rest (system, user turns, assistant headers) is not."""
+    end-of-turn) is trained; the rest (system, user turns, assistant headers) is not.
+
+    With last_reply_only (a preference pair), only the final reply is trained: earlier assistant
+    turns are history, part of the prompt that chosen and rejected share."""
     pieces: list[tuple[str, bool]] = []
     done = 0
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
+    replies = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+    for i in replies[-1:] if last_reply_only else replies:
         before = tokenizer.apply_chat_template(
             messages[:i], tokenize=False, add_generation_prompt=True
         )
@@ -242,6 +303,8 @@ def _last_reply(ids: list[int], labels: list[int]) -> list[int]:
 
 
 def _as_messages(value: Any, role: str, where: str) -> list[Message]:
+    if value is None:
+        raise DataError(f"{where}: no value in this row; give a string or a list of messages")
     if isinstance(value, str):
         return [{"role": role, "content": value}]
     if isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value):
@@ -271,12 +334,14 @@ def preference_messages(row: dict[str, Any], where: str) -> tuple[list[Message],
 
 
 def sft_messages(row: dict[str, Any], where: str) -> list[Message]:
-    """The conversation of an SFT row: a `messages` list, or prompt/completion."""
-    if "messages" in row:
+    """The conversation of an SFT row: a `messages` list, or prompt/completion (a file may mix
+    the two forms: a row with no messages value is read as prompt/completion)."""
+    if row.get("messages") is not None:
         messages = _as_messages(row["messages"], "user", f"{where}: messages")
     else:
-        prompt = _as_messages(row["prompt"], "user", f"{where}: prompt")
-        messages = prompt + _as_messages(row["completion"], "assistant", f"{where}: completion")
+        prompt = _as_messages(row.get("prompt"), "user", f"{where}: prompt")
+        completion = _as_messages(row.get("completion"), "assistant", f"{where}: completion")
+        messages = prompt + completion
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: the conversation has no assistant turn to train on")
     return messages
@@ -288,6 +353,7 @@ SFT_COLUMNS = ({"messages"}, {"prompt", "completion"})
 
 def check_columns(columns: list[str], kind: str, where: str) -> None:
     accepted = PREFERENCE_COLUMNS if kind == "preference" else SFT_COLUMNS
+    columns = [c for c in columns if c != LOCATION_COLUMN]
     if any(need <= set(columns) for need in accepted):
         return
     wanted = " or ".join("/".join(sorted(need)) for need in accepted)
@@ -377,7 +443,8 @@ def _default_tokens(
     prompt_ids: list[int] | None = None
     responses = {}
     for side, reply in (("chosen", chosen), ("rejected", rejected)):
-        ids, labels = tokenize_segments(tokenizer, render_segments(tokenizer, prompt + [reply]))
+        pieces = render_segments(tokenizer, prompt + [reply], last_reply_only=True)
+        ids, labels = tokenize_segments(tokenizer, pieces)
         n_prompt = labels.index(next(x for x in labels if x != IGNORE_INDEX))
         if prompt_ids is None:
             prompt_ids = ids[:n_prompt]
@@ -490,15 +557,20 @@ def prepare(
 ):
     """Tokenize a loaded dataset for a stage ('sft' or 'preference'); drop and count bad rows.
 
-    Returns (tokenized dataset, DataReport). Raises DataError naming the row for malformed rows.
+    Returns (tokenized dataset, DataReport). The dataset keeps each row's place in its source
+    (SOURCE_ROW: "line 12") for messages about a training step. Raises DataError naming the
+    source and the row's line for malformed rows.
     """
     check_columns(dataset.column_names, kind, name)
 
     def one(row: dict[str, Any], index: int) -> dict[str, Any]:
-        where = f"{name}: row {index}"
+        location = row_location(row, index)
+        where = f"{name}: {location}"
         if kind == "preference":
-            return tokenize_pair(tokenizer, row, where, max_length, max_prompt_length, tokenization)
-        return tokenize_conversation(tokenizer, row, where, max_length)
+            out = tokenize_pair(tokenizer, row, where, max_length, max_prompt_length, tokenization)
+        else:
+            out = tokenize_conversation(tokenizer, row, where, max_length)
+        return {**out, SOURCE_ROW: location}
 
     tokenized = dataset.map(
         one,
@@ -561,6 +633,7 @@ def _tokenized_features(kind: str):
             **dict.fromkeys(columns, ints),
             "drop": datasets.Value("string"),
             "truncated": datasets.Value("bool"),
+            SOURCE_ROW: datasets.Value("string"),
         }
     )
 
@@ -656,7 +729,7 @@ def inspect_row(recipe, stage_name: str, row: int, color: bool) -> str:
         )
     kind = "sft" if stage_name == "sft" else "preference"
     check_columns(dataset.column_names, kind, role)
-    where = f"{role}: row {row}"
+    where = f"{role}: --row {row} ({row_location(dataset[row], row)} of {stage.data.train.path})"
     if kind == "sft":
         out = tokenize_conversation(tokenizer, dataset[row], where, stage.data.max_length)
         shown = {"example": (out["input_ids"], out["labels"])}

@@ -76,16 +76,18 @@ def evaluate_model_dir(
     max_length: int | None = None,
     max_prompt_length: int | None = None,
     batch_size: int = 8,
+    tokenization: str | None = None,
 ) -> dict[str, Any]:
     """`simpo eval`: score every pair of `pairs` under the model in `model_dir`.
 
-    beta, gamma and the max lengths come from the flags, else from the resolved_recipe.yaml the
-    preference stage wrote beside the model, else the SimPO defaults.
+    beta, gamma, the max lengths and the tokenization come from the flags, else from the
+    resolved_recipe.yaml the preference stage wrote beside the model (a model trained with the
+    authors' tokenization is scored with it), else the SimPO defaults.
     """
     from transformers import AutoModelForCausalLM
 
     stage = _stage_settings(
-        Path(model_dir), pairs, split, beta, gamma, max_length, max_prompt_length
+        Path(model_dir), pairs, split, beta, gamma, max_length, max_prompt_length, tokenization
     )
     settings = ModelSettings(name_or_path=model_dir)
     tokenizer = load_tokenizer(settings)
@@ -94,14 +96,26 @@ def evaluate_model_dir(
     except OSError as err:
         raise UserError(f"{model_dir}: cannot load a model: {str(err).splitlines()[0]}") from None
     raw = load_source(stage.data.train, "--pairs")
+    data = stage.data
     dataset, report = prepare(
-        raw, tokenizer, "preference", "--pairs", stage.data.max_length, stage.data.max_prompt_length
+        raw,
+        tokenizer,
+        "preference",
+        f"--pairs ({pairs})",
+        data.max_length,
+        data.max_prompt_length,
+        data.tokenization,
     )
     if report.dropped:
         print("\n".join(report.lines()))
     scores = score_pairs(model, dataset, tokenizer.pad_token_id, batch_size)
     summary = summarize(scores, stage)
-    summary |= {"dropped": dict(report.dropped), "model": model_dir, "data": pairs}
+    summary |= {
+        "tokenization": data.tokenization,
+        "dropped": dict(report.dropped),
+        "model": model_dir,
+        "data": pairs,
+    }
     records = [
         dict(zip(scores, values, strict=True)) for values in zip(*scores.values(), strict=True)
     ]
@@ -112,7 +126,9 @@ def evaluate_model_dir(
     return result
 
 
-def _stage_settings(model_dir, pairs, split, beta, gamma, max_length, max_prompt_length):
+def _stage_settings(
+    model_dir, pairs, split, beta, gamma, max_length, max_prompt_length, tokenization
+):
     """A PreferenceStage for evaluation: flags over the stage's saved recipe over defaults."""
     import yaml
 
@@ -134,6 +150,8 @@ def _stage_settings(model_dir, pairs, split, beta, gamma, max_length, max_prompt
         data["max_length"] = max_length
     if max_prompt_length is not None:
         data["max_prompt_length"] = max_prompt_length
+    if tokenization is not None:
+        data["tokenization"] = tokenization
     if "max_length" in data and "max_prompt_length" not in data:
         data["max_prompt_length"] = max(1, data["max_length"] // 2)
     keep = ("loss", "loss_type", "label_smoothing")

@@ -24,6 +24,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from simpo_cli.data import (  # noqa: E402
+    LOCATION_COLUMN,  # noqa: E402
     DataReport,
     PreferenceCollator,
     SFTCollator,
@@ -97,6 +98,27 @@ def pair_columns(out: dict) -> dict:
 
 def pair_row(prompt: str, chosen: str, rejected: str) -> dict:
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def llama_prompt(user: str, system: str | None = None) -> str:
+    """The tiny template's rendering of [system,] user plus the generation prompt, by hand."""
+    head = BOS_TEXT + (SYSTEM_HEADER + system + EOT_TEXT if system is not None else "")
+    return head + USER_HEADER + user + EOT_TEXT + ASSISTANT_HEADER
+
+
+def pair_by_hand(tokenizer, prompt: str, chosen: str, rejected: str) -> dict:
+    """What tokenize_pair should give for an untruncated pair, from hand-written text: each side's
+    whole text tokenized at once, and the prompt's tokens masked."""
+    n_prompt = len(enc(tokenizer, prompt))
+    out = {"drop": "", "truncated": False}
+    for side, reply in (("chosen", chosen), ("rejected", rejected)):
+        out[f"{side}_ids"] = enc(tokenizer, prompt + reply)
+        out[f"{side}_labels"] = masked(n_prompt) + enc(tokenizer, reply)
+    return out
+
+
+def sevens(n: int) -> str:
+    return " ".join(["7"] * n)
 
 
 # --------------------------------------------------------------------------- 1. Llama-3 template
@@ -214,8 +236,10 @@ def test_template_writing_bos_twice_still_gives_one(tok, fresh_tok):
     fresh_tok.chat_template = "{{ bos_token }}" + tok.chat_template
     pieces = render_segments(fresh_tok, [USER, CHOSEN])
     assert pieces[0][0].startswith(BOS_TEXT + BOS_TEXT + USER_HEADER)
-    assert tokenize_segments(fresh_tok, pieces) == tokenize_segments(
-        tok, render_segments(tok, [USER, CHOSEN])
+    prompt, reply = llama_prompt("Sort: 3 1 2"), "1 2 3" + EOT_TEXT
+    assert tokenize_segments(fresh_tok, pieces) == (
+        enc(tok, prompt + reply),
+        masked(len(enc(tok, prompt))) + enc(tok, reply),
     )
 
 
@@ -271,25 +295,34 @@ def test_multi_turn_sft_trains_every_assistant_turn(tok):
     ids=["strings", "message-lists", "mixed"],
 )
 def test_prompt_completion_equals_messages(tok, row):
-    messages = [USER, CHOSEN] if isinstance(row["prompt"], str) else [SYSTEM, USER, CHOSEN]
+    """Each form gives the conversation written out by hand: the reply trained, the rest masked."""
+    system = None if isinstance(row["prompt"], str) else "You sort digits."
+    messages = [USER, CHOSEN] if system is None else [SYSTEM, USER, CHOSEN]
     assert sft_messages(row, "w") == messages
-    assert tokenize_conversation(tok, row, "w", 512) == tokenize_conversation(
-        tok, {"messages": messages}, "w", 512
-    )
+    prompt, reply = llama_prompt("Sort: 3 1 2", system), "1 2 3" + EOT_TEXT
+    expected = {
+        "input_ids": enc(tok, prompt + reply),
+        "labels": masked(len(enc(tok, prompt))) + enc(tok, reply),
+        "drop": "",
+        "truncated": False,
+    }
+    assert tokenize_conversation(tok, row, "w", 512) == expected
+    assert tokenize_conversation(tok, {"messages": messages}, "w", 512) == expected
 
 
 def test_sft_truncation_and_drops(tok):
-    full = tokenize_conversation(tok, {"messages": [USER, CHOSEN]}, "w", 512)
-    n = len(full["input_ids"])
-    cut = tokenize_conversation(tok, {"messages": [USER, CHOSEN]}, "w", n - 2)
+    """17 prompt tokens + `1 2 3<|eot_id|>` (4): max_length 19 keeps "1", " 2"; 17 keeps none."""
+    prompt, reply = enc(tok, llama_prompt("Sort: 3 1 2")), enc(tok, "1 2 3" + EOT_TEXT)
+    assert (len(prompt), reply) == (17, [22, 272, 271, 4])  # the case we claim
+    cut = tokenize_conversation(tok, {"messages": [USER, CHOSEN]}, "w", 19)
     assert cut == {
-        "input_ids": full["input_ids"][: n - 2],
-        "labels": full["labels"][: n - 2],
+        "input_ids": prompt + [22, 272],
+        "labels": masked(17) + [22, 272],
         "drop": "",
         "truncated": True,
     }
-    # Cut inside the prompt: nothing left to train on.
-    prompt_only = tokenize_conversation(tok, {"messages": [USER, CHOSEN]}, "w", n - 4)
+    # Cut at the end of the prompt: nothing left to train on.
+    prompt_only = tokenize_conversation(tok, {"messages": [USER, CHOSEN]}, "w", 17)
     assert prompt_only["drop"] == "no response tokens after truncation"
     empty = {"messages": [USER, {"role": "assistant", "content": "  "}]}
     assert tokenize_conversation(tok, empty, "w", 512)["drop"] == "empty response"
@@ -324,18 +357,22 @@ PREFERENCE_ENCODINGS = {
 
 @pytest.mark.parametrize("name", list(PREFERENCE_ENCODINGS))
 def test_preference_formats_agree(tok, name):
+    """Every format of one system + user + reply pair gives the pair written out by hand."""
     row = PREFERENCE_ENCODINGS[name]
     assert preference_messages(row, "w") == ([SYSTEM, USER], CHOSEN, REJECTED)
-    reference = tokenize_pair(tok, PREFERENCE_ENCODINGS["lists-holding-prompt"], "w", 64, 32)
-    assert tokenize_pair(tok, row, "w", 64, 32) == reference
+    assert tokenize_pair(tok, row, "w", 64, 32) == pair_by_hand(
+        tok, llama_prompt("Sort: 3 1 2", "You sort digits."), "1 2 3" + EOT_TEXT, "3 2 1" + EOT_TEXT
+    )
 
 
 def test_plain_string_pair_matches_lists(tok):
-    strings = tokenize_pair(tok, pair_row("Sort: 3 1 2", "1 2 3", "3 2 1"), "w", 64, 32)
-    lists = tokenize_pair(
-        tok, {"chosen": [USER, CHOSEN], "rejected": [USER, REJECTED]}, "w", 64, 32
+    expected = pair_by_hand(
+        tok, llama_prompt("Sort: 3 1 2"), "1 2 3" + EOT_TEXT, "3 2 1" + EOT_TEXT
     )
-    assert strings == lists
+    strings = pair_row("Sort: 3 1 2", "1 2 3", "3 2 1")
+    lists = {"chosen": [USER, CHOSEN], "rejected": [USER, REJECTED]}
+    assert tokenize_pair(tok, strings, "w", 64, 32) == expected
+    assert tokenize_pair(tok, lists, "w", 64, 32) == expected
 
 
 def test_preference_row_errors():
@@ -356,19 +393,21 @@ def test_preference_row_errors():
 
 
 def _long_prompt_pair():
-    return pair_row("Sort: " + " ".join(["7"] * 40), " ".join(["7"] * 20), "7 7")
+    return pair_row("Sort: " + sevens(40), sevens(20), "7 7")
+
+
+def _long_prompt_pieces(tok) -> tuple[list[int], list[int], list[int]]:
+    """_long_prompt_pair's prompt, chosen and rejected tokens, from the text written out."""
+    prompt = enc(tok, llama_prompt("Sort: " + sevens(40)))
+    return prompt, enc(tok, sevens(20) + EOT_TEXT), enc(tok, "7 7" + EOT_TEXT)
 
 
 def test_long_prompt_keeps_bos_and_its_tail_then_cuts_responses(tok):
     """max_length 24, max_prompt_length 10: the prompt becomes BOS + its last 9 tokens, and each
     response is cut to 24 - 10 = 14 tokens (the short rejected one is left whole)."""
     row = _long_prompt_pair()
-    full = tokenize_pair(tok, row, "w", 10_000, 9_000)
-    assert full["truncated"] is False
-    n_prompt = full["chosen_labels"].count(IGNORE_INDEX)
-    prompt = full["chosen_ids"][:n_prompt]
-    chosen, rejected = full["chosen_ids"][n_prompt:], full["rejected_ids"][n_prompt:]
-    assert n_prompt > 10 and len(chosen) > 14 and len(rejected) < 14  # the case is what we claim
+    prompt, chosen, rejected = _long_prompt_pieces(tok)
+    assert (len(prompt), len(chosen), len(rejected)) == (54, 21, 3)  # the case is what we claim
 
     out = tokenize_pair(tok, row, "w", 24, 10)
     kept_prompt = [0] + prompt[-9:]
@@ -382,14 +421,18 @@ def test_long_prompt_keeps_bos_and_its_tail_then_cuts_responses(tok):
 
 
 def test_short_prompt_long_response_cuts_only_the_response(tok):
-    row = pair_row("Sort: 7", "7 " * 20 + "7", "7")
-    full = tokenize_pair(tok, row, "w", 10_000, 9_000)
-    n_prompt = full["chosen_labels"].count(IGNORE_INDEX)
-    out = tokenize_pair(tok, row, "w", n_prompt + 5, n_prompt + 1)
+    """Prompt 15 tokens, chosen 22, rejected 2; max_length 20, max_prompt_length 16: the prompt
+    is whole, chosen is cut to its first 5 tokens, rejected is whole."""
+    row = pair_row("Sort: 7", sevens(21), "7")
+    prompt = enc(tok, llama_prompt("Sort: 7"))
+    chosen, rejected = enc(tok, sevens(21) + EOT_TEXT), enc(tok, "7" + EOT_TEXT)
+    assert (len(prompt), len(chosen), len(rejected)) == (15, 22, 2)  # the case we claim
+    out = tokenize_pair(tok, row, "w", 20, 16)
     assert out["truncated"] is True
-    assert out["chosen_ids"] == full["chosen_ids"][: n_prompt + 5]
-    assert out["chosen_labels"] == full["chosen_labels"][: n_prompt + 5]
-    assert out["rejected_ids"] == full["rejected_ids"]
+    assert out["chosen_ids"] == prompt + chosen[:5]
+    assert out["chosen_labels"] == masked(15) + chosen[:5]
+    assert out["rejected_ids"] == prompt + rejected
+    assert out["rejected_labels"] == masked(15) + rejected
 
 
 @pytest.mark.parametrize(("max_length", "max_prompt_length"), [(64, 40), (20, 5), (13, 12)])
@@ -408,9 +451,12 @@ def test_short_pair_and_long_prompt_that_fits_are_untouched(tok):
     """Truncation starts only when prompt + longer response exceeds max_length: a prompt longer
     than max_prompt_length is kept whole if the pair fits."""
     row = _long_prompt_pair()
-    full = tokenize_pair(tok, row, "w", 10_000, 9_000)
-    n_total = len(full["chosen_ids"])
-    assert tokenize_pair(tok, row, "w", n_total, 5) == full
+    full = pair_by_hand(
+        tok, llama_prompt("Sort: " + sevens(40)), sevens(20) + EOT_TEXT, "7 7" + EOT_TEXT
+    )
+    assert len(full["chosen_ids"]) == 54 + 21
+    assert tokenize_pair(tok, row, "w", 10_000, 9_000) == full
+    assert tokenize_pair(tok, row, "w", 54 + 21, 5) == full
     short = tokenize_pair(tok, pair_row("Sort: 3 1 2", "1 2 3", "3 2 1"), "w", 64, 40)
     # 17 prompt tokens (BOS, 5 for the user header, "Sort" ":" " 3" " 1" " 2", <|eot_id|>,
     # 5 for the assistant header) + 4 reply tokens.
@@ -425,7 +471,7 @@ def test_prepare_preference_drops_counts_and_means(tok):
         pair_row("Sort: 3 1 2", "1 2 3", "3 2 1"),  # kept: 4 + 4 trained tokens
         pair_row("Sort: 2 1", "  \n", "2 1"),  # empty chosen
         pair_row("Sort: 2 1", "1 2", "1 2"),  # identical
-        pair_row("Sort: " + " ".join(["7"] * 30), "7 7", "7"),  # kept, prompt truncated
+        pair_row("Sort: " + sevens(30), "7 7", "7"),  # kept, prompt truncated
         pair_row("Sort: 5 4", "4 5", ""),  # empty rejected
     ]
     kept, report = prepare(datasets.Dataset.from_list(rows), tok, "preference", "p", 24, 12)
@@ -439,9 +485,21 @@ def test_prepare_preference_drops_counts_and_means(tok):
         "chosen_labels",
         "rejected_ids",
         "rejected_labels",
+        "source_row",
     ]
-    assert kept[0] == pair_columns(tokenize_pair(tok, rows[0], "w", 24, 12))
-    assert len(kept[1]["chosen_ids"]) == 12 + 3
+    assert pair_columns(kept[0]) == pair_columns(
+        pair_by_hand(tok, llama_prompt("Sort: 3 1 2"), "1 2 3" + EOT_TEXT, "3 2 1" + EOT_TEXT)
+    )
+    # The 44-token prompt keeps BOS + its last 11 tokens; both replies fit whole.
+    prompt = enc(tok, llama_prompt("Sort: " + sevens(30)))
+    chosen, rejected = enc(tok, "7 7" + EOT_TEXT), enc(tok, "7" + EOT_TEXT)
+    assert len(prompt) == 44
+    assert pair_columns(kept[1]) == {
+        "chosen_ids": [0] + prompt[-11:] + chosen,
+        "chosen_labels": masked(12) + chosen,
+        "rejected_ids": [0] + prompt[-11:] + rejected,
+        "rejected_labels": masked(12) + rejected,
+    }
     assert report.lines() == [
         "p: 5 rows read, 2 kept",
         "  dropped (chosen identical to rejected): 1",
@@ -462,7 +520,7 @@ def test_prepare_sft_report(tok):
     assert (report.rows_read, report.rows_kept, report.truncated) == (3, 2, 0)
     assert dict(report.dropped) == {"empty response": 1}
     assert report.mean_tokens == {"response": 5.5}
-    assert sorted(kept.column_names) == ["input_ids", "labels"]
+    assert sorted(kept.column_names) == ["input_ids", "labels", "source_row"]
 
 
 def test_prepare_all_rows_dropped_is_a_data_error(tok):
@@ -480,18 +538,20 @@ def test_prepare_keeps_rows_after_a_first_batch_of_dropped_rows(tok):
     rows = [pair_row("Sort: 2 1", " ", "2 1")] * 1000 + [pair_row("Sort: 2 1", "1 2", "2 1")]
     kept, report = prepare(datasets.Dataset.from_list(rows), tok, "preference", "p", 64, 32)
     assert (report.rows_read, report.rows_kept, len(kept)) == (1001, 1, 1)
-    assert kept[0] == pair_columns(tokenize_pair(tok, rows[-1], "w", 64, 32))
+    assert pair_columns(kept[0]) == pair_columns(
+        pair_by_hand(tok, llama_prompt("Sort: 2 1"), "1 2" + EOT_TEXT, "2 1" + EOT_TEXT)
+    )
 
 
 def test_prepare_names_the_bad_row(tok):
-    """Rows are numbered from 0, as `simpo data inspect --row` numbers them."""
+    """A source without lines (here a Dataset built in memory) names rows counted from 1."""
     rows = [
         {"chosen": [USER, CHOSEN], "rejected": [USER, REJECTED]},
         {"chosen": [USER, CHOSEN], "rejected": [USER, REJECTED]},
         {"chosen": [USER, CHOSEN, USER], "rejected": [USER, REJECTED]},
     ]
     with pytest.raises(
-        DataError, match="^pref.data.train: row 2: chosen must end with an assistant"
+        DataError, match="^pref.data.train: row 3: chosen must end with an assistant"
     ):
         prepare(datasets.Dataset.from_list(rows), tok, "preference", "pref.data.train", 64, 32)
 
@@ -596,7 +656,9 @@ def test_jsonl_with_unicode_line_separator_in_a_string(tmp_path):
     row = pair_row("first\u2028second", "b\x85c", "d")
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
-    assert load_source(DataSource(path=str(path)), "r").to_list() == [row]
+    assert load_source(DataSource(path=str(path)), "r").to_list() == [
+        row | {LOCATION_COLUMN: "line 1"}
+    ]
 
 
 # --------------------------------------------------------------------------- 8. sources
@@ -638,16 +700,23 @@ def _write_sources(tmp_path: Path) -> dict[str, DataSource]:
     }
 
 
+def without_location(dataset) -> list[dict]:
+    """Rows as read, less the place in the file that JSON sources add (LOCATION_COLUMN)."""
+    if LOCATION_COLUMN in dataset.column_names:
+        dataset = dataset.remove_columns(LOCATION_COLUMN)
+    return dataset.to_list()
+
+
 def test_sources_give_identical_rows(tmp_path):
     sources = _write_sources(tmp_path)
     for name, source in sources.items():
-        assert load_source(source, "r").to_list() == SOURCE_ROWS, name
+        assert without_location(load_source(source, "r")) == SOURCE_ROWS, name
         limited = source.model_copy(update={"max_rows": 2})
-        assert load_source(limited, "r").to_list() == SOURCE_ROWS[:2], name
+        assert without_location(load_source(limited, "r")) == SOURCE_ROWS[:2], name
     more = sources["jsonl"].model_copy(update={"max_rows": 99})
     assert len(load_source(more, "r")) == 4
     train = DataSource(path=str(tmp_path / "dict"))  # split defaults to train
-    assert load_source(train, "r").to_list() == SOURCE_ROWS[:1]
+    assert without_location(load_source(train, "r")) == SOURCE_ROWS[:1]
 
 
 def test_missing_split_lists_available(tmp_path):
@@ -754,21 +823,26 @@ def test_inspect_row_marks_trained_tokens():
 
 
 def test_mismatched_pairs_join_each_prompt_to_the_next_rows_chosen_response(tok):
-    """Row i's KL sequence = its own prompt + row i+1's chosen response (the last wraps)."""
+    """Row i's KL sequence = its own prompt + row i+1's chosen response (the last wraps), cut to
+    max_length; expected ids are built from the text written out."""
     from simpo_cli.data import add_mismatched_pairs
 
-    rows = [pair_row(f"Sort: {a} {b}", f"{min(a, b)} {max(a, b)}", f"{a} {b}") for a, b in
-            ((3, 1), (5, 2), (9, 4))]  # fmt: skip
+    sorts = ((3, 1), (5, 2), (9, 4))
+    rows = [pair_row(f"Sort: {a} {b}", f"{b} {a}", f"{a} {b}") for a, b in sorts]
+    prompts = [enc(tok, llama_prompt(f"Sort: {a} {b}")) for a, b in sorts]
+    replies = [enc(tok, f"{b} {a}" + EOT_TEXT) for a, b in sorts]
+    # By hand: "1" " 3", "2" " 5", "4" " 9", each then <|eot_id|>; every prompt is 16 tokens.
+    assert replies == [[22, 271, 4], [23, 269, 4], [25, 265, 4]]
+    assert [len(p) for p in prompts] == [16, 16, 16]
     pairs, _ = prepare(datasets.Dataset.from_list(rows), tok, "preference", "p", 64, 32)
+    assert pairs["chosen_ids"] == [p + r for p, r in zip(prompts, replies, strict=True)]
+
     with_kl = add_mismatched_pairs(pairs, max_length=64)
-    for i in range(3):
-        ids, labels = pairs[i]["chosen_ids"], pairs[i]["chosen_labels"]
-        n_prompt = labels.index(next(x for x in labels if x != IGNORE_INDEX))
-        nxt = pairs[(i + 1) % 3]
-        n_next = nxt["chosen_labels"].index(
-            next(x for x in nxt["chosen_labels"] if x != IGNORE_INDEX)
-        )
-        assert with_kl[i]["kl_ids"] == ids[:n_prompt] + nxt["chosen_ids"][n_next:]
-        assert with_kl[i]["kl_labels"] == masked(n_prompt) + nxt["chosen_ids"][n_next:]
-    cut = add_mismatched_pairs(pairs, max_length=n_prompt + 2)
-    assert all(len(row) <= n_prompt + 2 for row in cut["kl_ids"])
+    following = [replies[1], replies[2], replies[0]]  # row 2 wraps to row 0
+    assert with_kl["kl_ids"] == [p + r for p, r in zip(prompts, following, strict=True)]
+    assert with_kl["kl_labels"] == [masked(16) + r for r in following]
+    assert with_kl["chosen_ids"] == pairs["chosen_ids"]  # the pairs themselves are untouched
+
+    cut = add_mismatched_pairs(pairs, max_length=16 + 2)
+    assert cut["kl_ids"] == [p + r[:2] for p, r in zip(prompts, following, strict=True)]
+    assert cut["kl_labels"] == [masked(16) + r[:2] for r in following]

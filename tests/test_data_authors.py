@@ -67,6 +67,18 @@ def sevens(n: int) -> str:
     return " ".join(["7"] * n)
 
 
+def authors_by_hand(tokenizer, prompt: str, chosen: str, rejected: str) -> dict:
+    """What tokenize_pair(..., "authors") should give for an untruncated pair, from hand-written
+    text: `prompt` masked, each response (assistant header, reply, <|eot_id|>) trained."""
+    prompt_ids = enc(tokenizer, prompt)
+    out = {"drop": "", "truncated": False}
+    for side, reply in (("chosen", chosen), ("rejected", rejected)):
+        response = enc(tokenizer, ASSISTANT_HEADER + reply + EOT_TEXT)
+        out[f"{side}_ids"] = prompt_ids + response
+        out[f"{side}_labels"] = masked(len(prompt_ids)) + response
+    return out
+
+
 # --------------------------------------------------------------------------- the convention
 
 
@@ -95,8 +107,8 @@ def test_header_trained_in_authors_masked_in_default(tok):
     header = enc(tok, ASSISTANT_HEADER)
     assert len(header) == 5
     for side, reply in (("chosen", "1 2 3"), ("rejected", "3 2 1")):
-        ids = authors[f"{side}_ids"]
-        assert ids == default[f"{side}_ids"]
+        ids = enc(tok, PROMPT_TEXT + ASSISTANT_HEADER + reply + EOT_TEXT)
+        assert authors[f"{side}_ids"] == default[f"{side}_ids"] == ids
         start = len(ids) - len(enc(tok, reply + EOT_TEXT)) - len(header)
         assert ids[start : start + 5] == header
         assert default[f"{side}_labels"][start : start + 5] == masked(5)
@@ -117,15 +129,24 @@ def test_ids_equal_the_full_conversation(tok, tokenization):
 
 
 def test_trained_tokens_differ_by_the_header_on_shipped_pairs(tok):
-    """On 20 shipped pairs: same ids, and every side trains exactly 5 more tokens in "authors"."""
+    """On 20 shipped pairs (user turn + reply lists), each written out by hand: the same ids in
+    both conventions; "default" trains the reply and its <|eot_id|>, "authors" the 5 header tokens
+    too."""
     rows = load_source(DataSource(path=str(PREF_EVAL), max_rows=20), "r").to_list()
+    assert len(rows) == 20
     for index, row in enumerate(rows):
         default = tokenize_pair(tok, row, f"row {index}", 64, 40, "default")
         authors = tokenize_pair(tok, row, f"row {index}", 64, 40, "authors")
+        (user,) = [m["content"] for m in row["chosen"] if m["role"] == "user"]
+        prompt = BOS_TEXT + USER_HEADER + user + EOT_TEXT
         for side in ("chosen", "rejected"):
-            assert authors[f"{side}_ids"] == default[f"{side}_ids"], index
-            n_default = len(trained(default[f"{side}_labels"]))
-            assert len(trained(authors[f"{side}_labels"])) == n_default + 5, index
+            reply = row[side][-1]["content"]
+            ids = enc(tok, prompt + ASSISTANT_HEADER + reply + EOT_TEXT)
+            assert authors[f"{side}_ids"] == default[f"{side}_ids"] == ids, index
+            assert trained(default[f"{side}_labels"]) == enc(tok, reply + EOT_TEXT), index
+            assert trained(authors[f"{side}_labels"]) == enc(
+                tok, ASSISTANT_HEADER + reply + EOT_TEXT
+            ), index
 
 
 @pytest.mark.parametrize(
@@ -138,19 +159,28 @@ def test_trained_tokens_differ_by_the_header_on_shipped_pairs(tok):
     ids=["strings", "ultrafeedback-binarized", "reply-lists"],
 )
 def test_preference_formats_agree(tok, row):
-    assert tokenize_pair(tok, row, "w", 64, 32, "authors") == tokenize_pair(
-        tok, PAIR, "w", 64, 32, "authors"
-    )
+    """Every format of the system + user + reply pair gives the pair written out by hand."""
+    expected = authors_by_hand(tok, PROMPT_TEXT, "1 2 3", "3 2 1")
+    assert tokenize_pair(tok, row, "w", 64, 32, "authors") == expected
+    assert tokenize_pair(tok, PAIR, "w", 64, 32, "authors") == expected
 
 
 def test_drops_and_columns_as_default(tok):
     """Empty and identical replies are dropped with the default's reasons and columns."""
-    for row in (pair_row("Sort: 2 1", " \n", "2 1"), pair_row("Sort: 2 1", "1 2", "1 2")):
-        out = tokenize_pair(tok, row, "w", 64, 32, "authors")
-        assert out == tokenize_pair(tok, row, "w", 64, 32, "default")
-        assert out["drop"] in ("empty response", "chosen identical to rejected")
-    kept = tokenize_pair(tok, PAIR, "w", 64, 32, "authors")
-    assert sorted(kept) == sorted(tokenize_pair(tok, PAIR, "w", 64, 32, "default"))
+    empty_columns = {f"{s}_{k}": [] for s in ("chosen", "rejected") for k in ("ids", "labels")}
+    for row, reason in (
+        (pair_row("Sort: 2 1", " \n", "2 1"), "empty response"),
+        (pair_row("Sort: 2 1", "1 2", "1 2"), "chosen identical to rejected"),
+    ):
+        expected = {"drop": reason, "truncated": False, **empty_columns}
+        assert tokenize_pair(tok, row, "w", 64, 32, "authors") == expected
+        assert tokenize_pair(tok, row, "w", 64, 32, "default") == expected
+    columns = ["chosen_ids", "chosen_labels", "drop", "rejected_ids", "rejected_labels"]
+    for tokenization in ("authors", "default"):
+        assert sorted(tokenize_pair(tok, PAIR, "w", 64, 32, tokenization)) == [
+            *columns,
+            "truncated",
+        ]
 
 
 # --------------------------------------------------------------------------- other templates
@@ -160,9 +190,8 @@ def test_template_writing_bos_twice_still_gives_one(tok, fresh_tok):
     """An override writing two BOS strings gives the same example as the shipped template."""
     fresh_tok.chat_template = "{{ bos_token }}" + tok.chat_template
     assert fresh_tok.apply_chat_template([CHOSEN], tokenize=False).startswith(BOS_TEXT * 2)
-    assert tokenize_pair(fresh_tok, PAIR, "w", 64, 32, "authors") == tokenize_pair(
-        tok, PAIR, "w", 64, 32, "authors"
-    )
+    expected = authors_by_hand(tok, PROMPT_TEXT, "1 2 3", "3 2 1")
+    assert tokenize_pair(fresh_tok, PAIR, "w", 64, 32, "authors") == expected
 
 
 def test_template_without_bos_or_final_eos(fresh_tok):
@@ -259,10 +288,13 @@ def test_lengths_never_exceed_max_length(tok, max_length, max_prompt_length):
 
 
 def test_pair_that_fits_is_untouched(tok):
+    """Prompt 49 + chosen 26 tokens: max_length 75 fits, so max_prompt_length 5 cuts nothing."""
     row = pair_row("Sort: " + sevens(40), sevens(20), "7 7")
-    full = tokenize_pair(tok, row, "w", 10_000, 9_000, "authors")
-    assert full["truncated"] is False
-    assert tokenize_pair(tok, row, "w", len(full["chosen_ids"]), 5, "authors") == full
+    prompt = BOS_TEXT + USER_HEADER + "Sort: " + sevens(40) + EOT_TEXT
+    full = authors_by_hand(tok, prompt, sevens(20), "7 7")
+    assert len(full["chosen_ids"]) == 49 + 26
+    assert tokenize_pair(tok, row, "w", 10_000, 9_000, "authors") == full
+    assert tokenize_pair(tok, row, "w", 49 + 26, 5, "authors") == full
 
 
 # --------------------------------------------------------------------------- prepare
@@ -274,12 +306,19 @@ def test_prepare_end_to_end_on_shipped_pairs(tok):
     dataset = load_source(DataSource(path=str(PREF_EVAL), max_rows=20), "r")
     kept, report = prepare(dataset, tok, "preference", "p", 64, 40, tokenization="authors")
     _, default_report = prepare(dataset, tok, "preference", "p", 64, 40)
+    # The means by hand: the replies' tokens plus <|eot_id|>, and 5 header tokens for "authors".
+    for side in ("chosen", "rejected"):
+        replies = [enc(tok, row[side][-1]["content"] + EOT_TEXT) for row in dataset]
+        by_hand = sum(len(reply) for reply in replies) / 20
+        assert default_report.mean_tokens[side] == pytest.approx(by_hand)
+        assert report.mean_tokens[side] == pytest.approx(by_hand + 5)
     assert (report.rows_read, report.rows_kept, report.truncated) == (20, 20, 0)
     assert sorted(kept.column_names) == [
         "chosen_ids",
         "chosen_labels",
         "rejected_ids",
         "rejected_labels",
+        "source_row",
     ]
     header = enc(tok, ASSISTANT_HEADER)
     for row in kept:
@@ -287,5 +326,3 @@ def test_prepare_end_to_end_on_shipped_pairs(tok):
             ids, labels = row[f"{side}_ids"], row[f"{side}_labels"]
             assert ids.count(BOS) == 1 and ids[0] == BOS and ids[-1] == labels[-1] == EOS
             assert trained(labels)[:5] == header
-    for side in ("chosen", "rejected"):
-        assert report.mean_tokens[side] == default_report.mean_tokens[side] + 5

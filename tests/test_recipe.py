@@ -214,18 +214,19 @@ def test_config_show_prints_resolved_yaml_without_torch():
         "from simpo_cli.cli import app\n"
         "try:\n"
         "    app(['config', 'show', 'tiny', '--set', 'preference.beta=3'])\n"
-        "except SystemExit:\n"
-        "    pass\n"
+        "except SystemExit as done:\n"
+        "    assert done.code in (0, None), f'config show exited {done.code!r}'\n"
         "assert 'torch' not in sys.modules, 'config show imported torch'\n"
         "app(['validate', 'tiny'], standalone_mode=False)\n"
         "assert 'torch' not in sys.modules, 'validate imported torch'\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("name: tiny\n")
+    assert result.stdout.endswith("# resolved gamma = 1.5\nok: tiny (tiny: sft -> preference)\n")
     shown = yaml.safe_load(result.stdout.split("ok: tiny")[0])
     assert shown["preference"]["beta"] == 3.0
     assert shown["preference"]["training"]["warmup_ratio"] == 0.1  # a default, filled in
-    assert "# resolved gamma = 1.5" in result.stdout
 
 
 def test_help_on_every_command():

@@ -128,10 +128,10 @@ def test_simpo_recipes_show_the_papers_numbers(name):
     assert stage["data"]["train"] == {"path": dataset, "split": train}
     assert stage["data"]["eval"] == {"path": dataset, "split": test}
     assert (stage["loss_type"], stage["label_smoothing"], stage["sft_weight"]) == ("sigmoid", 0, 0)
-    # gamma = beta x gamma/beta, and equal to the table's gamma column (Llama3-Instruct: 1.375).
+    # The margin the code resolves (beta x gamma/beta) is the table's gamma column, shown by
+    # `config show` and used by training (Llama3-Instruct: 1.375).
     assert f"# resolved gamma = {gamma:g}\n" in text
-    assert load_recipe(name).preference.resolved_gamma == pytest.approx(beta * ratio)
-    assert beta * ratio == pytest.approx(gamma)
+    assert load_recipe(name).preference.resolved_gamma == pytest.approx(gamma)
 
 
 def test_llama3_instruct_margin_is_1_375():
@@ -352,7 +352,7 @@ def test_recipes_list_does_not_import_torch():
         "try:\n"
         "    app(['recipes', 'list'])\n"
         "except SystemExit as done:\n"
-        "    assert not done.code, done.code\n"
+        "    assert done.code in (0, None), f'recipes list exited {done.code!r}'\n"
         "assert 'torch' not in sys.modules, 'recipes list imported torch'\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
