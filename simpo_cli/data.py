@@ -327,7 +327,8 @@ def preference_messages(row: dict[str, Any], where: str) -> tuple[list[Message],
     if not prompt:
         if row.get("prompt") is None:
             raise DataError(
-                f"{where}: no prompt: chosen holds only the reply and there is no 'prompt' column"
+                f"{where}: no prompt: chosen holds only the reply and this row has no 'prompt' "
+                "value; put the prompt turns before the reply in chosen/rejected, or give prompt"
             )
         prompt = _as_messages(row["prompt"], "user", f"{where}: prompt")
     return prompt, chosen[-1], rejected[-1]

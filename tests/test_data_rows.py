@@ -282,7 +282,8 @@ def test_errors_name_the_file_and_its_line_counted_from_one(tmp_path, tok):
         prepare(dataset, tok, "preference", f"preference.data.train ({path})", 64, 40)
     assert str(err.value) == (
         f"preference.data.train ({path}): line 4: no prompt: chosen holds only the reply and "
-        "there is no 'prompt' column"
+        "this row has no 'prompt' value; put the prompt turns before the reply in "
+        "chosen/rejected, or give prompt"
     )
 
 
