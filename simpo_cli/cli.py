@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from simpo_cli.errors import UserError
+from simpo_cli.errors import EXIT_ABORTED, Preempted, UserError
 from simpo_cli.recipe import (
     STAGES,
     Recipe,
@@ -60,6 +60,11 @@ def _output_dir(recipe: Recipe, flag: Path | None) -> Path:
     if flag is not None:
         return flag
     return Path(recipe.output_dir or f"outputs/{recipe.name}")
+
+
+class Tokenization(str, Enum):
+    default = "default"
+    authors = "authors"
 
 
 class Precision(str, Enum):
@@ -120,6 +125,10 @@ def _run(
     for name in names:
         recipe.stage(name)  # a missing section is an error before anything starts
     from simpo_cli import launch
+    from simpo_cli.paths import check_paths
+
+    # Every path, before a process is launched or a folder created.
+    check_paths(recipe, out, names, "--output-dir" if output_dir is not None else "output_dir")
 
     child_args = [command, recipe_ref, "--output-dir", str(out)]
     # The launcher, not the training processes, needs the machine's rank: leaving it out keeps
@@ -135,6 +144,9 @@ def _run(
         return
     if relaunch:
         sys.exit(_launch(recipe, child_args))
+    from simpo_cli.faults import watch_signals
+
+    watch_signals()  # SIGTERM, SIGUSR1, Ctrl-C: save a checkpoint after this step and exit 75
     from simpo_cli.trainer import run_stage, say
 
     final = out
@@ -163,11 +175,12 @@ def _launch(recipe: Recipe, child_args: list[str]) -> int:
     import torch
 
     from simpo_cli import launch
+    from simpo_cli.redact import redact_args
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     launch.preflight(recipe.launch, gpus)
     command = launch.launch_command(recipe, child_args)
-    print("launching: " + shlex.join(command), flush=True)
+    print("launching: " + shlex.join(redact_args(command)), flush=True)
     if gpus == 0:
         print(f"no GPU here: running {recipe.launch.world_size} processes on the CPU", flush=True)
     return launch.run(command)
@@ -335,6 +348,9 @@ def recipes_copy(
     dest: Annotated[Path, typer.Argument(help="Folder to copy into (created if missing).")],
 ) -> None:
     """Copy a shipped recipe's files into DEST to edit them; never overwrites a file."""
+    from simpo_cli.paths import check_copy_destination
+
+    check_copy_destination(dest)
     for target, origin in copy_recipe(name, dest):
         print(f"wrote {target}" + (f" (from {origin}; recipe.yaml points at it)" if origin else ""))
     print(f"edit {dest / 'recipe.yaml'}, then: simpo train {dest}")
@@ -355,21 +371,27 @@ def evaluate(
     max_length: Annotated[int | None, typer.Option(min=1)] = None,
     max_prompt_length: Annotated[int | None, typer.Option(min=1)] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    tokenization: Annotated[
+        Tokenization | None,
+        typer.Option(help="default or authors; default: the stage's recipe, else default."),
+    ] = None,
 ) -> None:
     """Score preference pairs under a model: per-pair average log-probs, reward accuracy, mean
     margin and SimPO loss."""
-    if not Path(model_dir).is_dir():
-        raise UserError(f"{model_dir}: no such model folder")
+    from simpo_cli.paths import check_eval_paths
+
+    check_eval_paths(model_dir, pairs, output)
     from simpo_cli.eval import evaluate_model_dir
 
     result = evaluate_model_dir(
-        model_dir, pairs, split, output, beta, gamma, max_length, max_prompt_length, batch_size
-    )
+        model_dir, pairs, split, output, beta, gamma, max_length, max_prompt_length, batch_size,
+        tokenization.value if tokenization else None,
+    )  # fmt: skip
     s = result["summary"]
     print(
         f"pairs {s['pairs']}: reward accuracy {s['reward_accuracy']:.4f}, mean margin "
         f"{s['reward_margin']:.4f}, SimPO loss {s['loss']:.4f} (beta {s['beta']:g}, "
-        f"gamma {s['gamma']:g})"
+        f"gamma {s['gamma']:g}; tokenization {s['tokenization']})"
     )
     if output:
         print(f"wrote {output}")
@@ -384,23 +406,32 @@ def plot(
 ) -> None:
     """Draw the training curves of a run (loss, reward accuracy, margin; training and held-out)
     into a PNG. Needs matplotlib."""
+    from simpo_cli.paths import check_plot_paths
     from simpo_cli.plot import plot_run
 
+    check_plot_paths(run_dir, output)
     print(f"wrote {plot_run(run_dir, output)}")
 
 
 def main() -> None:
+    """Exit codes (errors.py, README "Exit codes"): 2 user error, 3 non-finite step, 75 stopped
+    on a signal after saving (rerun to resume), 130 aborted by Ctrl-C."""
+    # Every process of a launch meets the same error or stop; one of them says it.
+    speaks = os.environ.get("RANK", "0") == "0"
     try:
         app()
     except UserError as err:
-        # Every process of a launch meets the same error; one of them says it.
-        if os.environ.get("RANK", "0") == "0":
+        if speaks:
             for line in err.messages:
                 print(f"error: {line}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        sys.exit(err.exit_code)
+    except Preempted as err:
+        if speaks:
+            print(str(err), file=sys.stderr, flush=True)
+        sys.exit(err.exit_code)
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(EXIT_ABORTED)
 
 
 if __name__ == "__main__":

@@ -37,3 +37,16 @@ class RecipeError(UserError):
 
 class DataError(UserError):
     """A data source cannot be read or a row does not fit the expected format."""
+
+
+class NonFiniteError(UserError):
+    """Training met a non-finite loss or gradient norm (training.on_nonfinite: stop): one line
+    naming the step and its rows, like a user error, but its own exit code."""
+
+    exit_code = EXIT_NONFINITE
+
+
+class Preempted(Exception):
+    """Stopped on a signal after saving a checkpoint; the same command resumes."""
+
+    exit_code = EXIT_PREEMPTED

@@ -12,7 +12,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from simpo_cli.errors import UserError
+from simpo_cli.errors import (
+    EXIT_ABORTED,
+    EXIT_FAILURE,
+    EXIT_NONFINITE,
+    EXIT_PREEMPTED,
+    EXIT_USER_ERROR,
+    UserError,
+)
 from simpo_cli.recipe import DEEPSPEED_DIR, LaunchSettings, Recipe, shipped_deepspeed_configs
 
 GIB = 1024**3
@@ -37,13 +44,25 @@ def read_deepspeed_config(value: str) -> dict:
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise UserError(f"launch.deepspeed: {path}: line {err.lineno}: {err.msg}") from None
+        raise UserError(
+            f"{path}: launch.deepspeed: line {err.lineno}: invalid JSON ({err.msg}); fix the file"
+        ) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: launch.deepspeed: cannot read ({err}); fix the path") from None
+    if not isinstance(config, dict):
+        raise UserError(
+            f"{path}: launch.deepspeed: not a DeepSpeed config; it holds one JSON object {{...}}"
+        )
     if not isinstance(config.get("zero_optimization", {}), dict):
-        raise UserError(f"launch.deepspeed: {path}: zero_optimization must be a mapping")
+        raise UserError(
+            f"{path}: launch.deepspeed: zero_optimization must be a mapping; fix the file"
+        )
     return config
 
 
 LAUNCHED_ENV = "SIMPO_LAUNCHED"
+# Exit codes with which training processes end after saying why (errors.py).
+EXPLAINED_EXITS = (EXIT_USER_ERROR, EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_ABORTED)
 
 
 def inside_launch() -> bool:
@@ -86,31 +105,56 @@ def launch_command(recipe: Recipe, simpo_args: list[str]) -> list[str]:
 
 
 def run(command: list[str]) -> int:
-    """Run an `accelerate launch ...` command in this process and wait for every training
-    process. When one fails, torchrun's agent stops the others; this returns 2 if they all
-    stopped on a user error (already printed by rank 0), else the failing exit code."""
+    """Run an `accelerate launch ...` command in this process, wait for every training process,
+    and return the run's exit code. When one process fails, torchrun's agent stops the others.
+    SIGTERM, SIGUSR1 and Ctrl-C sent to this process reach the training processes, which save a
+    checkpoint and exit 75 (faults.forwarding_stop_signals)."""
+    import subprocess
+
     from accelerate.commands.launch import launch_command as accelerate_launch
     from accelerate.commands.launch import launch_command_parser
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    from simpo_cli.faults import forwarding_stop_signals
+
     assert command[:2] == ["accelerate", "launch"], command
     os.environ[LAUNCHED_ENV] = "1"  # the children must run in place, not launch again
+    # torchrun's agent would answer SIGTERM and SIGINT by killing the training processes 30 s
+    # later, whether or not their checkpoint is written: those signals are ours.
+    os.environ["PET_SIGNALS_TO_HANDLE"] = "SIGHUP,SIGQUIT"
     args = launch_command_parser().parse_args(command[2:])
-    try:
-        accelerate_launch(args)
-    except ChildFailedError as err:
-        codes = {rank: failure.exitcode for rank, failure in err.failures.items()}
-        if all(code == 2 for code in codes.values()):
-            return 2
-        rank, first = err.get_first_failure()
-        print(
-            f"error: training process rank {rank} failed (exit code {first.exitcode}) and the "
-            "launcher stopped the others; its messages are above. Run the same command again "
-            "to resume from the last checkpoint",
-            file=sys.stderr,
-        )
-        return first.exitcode if first.exitcode > 0 else 1
-    return 0
+    with forwarding_stop_signals() as stop:
+        try:
+            accelerate_launch(args)
+            return 0
+        except ChildFailedError as err:
+            codes = [failure.exitcode for failure in err.failures.values()]
+            rank, first = err.get_first_failure()
+            first_code = first.exitcode
+        except subprocess.CalledProcessError as err:  # one process (DeepSpeed), no torchrun
+            codes, rank, first_code = [err.returncode], 0, err.returncode
+    code = run_exit_code(codes, stopping=bool(stop.signal))
+    if code is not None:
+        return code
+    print(
+        f"error: training process rank {rank} failed (exit code {first_code}) and the "
+        "launcher stopped the others; its messages are above. Run the same command again "
+        "to resume from the last checkpoint",
+        file=sys.stderr,
+    )
+    return first_code if first_code > 0 else EXIT_FAILURE
+
+
+def run_exit_code(codes: list[int], stopping: bool) -> int | None:
+    """The run's exit code from its failed training processes' codes, when they explain
+    themselves (rank 0 has printed why): all the same user error (2), non-finite step (3), stop
+    after saving (75) or abort (130); or 75 when this launcher passed on a stop signal and each
+    process saved or was killed by it (one that had not yet set up its handler). None: a crash."""
+    if len(set(codes)) == 1 and codes[0] in EXPLAINED_EXITS:
+        return codes[0]
+    if stopping and all(code == EXIT_PREEMPTED or code < 0 for code in codes):
+        return EXIT_PREEMPTED
+    return None
 
 
 def preflight(launch: LaunchSettings, gpus: int) -> None:
@@ -220,7 +264,9 @@ def count_parameters(recipe: Recipe) -> tuple[int, int, int] | None:
                 settings.name_or_path, trust_remote_code=settings.trust_remote_code
             )
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            model = AutoModelForCausalLM.from_config(
+                config, trust_remote_code=settings.trust_remote_code
+            )
     except Exception:  # offline hub name, unknown architecture: the estimate is skipped
         return None
     sizes = {id(p): p.numel() for p in model.parameters()}  # tied weights count once

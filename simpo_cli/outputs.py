@@ -2,7 +2,9 @@
 
 DIR/<stage>/ holds the model (safetensors + config + tokenizer with its chat template),
 resolved_recipe.yaml, metrics.jsonl, reproducibility.json, data_report.txt, checkpoint-N/ folders
-while training runs, and stage_complete.json once the stage has finished.
+while training runs (each complete once it holds checkpoint_complete.json), stopped.json when
+training last stopped early (a signal, a non-finite step), and stage_complete.json once the stage
+has finished.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ import yaml
 
 from simpo_cli.errors import UserError
 from simpo_cli.recipe import stage_identity
+from simpo_cli.redact import redact
 
+# Written into checkpoint-N/ once every process has saved its part: the checkpoint is complete.
+CHECKPOINT_DONE = "checkpoint_complete.json"
 PACKAGES = ("simpo-cli", "torch", "transformers", "datasets", "accelerate", "deepspeed", "trl")
 
 
@@ -44,13 +49,47 @@ class StageDir:
     def is_complete(self) -> bool:
         return self.complete_file.is_file()
 
-    def last_checkpoint(self) -> Path | None:
-        steps = [
+    @property
+    def stopped_file(self) -> Path:
+        """Why training last stopped before the end (a signal, a non-finite step)."""
+        return self.path / "stopped.json"
+
+    def checkpoints(self) -> list[tuple[Path, str | None]]:
+        """The checkpoint-N folders, newest first, each with what keeps it from being resumed
+        (None: complete).
+
+        Complete means CHECKPOINT_DONE is there, written once every process had finished its
+        part of the save (Trainer writes trainer_state.json last, but from the main process
+        only, while the others may still be writing optimizer shards and RNG states), and every
+        file it lists is still there (a run killed while rotating old checkpoints away leaves
+        half-deleted ones). A run killed while saving leaves a folder without it.
+        """
+        found = [
             (int(p.name.split("-")[1]), p)
             for p in self.path.glob("checkpoint-*")
-            if p.name.split("-")[1].isdigit() and (p / "trainer_state.json").is_file()
+            if p.name.split("-")[1].isdigit() and p.is_dir()
         ]
-        return max(steps)[1] if steps else None
+        return [(p, _checkpoint_problem(p)) for _, p in sorted(found, reverse=True)]
+
+    def last_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint."""
+        return next((p for p, problem in self.checkpoints() if problem is None), None)
+
+    def skipped_checkpoints(self) -> list[str]:
+        """One line for each incomplete checkpoint newer than last_checkpoint()."""
+        lines = []
+        for path, problem in self.checkpoints():
+            if problem is None:
+                break
+            lines.append(f"{path.name} is incomplete ({problem}); skipped")
+        return lines
+
+    def mark_checkpoint_complete(self, step: int) -> None:
+        folder = self.path / f"checkpoint-{step}"
+        files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+        (folder / CHECKPOINT_DONE).write_text(
+            json.dumps({"step": step, "saved_at": _now(), "files": files}, indent=1) + "\n"
+        )
 
     def check(self, identity: dict[str, Any], stage: str) -> None:
         """Refuse a folder made by a different recipe, or one that is not a stage folder.
@@ -90,15 +129,33 @@ class StageDir:
         ]
         self.metrics_file.write_text("".join(line + "\n" for line in kept))
 
+    # Every record written here goes through redact(): no secret of the environment (a token
+    # that ended up in a path, a run name...) reaches a file.
     def append_metrics(self, record: dict[str, Any]) -> None:
         with self.metrics_file.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(redact(record)) + "\n")
 
     def write_json(self, name: str, payload: dict[str, Any]) -> None:
-        (self.path / name).write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+        text = json.dumps(redact(payload), indent=2, sort_keys=False)
+        (self.path / name).write_text(text + "\n")
 
     def mark_complete(self, summary: dict[str, Any]) -> None:
         self.write_json(self.complete_file.name, {"finished_at": _now(), **summary})
+
+
+def _checkpoint_problem(folder: Path) -> str | None:
+    done = folder / CHECKPOINT_DONE
+    if not done.is_file():
+        return f"no {CHECKPOINT_DONE}: the run stopped while saving it"
+    try:
+        files = json.loads(done.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"{CHECKPOINT_DONE} is unreadable"
+    missing = [name for name in files if not (folder / name).is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        return f"{missing[0]} is missing{more}"
+    return None
 
 
 def _now() -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 from simpo_cli import launch
 from simpo_cli.outputs import StageDir
 from simpo_cli.recipe import DataSource, Recipe, StageName
+from simpo_cli.redact import redact_args
 
 
 def print_plan(recipe: Recipe, names: list[StageName], out: Path, child: list[str] | None) -> None:
@@ -32,7 +33,7 @@ def print_plan(recipe: Recipe, names: list[StageName], out: Path, child: list[st
         command = launch.launch_command(recipe, child)
         if settings.num_machines > 1:
             lines.append("  run on every machine, with --machine_rank set to that machine's rank:")
-        lines.append("  " + shlex.join(command))
+        lines.append("  " + shlex.join(redact_args(command)))
 
     lines += ["", "stages:"]
     for name in names:

@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from simpo_cli.errors import RecipeError
+from simpo_cli.redact import redact, redact_setting
 
 _HERE = Path(__file__).resolve().parent
 # Installed, recipes/ and the DeepSpeed configs are package data inside simpo_cli/; in a source
@@ -172,6 +173,12 @@ class TrainingSettings(Section):
         None, description="Evaluate every N steps; default: at the end."
     )
     dataloader_num_workers: int = Field(0, ge=0)
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop",
+        description="A step whose loss or gradient norm is NaN/inf: stop (exit 3, naming the "
+        "step and its rows; the last good checkpoint is kept) or skip its update (counted in "
+        "the metric nonfinite_skipped).",
+    )
 
     @model_validator(mode="after")
     def _check_precision(self) -> TrainingSettings:
@@ -469,7 +476,11 @@ class Recipe(Section):
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.dump(), sort_keys=False, default_flow_style=None, width=100)
+        """The recipe as YAML, secrets redacted (see redact.py): what resolved_recipe.yaml,
+        `config show` and `--dry-run` show."""
+        return yaml.safe_dump(
+            redact(self.dump()), sort_keys=False, default_flow_style=None, width=100
+        )
 
 
 def _or_list(values: list[int]) -> str:
@@ -479,10 +490,19 @@ def _or_list(values: list[int]) -> str:
 
 def stage_identity(recipe: dict[str, Any], stage: str) -> dict[str, Any]:
     """The part of a (dumped) recipe that decides a stage's result: the model and the sections of
-    this stage and every stage before it. Names, output folders and logging do not count."""
+    this stage and every stage before it. Names, output folders and logging do not count, nor
+    training.on_nonfinite: a run stopped on a bad step may switch to skip and resume."""
     pipeline = list(recipe.get("pipeline") or [])
     before = pipeline[: pipeline.index(stage) + 1] if stage in pipeline else [stage]
-    return {"model": recipe.get("model"), **{name: recipe.get(name) for name in before}}
+    sections = {name: _without_on_nonfinite(recipe.get(name)) for name in before}
+    return {"model": recipe.get("model"), **sections}
+
+
+def _without_on_nonfinite(section: Any) -> Any:
+    if not isinstance(section, dict) or not isinstance(section.get("training"), dict):
+        return section
+    training = {k: v for k, v in section["training"].items() if k != "on_nonfinite"}
+    return {**section, "training": training}
 
 
 # --------------------------------------------------------------------------- loading
@@ -717,7 +737,7 @@ def settings_table(recipe: Recipe, stage: StageName) -> list[str]:
                 ),
                 "default",
             )
-            rows.append((".".join(key), str(value), origin))
+            rows.append((".".join(key), redact_setting(key[-1], str(value)), origin))
 
     walk(section, (stage,))
     if isinstance(section, PreferenceStage) and section.loss == "simpo":
@@ -733,6 +753,8 @@ def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     current folder. Strings that are neither stay as they are: hub model or dataset names."""
 
     def local(value: str | None) -> str | None:
+        if value is not None and value.startswith("~"):
+            value = str(Path(value).expanduser())
         if value is None or Path(value).is_absolute():
             return value
         for candidate in (base / value, Path.cwd() / value):

@@ -16,12 +16,12 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
-    Trainer,
     TrainerCallback,
     TrainingArguments,
     set_seed,
 )
 
+from simpo_cli import console
 from simpo_cli.data import (
     PreferenceCollator,
     SFTCollator,
@@ -32,15 +32,17 @@ from simpo_cli.data import (
     prepare,
 )
 from simpo_cli.errors import UserError
+from simpo_cli.faults import GuardedTrainer, StepGuard
 from simpo_cli.losses import IGNORE_INDEX, sequence_logps
 from simpo_cli.objectives import PairScores, preference_objective
 from simpo_cli.outputs import StageDir, reproducibility_record
 from simpo_cli.recipe import PreferenceStage, Recipe, SFTStage, settings_table, stage_identity
+from simpo_cli.redact import redact
 
 SFT_TERM_LOSSES = ("cpo", "orpo", "rrhf", "slic")
 
 
-class PreferenceTrainer(Trainer):
+class PreferenceTrainer(GuardedTrainer):
     """Trainer for preference losses on pairs stacked [chosen; rejected] by PreferenceCollator:
     one forward pass of the policy over both. Reference log-probs, for the losses that need
     them, come with the batch (cached pre-pass) or from `ref_model` (live)."""
@@ -376,7 +378,8 @@ def run_stage(recipe: Recipe, name: str, output_dir: Path, overwrite: bool = Fal
     Returns the stage folder, which holds the trained model."""
     stage = recipe.stage(name)
     stage_dir = StageDir(output_dir / name)
-    identity = stage_identity(recipe.dump(), name)
+    # resolved_recipe.yaml is written redacted; compare like with like.
+    identity = stage_identity(redact(recipe.dump()), name)
     if stage_dir.is_complete() and not overwrite:
         stage_dir.check(identity, name)
         say(f"[{name}] already finished in {stage_dir.path}; skipping (--overwrite reruns it)")
@@ -397,6 +400,7 @@ def run_stage(recipe: Recipe, name: str, output_dir: Path, overwrite: bool = Fal
     _start_processes(args, recipe)
     if is_main_process():
         stage_dir.create(recipe.to_yaml(), overwrite)
+        stage_dir.stopped_file.unlink(missing_ok=True)  # this run's own stop, if any, is next
     barrier()
     if is_main_process():
         _print_settings(recipe, name, start_from)
@@ -433,7 +437,7 @@ def run_stage(recipe: Recipe, name: str, output_dir: Path, overwrite: bool = Fal
         "callbacks": [MetricsFile(stage_dir)],
     }
     if kind == "sft":
-        trainer = Trainer(data_collator=SFTCollator(tokenizer.pad_token_id), **common)
+        trainer = GuardedTrainer(data_collator=SFTCollator(tokenizer.pad_token_id), **common)
     else:
         trainer = PreferenceTrainer(
             data_collator=PreferenceCollator(tokenizer.pad_token_id),
@@ -448,13 +452,22 @@ def run_stage(recipe: Recipe, name: str, output_dir: Path, overwrite: bool = Fal
                     trainer, recipe, stage, start_from, output_dir, checkpoint is not None
                 )
             )
+    console.install(trainer, name)  # one line of numbers per log, not Trainer's dicts
+    # Signals and non-finite steps: stop after the step (or skip it) on every process at once.
+    guard = StepGuard(trainer, name, stage.training.on_nonfinite, str(stage.data.train.path))
+    trainer.add_callback(guard)
 
+    for line in [] if overwrite else stage_dir.skipped_checkpoints():
+        say(f"[{name}] {line}")
+    step = 0
     if checkpoint is not None:
         step = int(checkpoint.name.split("-")[1])
         say(f"[{name}] resuming from {checkpoint} (step {step})")
         if is_main_process():
             stage_dir.trim_metrics(step)
+    guard.before_training(stage_dir, step)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    guard.finish(stage_dir)  # raises when training stopped early
 
     summary: dict[str, Any] = {"global_step": trainer.state.global_step}
     if has_eval:

@@ -366,11 +366,10 @@ def test_zero3_resume_after_a_stop(tmp_path, start_model):
     process = subprocess.Popen(
         args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
-    checkpoint = stopped / "preference" / "checkpoint-10" / "trainer_state.json"
+    checkpoint = stopped / "preference" / "checkpoint-10" / "checkpoint_complete.json"
     deadline = time.time() + 300
     while not checkpoint.is_file() and process.poll() is None and time.time() < deadline:
         time.sleep(0.1)
-    time.sleep(0.3)  # let the checkpoint's files finish
     # As a preemption does: every process of the job at once. torchrun starts the workers in
     # sessions of their own, so they are found by rank, not by process group.
     workers = [_worker_pid(rank) for rank in (0, 1)]

@@ -203,11 +203,10 @@ def test_resume_after_a_stop_continues(tmp_path):
     process = subprocess.Popen(
         command + RESUME_SETS, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    checkpoint = stopped / "preference" / "checkpoint-20" / "trainer_state.json"
+    checkpoint = stopped / "preference" / "checkpoint-20" / "checkpoint_complete.json"
     deadline = time.time() + 300
     while not checkpoint.is_file() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    time.sleep(0.5)  # let the checkpoint finish writing
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (stopped / "preference" / "stage_complete.json").exists(), "stopped too late"

@@ -1,0 +1,345 @@
+"""Stopping well: on a signal, on a non-finite step, and (in outputs.py) resuming only from a
+complete checkpoint.
+
+Signals. In a training process, SIGTERM, SIGUSR1 (what SLURM and Kubernetes send before they stop
+a job) and a first Ctrl-C ask to stop: the process finishes the optimizer step it is in, saves a
+checkpoint through Trainer, writes stopped.json into the stage folder and exits 75; the same
+command resumes. A second Ctrl-C exits 130 at once. All processes of a launch stop after the same
+step: at each step they agree, in one all-reduce, on whether any of them was asked to, because a
+ZeRO-3 save is a collective that every process must join. Under our launcher the training
+processes run in sessions of their own and do not see the terminal or a `kill` of the `simpo`
+process, so the launcher passes the request on (`forwarding_stop_signals`).
+
+Non-finite steps. A step whose loss (in any micro-batch, on any process) or gradient norm is NaN or
+infinite stops the stage with exit code 3, naming the step and the data rows of the micro-batch,
+and keeps the last good checkpoint (no checkpoint of the bad state is written); with
+`training.on_nonfinite: skip` the step's update is dropped instead and counted in the metric
+`nonfinite_skipped`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from simpo_cli.data import SOURCE_ROW
+from simpo_cli.errors import EXIT_ABORTED, NonFiniteError, Preempted
+from simpo_cli.outputs import StageDir
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+STOP_ENV = "SIMPO_STOP_SIGNAL"  # set by the launcher for training processes it has yet to start
+ROWS = "source_rows"  # the batch key that carries the micro-batch's rows (training batches only)
+SHOWN_ROWS = 10  # rows named in a message; stopped.json holds them all
+
+
+# --------------------------------------------------------------------------- signals
+
+
+@dataclass
+class StopRequest:
+    """What this process's signal handlers have seen."""
+
+    signal: int = 0  # the first stop signal received; 0: none
+    interrupts: int = 0  # Ctrl-Cs received
+
+
+REQUEST = StopRequest()
+
+
+def _stderr(line: str) -> None:
+    # os.write, not print: a handler runs between two bytecodes of the main thread, which may be
+    # halfway through writing to sys.stderr itself (tqdm's bar), and print would then fail.
+    os.write(2, (line + "\n").encode())
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    if signum == signal.SIGINT:
+        REQUEST.interrupts += 1
+        if REQUEST.interrupts > 1:
+            _stderr("aborted by a second Ctrl-C; nothing more was saved")
+            os._exit(EXIT_ABORTED)
+    if REQUEST.signal:
+        return  # already stopping: a scheduler may signal every process, and the launcher too
+    REQUEST.signal = signum
+    if os.environ.get("RANK", "0") == "0":
+        again = " (Ctrl-C again aborts at once)" if signum == signal.SIGINT else ""
+        _stderr(
+            f"{signal.Signals(signum).name}: finishing this optimizer step, then saving a "
+            f"checkpoint and stopping{again}"
+        )
+
+
+def watch_signals() -> None:
+    """In a training process: a stop signal becomes a request to stop after this step."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _on_signal)
+    if os.environ.get(STOP_ENV):  # the launcher was asked to stop before it started us
+        REQUEST.signal = signal.Signals[os.environ[STOP_ENV]]
+
+
+@contextmanager
+def forwarding_stop_signals() -> Iterator[StopRequest]:
+    """In the launcher (`accelerate launch` run in this process): pass SIGTERM and SIGUSR1 on to
+    the training processes, and a first Ctrl-C as SIGTERM (where the terminal also sent them the
+    Ctrl-C, it stays their first); a second Ctrl-C kills them and exits 130. torchrun's agent,
+    left to itself, would forward SIGTERM and SIGINT only and kill the processes 30 s later, which
+    a large checkpoint may not survive: the caller keeps the agent off these signals
+    (PET_SIGNALS_TO_HANDLE) and the agent then sees the processes exit 75 after their save."""
+    import psutil
+
+    seen = StopRequest()
+
+    def handler(signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT:
+            seen.interrupts += 1
+            if seen.interrupts > 1:
+                for process in psutil.Process().children(recursive=True):
+                    _quietly(process.kill)
+                _stderr("aborted by a second Ctrl-C; the training processes were killed")
+                os._exit(EXIT_ABORTED)
+        seen.signal = seen.signal or signum
+        forwarded = signal.Signals(signal.SIGTERM if signum == signal.SIGINT else signum)
+        # Processes not started yet (rendezvous under way) read it from their environment.
+        os.environ[STOP_ENV] = forwarded.name
+        for process in psutil.Process().children():
+            _quietly(process.send_signal, forwarded)
+
+    before = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
+    try:
+        yield seen
+    finally:
+        for signum, previous in before.items():
+            signal.signal(signum, previous)
+
+
+def _quietly(action, *args) -> None:
+    import psutil
+
+    try:
+        action(*args)
+    except psutil.NoSuchProcess:
+        pass
+
+
+# --------------------------------------------------------------------------- processes
+# Only torch.distributed: this module runs inside Trainer, where the process group is up under a
+# launcher (trainer.py's helpers import this module, so it cannot import them).
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _is_main() -> bool:
+    return not _distributed() or torch.distributed.get_rank() == 0
+
+
+def _barrier() -> None:
+    if _distributed():
+        torch.distributed.barrier()
+
+
+def agree(flags: list[int], device: torch.device) -> list[int]:
+    """The largest value of each flag over all processes: what every process then acts on."""
+    if not _distributed():
+        return flags
+    tensor = torch.tensor(flags, dtype=torch.long, device=device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return tensor.tolist()
+
+
+def _gather(value: Any) -> list[Any]:
+    if not _distributed():
+        return [value]
+    values: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
+# --------------------------------------------------------------------------- the trainer side
+
+
+@dataclass
+class SourceRows:
+    """A collator whose batches also carry their rows' places in the data source (ROWS: "line
+    12"), so that a bad step can name them."""
+
+    collator: Any
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collator(features)
+        batch[ROWS] = [f.get(SOURCE_ROW) for f in features]
+        return batch
+
+
+class GuardedTrainer(Trainer):
+    """Trainer that remembers, for StepGuard, each micro-batch of the current optimizer step: its
+    rows and whether its loss was finite; and logs `nonfinite_skipped` when steps are skipped."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.micro_batches: list[tuple[list[str], torch.Tensor]] = []
+        self.skipped_steps: int | None = None  # since the last log; None: not skipping
+
+    def get_train_dataloader(self):
+        # Training batches only: evaluation hands its batches to the model as they are.
+        collator = self.data_collator
+        self.data_collator = SourceRows(collator)
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.data_collator = collator
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        rows = inputs.pop(ROWS, [])
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.micro_batches.append((rows, torch.isfinite(loss).all()))
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self.skipped_steps is not None:
+            logs["nonfinite_skipped"] = self.skipped_steps
+            self.skipped_steps = 0
+        super().log(logs, start_time)
+
+
+class StepGuard(TrainerCallback):
+    """Ends every optimizer step, before the optimizer applies it, with one agreement between the
+    processes: was any asked to stop, and was any micro-batch's loss or the gradient norm
+    non-finite. Stops training after the step (saving a checkpoint for a signal, none for a bad
+    step) or drops a bad step's update; `finish` then ends the stage with the matching error."""
+
+    def __init__(self, trainer: GuardedTrainer, stage: str, on_nonfinite: str, data: str):
+        self.trainer = trainer
+        self.stage = stage
+        self.on_nonfinite = on_nonfinite
+        self.data = data  # the training data's path, for messages
+        self.stop: dict[str, Any] | None = None  # why training stops; goes into stopped.json
+        if on_nonfinite == "skip":
+            trainer.skipped_steps = 0
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        micro, self.trainer.micro_batches = self.trainer.micro_batches, []
+        finite = [flag for _, flag in micro]
+        loss_ok = bool(torch.stack(finite).all()) if finite else True
+        grad_ok = self._gradient_norm_finite(args, model)
+        signum, bad_loss, bad_grad = agree(
+            [REQUEST.signal, int(not loss_ok), int(not grad_ok)], args.device
+        )
+        step = state.global_step + 1
+        if bad_loss or bad_grad:
+            what = "loss" if bad_loss else "gradient norm"
+            rows = self._rows_to_blame(micro)
+            if not self.trainer.is_deepspeed_enabled:
+                # With every gradient None, torch's optimizers leave each parameter and its
+                # state as they are. (DeepSpeed has already skipped a step whose gradient norm
+                # is not finite, in every precision.)
+                model.zero_grad(set_to_none=True)
+            if self.on_nonfinite == "skip":
+                self.trainer.skipped_steps += 1
+                if _is_main():
+                    print(
+                        f"[{self.stage}] step {step}: non-finite {what} ({_rows(rows)} of "
+                        f"{self.data}); update skipped (training.on_nonfinite: skip)",
+                        flush=True,
+                    )
+            else:
+                self.stop = {"reason": f"non-finite {what}", "step": step, "rows": rows}
+        if signum and self.stop is None:
+            self.stop = {"reason": "signal", "signal": signal.Signals(signum).name, "step": step}
+
+    def _gradient_norm_finite(self, args, model) -> bool:
+        if args.fp16:
+            return True  # fp16's loss scaler skips overflowing steps itself, as a matter of course
+        if self.trainer.is_deepspeed_enabled:
+            norm = self.trainer.accelerator.deepspeed_engine_wrapped.get_global_grad_norm()
+            return norm is None or math.isfinite(norm)
+        # After the all-reduce of data parallel, the same gradients in every process.
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+    def _rows_to_blame(self, micro: list[tuple[list[str], torch.Tensor]]) -> list[str]:
+        """The rows of the micro-batches whose loss was not finite, over all processes; if every
+        loss was finite (the gradient norm was not), the rows of the whole step."""
+        bad = [row for rows, finite in micro if not finite for row in rows]
+        every = [row for rows, _ in micro for row in rows]
+        gathered = _gather((bad, every))
+        blamed = [row for bad, _ in gathered for row in bad]
+        blamed = blamed or [row for _, every in gathered for row in every]
+        return [row for row in blamed if row is not None]
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.stop is None:
+            return
+        control.should_training_stop = True
+        control.should_evaluate = False  # a preempted job has little time left: save first
+        # A bad step leaves the last good checkpoint as the newest one.
+        control.should_save = self.stop["reason"] == "signal"
+
+    def on_save(self, args, state, control, **kwargs):
+        # Trainer has written checkpoint-N: the main process wrote trainer_state.json last, but
+        # other processes may still be writing their optimizer shards and RNG states. Once all
+        # are here, the checkpoint is whole and may be resumed from.
+        _barrier()
+        if _is_main():
+            StageDir(Path(args.output_dir)).mark_checkpoint_complete(state.global_step)
+        _barrier()
+
+    def before_training(self, stage_dir: StageDir, step: int) -> None:
+        """A stop asked for while the stage was being set up: stop before the first step."""
+        signum, _ = agree([REQUEST.signal, 0], self.trainer.args.device)
+        if signum:
+            self.stop = {"reason": "signal", "signal": signal.Signals(signum).name, "step": step}
+            self.finish(stage_dir, saved=False)
+
+    def finish(self, stage_dir: StageDir, saved: bool = True) -> None:
+        """After trainer.train(): when it stopped early, write stopped.json and raise the error
+        that ends the run with its exit code (75 after a signal, 3 after a non-finite step)."""
+        stop = self.stop
+        if stop is None:
+            return
+        checkpoint = stage_dir.last_checkpoint()
+        note = {**stop, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        note["checkpoint"] = checkpoint.name if checkpoint else None
+        if stop["reason"] != "signal":
+            note["data"] = self.data
+        if _is_main():
+            stage_dir.write_json(stage_dir.stopped_file.name, note)
+        _barrier()
+        resume = "run the same command again to resume"
+        where = f"; {resume} from {checkpoint.name}" if checkpoint else f"; {resume}"
+        if stop["reason"] == "signal":
+            done = f"saved {checkpoint}" if saved and checkpoint else "nothing to save yet"
+            raise Preempted(
+                f"[{self.stage}] stopped by {stop['signal']} after step {stop['step']}: {done}; "
+                f"{resume} (why: {stage_dir.stopped_file})"
+            )
+        kept = (
+            f"the last good checkpoint, {checkpoint.name}, is kept"
+            if checkpoint
+            else "no checkpoint was saved before it"
+        )
+        raise NonFiniteError(
+            f"[{self.stage}] step {stop['step']}: {stop['reason']} ({_rows(stop['rows'])} of "
+            f"{self.data}); {kept}. Check that data, or set "
+            f"{self.stage}.training.on_nonfinite=skip to skip such steps{where}"
+        )
+
+
+def _rows(rows: list[str]) -> str:
+    """`line 7`, `line 7, line 12`, ... with at most SHOWN_ROWS named."""
+    if not rows:
+        return "rows unknown"
+    shown = ", ".join(rows[:SHOWN_ROWS])
+    more = len(rows) - SHOWN_ROWS
+    return f"micro-batch: {shown}" + (f" and {more} more" if more > 0 else "")

@@ -1,0 +1,234 @@
+"""Every path a user gives, checked before any work starts: before a launcher starts processes,
+before a folder is created, before a model or dataset is read.
+
+Each problem is one line, `<path>: <what is wrong>; <fix>`, and all of them are reported at
+once (a UserError: exit code 2). Strings that are not local-looking are hub names and are left to
+the hub: `princeton-nlp/llama3-ultrafeedback` need not exist here.
+
+This module must not import torch: `--dry-run` checks paths too.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from simpo_cli.errors import UserError
+from simpo_cli.recipe import Recipe, StageName
+
+DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
+
+
+def looks_local(value: str, suffixes: tuple[str, ...] = ()) -> bool:
+    """A path meant as a file or folder on this machine rather than a hub name. Hub names are
+    `name` or `owner/name`; a path starts with / ./ ../ ~, has more than one /, or ends like
+    a local file (`suffixes`)."""
+    return (
+        value.startswith(("/", "./", "../", "~", "\\"))
+        or value in (".", "..")
+        or value.count("/") > 1
+        or value.lower().endswith(suffixes)
+    )
+
+
+def _exists(value: str) -> Path | None:
+    path = Path(value).expanduser()
+    return path if path.exists() else None
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def folder_problems(path: Path, flag: str) -> list[str]:
+    """A folder we will create or write into: not a file, not under a file, writable."""
+    path = path.expanduser()
+    if path.exists():
+        if not path.is_dir():
+            return [f"{path}: {flag} is a file, not a folder; choose another {flag}"]
+        if not os.access(path, os.W_OK | os.X_OK):
+            return [f"{path}: {flag} is not writable; fix its permissions or choose another {flag}"]
+        return []
+    return _parent_problems(path, flag)
+
+
+def file_problems(path: Path, flag: str) -> list[str]:
+    """A file we will write (its folder created if missing): not a folder, not under a file."""
+    path = path.expanduser()
+    if path.is_dir():
+        return [f"{path}: {flag} is a folder; give a file path for {flag}"]
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            return [f"{path}: {flag} is not writable; fix its permissions or choose another {flag}"]
+        return []
+    return _parent_problems(path, flag)
+
+
+def _parent_problems(path: Path, flag: str) -> list[str]:
+    """The nearest existing folder above `path` must be a folder we can create things in."""
+    for parent in path.absolute().parents:
+        if not parent.exists():
+            continue
+        if not parent.is_dir():
+            return [f"{path}: {flag} lies inside {parent}, which is a file; choose another {flag}"]
+        if not os.access(parent, os.W_OK | os.X_OK):
+            return [
+                f"{path}: {flag} cannot be created: {parent} is not writable; fix its "
+                f"permissions or choose another {flag}"
+            ]
+        return []
+    return []
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def data_problems(value: str, role: str, where: str = "") -> list[str]:
+    """A data source: a local-looking path must exist; a hub name is left to the hub."""
+    if not looks_local(value, DATA_SUFFIXES) or _exists(value):
+        return []
+    return [
+        f"{value}: {role}: no such data file or folder{where}; fix the path, or give a hub "
+        "dataset name (owner/name)"
+    ]
+
+
+def model_folder_problems(value: str, role: str, hub_ok: bool = True) -> list[str]:
+    """A model: a local folder must hold config.json and weights; a missing local-looking
+    path (or any missing path when `hub_ok` is false) is an error."""
+    path = _exists(value)
+    if path is None:
+        if hub_ok and not looks_local(value):
+            return []
+        fix = "fix the path, or give a hub model name (owner/name)" if hub_ok else "fix the path"
+        return [f"{value}: {role}: no such model folder; {fix}"]
+    if not path.is_dir():
+        return [f"{value}: {role}: is a file, not a model folder; give the folder holding it"]
+    missing = []
+    if not (path / "config.json").is_file():
+        missing.append("config.json")
+    if not any(_is_weights(p.name) for p in path.iterdir()):
+        missing.append("weights (*.safetensors or *.bin)")
+    if missing:
+        return [
+            f"{value}: {role}: not a model folder (no {' and no '.join(missing)}); give a "
+            "folder a model was saved to, e.g. outputs/tiny/preference"
+        ]
+    return []
+
+
+def _is_weights(name: str) -> bool:
+    """model.safetensors, model-00001-of-00004.safetensors, pytorch_model.bin, their index; not
+    training_args.bin, which Trainer leaves beside them."""
+    return name.endswith((".safetensors", ".safetensors.index.json")) or (
+        name.startswith("pytorch_model") and name.endswith((".bin", ".bin.index.json"))
+    )
+
+
+def _tokenizer_problems(value: str, role: str) -> list[str]:
+    path = _exists(value)
+    if path is None:
+        if not looks_local(value):
+            return []
+        return [f"{value}: {role}: no such tokenizer folder; fix the path, or give a hub name"]
+    if not path.is_dir():
+        return [f"{value}: {role}: is a file, not a tokenizer folder; give the folder holding it"]
+    return []
+
+
+def _deepspeed_problems(value: str) -> list[str]:
+    from simpo_cli import launch  # no torch at import
+    from simpo_cli.recipe import shipped_deepspeed_configs
+
+    path = Path(value).expanduser()
+    if value.endswith(".json") and not path.is_file():
+        what = "is a folder, not a JSON file" if path.is_dir() else "no such DeepSpeed config file"
+        return [
+            f"{value}: launch.deepspeed: {what}; fix the path, or use a shipped config: "
+            + ", ".join(shipped_deepspeed_configs())
+        ]
+    try:
+        launch.read_deepspeed_config(value)
+    except UserError as err:
+        return err.messages
+    return []
+
+
+# --------------------------------------------------------------------------- per command
+
+
+def check_paths(
+    recipe: Recipe,
+    output_dir: Path | None,
+    stages: list[StageName],
+    output_flag: str = "--output-dir",
+) -> None:
+    """Check every path that running `stages` of `recipe` into `output_dir` reads or writes."""
+    problems: list[str] = []
+    if output_dir is not None:
+        problems += folder_problems(output_dir, output_flag)
+        if not problems:
+            for name in stages:
+                stage_dir = output_dir.expanduser() / name
+                if stage_dir.exists() and not stage_dir.is_dir():
+                    problems.append(
+                        f"{stage_dir}: is a file where the '{name}' stage folder goes; remove "
+                        f"it or choose another {output_flag}"
+                    )
+    model = recipe.model
+    # The recipe's model and tokenizer are read only by a stage that starts the pipeline (the
+    # others start from the previous stage's folder).
+    if any(name not in recipe.pipeline or recipe.pipeline.index(name) == 0 for name in stages):
+        if model.init == "pretrained" and model.name_or_path:
+            problems += model_folder_problems(model.name_or_path, "model.name_or_path")
+        if model.tokenizer:
+            problems += _tokenizer_problems(model.tokenizer, "model.tokenizer")
+    if model.chat_template and model.chat_template.endswith(".jinja"):
+        if not Path(model.chat_template).expanduser().is_file():
+            problems.append(
+                f"{model.chat_template}: model.chat_template: no such template file; fix the "
+                "path, or give the template text itself"
+            )
+    where = " (looked beside the recipe and in the current folder)"
+    for name in stages:
+        stage = recipe.stage(name)
+        for split in ("train", "eval"):
+            source = getattr(stage.data, split)
+            if source is not None:
+                problems += data_problems(source.path, f"{name}.data.{split}", where)
+        reference = getattr(stage, "reference", None)
+        if reference is not None and reference.model:
+            problems += model_folder_problems(reference.model, f"{name}.reference.model")
+    if recipe.launch.deepspeed is not None:
+        problems += _deepspeed_problems(recipe.launch.deepspeed)
+    if problems:
+        raise UserError(problems)
+
+
+def check_eval_paths(model_dir: str, pairs: str, output: str | None) -> None:
+    """`simpo eval MODEL_DIR --pairs PAIRS [--output FILE]`."""
+    problems = model_folder_problems(model_dir, "MODEL_DIR", hub_ok=False)
+    problems += data_problems(pairs, "--pairs")
+    if output is not None:
+        problems += file_problems(Path(output), "--output")
+    if problems:
+        raise UserError(problems)
+
+
+def check_plot_paths(run_dir: Path, output: Path | None) -> None:
+    """`simpo plot RUN_DIR [--output PNG]`."""
+    problems = []
+    if not run_dir.exists():
+        problems.append(f"{run_dir}: no such run folder; give a folder `simpo train` wrote")
+    elif not run_dir.is_dir():
+        problems.append(f"{run_dir}: is a file, not a run folder; give the folder holding it")
+    if output is not None:
+        problems += file_problems(output, "--output")
+    if problems:
+        raise UserError(problems)
+
+
+def check_copy_destination(dest: Path) -> None:
+    """`simpo recipes copy NAME DEST`."""
+    problems = folder_problems(dest, "DEST")
+    if problems:
+        raise UserError(problems)
