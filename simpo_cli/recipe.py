@@ -729,13 +729,18 @@ def settings_table(recipe: Recipe, stage: StageName) -> list[str]:
                 continue
             if value is None:
                 continue
+            # The key itself or a section above it; for a data source shown as one value
+            # (`train: {path, max_rows}`), a key below it.
             origin = next(
                 (
                     recipe._origins[key[:i]]
                     for i in range(len(key), 0, -1)
                     if key[:i] in recipe._origins
                 ),
-                "default",
+                min(
+                    (o for k, o in recipe._origins.items() if k[: len(key)] == key),
+                    default="default",  # "--set" sorts before "recipe": an override shows
+                ),
             )
             rows.append((".".join(key), redact_setting(key[-1], str(value)), origin))
 

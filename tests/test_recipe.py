@@ -258,3 +258,16 @@ def test_settings_table_says_where_each_value_came_from(tmp_path):
     assert rows["preference.training.seed"] == ["7", "--set"]
     assert rows["preference.training.learning_rate"] == ["1e-06", "default"]
     assert rows["preference.gamma"] == ["(resolved)", "1.375", "beta", "x", "gamma_beta_ratio"]
+
+
+def test_settings_table_origin_of_a_data_source_written_as_a_mapping():
+    """`train: {path, max_rows}` shows as one value: from the recipe, or --set when one of its
+    keys was overridden."""
+    from simpo_cli.recipe import settings_table
+
+    def origin(sets: list[str]) -> str:
+        table = settings_table(load_recipe("tiny", sets), "sft")
+        return next(line.split()[-1] for line in table if line.split()[0] == "sft.data.train")
+
+    assert origin([]) == "recipe"
+    assert origin(["sft.data.train.max_rows=10"]) == "--set"
