@@ -229,7 +229,7 @@ def load_tokenizer(model: ModelSettings, name_or_path: str | None = None):
     return tokenizer
 
 
-def _adds_bos(tokenizer) -> bool:
+def adds_bos(tokenizer) -> bool:
     bos = tokenizer.bos_token_id
     return bos is not None and tokenizer("x", add_special_tokens=True)["input_ids"][:1] == [bos]
 
@@ -283,7 +283,7 @@ def tokenize_segments(tokenizer, pieces: list[tuple[str, bool]]) -> tuple[list[i
         # templates that do not write it rely on the tokenizer: the model saw exactly one.
         while ids[:2] == [bos, bos]:
             ids, labels = ids[1:], labels[1:]
-        if ids[:1] != [bos] and _adds_bos(tokenizer):
+        if ids[:1] != [bos] and adds_bos(tokenizer):
             ids, labels = [bos] + ids, [IGNORE_INDEX] + labels
     eos = tokenizer.eos_token_id
     if eos is not None and pieces and pieces[-1][1] and eos not in _last_reply(ids, labels):
@@ -302,7 +302,7 @@ def _last_reply(ids: list[int], labels: list[int]) -> list[int]:
 # --------------------------------------------------------------------------- row formats
 
 
-def _as_messages(value: Any, role: str, where: str) -> list[Message]:
+def as_messages(value: Any, role: str, where: str) -> list[Message]:
     if value is None:
         raise DataError(f"{where}: no value in this row; give a string or a list of messages")
     if isinstance(value, str):
@@ -316,8 +316,8 @@ def preference_messages(row: dict[str, Any], where: str) -> tuple[list[Message],
     """(prompt messages, chosen reply, rejected reply) from any supported preference format:
     chosen/rejected message lists holding the prompt (princeton-nlp), message lists plus a
     `prompt` column (UltraFeedback-binarized), or prompt/chosen/rejected strings."""
-    chosen = _as_messages(row["chosen"], "assistant", f"{where}: chosen")
-    rejected = _as_messages(row["rejected"], "assistant", f"{where}: rejected")
+    chosen = as_messages(row["chosen"], "assistant", f"{where}: chosen")
+    rejected = as_messages(row["rejected"], "assistant", f"{where}: rejected")
     for name, conversation in (("chosen", chosen), ("rejected", rejected)):
         if not conversation or conversation[-1]["role"] != "assistant":
             raise DataError(f"{where}: {name} must end with an assistant message")
@@ -330,7 +330,7 @@ def preference_messages(row: dict[str, Any], where: str) -> tuple[list[Message],
                 f"{where}: no prompt: chosen holds only the reply and this row has no 'prompt' "
                 "value; put the prompt turns before the reply in chosen/rejected, or give prompt"
             )
-        prompt = _as_messages(row["prompt"], "user", f"{where}: prompt")
+        prompt = as_messages(row["prompt"], "user", f"{where}: prompt")
     return prompt, chosen[-1], rejected[-1]
 
 
@@ -338,10 +338,10 @@ def sft_messages(row: dict[str, Any], where: str) -> list[Message]:
     """The conversation of an SFT row: a `messages` list, or prompt/completion (a file may mix
     the two forms: a row with no messages value is read as prompt/completion)."""
     if row.get("messages") is not None:
-        messages = _as_messages(row["messages"], "user", f"{where}: messages")
+        messages = as_messages(row["messages"], "user", f"{where}: messages")
     else:
-        prompt = _as_messages(row.get("prompt"), "user", f"{where}: prompt")
-        completion = _as_messages(row.get("completion"), "assistant", f"{where}: completion")
+        prompt = as_messages(row.get("prompt"), "user", f"{where}: prompt")
+        completion = as_messages(row.get("completion"), "assistant", f"{where}: completion")
         messages = prompt + completion
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: the conversation has no assistant turn to train on")
