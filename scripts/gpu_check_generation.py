@@ -44,7 +44,7 @@ SKIPPED = 77
 
 def tiny_model(folder: Path) -> Path:
     """The tiny recipe's seeded model and tokenizer, saved where vLLM can load them."""
-    from simpo_cli.trainer import load_model
+    from simpo_cli.training import load_model
 
     load_model(load_recipe("tiny"), None, 42).save_pretrained(folder)
     tokenizer = load_tokenizer(ModelSettings(name_or_path=str(RECIPES_DIR / "tiny" / "tokenizer")))

@@ -147,7 +147,8 @@ def _run(
     from simpo_cli.faults import watch_signals
 
     watch_signals()  # SIGTERM, SIGUSR1, Ctrl-C: save a checkpoint after this step and exit 75
-    from simpo_cli.trainer import run_stage, say
+    from simpo_cli.distributed import say
+    from simpo_cli.pipeline import run_stage
 
     final = out
     for name in names:
@@ -160,7 +161,7 @@ def _plot_when_possible(out: Path) -> None:
     """Leave a picture of the run beside it when matplotlib is installed."""
     import importlib.util
 
-    from simpo_cli.trainer import is_main_process
+    from simpo_cli.distributed import is_main_process
 
     if is_main_process() and importlib.util.find_spec("matplotlib") is not None:
         from simpo_cli.plot import plot_run

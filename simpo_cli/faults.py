@@ -133,7 +133,7 @@ def _quietly(action, *args) -> None:
 
 # --------------------------------------------------------------------------- processes
 # Only torch.distributed: this module runs inside Trainer, where the process group is up under a
-# launcher (trainer.py's helpers import this module, so it cannot import them).
+# launcher (so it needs no fallback to the launcher's environment, as distributed.py has).
 
 
 def _distributed() -> bool:

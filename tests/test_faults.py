@@ -115,7 +115,7 @@ def assert_same_weights(got: dict, expected: dict, tolerance: float) -> None:
 def start_model(tmp_path_factory):
     """The tiny recipe's seeded model, saved as a folder."""
     from simpo_cli.data import load_tokenizer
-    from simpo_cli.trainer import load_model
+    from simpo_cli.training import load_model
 
     folder = tmp_path_factory.mktemp("start") / "model"
     recipe = load_recipe("tiny")

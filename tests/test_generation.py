@@ -47,7 +47,7 @@ SETTINGS = SamplingSettings(seeds=(13, 21), max_new_tokens=8, stop_token_ids=(EO
 
 @pytest.fixture(scope="module")
 def model():
-    from simpo_cli.trainer import load_model
+    from simpo_cli.training import load_model
 
     return load_model(load_recipe("tiny"), None, 42)
 

@@ -158,7 +158,7 @@ LOSS_SETS = {
 
 
 def _run(loss: str, out: Path, *extra: str, overwrite: bool = False):
-    from simpo_cli.trainer import run_stage
+    from simpo_cli.pipeline import run_stage
 
     sets = [
         "pipeline=[preference]",

@@ -13,7 +13,7 @@ from simpo_cli.data import load_tokenizer
 from simpo_cli.eval import evaluate_model_dir
 from simpo_cli.launch import count_parameters
 from simpo_cli.recipe import RECIPES_DIR, load_recipe
-from simpo_cli.trainer import load_model
+from simpo_cli.training import load_model
 
 
 class Loaded(Exception):

@@ -14,8 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from simpo_cli.pipeline import run_stage
 from simpo_cli.recipe import RECIPES_DIR, load_recipe
-from simpo_cli.trainer import load_model, run_stage
+from simpo_cli.training import load_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -349,7 +350,7 @@ def test_simpo_compute_loss_matches_separate_passes(tmp_path, sft_weight):
 
     from simpo_cli.data import PreferenceCollator, load_source, load_tokenizer, prepare
     from simpo_cli.losses import sequence_logps
-    from simpo_cli.trainer import PreferenceTrainer
+    from simpo_cli.stages.preference import PreferenceTrainer
 
     recipe = load_recipe("tiny", ["pipeline=[preference]", f"preference.sft_weight={sft_weight}"])
     stage = recipe.preference

@@ -1,0 +1,45 @@
+"""Which process this is, and the few collective calls the stages make.
+
+Ranks come from torch.distributed when it is up, else from the launcher's environment: under
+DeepSpeed on CPU, accelerate has reported one process while torch.distributed had two.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """The same-shaped tensors of every process, concatenated in rank order."""
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    torch.distributed.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def say(message: str) -> None:
+    """Print once per run, not once per process."""
+    if is_main_process():
+        print(message, flush=True)

@@ -1,0 +1,221 @@
+"""Runs a recipe's stages: each into its own folder under the output directory, resuming from
+its last complete checkpoint, skipping it when it has finished. The stage kinds (stages/) build
+the trainer; this module does what every stage shares around it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainingArguments
+
+from simpo_cli import console, stages
+from simpo_cli.data import add_mismatched_pairs, fingerprint, load_source, load_tokenizer, prepare
+from simpo_cli.distributed import barrier, is_main_process, say, world_size
+from simpo_cli.errors import UserError
+from simpo_cli.faults import StepGuard
+from simpo_cli.outputs import StageDir, reproducibility_record
+from simpo_cli.recipe import Recipe, SFTStage, settings_table, stage_identity
+from simpo_cli.redact import redact
+from simpo_cli.training import MetricsFile, check_vocab, load_model, training_arguments
+
+
+def stage_start(recipe: Recipe, name: str, output_dir: Path) -> str | None:
+    """Where a stage's model starts: the previous stage's output folder, or None for the recipe's
+    model when it is the pipeline's first stage."""
+    if name not in recipe.pipeline or recipe.pipeline.index(name) == 0:
+        return None
+    previous = recipe.pipeline[recipe.pipeline.index(name) - 1]
+    previous_dir = StageDir(output_dir / previous)
+    if not previous_dir.is_complete():
+        raise UserError(
+            f"stage '{name}' starts from the '{previous}' stage's model, which is not finished "
+            f"in {previous_dir.path}; run `simpo train` (all stages) or `simpo {previous}` first"
+        )
+    return str(previous_dir.path)
+
+
+def run_stage(recipe: Recipe, name: str, output_dir: Path, overwrite: bool = False) -> Path:
+    """Run one stage into output_dir/<name>: resume it if a checkpoint is there, skip it if it
+    has finished. Every process of a launch runs this; only the main process writes files.
+    Returns the stage folder, which holds the trained model."""
+    stage = recipe.stage(name)
+    stage_dir = StageDir(output_dir / name)
+    # resolved_recipe.yaml is written redacted; compare like with like.
+    identity = stage_identity(redact(recipe.dump()), name)
+    if stage_dir.is_complete() and not overwrite:
+        stage_dir.check(identity, name)
+        say(f"[{name}] already finished in {stage_dir.path}; skipping (--overwrite reruns it)")
+        return stage_dir.path
+    start_from = stage_start(recipe, name, output_dir)
+    if not overwrite:
+        stage_dir.check(identity, name)
+    prepare_trackers(recipe)
+    kind = "sft" if isinstance(stage, SFTStage) else "preference"
+    checkpoint = None if overwrite else stage_dir.last_checkpoint()
+    has_eval = stage.data.eval is not None
+    args = training_arguments(
+        recipe,
+        name,
+        stage_dir.path,
+        eval_on_start=kind == "preference" and has_eval and not checkpoint,
+    )
+    _start_processes(args, recipe)
+    if is_main_process():
+        stage_dir.create(recipe.to_yaml(), overwrite)
+        stage_dir.stopped_file.unlink(missing_ok=True)  # this run's own stop, if any, is next
+    barrier()
+    if is_main_process():
+        _print_settings(recipe, name, start_from)
+
+    tokenizer = load_tokenizer(recipe.model, start_from)
+    max_prompt = getattr(stage.data, "max_prompt_length", 0)
+    tokenization = getattr(stage.data, "tokenization", "default")
+    datasets_, fingerprints, report_lines = {}, {}, []
+    for split in ("train", "eval"):
+        source = getattr(stage.data, split)
+        if source is None:
+            continue
+        role = f"{name}.data.{split} ({source.path})"
+        raw = load_source(source, role)
+        datasets_[split], report = prepare(
+            raw, tokenizer, kind, role, stage.data.max_length, max_prompt, tokenization
+        )
+        if getattr(stage, "loss", None) == "kto":
+            datasets_[split] = add_mismatched_pairs(datasets_[split], stage.data.max_length)
+        fingerprints[f"{name}.data.{split}"] = fingerprint(source, raw)
+        report_lines += report.lines()
+    say("\n".join(["data report:", *("  " + line for line in report_lines)]))
+    if is_main_process():
+        (stage_dir.path / "data_report.txt").write_text("\n".join(report_lines) + "\n")
+
+    model = load_model(recipe, start_from, stage.training.seed)
+    check_vocab(model, tokenizer)
+    common = {
+        "model": model,
+        "args": args,
+        "train_dataset": datasets_["train"],
+        "eval_dataset": datasets_.get("eval"),
+        "processing_class": tokenizer,
+        "callbacks": [MetricsFile(stage_dir)],
+    }
+    trainer = stages.BUILDERS[kind](recipe, name, stage, common, start_from, output_dir, checkpoint)
+    console.install(trainer, name)  # one line of numbers per log, not Trainer's dicts
+    # Signals and non-finite steps: stop after the step (or skip it) on every process at once.
+    guard = StepGuard(trainer, name, stage.training.on_nonfinite, str(stage.data.train.path))
+    trainer.add_callback(guard)
+
+    for line in [] if overwrite else stage_dir.skipped_checkpoints():
+        say(f"[{name}] {line}")
+    step = 0
+    if checkpoint is not None:
+        step = int(checkpoint.name.split("-")[1])
+        say(f"[{name}] resuming from {checkpoint} (step {step})")
+        if is_main_process():
+            stage_dir.trim_metrics(step)
+    guard.before_training(stage_dir, step)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    guard.finish(stage_dir)  # raises when training stopped early
+
+    summary: dict[str, Any] = {"global_step": trainer.state.global_step}
+    if has_eval:
+        summary["eval"] = trainer.evaluate()
+        if kind == "preference":
+            _print_before_after(
+                name,
+                stage.loss if stage.loss != "simpo" else "SimPO",
+                _read_json(stage_dir.path / "eval_before.json"),
+                summary["eval"],
+            )
+    # Under ZeRO-3 every process takes part in gathering the sharded weights; Trainer writes
+    # the consolidated 16-bit state dict from the main process only.
+    trainer.save_model(str(stage_dir.path))
+    if is_main_process():
+        tokenizer.save_pretrained(str(stage_dir.path))
+        record = reproducibility_record(
+            stage.training.seed,
+            fingerprints,
+            world_size(),
+            start_from or str(recipe.model.name_or_path),
+        )
+        stage_dir.write_json("reproducibility.json", record)
+        stage_dir.mark_complete(summary)
+    barrier()
+    say(f"[{name}] finished: model in {stage_dir.path}")
+    return stage_dir.path
+
+
+def _start_processes(args: TrainingArguments, recipe: Recipe) -> None:
+    """Join the process group now rather than at the first step, so files are written by the
+    main process only from the start, and check it has the size the recipe planned."""
+    _ = args.device  # sets up torch.distributed under a launcher
+    if recipe.launch.deepspeed is not None and torch.distributed.is_initialized():
+        import deepspeed
+
+        # ZeRO-3 creates the model sharded (zero.Init), which sizes its partitions from
+        # DeepSpeed's own process group: on CPU nothing has started it by then.
+        if not deepspeed.comm.is_initialized():
+            deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+    actual, planned = world_size(), recipe.launch.world_size
+    if actual != planned:
+        raise UserError(
+            f"launch: the recipe plans {planned} process(es) but {actual} are running; "
+            "start it with `simpo train` (which launches the right number) or set "
+            "launch.num_processes / num_machines to match"
+        )
+
+
+def prepare_trackers(recipe: Recipe) -> None:
+    """Fail early if a tracker the recipe asks for is missing; keep wandb from prompting."""
+    if "tensorboard" in recipe.logging.report_to:
+        _require("tensorboard", "tensorboard")
+    if "wandb" in recipe.logging.report_to:
+        _require("wandb", "wandb")
+        os.environ.setdefault("WANDB_PROJECT", recipe.logging.project)
+        if not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
+            # Never an interactive login prompt in the middle of a launch: log offline.
+            os.environ["WANDB_MODE"] = "offline"
+            say("wandb: no WANDB_API_KEY set; logging offline (sync later with `wandb sync`)")
+
+
+def _require(module: str, extra: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise UserError(
+            f"logging.report_to: {extra} is not installed; pip install 'simpo-cli[{extra}]' or "
+            f"remove {extra} from logging.report_to"
+        )
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _print_settings(recipe: Recipe, name: str, start_from: str | None) -> None:
+    seed = recipe.stage(name).training.seed
+    start = start_from or (
+        f"new {recipe.model.config.get('model_type')} model from model.config (seed {seed})"
+        if recipe.model.init == "from_config"
+        else recipe.model.name_or_path
+    )
+    print(f"[{name}] start model: {start}")
+    print(f"[{name}] settings (value, then where it came from):")
+    print("\n".join(settings_table(recipe, name)))
+
+
+def _print_before_after(name: str, loss: str, before: dict | None, after: dict) -> None:
+    if not before:
+        return
+    lines = [f"[{name}] held-out pairs        before     after"]
+    rows = (("reward accuracy", "eval_rewards/accuracies"), (f"{loss} loss", "eval_loss"))
+    for label, key in rows:
+        lines.append(f"[{name}]   {label:<18} {before[key]:>8.4f}  {after[key]:>8.4f}")
+    say("\n".join(lines))

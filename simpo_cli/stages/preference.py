@@ -1,0 +1,323 @@
+"""The preference stage: SimPO and the baseline losses on pairs, with transformers' Trainer.
+
+Trainer runs the loop, checkpointing, resume and DeepSpeed; this module adds what is
+SimPO-specific: the paired forward pass, the loss, the authors' metric names, and the reference
+model's log-probs (live, or cached on disk) for the losses that need them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from simpo_cli.data import PreferenceCollator
+from simpo_cli.distributed import all_gather, barrier, is_main_process, say, world_size
+from simpo_cli.errors import UserError
+from simpo_cli.faults import GuardedTrainer
+from simpo_cli.losses import IGNORE_INDEX, sequence_logps
+from simpo_cli.objectives import PairScores, preference_objective
+from simpo_cli.recipe import PreferenceStage, Recipe
+from simpo_cli.training import load_model
+
+SFT_TERM_LOSSES = ("cpo", "orpo", "rrhf", "slic")
+
+
+class PreferenceTrainer(GuardedTrainer):
+    """Trainer for preference losses on pairs stacked [chosen; rejected] by PreferenceCollator:
+    one forward pass of the policy over both. Reference log-probs, for the losses that need
+    them, come with the batch (cached pre-pass) or from `ref_model` (live)."""
+
+    def __init__(self, *args, stage: PreferenceStage, ref_model=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stage = stage
+        self.ref_model = None if ref_model is None else self._prepare_reference(ref_model)
+        self.scoring_reference = False  # prediction_step returns summed log-probs when set
+        # Our loss is a mean over this micro-batch's pairs: Trainer must divide it by the number
+        # of accumulation steps (and must not pass num_items_in_batch, a token count, to it).
+        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = False
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+
+    def _pair_scores(self, model, inputs) -> tuple[PairScores, torch.Tensor]:
+        logits = model(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
+        ).logits
+        sums, counts = sequence_logps(logits, inputs["labels"], average=False)
+        if self.stage.loss == "kto":  # [chosen; rejected; mismatched] from the collator
+            b = sums.shape[0] // 3
+            scores = PairScores(
+                sums[:b], sums[b : 2 * b], counts[:b], counts[b : 2 * b], sums[2 * b :]
+            )
+            return scores, logits
+        half = sums.shape[0] // 2
+        return PairScores(sums[:half], sums[half:], counts[:half], counts[half:]), logits
+
+    def _reference_scores(self, inputs, policy: PairScores) -> PairScores | None:
+        if not self.stage.uses_reference:
+            return None
+        if "ref_chosen_logps" in inputs:
+            return policy._replace(
+                chosen_sum=inputs["ref_chosen_logps"],
+                rejected_sum=inputs["ref_rejected_logps"],
+                kl_sum=inputs.get("ref_kl_logps"),
+            )
+        with torch.no_grad():
+            reference, _ = self._pair_scores(self.ref_model, inputs)
+        return reference
+
+    def _objective(self, policy: PairScores, reference: PairScores | None):
+        if self.stage.loss == "kto" and world_size() > 1:
+            # KTO's reference point z0 estimates a KL over the whole batch: every process's
+            # mismatched completions, as one process would see them (it carries no gradient).
+            policy = policy._replace(kl_sum=all_gather(policy.kl_sum.detach()))
+            reference = reference._replace(kl_sum=all_gather(reference.kl_sum))
+        return preference_objective(self.stage, policy, reference)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        policy, logits = self._pair_scores(model, inputs)
+        out = self._objective(policy, self._reference_scores(inputs, policy))
+        loss = out.losses.mean()
+        self._store_pair_metrics(out, policy, logits, inputs["labels"])
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+    @torch.no_grad()
+    def _store_pair_metrics(self, out, policy: PairScores, logits, labels):
+        margins = out.chosen_rewards - out.rejected_rewards
+        self._store("rewards/chosen", out.chosen_rewards.mean())
+        self._store("rewards/rejected", out.rejected_rewards.mean())
+        self._store("rewards/accuracies", (margins > 0).float().mean())
+        self._store("rewards/margins", margins.mean())
+        self._store("logps/chosen", policy.chosen_avg.mean())
+        self._store("logps/rejected", policy.rejected_avg.mean())
+        if self.stage.sft_weight or self.stage.loss in SFT_TERM_LOSSES:
+            self._store("sft_loss", -policy.chosen_avg.mean())
+        # Mean raw logit over response positions (the ones that predict a trained token).
+        half = policy.chosen_sum.shape[0]
+        mask = (labels[:, 1:] != IGNORE_INDEX).unsqueeze(-1)
+        per_row = (logits[:, :-1] * mask).sum((1, 2)) / (mask.sum((1, 2)) * logits.shape[-1])
+        self._store("logits/chosen", per_row[:half].mean())
+        self._store("logits/rejected", per_row[half:].mean())
+
+    def _store(self, name: str, value: torch.Tensor) -> None:
+        self._metrics[name].append(value.detach().float().item())
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Training logs get the mean of each pair metric since the previous log.
+        if "loss" in logs:
+            for name, values in self._metrics.items():
+                logs[name] = sum(values) / len(values)
+            self._metrics.clear()
+        super().log(logs, start_time)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Per-pair results for Trainer's evaluation loop, which shards the data over the
+        processes, runs DeepSpeed's inference set-up when needed, and gathers the results:
+        [loss, chosen reward, rejected reward, chosen avg logp, rejected avg logp] per pair, or
+        [chosen, rejected] summed log-probs in the reference pre-pass."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            policy, _ = self._pair_scores(model, inputs)
+            if self.scoring_reference:
+                sums = [policy.chosen_sum, policy.rejected_sum, policy.kl_sum]
+                scores = torch.stack([x for x in sums if x is not None], dim=1)
+            else:
+                out = self._objective(policy, self._reference_scores(inputs, policy))
+                scores = torch.stack(
+                    [out.losses, out.chosen_rewards, out.rejected_rewards,
+                     policy.chosen_avg, policy.rejected_avg], dim=1,
+                )  # fmt: skip
+        return None, scores, torch.zeros(scores.shape[0], device=scores.device)
+
+    def summed_logps(self, dataset) -> list[list[float]]:
+        """Summed log-probs of every pair's sequences under this trainer's model, in dataset
+        order, one list per side: chosen, rejected (and KTO's mismatched). The reference
+        pre-pass."""
+        self.scoring_reference, metrics = True, self.compute_metrics
+        self.compute_metrics = None
+        try:
+            scores = self.predict(dataset).predictions
+        finally:
+            self.scoring_reference, self.compute_metrics = False, metrics
+        return [scores[:, column].tolist() for column in range(scores.shape[1])]
+
+    def _prepare_reference(self, ref_model):
+        """The live reference model, frozen, placed like the policy: under DeepSpeed its own
+        inference engine (ZeRO-3 shards it too), else on the training device."""
+        ref_model.eval().requires_grad_(False)
+        if not self.is_deepspeed_enabled:
+            return ref_model.to(self.args.device)
+        import copy
+
+        import deepspeed
+
+        config = copy.deepcopy(self.accelerator.state.deepspeed_plugin.deepspeed_config)
+        config.pop("optimizer", None)
+        config.pop("scheduler", None)
+        if config.get("zero_optimization", {}).get("stage") != 3:
+            config["zero_optimization"] = {"stage": 0}  # no sharding to gain without ZeRO-3
+        engine, *_ = deepspeed.initialize(model=ref_model, config=config)
+        engine.eval()  # DeepSpeed's eval() returns None, not the engine
+        return engine
+
+
+def preference_metrics(prediction) -> dict[str, float]:
+    """Held-out metrics from the per-pair results [N, 5] gathered by prediction_step."""
+    scores = torch.as_tensor(prediction.predictions, dtype=torch.float64)
+    margins = scores[:, 1] - scores[:, 2]
+    return {
+        "loss": scores[:, 0].mean().item(),
+        "rewards/accuracies": (margins > 0).double().mean().item(),
+        "rewards/margins": margins.mean().item(),
+        "logps/chosen": scores[:, 3].mean().item(),
+        "logps/rejected": scores[:, 4].mean().item(),
+    }
+
+
+def build_trainer(
+    recipe: Recipe,
+    name: str,
+    stage: PreferenceStage,
+    common: dict[str, Any],
+    start_from: str | None,
+    output_dir: Path,
+    checkpoint: Path | None,
+) -> PreferenceTrainer:
+    """The stage's PreferenceTrainer; with a cached reference, also the callback that scores the
+    pairs under the reference model before the first step."""
+    tokenizer = common["processing_class"]
+    trainer = PreferenceTrainer(
+        data_collator=PreferenceCollator(tokenizer.pad_token_id),
+        compute_metrics=preference_metrics,
+        stage=stage,
+        ref_model=_live_reference(recipe, stage, start_from),
+        **common,
+    )
+    if stage.uses_reference and stage.reference.mode == "cached":
+        trainer.add_callback(
+            CachedReference(trainer, recipe, stage, start_from, output_dir, checkpoint is not None)
+        )
+    return trainer
+
+
+# --------------------------------------------------------------------------- reference model
+
+
+def _reference_source(recipe: Recipe, stage: PreferenceStage, start_from: str | None) -> str | None:
+    """The reference model's folder or hub name; None: the recipe's seeded from_config model."""
+    if stage.reference.model:
+        return stage.reference.model
+    if start_from is None and recipe.model.init == "from_config":
+        return None
+    return start_from or recipe.model.name_or_path
+
+
+def _live_reference(recipe: Recipe, stage: PreferenceStage, start_from: str | None):
+    if not stage.uses_reference or stage.reference.mode != "live":
+        return None
+    source = _reference_source(recipe, stage, start_from)
+    return load_model(recipe, source, stage.training.seed)
+
+
+class CachedReference(TrainerCallback):
+    """Reference log-probs computed once and kept on disk under output_dir/reference_logps/,
+    keyed by the reference model, the tokenized pairs and the tokenization. They ride along in
+    the batches (PreferenceCollator looks them up by pair_id), so training holds one model.
+
+    When the reference is the stage's starting model, the pass runs at the start of training:
+    through Trainer's prediction loop, inside the DeepSpeed engine that training uses (ZeRO-3
+    included), sharded over the processes and gathered in order. A separate reference model
+    is scored before training by a trainer of its own."""
+
+    def __init__(self, trainer, recipe, stage, start_from, output_dir: Path, resuming: bool):
+        self.trainer = trainer
+        self.table: list[tuple[float, float] | None] = []
+        self.todo: list[tuple[str, Any, Path]] = []
+        source = _reference_source(recipe, stage, start_from)
+        identity = _model_identity(source, recipe)
+        for attr in ("train_dataset", "eval_dataset"):
+            dataset = getattr(trainer, attr)
+            if dataset is None:
+                continue
+            first = len(self.table)
+            dataset = dataset.add_column("pair_id", list(range(first, first + len(dataset))))
+            setattr(trainer, attr, dataset)
+            self.table += [None] * len(dataset)
+            key = _reference_key(identity, dataset, trainer.processing_class)
+            path = output_dir / "reference_logps" / f"{key}.json"
+            if path.is_file():
+                self._fill(first, json.loads(path.read_text())["sides"])
+                say(f"[preference] reference log-probs of {len(dataset)} pairs from {path}")
+            elif resuming and not stage.reference.model:
+                raise UserError(
+                    f"{path}: the cached reference log-probs of this run are gone and the model "
+                    "has moved on since; pass --overwrite to start the stage over"
+                )
+            else:
+                self.todo.append((attr, first, path))
+        trainer.data_collator.reference = self.table
+        if stage.reference.model and self.todo:
+            scorer = PreferenceTrainer(
+                model=load_model(recipe, source, stage.training.seed),
+                args=trainer.args,
+                data_collator=trainer.data_collator,
+                processing_class=trainer.processing_class,
+                stage=stage,
+            )
+            self._score(scorer)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._score(self.trainer)
+
+    def _score(self, scorer: PreferenceTrainer) -> None:
+        for attr, first, path in self.todo:
+            dataset = getattr(self.trainer, attr)
+            say(f"[preference] computing reference log-probs of {len(dataset)} pairs")
+            sides = scorer.summed_logps(dataset)
+            self._fill(first, sides)
+            if is_main_process():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps({"sides": sides}))
+        self.todo = []
+        barrier()
+
+    def _fill(self, first: int, sides: list[list[float]]) -> None:
+        for offset, pair in enumerate(zip(*sides, strict=True)):
+            self.table[first + offset] = pair
+
+
+def _model_identity(source: str | None, recipe: Recipe) -> dict[str, Any]:
+    """What decides the reference model's weights, cheaply: a folder's weight files (name, size,
+    modification time), a hub name, or the seeded config of a from_config model."""
+    if source is None:
+        return {"from_config": recipe.model.config, "seed": recipe.first_stage_seed()}
+    folder = Path(source)
+    if not folder.is_dir():
+        return {"name": source}
+    files = sorted(
+        (p.name, p.stat().st_size, p.stat().st_mtime_ns)
+        for p in folder.iterdir()
+        if p.suffix in (".safetensors", ".bin") or p.name == "config.json"
+    )
+    return {"folder": str(folder.resolve()), "files": files}
+
+
+def _reference_key(identity: dict[str, Any], dataset, tokenizer) -> str:
+    """sha256 of the model identity, the chat template and every pair's token ids (which fix
+    the data, the truncation and the tokenization)."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
+    digest.update((tokenizer.chat_template or "").encode())
+    columns = [c for c in dataset.column_names if c.endswith(("_ids", "_labels"))]
+    for column in sorted(columns):
+        for row in dataset[column]:
+            digest.update(np.asarray(row, dtype=np.int64).tobytes())
+            digest.update(b"|")
+    return digest.hexdigest()[:32]
