@@ -147,13 +147,19 @@ def _run(
     from simpo_cli.faults import watch_signals
 
     watch_signals()  # SIGTERM, SIGUSR1, Ctrl-C: save a checkpoint after this step and exit 75
-    from simpo_cli.distributed import say
+    from simpo_cli.distributed import say, shutdown
+    from simpo_cli.errors import NonFiniteError
     from simpo_cli.pipeline import run_stage
 
     final = out
-    for name in names:
-        final = run_stage(recipe, name, out, overwrite)
+    try:
+        for name in names:
+            final = run_stage(recipe, name, out, overwrite)
+    except (Preempted, NonFiniteError):
+        shutdown()  # every process stopped after the same step, together
+        raise
     say(f"final model: {final}")
+    shutdown()
     _plot_when_possible(out)
 
 

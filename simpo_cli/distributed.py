@@ -43,3 +43,12 @@ def say(message: str) -> None:
     """Print once per run, not once per process."""
     if is_main_process():
         print(message, flush=True)
+
+
+def shutdown() -> None:
+    """Leave the process group at a clean end of the run (every process gets here together).
+    Left to the interpreter's exit, gloo's worker threads can abort a process that has finished
+    its work ("terminate called without an active exception"), failing the whole launch. Not on
+    an error that one process meets alone: destroying a group others still use can hang."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
