@@ -33,6 +33,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from simpo_cli.data import SOURCE_ROW
+from simpo_cli.distributed import barrier, is_main_process
 from simpo_cli.errors import EXIT_ABORTED, NonFiniteError, Preempted
 from simpo_cli.outputs import StageDir
 
@@ -132,21 +133,10 @@ def _quietly(action, *args) -> None:
 
 
 # --------------------------------------------------------------------------- processes
-# Only torch.distributed: this module runs inside Trainer, where the process group is up under a
-# launcher (so it needs no fallback to the launcher's environment, as distributed.py has).
 
 
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _is_main() -> bool:
-    return not _distributed() or torch.distributed.get_rank() == 0
-
-
-def _barrier() -> None:
-    if _distributed():
-        torch.distributed.barrier()
 
 
 def agree(flags: list[int], device: torch.device) -> list[int]:
@@ -190,6 +180,13 @@ class GuardedTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.micro_batches: list[tuple[list[str], torch.Tensor]] = []
         self.skipped_steps: int | None = None  # since the last log; None: not skipping
+        self.step_grad_norm: Any = None  # this step's, from Trainer, for StepGuard
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # Trainer computes the step's gradient norm (all processes' gradients) just before
+        # on_pre_optimizer_step: keep it, so StepGuard need not go over the gradients again.
+        self.step_grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        return self.step_grad_norm
 
     def get_train_dataloader(self):
         # Training batches only: evaluation hands its batches to the model as they are.
@@ -247,7 +244,7 @@ class StepGuard(TrainerCallback):
                 model.zero_grad(set_to_none=True)
             if self.on_nonfinite == "skip":
                 self.trainer.skipped_steps += 1
-                if _is_main():
+                if is_main_process():
                     print(
                         f"[{self.stage}] step {step}: non-finite {what} ({_rows(rows)} of "
                         f"{self.data}); update skipped (training.on_nonfinite: skip)",
@@ -264,7 +261,11 @@ class StepGuard(TrainerCallback):
         if self.trainer.is_deepspeed_enabled:
             norm = self.trainer.accelerator.deepspeed_engine_wrapped.get_global_grad_norm()
             return norm is None or math.isfinite(norm)
-        # After the all-reduce of data parallel, the same gradients in every process.
+        norm, self.trainer.step_grad_norm = self.trainer.step_grad_norm, None
+        if norm is not None:
+            return math.isfinite(float(norm))
+        # A Trainer that did not hand its norm over: look at the gradients themselves (after the
+        # all-reduce of data parallel, the same in every process).
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
@@ -290,10 +291,10 @@ class StepGuard(TrainerCallback):
         # Trainer has written checkpoint-N: the main process wrote trainer_state.json last, but
         # other processes may still be writing their optimizer shards and RNG states. Once all
         # are here, the checkpoint is whole and may be resumed from.
-        _barrier()
-        if _is_main():
+        barrier()
+        if is_main_process():
             StageDir(Path(args.output_dir)).mark_checkpoint_complete(state.global_step)
-        _barrier()
+        barrier()
 
     def before_training(self, stage_dir: StageDir, step: int) -> None:
         """A stop asked for while the stage was being set up: stop before the first step."""
@@ -313,9 +314,9 @@ class StepGuard(TrainerCallback):
         note["checkpoint"] = checkpoint.name if checkpoint else None
         if stop["reason"] != "signal":
             note["data"] = self.data
-        if _is_main():
+        if is_main_process():
             stage_dir.write_json(stage_dir.stopped_file.name, note)
-        _barrier()
+        barrier()
         resume = "run the same command again to resume"
         where = f"; {resume} from {checkpoint.name}" if checkpoint else f"; {resume}"
         if stop["reason"] == "signal":
