@@ -9,7 +9,10 @@ a temporary folder (no network needed). It then checks, on the real engine:
      within max_new_tokens; the shards merge cleanly;
   3. a second run of the same command on the same folder generates nothing (resume);
   4. a fresh run into another folder gives the same samples (reported, not failed, when it
-     differs: bit-exact vLLM needs VLLM_BATCH_INVARIANT=1 or VLLM_ENABLE_V1_MULTIPROCESSING=0).
+     differs: bit-exact vLLM needs VLLM_BATCH_INVARIANT=1 or VLLM_ENABLE_V1_MULTIPROCESSING=0);
+  5. the stages through the CLI: `simpo train` of tiny-onpolicy's generate and annotate stages on
+     this model with backend vllm, one engine per visible GPU (each process on its own GPU, the
+     processes meeting through marker files), then the pairs dataset is there.
 Exit codes: 0 all checks passed, 1 a check failed, 77 skipped (no GPU or vLLM not installed).
 """
 
@@ -119,10 +122,45 @@ def main() -> int:
     same = merge_shards(work / "b", prompts, settings.seeds) == records
     print(f"a fresh run gives the same samples: {same}")
 
+    # 5. The stages through the CLI, one vLLM engine per GPU.
+    del backend  # free this process's engine first
+    failures += check_stages(model, work / "stages")
+
     for failure in failures:
         print(f"FAILED: {failure}", file=sys.stderr)
     print("all checks passed" if not failures else f"{len(failures)} check(s) failed")
     return 1 if failures else 0
+
+
+def check_stages(model: Path, out: Path) -> list[str]:
+    import subprocess
+
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if gpus == 0:  # the CPU test's stand-in engine: the child processes would not see it
+        print("stages through the CLI: skipped (no GPU counted)")
+        return []
+    command = [
+        sys.executable, "-m", "simpo_cli.cli", "train", "tiny-onpolicy", "-o", str(out),
+        "--set", "pipeline=[generate, annotate]", "--set", "model.init=pretrained",
+        "--set", f"model.name_or_path={model}", "--set", f"model.tokenizer={model}",
+        "--set", "generate.backend=vllm", "--set", "generate.prompts.max_rows=64",
+        "--set", "generate.gpu_memory_utilization=0.3", "--num-processes", str(gpus),
+    ]  # fmt: skip
+    start = time.time()
+    result = subprocess.run(command, capture_output=True, text=True)
+    print(f"stages through the CLI on {gpus} GPU(s): exit {result.returncode} in "
+          f"{time.time() - start:.0f}s")  # fmt: skip
+    if result.returncode != 0:
+        return [f"simpo train (vllm stages) failed: {result.stderr.strip()[-800:]}"]
+    shards = sorted((out / "generate" / "samples" / "train").glob("samples-rank*.jsonl"))
+    problems = []
+    if len(shards) != gpus:
+        problems.append(f"{len(shards)} shards for {gpus} processes")
+    if not (out / "annotate" / "dataset" / "train.jsonl").is_file():
+        problems.append("no pairs dataset after the annotate stage")
+    return problems
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import typer
 
 from simpo_cli.errors import EXIT_ABORTED, Preempted, UserError
 from simpo_cli.recipe import (
-    STAGES,
+    TRAINING_STAGES,
     Recipe,
     copy_recipe,
     load_recipe,
@@ -99,7 +99,7 @@ class LaunchFlags:
             return []
         return [
             f"{name}.training.{key}={self.mixed_precision == key}"
-            for name in STAGES
+            for name in TRAINING_STAGES
             if getattr(recipe, name) is not None
             for key in ("bf16", "fp16")
         ]
@@ -121,6 +121,7 @@ def _run(
         sets += flags.precision_sets(recipe)
         recipe = load_recipe(recipe_ref, sets)
     out = _output_dir(recipe, output_dir)
+    recipe.connect_stages(out)  # a preference stage without data reads the annotate stage's
     names = list(recipe.pipeline) if stages is None else stages
     for name in names:
         recipe.stage(name)  # a missing section is an error before anything starts
@@ -142,6 +143,14 @@ def _run(
 
         print_plan(recipe, names, out, child_args if relaunch else None)
         return
+    if not launch.inside_launch() and len(names) > 1 and _vllm_generate(recipe, names):
+        # A vLLM engine keeps its GPUs and its own process group until its process ends: the
+        # stages run one command each (see stages/generate.py).
+        for name in names:
+            code = _run_alone(recipe, name, child_args, relaunch)
+            if code != 0:
+                sys.exit(code)
+        return
     if relaunch:
         sys.exit(_launch(recipe, child_args))
     from simpo_cli.faults import watch_signals
@@ -161,6 +170,24 @@ def _run(
     say(f"final model: {final}")
     shutdown()
     _plot_when_possible(out)
+
+
+def _vllm_generate(recipe: Recipe, names: list[str]) -> bool:
+    if "generate" not in names or recipe.generate is None:
+        return False
+    from simpo_cli.generation import resolve_backend
+
+    return resolve_backend(recipe.generate.backend) == "vllm"
+
+
+def _run_alone(recipe: Recipe, name: str, child_args: list[str], launched: bool) -> int:
+    """Run one stage as its own command (through the launcher when `launched`)."""
+    import subprocess
+
+    args = [name, *child_args[1:]]
+    if launched:
+        return _launch(recipe, args)
+    return subprocess.run([sys.executable, "-m", "simpo_cli.cli", *args]).returncode
 
 
 def _plot_when_possible(out: Path) -> None:
@@ -257,12 +284,32 @@ app.command("sft")(
         "Run only the SFT stage: causal-LM loss on every assistant turn, into DIR/sft/.",
     )
 )
+app.command("generate")(
+    _run_command(
+        "generate",
+        ["generate"],
+        "Run only the generate stage: sample replies to generate.prompts, into DIR/generate/.\n\n"
+        "Samples from the model of the training stage before it (else the recipe's model), one "
+        "reply per seed per prompt, on vLLM (GPUs) or transformers. Results are written as they "
+        "come: the same command resumes after a kill.",
+    )
+)
+app.command("annotate")(
+    _run_command(
+        "annotate",
+        ["annotate"],
+        "Run only the annotate stage: score the generate stage's samples with annotate.reward "
+        "(a reward model or a Python function) and write best-vs-worst pairs into "
+        "DIR/annotate/dataset/ (save_to_disk folder and JSONL) with a report.",
+    )
+)
 app.command("preference")(
     _run_command(
         "preference",
         ["preference"],
         "Run only the preference (SimPO) stage into DIR/preference/.\n\n"
-        "When the pipeline has an SFT stage first, it starts from that stage's finished model.",
+        "It starts from the model of the training stage before it (e.g. SFT), and trains on the "
+        "annotate stage's pairs when preference.data.train is not given.",
     )
 )
 
@@ -301,7 +348,7 @@ def config_show(recipe: RecipeArg, set_: SetOption = None) -> None:
 def data_inspect(
     recipe: RecipeArg,
     stage: Annotated[
-        str, typer.Option(help=f"Stage whose data to show: {', '.join(STAGES)}.")
+        str, typer.Option(help=f"Stage whose data to show: {', '.join(TRAINING_STAGES)}.")
     ] = "preference",
     row: Annotated[int, typer.Option(min=0, help="Row of the training data to show.")] = 0,
     set_: SetOption = None,
@@ -318,8 +365,11 @@ def data_inspect(
     from simpo_cli.data import inspect_row
 
     loaded = load_recipe(recipe, set_)
-    if stage not in STAGES:
-        raise UserError(f"--stage {stage}: no such stage; use one of {', '.join(STAGES)}")
+    if stage not in TRAINING_STAGES:
+        raise UserError(
+            f"--stage {stage}: no training data to show; use one of {', '.join(TRAINING_STAGES)}"
+        )
+    loaded.connect_stages(_output_dir(loaded, None))
     use_color = sys.stdout.isatty() if color is None else color
     print(inspect_row(loaded, stage, row, use_color))
 

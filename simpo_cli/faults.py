@@ -88,6 +88,19 @@ def watch_signals() -> None:
         REQUEST.signal = signal.Signals[os.environ[STOP_ENV]]
 
 
+def stop_requested() -> bool:
+    """A stop signal has reached this process (stages without a Trainer poll this)."""
+    return REQUEST.signal != 0
+
+
+def stop_now(stage: str, what: str) -> None:
+    """Raise Preempted when a stop signal has arrived: for stages whose work is kept as it is
+    written (generate) or is quick to redo (annotate)."""
+    if REQUEST.signal:
+        name = signal.Signals(REQUEST.signal).name
+        raise Preempted(f"[{stage}] stopped by {name}; {what}; run the same command again to go on")
+
+
 @contextmanager
 def forwarding_stop_signals() -> Iterator[StopRequest]:
     """In the launcher (`accelerate launch` run in this process): pass SIGTERM and SIGUSR1 on to

@@ -8,12 +8,12 @@ Used by the `generate` stage (on-policy preference data) and by evaluation. The 
     records = merge_shards(folder, prompts, settings.seeds)   # checked: all samples, none twice
 
 Guarantees, and why:
-- Every sample depends on (prompt, seed) only: each request is drawn from its own generator,
-  seeded with `request_seed(seed, prompt_id)` (vLLM's per-request `SamplingParams(seed=)`; on
-  transformers `torch.manual_seed` before a one-prompt `generate`). So an interrupted run, a
-  resumed run and a run split over processes give the same samples (bit-exact on transformers;
-  on vLLM batch composition matters too unless VLLM_BATCH_INVARIANT=1: see its reproducibility
-  docs).
+- Every sample depends on its prompt and seeds only: each request is drawn from its own
+  generator, seeded with `request_seed(seed, prompt_id)` (vLLM's per-request
+  `SamplingParams(seed=)`; on transformers a torch.Generator per row of a batch holding one
+  prompt's seeds). So an interrupted run, a resumed run and a run split over processes give the
+  same samples (bit-exact on transformers on one machine; on vLLM batch composition matters too
+  unless VLLM_BATCH_INVARIANT=1: see its reproducibility docs).
   One request per seed, never `n>1`: vLLM gives child i of `n` the seed `seed + i`, which is not
   the authors' seed set (13, 21, 42, 79, 100).
 - Prompts reach the model as token ids rendered here with exactly one BOS (`render_prompt_ids`);
@@ -26,9 +26,10 @@ Guarantees, and why:
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -275,52 +276,97 @@ def _vllm_problem() -> str:
 
 
 class TransformersBackend:
-    """transformers' `generate`, one prompt and one seed at a time: slow on big models, but each
-    sample is bit-exact whatever else is generated (no padding, no batch effects). For CPU, tests
-    and small models."""
+    """Sampling with a transformers model and its KV cache, for CPU, tests and small models.
+
+    The samples of one prompt (one row per seed) are drawn together, as a batch of identical
+    prompts: no padding, and each row draws its tokens from its own generator, seeded with
+    `request_seed(seed, prompt_id)`. So a prompt's samples depend on the prompt and the seed list
+    only, not on which other prompts are generated, in which order, or by which process.
+    Temperature 0 is greedy. top_p keeps the smallest set of tokens whose probability reaches it
+    (nucleus sampling, as vLLM); no top_k, no repetition penalty: a checkpoint's
+    generation_config does not change what is sampled."""
 
     name = "transformers"
     chunk_size = 1
 
     def __init__(self, model, tokenizer) -> None:
-        self.model = model.eval()
+        self.model = model
         self.tokenizer = tokenizer
 
     def generate(self, requests: list[Request], settings: SamplingSettings) -> list[Sample]:
-        import torch
-        from transformers import GenerationConfig
-
-        # A fresh config, not the model's: a checkpoint's generation_config (top_k=50,
-        # repetition_penalty, ...) would otherwise change what is sampled, unlike vLLM.
-        config = GenerationConfig(
-            do_sample=settings.temperature > 0,
-            temperature=settings.temperature if settings.temperature > 0 else None,
-            top_p=settings.top_p if settings.temperature > 0 else None,
-            top_k=0 if settings.temperature > 0 else None,
-            max_new_tokens=settings.max_new_tokens,
-            eos_token_id=list(settings.stop_token_ids) or None,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
-        device = next(self.model.parameters()).device
-        samples = []
-        for request in requests:
-            ids = torch.tensor([request.prompt_ids], device=device)
-            torch.manual_seed(request.generator_seed)  # this sample's own generator state
-            with torch.inference_mode():
-                out = self.model.generate(
-                    input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config
-                )
-            new = out[0, ids.shape[1] :].tolist()
-            stopped = bool(new) and new[-1] in settings.stop_token_ids
-            samples.append(
-                Sample(
-                    seed=request.seed,
-                    text=self.tokenizer.decode(new, skip_special_tokens=True),
-                    finish_reason="stop" if stopped else "length",
-                    tokens=len(new),
-                )
-            )
+        samples: list[Sample] = []
+        start = 0
+        while start < len(requests):  # consecutive requests of one prompt form a batch
+            end = start + 1
+            while end < len(requests) and requests[end].prompt_id == requests[start].prompt_id:
+                end += 1
+            samples += self._sample(requests[start:end], settings)
+            start = end
         return samples
+
+    def _sample(self, group: list[Request], settings: SamplingSettings) -> list[Sample]:
+        import torch
+
+        device = next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()
+        rows = len(group)
+        generators = [torch.Generator(device=device).manual_seed(r.generator_seed) for r in group]
+        stop = set(settings.stop_token_ids)
+        drawn: list[list[int]] = [[] for _ in group]
+        finished = [False] * rows
+        inputs = torch.tensor([group[0].prompt_ids] * rows, device=device)
+        # transformers 5.x calls the KV cache `cache`; earlier versions `past_key_values`.
+        cache_key = (
+            "cache"
+            if "cache" in inspect.signature(self.model.forward).parameters
+            else "past_key_values"
+        )
+        past = None
+        with torch.inference_mode():
+            for _ in range(settings.max_new_tokens):
+                out = self.model(input_ids=inputs, use_cache=True, **{cache_key: past})
+                past = out.get(cache_key)
+                logits = out.logits[:, -1, :].float()
+                picked = []
+                for i in range(rows):
+                    if finished[i]:  # fed a stand-in token; what the row computes is unused
+                        picked.append(drawn[i][-1])
+                        continue
+                    token = pick_token(logits[i], settings, generators[i])
+                    drawn[i].append(token)
+                    finished[i] = token in stop
+                    picked.append(token)
+                if all(finished):
+                    break
+                inputs = torch.tensor(picked, device=device).unsqueeze(1)
+        self.model.train(was_training)
+        return [
+            Sample(
+                seed=request.seed,
+                text=self.tokenizer.decode(tokens, skip_special_tokens=True),
+                finish_reason="stop" if tokens and tokens[-1] in stop else "length",
+                tokens=len(tokens),
+            )
+            for request, tokens in zip(group, drawn, strict=True)
+        ]
+
+
+def pick_token(logits, settings: SamplingSettings, generator) -> int:
+    """One token from a row of logits: the argmax at temperature 0, else a draw from the
+    temperature-scaled distribution cut to its top_p nucleus (the most probable tokens whose
+    probabilities, added in order, first reach top_p)."""
+    import torch
+
+    if settings.temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / settings.temperature, dim=-1)
+    if settings.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of the tokens above
+        sorted_probs[before >= settings.top_p] = 0.0
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 class VLLMBackend:
@@ -484,13 +530,15 @@ def generate_samples(
     rank: int = 0,
     world_size: int = 1,
     model_name: str = "",
+    should_stop: Callable[[], bool] | None = None,
 ) -> Path:
     """Sample len(settings.seeds) replies for this process's share of the prompts into
     folder/samples-rank{rank}.jsonl, skipping prompts already done in any shard; returns the
     shard. Records: {"prompt_id", "prompt": messages, "samples": [Sample as dict, in seed
     order]}, the file's first line being the settings header (a re-run with other settings or
     another `model_name` is refused). Every prompt is rendered first, so a double BOS fails
-    before any GPU time is spent."""
+    before any GPU time is spent. `should_stop`, checked after each chunk of prompts, ends the
+    loop early (a stop signal): what is written stays and a re-run goes on from there."""
     from tqdm import tqdm
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -522,6 +570,8 @@ def generate_samples(
                 drawn = [asdict(next(samples)) for _ in settings.seeds]
                 _append(f, {"prompt_id": p.prompt_id, "prompt": p.messages, "samples": drawn})
                 bar.update(1)
+            if should_stop is not None and should_stop():
+                break
     return path
 
 

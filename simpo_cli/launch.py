@@ -20,7 +20,13 @@ from simpo_cli.errors import (
     EXIT_USER_ERROR,
     UserError,
 )
-from simpo_cli.recipe import DEEPSPEED_DIR, LaunchSettings, Recipe, shipped_deepspeed_configs
+from simpo_cli.recipe import (
+    DEEPSPEED_DIR,
+    TRAINING_STAGES,
+    LaunchSettings,
+    Recipe,
+    shipped_deepspeed_configs,
+)
 
 GIB = 1024**3
 
@@ -83,8 +89,9 @@ def launch_command(recipe: Recipe, simpo_args: list[str]) -> list[str]:
     processes: the same command serves data parallel and every ZeRO stage.
     """
     launch = recipe.launch
-    first = recipe.stage(recipe.pipeline[0]).training
-    precision = "bf16" if first.bf16 else "fp16" if first.fp16 else "no"
+    trained = [name for name in recipe.pipeline if name in TRAINING_STAGES]
+    first = recipe.stage(trained[0]).training if trained else None
+    precision = "bf16" if first and first.bf16 else "fp16" if first and first.fp16 else "no"
     command = [
         "accelerate", "launch",
         "--num_processes", str(launch.world_size),

@@ -175,9 +175,9 @@ def check_paths(
                         f"it or choose another {output_flag}"
                     )
     model = recipe.model
-    # The recipe's model and tokenizer are read only by a stage that starts the pipeline (the
-    # others start from the previous stage's folder).
-    if any(name not in recipe.pipeline or recipe.pipeline.index(name) == 0 for name in stages):
+    # The recipe's model and tokenizer are read only by a stage with no training stage before it
+    # (the others start from that stage's folder); annotate reads no policy model.
+    if any(name != "annotate" and recipe.model_stage_before(name) is None for name in stages):
         if model.init == "pretrained" and model.name_or_path:
             problems += model_folder_problems(model.name_or_path, "model.name_or_path")
         if model.tokenizer:
@@ -191,9 +191,19 @@ def check_paths(
     where = " (looked beside the recipe and in the current folder)"
     for name in stages:
         stage = recipe.stage(name)
+        if name == "generate":
+            for key in ("prompts", "eval_prompts"):
+                source = getattr(stage, key)
+                if source is not None:
+                    problems += data_problems(source.path, f"{name}.{key}", where)
+            continue
+        if name == "annotate":
+            problems += _reward_problems(stage.reward)
+            continue
         for split in ("train", "eval"):
             source = getattr(stage.data, split)
-            if source is not None:
+            # The annotate stage's pairs do not exist before it has run.
+            if source is not None and recipe.origin((name, "data", split)) != "annotate stage":
                 problems += data_problems(source.path, f"{name}.data.{split}", where)
         reference = getattr(stage, "reference", None)
         if reference is not None and reference.model:
@@ -202,6 +212,18 @@ def check_paths(
         problems += _deepspeed_problems(recipe.launch.deepspeed)
     if problems:
         raise UserError(problems)
+
+
+def _reward_problems(reward) -> list[str]:
+    if reward.model is not None:
+        return model_folder_problems(reward.model, "annotate.reward.model")
+    target, _, _ = reward.function.rpartition(":")
+    if target.endswith(".py") and not Path(target).is_file():
+        return [
+            f"{target}: annotate.reward.function: no such file (looked beside the recipe and in "
+            "the current folder); fix the path, or name an importable module as package.module:name"
+        ]
+    return []
 
 
 def check_eval_paths(model_dir: str, pairs: str, output: str | None) -> None:

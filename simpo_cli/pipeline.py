@@ -19,24 +19,37 @@ from simpo_cli.distributed import barrier, is_main_process, say, world_size
 from simpo_cli.errors import UserError
 from simpo_cli.faults import StepGuard
 from simpo_cli.outputs import StageDir, reproducibility_record
-from simpo_cli.recipe import Recipe, SFTStage, settings_table, stage_identity
+from simpo_cli.recipe import TRAINING_STAGES, Recipe, SFTStage, settings_table, stage_identity
 from simpo_cli.redact import redact
 from simpo_cli.training import MetricsFile, check_vocab, load_model, training_arguments
 
 
 def stage_start(recipe: Recipe, name: str, output_dir: Path) -> str | None:
-    """Where a stage's model starts: the previous stage's output folder, or None for the recipe's
-    model when it is the pipeline's first stage."""
-    if name not in recipe.pipeline or recipe.pipeline.index(name) == 0:
+    """Where a stage's model starts (or, for generate, what it samples from): the output folder
+    of the nearest training stage before it in the pipeline, or None for the recipe's model.
+    Also checks that every stage this one reads from has finished: the training stage whose
+    model it takes, the generate stage's samples for annotate, the annotate stage's pairs for a
+    preference stage without data of its own."""
+    needs = []
+    model_stage = recipe.model_stage_before(name)
+    if model_stage is not None and name != "annotate":
+        needs.append(model_stage)
+    if name == "annotate":
+        needs.append("generate")
+    if name == "preference" and recipe.origin(("preference", "data", "train")) == "annotate stage":
+        needs.append("annotate")
+    for previous in needs:
+        previous_dir = StageDir(output_dir / previous)
+        if not previous_dir.is_complete():
+            what = {"generate": "samples", "annotate": "pairs"}.get(previous, "model")
+            raise UserError(
+                f"stage '{name}' starts from the '{previous}' stage's {what}, which is not "
+                f"finished in {previous_dir.path}; run `simpo train` (all stages) or "
+                f"`simpo {previous}` first"
+            )
+    if model_stage is None or name == "annotate":
         return None
-    previous = recipe.pipeline[recipe.pipeline.index(name) - 1]
-    previous_dir = StageDir(output_dir / previous)
-    if not previous_dir.is_complete():
-        raise UserError(
-            f"stage '{name}' starts from the '{previous}' stage's model, which is not finished "
-            f"in {previous_dir.path}; run `simpo train` (all stages) or `simpo {previous}` first"
-        )
-    return str(previous_dir.path)
+    return str(StageDir(output_dir / model_stage).path)
 
 
 def run_stage(recipe: Recipe, name: str, output_dir: Path, overwrite: bool = False) -> Path:
@@ -54,6 +67,8 @@ def run_stage(recipe: Recipe, name: str, output_dir: Path, overwrite: bool = Fal
     start_from = stage_start(recipe, name, output_dir)
     if not overwrite:
         stage_dir.check(identity, name)
+    if name not in TRAINING_STAGES:
+        return _run_data_stage(recipe, name, stage_dir, start_from, output_dir, overwrite)
     prepare_trackers(recipe)
     kind = "sft" if isinstance(stage, SFTStage) else "preference"
     checkpoint = None if overwrite else stage_dir.last_checkpoint()
@@ -109,6 +124,12 @@ def run_stage(recipe: Recipe, name: str, output_dir: Path, overwrite: bool = Fal
     guard = StepGuard(trainer, name, stage.training.on_nonfinite, str(stage.data.train.path))
     trainer.add_callback(guard)
 
+    greedy_before = None
+    if kind == "preference" and not checkpoint:
+        greedy_before = _greedy_check(recipe, trainer, tokenizer, output_dir)
+        if greedy_before is not None and is_main_process():
+            stage_dir.write_json("greedy_before.json", greedy_before)
+
     for line in [] if overwrite else stage_dir.skipped_checkpoints():
         say(f"[{name}] {line}")
     step = 0
@@ -131,6 +152,11 @@ def run_stage(recipe: Recipe, name: str, output_dir: Path, overwrite: bool = Fal
                 _read_json(stage_dir.path / "eval_before.json"),
                 summary["eval"],
             )
+    if kind == "preference":
+        after = _greedy_check(recipe, trainer, tokenizer, output_dir)
+        if after is not None:
+            summary["greedy_eval"] = after
+            _print_greedy(name, _read_json(stage_dir.path / "greedy_before.json"), after)
     # Under ZeRO-3 every process takes part in gathering the sharded weights; Trainer writes
     # the consolidated 16-bit state dict from the main process only.
     trainer.save_model(str(stage_dir.path))
@@ -149,6 +175,84 @@ def run_stage(recipe: Recipe, name: str, output_dir: Path, overwrite: bool = Fal
     return stage_dir.path
 
 
+def _run_data_stage(
+    recipe: Recipe,
+    name: str,
+    stage_dir: StageDir,
+    start_from: str | None,
+    output_dir: Path,
+    overwrite: bool,
+) -> Path:
+    """A stage that makes data rather than a model (generate, annotate): the same folder, resume
+    and completion rules as a training stage, without a Trainer."""
+    stage = recipe.stage(name)
+    vllm = name == "generate" and stages.generate_backend(stage) == "vllm"
+    if not vllm:  # a vLLM engine starts its own process group (stages/generate.py)
+        start_process_group()
+        _check_world(recipe)
+    if is_main_process():
+        stage_dir.create(recipe.to_yaml(), overwrite)
+        stage_dir.stopped_file.unlink(missing_ok=True)
+    if not vllm:
+        barrier()
+    if is_main_process():
+        _print_settings(recipe, name, start_from)
+    summary = stages.RUNNERS[name](recipe, name, stage, stage_dir, start_from, output_dir)
+    if is_main_process():
+        record = reproducibility_record(
+            recipe.first_stage_seed(), {}, recipe.launch.world_size,
+            start_from or str(recipe.model.name_or_path),
+        )  # fmt: skip
+        stage_dir.write_json("reproducibility.json", record)
+        stage_dir.mark_complete(summary)
+    if not vllm:
+        barrier()
+    say(f"[{name}] finished: output in {stage_dir.path}")
+    return stage_dir.path
+
+
+def _greedy_check(recipe: Recipe, trainer, tokenizer, output_dir: Path) -> dict | None:
+    from simpo_cli.stages.annotate import greedy_check
+
+    if recipe.annotate is None or not recipe.annotate.greedy_eval:
+        return None
+    if getattr(trainer, "is_deepspeed_enabled", False) and _zero3(recipe):
+        say("[preference] annotate.greedy_eval: skipped under ZeRO-3 (the weights are sharded)")
+        return None
+    return greedy_check(recipe, trainer.model, tokenizer, output_dir)
+
+
+def _zero3(recipe: Recipe) -> bool:
+    from simpo_cli.launch import read_deepspeed_config
+
+    if recipe.launch.deepspeed is None:
+        return False
+    config = read_deepspeed_config(recipe.launch.deepspeed)
+    return int(config.get("zero_optimization", {}).get("stage", 0)) == 3
+
+
+def start_process_group() -> None:
+    """Join the launch's process group outside a Trainer (gloo on CPU, NCCL on GPUs, as
+    TrainingArguments would), so a later training stage in the same process finds it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(backend="nccl")
+    else:
+        torch.distributed.init_process_group(backend="gloo")
+
+
+def _check_world(recipe: Recipe) -> None:
+    actual, planned = world_size(), recipe.launch.world_size
+    if actual != planned:
+        raise UserError(
+            f"launch: the recipe plans {planned} process(es) but {actual} are running; "
+            "start it with `simpo train` (which launches the right number) or set "
+            "launch.num_processes / num_machines to match"
+        )
+
+
 def _start_processes(args: TrainingArguments, recipe: Recipe) -> None:
     """Join the process group now rather than at the first step, so files are written by the
     main process only from the start, and check it has the size the recipe planned."""
@@ -160,13 +264,7 @@ def _start_processes(args: TrainingArguments, recipe: Recipe) -> None:
         # DeepSpeed's own process group: on CPU nothing has started it by then.
         if not deepspeed.comm.is_initialized():
             deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
-    actual, planned = world_size(), recipe.launch.world_size
-    if actual != planned:
-        raise UserError(
-            f"launch: the recipe plans {planned} process(es) but {actual} are running; "
-            "start it with `simpo train` (which launches the right number) or set "
-            "launch.num_processes / num_machines to match"
-        )
+    _check_world(recipe)
 
 
 def prepare_trackers(recipe: Recipe) -> None:
@@ -200,15 +298,29 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _print_settings(recipe: Recipe, name: str, start_from: str | None) -> None:
-    seed = recipe.stage(name).training.seed
+    seed = recipe.first_stage_seed()
     start = start_from or (
         f"new {recipe.model.config.get('model_type')} model from model.config (seed {seed})"
         if recipe.model.init == "from_config"
         else recipe.model.name_or_path
     )
-    print(f"[{name}] start model: {start}")
+    if name != "annotate":
+        print(f"[{name}] {'samples from' if name == 'generate' else 'start model'}: {start}")
     print(f"[{name}] settings (value, then where it came from):")
     print("\n".join(settings_table(recipe, name)))
+
+
+def _print_greedy(name: str, before: dict | None, after: dict) -> None:
+    rows = [("mean reward", "mean_reward")]
+    if "success" in after:
+        rows.append(("success rate", "success"))
+    lines = [
+        f"[{name}] held-out prompts, greedy    before     after   ({after['prompts']} prompts)"
+    ]
+    for label, key in rows:
+        first = f"{before[key]:>8.4f}" if before else "       -"
+        lines.append(f"[{name}]   {label:<24} {first}  {after[key]:>8.4f}")
+    say("\n".join(lines))
 
 
 def _print_before_after(name: str, loss: str, before: dict | None, after: dict) -> None:

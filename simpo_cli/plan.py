@@ -10,7 +10,7 @@ from pathlib import Path
 
 from simpo_cli import launch
 from simpo_cli.outputs import StageDir
-from simpo_cli.recipe import DataSource, Recipe, StageName
+from simpo_cli.recipe import TRAINING_STAGES, DataSource, Recipe, StageName
 from simpo_cli.redact import redact_args
 
 
@@ -59,6 +59,24 @@ def _stage_lines(recipe: Recipe, name: StageName, out: Path) -> list[str]:
     else:
         state = "starts fresh"
     section = recipe.stage(name)
+    if name == "generate":
+        prompts = count_rows(section.prompts)
+        count = "prompts from the hub" if prompts is None else f"{prompts} prompts"
+        return [
+            f"  {name} -> {stage_dir.path} ({state})",
+            f"    {count} x {len(section.sample_seeds)} samples (seeds "
+            f"{list(section.sample_seeds)}), temperature {section.temperature:g}, top_p "
+            f"{section.top_p:g}, max_new_tokens {section.max_new_tokens}; backend "
+            f"{section.backend}, {recipe.launch.world_size} process(es)",
+        ]
+    if name == "annotate":
+        reward = section.reward
+        return [
+            f"  {name} -> {stage_dir.path} ({state})",
+            f"    reward {'model ' + reward.model if reward.model else reward.function}; "
+            f"{section.selection}, min_margin {section.min_margin:g}, drop_truncated "
+            f"{str(section.drop_truncated).lower()}; pairs into {stage_dir.path / 'dataset'}",
+        ]
     t = section.training
     world = recipe.launch.world_size
     accumulation = recipe.accumulation_steps(name)
@@ -71,7 +89,10 @@ def _stage_lines(recipe: Recipe, name: StageName, out: Path) -> list[str]:
     if name == "preference":
         lines.append(f"    gamma {section.resolved_gamma:g} (beta {section.beta:g})")
     rows = count_rows(section.data.train)
-    if rows is None:
+    if rows is None and recipe.origin((name, "data", "train")) == "annotate stage":
+        lines.append(f"    data: the annotate stage's pairs ({section.data.train.path})")
+        lines.append("    optimizer steps: known once the annotate stage has written the pairs")
+    elif rows is None:
         lines.append("    optimizer steps: unknown until the data is read (hub dataset)")
     else:
         per_epoch = math.ceil(rows / total)
@@ -101,6 +122,8 @@ def _memory_lines(recipe: Recipe, names: list[StageName], stage: int, offload: b
     if estimate.cpu_bytes:
         lines.append(f"  CPU memory per machine: {_bytes(estimate.cpu_bytes)}")
     for name in names:
+        if name not in TRAINING_STAGES:
+            continue
         section = recipe.stage(name)
         logits = launch.logits_bytes(
             section.training.per_device_train_batch_size,

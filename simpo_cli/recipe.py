@@ -33,8 +33,12 @@ DEEPSPEED_DIR = (
     if (_HERE / "deepspeed_configs").is_dir()
     else _HERE.parent / "configs" / "deepspeed"
 )
-StageName = Literal["sft", "preference"]
-STAGES: tuple[StageName, ...] = ("sft", "preference")
+StageName = Literal["sft", "generate", "annotate", "preference"]
+# In pipeline order: generate samples from the model before it; annotate scores those samples
+# into pairs; preference trains on them (when its own data is not given).
+STAGES: tuple[StageName, ...] = ("sft", "generate", "annotate", "preference")
+TRAINING_STAGES: tuple[StageName, ...] = ("sft", "preference")
+AUTHORS_SEEDS = [13, 21, 42, 79, 100]  # the SimPO authors' decode.py seeds
 
 
 class Section(BaseModel):
@@ -115,7 +119,11 @@ class SFTData(Section):
 
 
 class PreferenceData(Section):
-    train: DataSource = Field(description="Training pairs: chosen/rejected (+ optional prompt).")
+    train: DataSource | None = Field(
+        None,
+        description="Training pairs: chosen/rejected (+ optional prompt); default with an "
+        "annotate stage: its pairs.",
+    )
     eval: DataSource | None = Field(None, description="Held-out pairs, same formats.")
     max_length: PositiveInt = Field(2048, description="Tokens of prompt + response.")
     max_prompt_length: PositiveInt = Field(1800, description="Tokens kept of a long prompt.")
@@ -133,6 +141,121 @@ class PreferenceData(Section):
                 f"({self.max_length}), or responses are cut to nothing; lower max_prompt_length"
             )
         return self
+
+
+class PromptSource(DataSource):
+    """Prompts to sample replies for: a data source plus the columns holding them."""
+
+    column: str = Field("prompt", description="Column of prompt strings or message lists.")
+    id_column: str = Field(
+        "prompt_id", description="Column of prompt ids, if present; else a stable hash."
+    )
+
+
+class GenerateStage(Section):
+    """Sample replies to prompts from the model of the stage before (else the recipe's model)."""
+
+    prompts: PromptSource = Field(description="Prompts: hub name, file or saved folder.")
+    eval_prompts: PromptSource | None = Field(
+        None, description="Held-out prompts (e.g. the source's test split): the pairs' test split."
+    )
+    seeds: list[int] | None = Field(
+        None, description="One sample per seed per prompt; default the authors' 13,21,42,79,100."
+    )
+    num_samples: PositiveInt | None = Field(
+        None, description="Instead of seeds: this many samples, seeds 0..N-1."
+    )
+    temperature: float = Field(0.8, ge=0, description="0: greedy.")
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_new_tokens: PositiveInt = 4096
+    backend: Literal["auto", "vllm", "transformers"] = Field(
+        "auto", description="auto: vLLM when installed and a GPU is visible, else transformers."
+    )
+    tensor_parallel_size: PositiveInt = Field(
+        1, description="vLLM: GPUs per engine (one engine per group of GPUs)."
+    )
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vLLM's share of a GPU.")
+
+    @model_validator(mode="after")
+    def _check_seeds(self) -> GenerateStage:
+        if self.seeds is not None and self.num_samples is not None:
+            raise ValueError(
+                f"seeds ({self.seeds}) and num_samples ({self.num_samples}) are both set; "
+                "give one of them"
+            )
+        if self.seeds is not None:
+            if not self.seeds:
+                raise ValueError("seeds is empty; give at least one seed")
+            if len(set(self.seeds)) != len(self.seeds):
+                raise ValueError(
+                    f"seeds {self.seeds} repeats a seed, which repeats its samples exactly; "
+                    "give distinct seeds"
+                )
+        return self
+
+    @property
+    def sample_seeds(self) -> tuple[int, ...]:
+        if self.num_samples is not None:
+            return tuple(range(self.num_samples))
+        return tuple(self.seeds if self.seeds is not None else AUTHORS_SEEDS)
+
+
+class RewardSettings(Section):
+    """What scores a (prompt, reply): a reward model or a Python function, not both."""
+
+    model: str | None = Field(
+        None, description="Sequence-classification reward model: hub name or folder."
+    )
+    function: str | None = Field(
+        None,
+        description="'path/to/file.py:name' or 'package.module:name': (prompt messages, reply "
+        "text) -> number.",
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow the reward model's own code (ArmoRM needs it)."
+    )
+    batch_size: PositiveInt = Field(8, description="Replies per reward-model forward.")
+    max_length: PositiveInt | None = Field(
+        None, description="Reward-model tokens kept (the end of the reply); default all."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on GPU, float32 on CPU."
+    )
+
+    @model_validator(mode="after")
+    def _one_scorer(self) -> RewardSettings:
+        if (self.model is None) == (self.function is None):
+            raise ValueError(
+                "set exactly one of model (a reward model) and function ('file.py:name')"
+            )
+        return self
+
+
+class AnnotateStage(Section):
+    """Score the generate stage's samples and keep the best and worst reply per prompt as pairs."""
+
+    reward: RewardSettings
+    selection: Literal["best_vs_worst", "best_vs_random"] = Field(
+        "best_vs_worst", description="rejected = the lowest-scored reply, or a random other one."
+    )
+    min_margin: float = Field(0.0, ge=0, description="Drop pairs whose score gap is below this.")
+    drop_truncated: bool = Field(
+        True, description="Leave out replies cut at max_new_tokens before selecting."
+    )
+    eval_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Share of pairs held out as the test split."
+    )
+    seed: int = Field(42, description="Seed of best_vs_random and of the held-out split.")
+    greedy_eval: bool = Field(
+        False,
+        description="After the preference stage: greedy replies to generate.eval_prompts from "
+        "the model before and after it, scored with this reward (printed, greedy_eval.json).",
+    )
+    success_reward: float | None = Field(
+        None,
+        description="With greedy_eval: also the share of replies scoring at least this (e.g. "
+        "1.0 for an exact answer).",
+    )
 
 
 class TrainingSettings(Section):
@@ -394,6 +517,8 @@ class Recipe(Section):
         default_factory=lambda: ["sft", "preference"], description="Stages run by `simpo train`."
     )
     sft: SFTStage | None = None
+    generate: GenerateStage | None = None
+    annotate: AnnotateStage | None = None
     preference: PreferenceStage | None = None
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     launch: LaunchSettings = Field(default_factory=LaunchSettings)
@@ -408,12 +533,37 @@ class Recipe(Section):
             raise ValueError(f"pipeline {self.pipeline} repeats a stage; list each once")
         if self.pipeline != sorted(self.pipeline, key=STAGES.index):
             raise ValueError(
-                f"pipeline {self.pipeline} is out of order; sft runs before preference"
+                f"pipeline {self.pipeline} is out of order; stages run in the order "
+                f"{', '.join(STAGES)}"
             )
         for stage in self.pipeline:
             if getattr(self, stage) is None:
                 raise ValueError(f"pipeline runs '{stage}' but the recipe has no {stage}: section")
-        problems = [p for name in STAGES if getattr(self, name) for p in self._batch_problems(name)]
+        if "annotate" in self.pipeline and "generate" not in self.pipeline:
+            raise ValueError(
+                "pipeline runs annotate without generate; add generate before it (annotate "
+                "scores the generate stage's samples)"
+            )
+        if (
+            self.preference is not None
+            and self.preference.data.train is None
+            and "annotate" not in self.pipeline
+        ):
+            raise ValueError(
+                "preference.data.train: required key is missing; add it, or run an annotate "
+                "stage before preference (pipeline: [generate, annotate, preference])"
+            )
+        if (
+            self.annotate is not None
+            and self.annotate.greedy_eval
+            and (self.generate is None or self.generate.eval_prompts is None)
+        ):
+            raise ValueError(
+                "annotate.greedy_eval: needs held-out prompts; set generate.eval_prompts"
+            )
+        problems = [
+            p for name in TRAINING_STAGES if getattr(self, name) for p in self._batch_problems(name)
+        ]
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -462,14 +612,54 @@ class Recipe(Section):
             t.per_device_train_batch_size * self.launch.world_size * self.accumulation_steps(name)
         )
 
-    def stage(self, name: StageName) -> SFTStage | PreferenceStage:
+    def stage(self, name: StageName) -> Any:
+        """The section of a stage: SFTStage, GenerateStage, AnnotateStage or PreferenceStage."""
+        if name not in STAGES:
+            raise RecipeError([f"{name}: no such stage; the stages are {', '.join(STAGES)}"])
         section = getattr(self, name)
         if section is None:
             raise RecipeError([f"recipe '{self.name}' has no {name}: section; add one to run it"])
         return section
 
     def first_stage_seed(self) -> int:
-        return self.stage(self.pipeline[0]).training.seed
+        """The seed a model built from model.config is initialised with: the first training
+        stage's (a generate stage before it samples from the same model)."""
+        for name in self.pipeline:
+            if name in TRAINING_STAGES:
+                return self.stage(name).training.seed
+        return 42
+
+    def origin(self, key: tuple[str, ...]) -> str:
+        """Where a key's value came from: "recipe", "--set", "annotate stage" or "default"."""
+        return self._origins.get(key, "default")
+
+    def model_stage_before(self, name: StageName) -> StageName | None:
+        """The training stage whose model `name` starts from or samples from: the nearest one
+        before it in the pipeline, or None for the recipe's model."""
+        if name not in self.pipeline:
+            return None
+        before = self.pipeline[: self.pipeline.index(name)]
+        return next((s for s in reversed(before) if s in TRAINING_STAGES), None)
+
+    def connect_stages(self, output_dir: Path) -> None:
+        """Point a preference stage without data at the annotate stage's pairs in output_dir
+        (its train split, and its test split when annotate holds pairs out)."""
+        stage = self.preference
+        if stage is None or stage.data.train is not None or self.annotate is None:
+            return
+        if "annotate" not in self.pipeline:
+            return
+        folder = str((output_dir / "annotate" / "dataset").resolve())
+        stage.data.train = DataSource(path=folder, split="train")
+        held_out = self.annotate.eval_fraction > 0 or (
+            self.generate is not None and self.generate.eval_prompts is not None
+        )
+        if stage.data.eval is None and held_out:
+            stage.data.eval = DataSource(path=folder, split="test")
+        for split in ("train", "eval"):
+            key = ("preference", "data", split)
+            if getattr(stage.data, split) is not None and key not in self._origins:
+                self._origins[key] = "annotate stage"
 
     def dump(self) -> dict[str, Any]:
         """The recipe as YAML keys (aliases such as `lambda`), defaults filled."""
@@ -554,17 +744,24 @@ def recipe_summary(recipe: Recipe) -> tuple[str, str, str]:
                     shown.append(
                         f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
                     )
+        elif isinstance(stage, GenerateStage):
+            methods.append("generate")
+            shown.append(f"samples={len(stage.sample_seeds)} T={stage.temperature:g}")
+        elif isinstance(stage, AnnotateStage):
+            methods.append("annotate")
+            shown.append(f"reward={stage.reward.model or stage.reward.function}")
         else:
             methods.append("sft")
-        shown.append(f"lr={stage.training.learning_rate:g}")
+        if name in TRAINING_STAGES:
+            shown.append(f"lr={stage.training.learning_rate:g}")
         settings.append(" ".join(shown))
     return model, " -> ".join(methods), "; ".join(settings)
 
 
 def copy_recipe(name: str, dest: Path) -> list[tuple[Path, str | None]]:
-    """Copy a shipped recipe's folder into `dest` to edit it. A file the recipe names outside its
-    folder (the Gemma-2 recipes share one chat template) is copied beside it and recipe.yaml
-    rewritten to point there. Nothing is overwritten: if any target exists, RecipeError and
+    """Copy a shipped recipe's folder into `dest` to edit it. A file or folder the recipe names
+    outside its folder (the Gemma-2 recipes share one chat template; tiny-onpolicy uses tiny's
+    tokenizer and data) is copied beside it and recipe.yaml rewritten to point there. Nothing is overwritten: if any target exists, RecipeError and
     nothing is written. Returns (file written, where it came from when outside the folder)."""
     source = shipped_recipe_dir(name)
     plan: dict[Path, tuple[Path, str | None]] = {
@@ -575,7 +772,12 @@ def copy_recipe(name: str, dest: Path) -> list[tuple[Path, str | None]]:
     text = (source / "recipe.yaml").read_text()
     for ref in _outside_references(read_yaml(source / "recipe.yaml"), source):
         outside = (source / ref).resolve()
-        plan[dest / outside.name] = (outside, ref)
+        if outside.is_dir():  # a tokenizer folder shared with another recipe
+            for path in sorted(outside.rglob("*")):
+                if path.is_file() and "__pycache__" not in path.parts:
+                    plan[dest / outside.name / path.relative_to(outside)] = (path, ref)
+        else:
+            plan[dest / outside.name] = (outside, ref)
         # Rewrite the value, not the header comments that describe the shipped layout.
         text = "\n".join(
             line if line.lstrip().startswith("#") else line.replace(ref, outside.name)
@@ -598,23 +800,32 @@ def copy_recipe(name: str, dest: Path) -> list[tuple[Path, str | None]]:
 
 
 def _outside_references(raw: dict[str, Any], folder: Path) -> list[str]:
-    """Relative paths in a raw recipe that name an existing file outside `folder`."""
+    """Relative paths in a raw recipe that name an existing file or folder outside `folder`."""
     model = raw.get("model") or {}
     values = [model.get(key) for key in ("name_or_path", "tokenizer", "chat_template")]
     for stage in STAGES:
-        data = (raw.get(stage) or {}).get("data") or {}
-        for split in ("train", "eval"):
-            source = data.get(split)
+        section = raw.get(stage) or {}
+        data = section.get("data") or {}
+        for source in (data.get("train"), data.get("eval"), *_prompt_sources(section)):
             values.append(source.get("path") if isinstance(source, dict) else source)
+    function = ((raw.get("annotate") or {}).get("reward") or {}).get("function")
+    if isinstance(function, str) and function.rpartition(":")[0].endswith(".py"):
+        values.append(function.rpartition(":")[0])
     inside = folder.resolve()
     refs = []
     for value in values:
         if not isinstance(value, str) or Path(value).is_absolute() or "\n" in value:
             continue
         target = (folder / value).resolve()
-        if target.is_file() and inside not in target.parents and value not in refs:
+        if target.exists() and inside not in target.parents and value not in refs:
             refs.append(value)
     return refs
+
+
+def _prompt_sources(section: Any) -> list[Any]:
+    if not isinstance(section, dict):
+        return []
+    return [section.get("prompts"), section.get("eval_prompts")]
 
 
 def find_recipe(ref: str) -> Path:
@@ -657,7 +868,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[tuple[str
             child = node.setdefault(key, {})
             if child is None:
                 child = node[key] = {}
-            if isinstance(child, str) and key in ("train", "eval"):
+            if isinstance(child, str) and key in ("train", "eval", "prompts", "eval_prompts"):
                 # A data source written as a bare path: `--set sft.data.train.max_rows=100`.
                 child = node[key] = {"path": child}
             if not isinstance(child, dict):
@@ -772,14 +983,29 @@ def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     model.tokenizer = local(model.tokenizer)
     if model.chat_template and model.chat_template.endswith(".jinja"):
         model.chat_template = local(model.chat_template)
+    for source in data_sources(recipe):
+        source.path = local(source.path)
+    reward = recipe.annotate.reward if recipe.annotate is not None else None
+    if reward is not None:
+        reward.model = local(reward.model)
+        if reward.function is not None:
+            # "file.py:name": the file beside the recipe; "package.module:name" stays.
+            target, sep, attribute = reward.function.rpartition(":")
+            if sep and target.endswith(".py"):
+                reward.function = f"{local(target)}:{attribute}"
+    return recipe
+
+
+def data_sources(recipe: Recipe) -> list[DataSource]:
+    """Every data source of the recipe's stages (prompts included), in stage order."""
+    sources: list[DataSource | None] = []
     for name in STAGES:
         stage = getattr(recipe, name)
-        if stage is None:
-            continue
-        for source in (stage.data.train, stage.data.eval):
-            if source is not None:
-                source.path = local(source.path)
-    return recipe
+        if isinstance(stage, GenerateStage):
+            sources += [stage.prompts, stage.eval_prompts]
+        elif stage is not None and hasattr(stage, "data"):
+            sources += [stage.data.train, stage.data.eval]
+    return [source for source in sources if source is not None]
 
 
 # --------------------------------------------------------------------------- error messages

@@ -310,7 +310,10 @@ def _labels(config: dict[str, Any]) -> int:
 
 
 def score_records(
-    records: Sequence[dict[str, Any]], scorer: Scorer, progress: bool = True
+    records: Sequence[dict[str, Any]],
+    scorer: Scorer,
+    progress: bool = True,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[list[float]]:
     """Scores of every sample of every record (scores[i][j]: record i, sample j).
 
@@ -325,12 +328,16 @@ def score_records(
     ]
     items.sort(key=lambda entry: -len(entry[2].response))
     scores: list[list[float]] = [[math.nan] * len(r["samples"]) for r in records]
-    with tqdm(total=len(items), desc="Scoring", unit="sample", disable=not progress) as bar:
+    # disable=None: no bar when stderr is not a terminal (logs, tests), as for generation.
+    disable = None if progress else True
+    with tqdm(total=len(items), desc="Scoring", unit="sample", disable=disable) as bar:
         for start in range(0, len(items), scorer.batch_size):
             batch = items[start : start + scorer.batch_size]
             for (i, j, _), score in zip(batch, scorer([item for _, _, item in batch]), strict=True):
                 scores[i][j] = score
             bar.update(len(batch))
+            if should_stop is not None and should_stop():
+                break  # the caller stops; unscored samples keep NaN
     return scores
 
 

@@ -200,6 +200,51 @@ def test_finish_reason_stop_and_greedy(model, tok, prompts, tmp_path):
     assert all(r["samples"][0]["text"] == r["samples"][1]["text"] for r in greedy)
 
 
+def test_greedy_equals_transformers_generate(model, tok, prompts):
+    """Temperature 0 through our KV-cache loop gives the tokens of transformers' own greedy
+    generate (an independent implementation), for every prompt."""
+    import torch
+
+    from simpo_cli.generation import Request, render_prompt_ids
+
+    settings = SamplingSettings((0,), 0.0, 1.0, 10, (EOT,))
+    backend = TransformersBackend(model, tok)
+    for prompt in prompts[:3]:
+        ids = render_prompt_ids(tok, prompt)
+        (sample,) = backend.generate([Request(prompt.prompt_id, ids, 0)], settings)
+        inputs = torch.tensor([ids])
+        out = model.generate(
+            input_ids=inputs, attention_mask=torch.ones_like(inputs), do_sample=False,
+            max_new_tokens=10, eos_token_id=[EOT], pad_token_id=tok.pad_token_id,
+        )  # fmt: skip
+        new = out[0, len(ids) :].tolist()
+        assert sample.text == tok.decode(new, skip_special_tokens=True)
+        assert sample.tokens == len(new)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_it():
+    """Probabilities 0.5, 0.3, 0.15, 0.05: top_p 0.8 draws tokens 0 and 1 only, about 5:3;
+    top_p 0.81 adds token 2; top_p 1 draws all four."""
+    import math
+
+    import torch
+
+    from simpo_cli.generation import pick_token
+
+    logits = torch.tensor([math.log(p) for p in (0.5, 0.3, 0.15, 0.05)])
+    generator = torch.Generator().manual_seed(0)
+
+    def draws(top_p: float) -> list[int]:
+        settings = SamplingSettings((0,), temperature=1.0, top_p=top_p)
+        return [pick_token(logits, settings, generator) for _ in range(4000)]
+
+    nucleus = draws(0.8)
+    assert set(nucleus) == {0, 1}
+    assert nucleus.count(0) / len(nucleus) == pytest.approx(0.5 / 0.8, abs=0.03)
+    assert set(draws(0.81)) == {0, 1, 2}
+    assert set(draws(1.0)) == {0, 1, 2, 3}
+
+
 # --------------------------------------------------------------------------- shards and resume
 
 

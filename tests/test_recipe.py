@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from simpo_cli.errors import RecipeError
-from simpo_cli.recipe import RECIPES_DIR, load_recipe, shipped_recipes
+from simpo_cli.recipe import RECIPES_DIR, data_sources, load_recipe, shipped_recipes
 
 MINIMAL = """
 model: {name_or_path: some-org/some-model}
@@ -43,10 +43,15 @@ def simpo(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 def test_every_shipped_recipe_validates(name):
     recipe = load_recipe(name)
     assert recipe.pipeline
-    for stage in recipe.pipeline:
-        path = recipe.stage(stage).data.train.path
+    sources = data_sources(recipe)
+    # Every stage reads data (a preference stage without any reads the annotate stage's pairs).
+    assert sources or recipe.pipeline == ["generate", "annotate", "preference"]
+    for source in sources:
+        path = source.path
         # A shipped file resolves to an absolute path; a hub dataset name stays as written.
         assert Path(path).is_file() or not (Path(path).is_absolute() or Path(path).suffix), path
+    if recipe.preference is not None and recipe.preference.data.train is None:
+        assert "annotate" in recipe.pipeline
 
 
 def test_shipped_recipes_include_tiny():
@@ -126,7 +131,10 @@ def test_missing_required_section(tmp_path):
 
 def test_missing_required_key(tmp_path):
     (line,) = errors_of(write(tmp_path, MINIMAL.replace("train: pairs.jsonl, ", "")))
-    assert line.endswith("preference.data.train: required key is missing; add it")
+    assert line.endswith(
+        "preference.data.train: required key is missing; add it, or run an annotate stage "
+        "before preference (pipeline: [generate, annotate, preference])"
+    )
 
 
 def test_pipeline_order_and_unknown_stage(tmp_path):

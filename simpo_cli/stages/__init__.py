@@ -1,7 +1,8 @@
-"""The stage kinds, one module each. pipeline.py builds a stage's trainer through the same call
-for every kind (TrainerBuilder); `common` holds the Trainer arguments that every kind shares
+"""The stage kinds, one module each. Training kinds (sft, preference) build a Trainer through
+the same call (TrainerBuilder); `common` holds the Trainer arguments that every kind shares
 (model, args, datasets, tokenizer, callbacks), and the kind adds its collator and the rest.
-A new kind is a new module here and an entry in BUILDERS."""
+Data kinds (generate, annotate) run through StageRunner. A new kind is a new module here and
+an entry in BUILDERS or RUNNERS."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from typing import Any, Protocol
 
 from transformers import Trainer
 
+from simpo_cli.outputs import StageDir
 from simpo_cli.recipe import Recipe
-from simpo_cli.stages import preference, sft
+from simpo_cli.stages import annotate, generate, preference, sft
 
 
 class TrainerBuilder(Protocol):
@@ -31,3 +33,36 @@ BUILDERS: dict[str, TrainerBuilder] = {
     "sft": sft.build_trainer,
     "preference": preference.build_trainer,
 }
+
+
+class StageRunner(Protocol):
+    """A stage that makes data, not a model (generate, annotate): runs inside the stage folder
+    that pipeline.py has prepared and returns the summary for stage_complete.json."""
+
+    def __call__(
+        self,
+        recipe: Recipe,
+        name: str,
+        stage: Any,
+        stage_dir: StageDir,
+        start_from: str | None,
+        output_dir: Path,
+    ) -> dict[str, Any]: ...
+
+
+def _generate(recipe, name, stage, stage_dir, start_from, output_dir):
+    return generate.run(recipe, stage, stage_dir, start_from)
+
+
+def _annotate(recipe, name, stage, stage_dir, start_from, output_dir):
+    return annotate.run(recipe, stage, stage_dir, output_dir)
+
+
+RUNNERS: dict[str, StageRunner] = {"generate": _generate, "annotate": _annotate}
+
+
+def generate_backend(stage: Any) -> str:
+    """The backend a generate stage will use: "vllm" or "transformers"."""
+    from simpo_cli.generation import resolve_backend
+
+    return resolve_backend(stage.backend)

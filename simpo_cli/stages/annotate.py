@@ -1,0 +1,188 @@
+"""The annotate stage: score the generate stage's samples with a reward model or a Python
+function, keep the best and worst reply of each prompt as a pair (binarize.py), and write the
+pairs into DIR/annotate/dataset/ (save_to_disk folder plus JSONL, in the published schema) with
+a report. The preference stage reads them when its own data is not given.
+
+Every process scores its share of the prompts; the main process gathers the scores, selects and
+writes. Also here: the greedy check of the policy on held-out prompts before and after the
+preference stage, scored with the same reward (`annotate.greedy_eval`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from simpo_cli.binarize import binarize, write_dataset
+from simpo_cli.distributed import is_main_process, rank, say, world_size
+from simpo_cli.errors import DataError
+from simpo_cli.faults import stop_now, stop_requested
+from simpo_cli.outputs import StageDir
+from simpo_cli.recipe import AnnotateStage, Recipe, RewardSettings
+from simpo_cli.rewards import (
+    FunctionScorer,
+    RewardModelScorer,
+    Scorer,
+    score_records,
+    split_for_rank,
+)
+from simpo_cli.stages.generate import samples_file
+
+
+def dataset_folder(stage_dir: Path) -> Path:
+    return stage_dir / "dataset"
+
+
+def make_scorer(reward: RewardSettings) -> Scorer:
+    if reward.function is not None:
+        return FunctionScorer.from_spec(reward.function, "annotate.reward.function")
+    import os
+
+    import torch
+
+    device = (
+        f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+    )
+    assert reward.model is not None
+    return RewardModelScorer(
+        reward.model,
+        trust_remote_code=reward.trust_remote_code,
+        dtype=None if reward.dtype == "auto" else reward.dtype,
+        batch_size=reward.batch_size,
+        max_length=reward.max_length,
+        device=device,
+        key="annotate.reward.model",
+    )
+
+
+def read_samples(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise DataError(
+            f"{path}: no samples; run the generate stage first (`simpo generate` or `simpo train`)"
+        )
+    # Split on newlines only: replies may hold U+2028 and other characters splitlines() breaks at.
+    lines = path.read_text(encoding="utf-8").split("\n")
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def gather_scores(records: list[dict[str, Any]], scorer: Scorer) -> list[list[float]]:
+    """Scores of every record: each process scores its share, the shares are gathered in rank
+    order (split_for_rank's blocks are in record order), so every process returns all of them."""
+    import torch
+
+    share = split_for_rank(records, rank(), world_size())
+    mine = score_records(share, scorer, is_main_process(), should_stop=stop_requested)
+    stop_now("annotate", "scoring starts over on the next run (nothing was written)")
+    if world_size() == 1:
+        return mine
+    parts: list[Any] = [None] * world_size()
+    torch.distributed.all_gather_object(parts, mine)
+    return [scores for part in parts for scores in part]
+
+
+def run(
+    recipe: Recipe, stage: AnnotateStage, stage_dir: StageDir, output_dir: Path
+) -> dict[str, Any]:
+    """Score, select and write the pairs; returns the stage summary (rows per split and the
+    selection report)."""
+    generate_dir = output_dir / "generate"
+    splits = {"train": samples_file(generate_dir, "train")}
+    if samples_file(generate_dir, "test").is_file():
+        splits["test"] = samples_file(generate_dir, "test")
+    records = {split: read_samples(path) for split, path in splits.items()}
+    scorer = make_scorer(stage.reward)
+    scores = {split: gather_scores(records[split], scorer) for split in records}
+    cut = getattr(scorer, "cut", 0)
+    if not is_main_process():
+        return {}
+    choose = {
+        "selection": stage.selection,
+        "min_margin": stage.min_margin,
+        "drop_truncated": stage.drop_truncated,
+        "seed": stage.seed,
+    }
+    rows, report = binarize(records["train"], scores["train"], **choose)
+    test_rows, test_report = None, None
+    if "test" in records:
+        test_rows, test_report = binarize(records["test"], scores["test"], **choose)
+    folder = dataset_folder(stage_dir.path)
+    if folder.exists():  # written by an earlier attempt of this stage that did not finish
+        shutil.rmtree(folder)
+    sizes = write_dataset(
+        rows,
+        folder,
+        eval_fraction=stage.eval_fraction if test_rows is None else 0.0,
+        seed=stage.seed,
+        test_rows=test_rows,
+        report=report,
+    )
+    lines = [f"[annotate] {line}" for line in report.lines()]
+    if test_report is not None:
+        lines.append(f"[annotate] held-out prompts: {test_report.lines()[0]}")
+    if cut:
+        lines.append(f"[annotate] {cut} replies longer than reward.max_length were cut")
+    lines.append(
+        f"[annotate] pairs: {', '.join(f'{n} {split}' for split, n in sizes.items())} in {folder}"
+    )
+    say("\n".join(lines))
+    summary: dict[str, Any] = {"pairs": sizes, "report": report.to_dict()}
+    if test_report is not None:
+        summary["test_report"] = test_report.to_dict()
+    stage_dir.write_json("report.json", summary)
+    return summary
+
+
+# --------------------------------------------------------------------------- greedy check
+
+
+def greedy_check(recipe: Recipe, model, tokenizer, output_dir: Path) -> dict[str, float] | None:
+    """Greedy replies of `model` to the held-out prompts (generate.eval_prompts), scored with the
+    annotate stage's reward: their mean, and with annotate.success_reward the share of replies
+    scoring at least that. Every process decodes its share; returns the numbers on every
+    process, or None when the recipe does not ask for it (annotate.greedy_eval)."""
+    import torch
+
+    from simpo_cli.generation import (
+        Request,
+        SamplingSettings,
+        TransformersBackend,
+        read_prompts,
+        render_prompt_ids,
+        split_prompts,
+        stop_token_ids,
+    )
+    from simpo_cli.rewards import ScoreItem
+
+    generate, annotate = recipe.generate, recipe.annotate
+    if annotate is None or generate is None or not annotate.greedy_eval:
+        return None
+    source = generate.eval_prompts
+    assert source is not None  # the recipe's validator checks it
+    prompts = read_prompts(source, source.column, "generate.eval_prompts", source.id_column)
+    share = split_prompts(prompts, rank(), world_size())
+    settings = SamplingSettings(
+        seeds=(0,),
+        temperature=0.0,
+        max_new_tokens=generate.max_new_tokens,
+        stop_token_ids=tuple(stop_token_ids(tokenizer, model.generation_config)),
+    )
+    backend = TransformersBackend(model, tokenizer)
+    requests = [Request(p.prompt_id, render_prompt_ids(tokenizer, p), 0) for p in share]
+    training = model.training
+    samples = backend.generate(requests, settings)
+    model.train(training)
+    scorer = make_scorer(annotate.reward)
+    items = [
+        ScoreItem(p.prompt_id, p.messages, s.text) for p, s in zip(share, samples, strict=True)
+    ]
+    mine = scorer(items) if items else []
+    if world_size() > 1:
+        parts: list[Any] = [None] * world_size()
+        torch.distributed.all_gather_object(parts, mine)
+        mine = [score for part in parts for score in part]
+    result: dict[str, float] = {"prompts": len(mine), "mean_reward": sum(mine) / len(mine)}
+    if annotate.success_reward is not None:
+        result["success"] = sum(score >= annotate.success_reward for score in mine) / len(mine)
+    return result

@@ -1,0 +1,435 @@
+"""The on-policy stages end to end: generate and annotate in a recipe's pipeline, through the real
+CLI (`simpo train`, `simpo generate`, `simpo annotate`), the tiny-onpolicy recipe, a reward model
+built from a config and loaded through the real loading path, 2 processes, and the one-line
+errors of what a user can get wrong."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from simpo_cli.errors import RecipeError
+from simpo_cli.recipe import RECIPES_DIR, load_recipe
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+# A small tiny-onpolicy: a short SFT, 40 prompts x 4 samples, 12 held out, a few SimPO steps.
+SMALL = [
+    "--set", "sft.data.train.max_rows=640",
+    "--set", "generate.prompts.max_rows=40",
+    "--set", "generate.eval_prompts.max_rows=12",
+    "--set", "generate.num_samples=4",
+    "--set", "generate.max_new_tokens=16",
+]  # fmt: skip
+SCHEMA = [
+    "prompt_id", "prompt", "chosen", "rejected", "all_generated_responses", "all_rm_scores",
+    "score_chosen", "score_rejected", "chosen_index", "rejected_index", "finish_reasons",
+    "response_tokens", "seeds",
+]  # fmt: skip
+
+
+def simpo(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "simpo_cli.cli", *args], capture_output=True, text=True, **kwargs
+    )
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().split("\n") if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def onpolicy_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("onpolicy") / "run"
+    result = simpo("train", "tiny-onpolicy", "-o", str(out), *SMALL)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result.stdout
+
+
+def test_pipeline_runs_every_stage_in_order(onpolicy_run):
+    out, stdout = onpolicy_run
+    for stage in ("sft", "generate", "annotate", "preference"):
+        assert (out / stage / "stage_complete.json").is_file(), stage
+    order = [stdout.index(f"[{stage}] finished") for stage in ("sft", "generate", "annotate")]
+    assert order == sorted(order) and order[-1] < stdout.index("[preference] finished")
+    # generate sampled from the SFT stage's model; preference started from it too
+    assert f"[generate] samples from: {out / 'sft'}" in stdout
+    assert f"[preference] start model: {out / 'sft'}" in stdout
+
+
+def test_generate_writes_every_sample_of_every_prompt(onpolicy_run):
+    out, _ = onpolicy_run
+    train = jsonl(out / "generate" / "samples" / "train.jsonl")
+    source = jsonl(RECIPES_DIR / "tiny" / "data" / "pref_train.jsonl")[:40]
+    wanted = list(dict.fromkeys(row["prompt_id"] for row in source))  # deduplicated, in order
+    assert [r["prompt_id"] for r in train] == wanted
+    for record in train:
+        assert [s["seed"] for s in record["samples"]] == [0, 1, 2, 3]
+        for sample in record["samples"]:
+            assert sample["finish_reason"] in ("stop", "length")
+            assert 1 <= sample["tokens"] <= 16
+    assert len(jsonl(out / "generate" / "samples" / "test.jsonl")) == 12
+
+
+def test_annotate_writes_the_published_schema_scored_by_the_recipe_function(onpolicy_run):
+    import datasets
+
+    out, stdout = onpolicy_run
+    folder = out / "annotate" / "dataset"
+    loaded = datasets.load_from_disk(str(folder))
+    assert set(loaded) == {"train", "test"}
+    assert loaded["train"].column_names == SCHEMA
+    rows = jsonl(folder / "train.jsonl")
+    assert len(rows) == loaded["train"].num_rows > 0
+    sys.path.insert(0, str(RECIPES_DIR / "tiny-onpolicy"))
+    try:
+        from reward import sorted_digits
+    finally:
+        sys.path.pop(0)
+    samples = {r["prompt_id"]: r for r in jsonl(out / "generate" / "samples" / "train.jsonl")}
+    for row in rows:
+        prompt = [{"role": "user", "content": row["prompt"]}]
+        texts = [s["text"] for s in samples[row["prompt_id"]]["samples"]]
+        assert row["all_generated_responses"] == texts
+        assert row["all_rm_scores"] == [sorted_digits(prompt, t) for t in texts]
+        assert row["chosen"] == prompt + [
+            {"role": "assistant", "content": texts[row["chosen_index"]]}
+        ]
+        # replies cut at max_new_tokens are left out of the selection (drop_truncated)
+        usable = [
+            score
+            for score, reason in zip(row["all_rm_scores"], row["finish_reasons"], strict=True)
+            if reason == "stop"
+        ]
+        assert row["score_chosen"] == max(usable) > row["score_rejected"] == min(usable)
+    report = json.loads((folder / "report.json").read_text())
+    assert report["prompts"] == 40 and report["pairs"] == len(rows)
+    assert sum(report["dropped"].values()) + report["pairs"] == 40
+    assert "chosen longer than rejected" in stdout
+
+
+def test_preference_trains_on_the_annotate_pairs_and_prints_the_greedy_check(onpolicy_run):
+    import yaml
+
+    out, stdout = onpolicy_run
+    resolved = yaml.safe_load((out / "preference" / "resolved_recipe.yaml").read_text())
+    dataset = str((out / "annotate" / "dataset").resolve())
+    assert resolved["preference"]["data"]["train"] == {"path": dataset, "split": "train"}
+    assert resolved["preference"]["data"]["eval"]["split"] == "test"
+    assert "annotate stage" in stdout  # the settings table says where the data came from
+    before = json.loads((out / "preference" / "greedy_before.json").read_text())
+    after = json.loads((out / "preference" / "stage_complete.json").read_text())["greedy_eval"]
+    assert before["prompts"] == after["prompts"] == 12
+    for numbers in (before, after):
+        assert 0.0 <= numbers["success"] <= numbers["mean_reward"] <= 1.0
+    assert "held-out prompts, greedy" in stdout and "success rate" in stdout
+
+
+def test_rerun_skips_and_a_changed_reward_is_refused(onpolicy_run, tmp_path):
+    out, _ = onpolicy_run
+    again = simpo("train", "tiny-onpolicy", "-o", str(out), *SMALL)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "[generate] already finished" in again.stdout
+    assert "[annotate] already finished" in again.stdout
+    other = simpo(
+        "annotate", "tiny-onpolicy", "-o", str(out), *SMALL, "--set", "annotate.min_margin=0.5"
+    )
+    assert other.returncode == 2
+    assert "holds a 'annotate' run made with a different recipe" in other.stderr
+
+
+def test_two_processes_give_the_same_samples_and_pairs(onpolicy_run, tmp_path):
+    """generate and annotate split over 2 processes: no prompt lost or duplicated, and the same
+    samples and pairs as one process (each sample depends on its prompt and seed only)."""
+    out, _ = onpolicy_run
+    two = tmp_path / "two"
+    two.mkdir()
+    shutil.copytree(out / "sft", two / "sft")
+    result = simpo(
+        "train", "tiny-onpolicy", "-o", str(two), *SMALL,
+        "--set", "pipeline=[sft, generate, annotate]", "--num-processes", "2",
+        "--main-process-port", "29517",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout
+    shards = sorted(p.name for p in (two / "generate" / "samples" / "train").glob("*.jsonl"))
+    assert shards == ["samples-rank0.jsonl", "samples-rank1.jsonl"]
+    for name in ("generate/samples/train.jsonl", "generate/samples/test.jsonl"):
+        assert jsonl(two / name) == jsonl(out / name), name
+    for name in ("train.jsonl", "test.jsonl"):
+        assert jsonl(two / "annotate" / "dataset" / name) == jsonl(
+            out / "annotate" / "dataset" / name
+        )
+
+
+def test_generate_resumes_after_a_kill(onpolicy_run, tmp_path):
+    """kill -9 in the middle of `simpo generate`, then the same command: the same samples as the
+    uninterrupted run, every prompt once."""
+    import signal
+    import time
+
+    out, _ = onpolicy_run
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copytree(out / "sft", run / "sft")
+    command = [sys.executable, "-m", "simpo_cli.cli", "generate", "tiny-onpolicy", "-o", str(run)]
+    process = subprocess.Popen(
+        [*command, *SMALL], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    shard = run / "generate" / "samples" / "train" / "samples-rank0.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not shard.is_file() or len(jsonl(shard)) < 10):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert 10 <= len(jsonl(shard)) < 41, "the kill landed outside generation"
+    result = simpo("generate", "tiny-onpolicy", "-o", str(run), *SMALL)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for split in ("train", "test"):
+        name = f"generate/samples/{split}.jsonl"
+        assert jsonl(run / name) == jsonl(out / name)
+
+
+# --------------------------------------------------------------------------- reward models
+
+
+def _reward_model(folder: Path, num_labels: int = 1, auto_map: bool = False) -> Path:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+        bos_token_id=0, eos_token_id=4, pad_token_id=5, num_labels=num_labels,
+    )  # fmt: skip
+    LlamaForSequenceClassification(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(RECIPES_DIR / "tiny" / "tokenizer").save_pretrained(folder)
+    if auto_map:
+        path = folder / "config.json"
+        raw = json.loads(path.read_text())
+        raw["auto_map"] = {"AutoModelForSequenceClassification": "modeling_rm.RM"}
+        path.write_text(json.dumps(raw))
+    return folder
+
+
+def test_annotate_with_a_reward_model_through_the_real_loading_path(onpolicy_run, tmp_path):
+    """A sequence-classification model with a scalar head, saved to a folder, scores every
+    sample; the chosen reply is the one it scores highest."""
+    from simpo_cli.rewards import RewardModelScorer, ScoreItem
+
+    out, _ = onpolicy_run
+    rm = _reward_model(tmp_path / "rm")
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copytree(out / "sft", run / "sft")
+    shutil.copytree(out / "generate", run / "generate")
+    sets = [
+        *SMALL,
+        "--set",
+        f"annotate.reward.model={rm}",
+        "--set",
+        "annotate.reward.function=null",
+    ]
+    sets += ["--set", "annotate.greedy_eval=false"]
+    result = simpo("annotate", "tiny-onpolicy", "-o", str(run), *sets)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = jsonl(run / "annotate" / "dataset" / "train.jsonl")
+    assert rows
+    scorer = RewardModelScorer(str(rm))
+    row = rows[0]
+    prompt = [{"role": "user", "content": row["prompt"]}]
+    alone = [
+        scorer([ScoreItem(row["prompt_id"], prompt, t)])[0] for t in row["all_generated_responses"]
+    ]
+    assert row["all_rm_scores"] == pytest.approx(alone, abs=1e-5)
+    assert row["chosen_index"] == max(range(len(alone)), key=lambda j: (alone[j], -j))
+
+
+@pytest.mark.parametrize(
+    "kind, expected",
+    [
+        ("two_labels", "has no scalar head (num_labels is 2, need 1)"),
+        ("remote", "needs its own model code (auto_map in its config.json); set trust_remote_code"),
+    ],
+)
+def test_unusable_reward_models_are_one_line(onpolicy_run, tmp_path, kind, expected):
+    out, _ = onpolicy_run
+    rm = _reward_model(tmp_path / "rm", 2 if kind == "two_labels" else 1, kind == "remote")
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copytree(out / "generate", run / "generate")
+    shutil.copytree(out / "sft", run / "sft")
+    sets = [
+        *SMALL,
+        "--set",
+        f"annotate.reward.model={rm}",
+        "--set",
+        "annotate.reward.function=null",
+    ]
+    sets += ["--set", "annotate.greedy_eval=false"]
+    result = simpo("annotate", "tiny-onpolicy", "-o", str(run), *sets)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (run / "annotate" / "dataset").exists()
+
+
+# --------------------------------------------------------------------------- user errors
+
+
+def _function_file(tmp_path: Path, body: str) -> str:
+    path = tmp_path / "reward_fn.py"
+    path.write_text(body)
+    return f"{path}:score"
+
+
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        (
+            "def score(prompt, response):\n    return 'high'\n",
+            "returned str 'high'; return a number",
+        ),
+        (
+            "def score(prompt, response):\n    raise ValueError('bad reply')\n",
+            "raised ValueError: bad reply; fix the function",
+        ),
+        ("def other(prompt, response):\n    return 1.0\n", "has no 'score'"),
+        ("import not_a_module_anywhere\n", "not_a_module_anywhere"),
+    ],
+)
+def test_reward_function_problems_are_one_line(onpolicy_run, tmp_path, body, expected):
+    out, _ = onpolicy_run
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copytree(out / "sft", run / "sft")
+    shutil.copytree(out / "generate", run / "generate")
+    spec = _function_file(tmp_path, body)
+    result = simpo(
+        "annotate", "tiny-onpolicy", "-o", str(run), *SMALL,
+        "--set", f"annotate.reward.function={spec}", "--set", "annotate.greedy_eval=false",
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert expected in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    if "raise" in body or "return" in body and "other" not in body:
+        assert "on prompt" in result.stderr  # names the prompt id
+
+
+def test_missing_prompts_column_is_one_line_and_nothing_is_written(tmp_path):
+    result = simpo(
+        "generate", "tiny-onpolicy", "-o", str(tmp_path / "run"), *SMALL,
+        "--set", "pipeline=[generate, annotate, preference]",
+        "--set", "generate.prompts.column=question",
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "has no column 'question'" in result.stderr and "pref_train.jsonl" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_vllm_without_a_gpu_is_one_line(tmp_path):
+    result = simpo(
+        "generate", "tiny-onpolicy", "-o", str(tmp_path / "run"), *SMALL,
+        "--set", "pipeline=[generate, annotate, preference]", "--set", "generate.backend=vllm",
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "generate.backend: vllm:" in result.stderr or "backend: vllm:" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_annotate_before_generate_names_the_command_to_run(tmp_path):
+    result = simpo("annotate", "tiny-onpolicy", "-o", str(tmp_path / "run"), *SMALL)
+    assert result.returncode == 2
+    assert "'generate' stage's samples, which is not finished" in result.stderr
+    assert "`simpo generate` first" in result.stderr
+
+
+def test_reward_function_file_missing_is_caught_before_anything_runs(tmp_path):
+    out = tmp_path / "run"
+    result = simpo(
+        "train", "tiny-onpolicy", "-o", str(out), *SMALL,
+        "--set", "annotate.reward.function=no_such_file.py:score",
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "annotate.reward.function: no such file" in result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "sets, expected",
+    [
+        (["generate.seeds=[1, 1]", "generate.num_samples=null"], "repeats a seed"),
+        (["generate.seeds=[1, 2]"], "seeds ([1, 2]) and num_samples (6) are both set"),
+        (["annotate.reward.model=some/rm"], "set exactly one of model"),
+        (["annotate.reward.function=null"], "set exactly one of model"),
+        (["pipeline=[sft, annotate, preference]"], "annotate without generate"),
+        (["pipeline=[sft, preference]"], "preference.data.train: required key is missing"),
+        (["pipeline=[annotate, generate]"], "out of order"),
+        (["generate.eval_prompts=null"], "annotate.greedy_eval: needs held-out prompts"),
+        (["annotate.selection=best"], "use one of best_vs_worst or best_vs_random"),
+    ],
+)
+def test_recipe_errors_name_the_key(sets, expected):
+    with pytest.raises(RecipeError) as err:
+        load_recipe("tiny-onpolicy", sets)
+    assert expected in "\n".join(err.value.messages)
+
+
+def test_dry_run_shows_the_on_policy_stages(tmp_path):
+    result = simpo("train", "tiny-onpolicy", "-o", str(tmp_path / "run"), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert (
+        "generate ->" in result.stdout and "x 6 samples (seeds [0, 1, 2, 3, 4, 5])" in result.stdout
+    )
+    assert "reward " in result.stdout and "sorted_digits; best_vs_worst" in result.stdout
+    assert "data: the annotate stage's pairs" in result.stdout
+    assert not (tmp_path / "run").exists()
+
+
+def test_copied_recipe_brings_its_shared_files_and_runs_from_there(tmp_path):
+    dest = tmp_path / "mine"
+    result = simpo("recipes", "copy", "tiny-onpolicy", str(dest))
+    assert result.returncode == 0, result.stderr
+    for name in ("recipe.yaml", "reward.py", "tokenizer/tokenizer.json", "pref_train.jsonl"):
+        assert (dest / name).is_file(), name
+    copied = load_recipe(str(dest))
+    assert copied.model.tokenizer == str((dest / "tokenizer").resolve())
+    assert copied.generate.prompts.path == str((dest / "pref_train.jsonl").resolve())
+    assert copied.annotate.reward.function == f"{(dest / 'reward.py').resolve()}:sorted_digits"
+
+
+def test_with_vllm_each_stage_runs_as_its_own_command(onpolicy_run, tmp_path, monkeypatch):
+    """A vLLM engine keeps its GPUs until its process ends, so `simpo train` runs the stages one
+    command each when the generate stage uses vLLM (the choice of backend is forced here; the
+    children then sample with transformers on this CPU machine)."""
+    from typer.testing import CliRunner
+
+    from simpo_cli import cli
+
+    out, _ = onpolicy_run
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copytree(out / "sft", run / "sft")
+    commands = []
+    real = subprocess.run
+
+    def recording_run(args, *rest, **kwargs):
+        commands.append(args[3])  # [python, -m, simpo_cli.cli, STAGE, ...]
+        return real(args, *rest, capture_output=True, text=True, **kwargs)
+
+    monkeypatch.setattr(cli, "_vllm_generate", lambda recipe, names: True)
+    monkeypatch.setattr(subprocess, "run", recording_run)
+    sets = [*SMALL, "--set", "pipeline=[sft, generate, annotate]"]
+    result = CliRunner().invoke(cli.app, ["train", "tiny-onpolicy", "-o", str(run), *sets])
+    assert result.exit_code == 0, result.output
+    assert commands == ["sft", "generate", "annotate"]
+    assert (run / "annotate" / "dataset" / "train.jsonl").is_file()
+    assert jsonl(run / "generate" / "samples" / "train.jsonl") == jsonl(
+        out / "generate" / "samples" / "train.jsonl"
+    )
