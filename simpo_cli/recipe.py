@@ -761,8 +761,9 @@ def recipe_summary(recipe: Recipe) -> tuple[str, str, str]:
 def copy_recipe(name: str, dest: Path) -> list[tuple[Path, str | None]]:
     """Copy a shipped recipe's folder into `dest` to edit it. A file or folder the recipe names
     outside its folder (the Gemma-2 recipes share one chat template; tiny-onpolicy uses tiny's
-    tokenizer and data) is copied beside it and recipe.yaml rewritten to point there. Nothing is overwritten: if any target exists, RecipeError and
-    nothing is written. Returns (file written, where it came from when outside the folder)."""
+    tokenizer and data) is copied beside it and recipe.yaml rewritten to point there. Nothing
+    is overwritten: if any target exists, RecipeError and nothing is written. Returns (file
+    written, where it came from when outside the folder)."""
     source = shipped_recipe_dir(name)
     plan: dict[Path, tuple[Path, str | None]] = {
         dest / path.relative_to(source): (path, None)
