@@ -43,7 +43,7 @@ from simpo_cli.data import (
     row_location,
 )
 from simpo_cli.errors import DataError, UserError
-from simpo_cli.recipe import DataSource
+from simpo_cli.recipe import DataSource, seeds_problem
 
 SHARD_PATTERN = "samples-rank*.jsonl"
 FinishReason = Literal["stop", "length"]
@@ -180,13 +180,9 @@ class SamplingSettings:
     stop_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        if not self.seeds:
-            raise UserError("seeds: empty; give at least one seed (or num_samples)")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise UserError(
-                f"seeds: {list(self.seeds)} repeats a seed, which repeats its samples exactly; "
-                "give distinct seeds"
-            )
+        problem = seeds_problem(self.seeds)
+        if problem:
+            raise UserError(problem)
 
 
 def resolve_seeds(seeds: Sequence[int] | None, num_samples: int | None, seed: int = 0):

@@ -183,14 +183,9 @@ class GenerateStage(Section):
                 f"seeds ({self.seeds}) and num_samples ({self.num_samples}) are both set; "
                 "give one of them"
             )
-        if self.seeds is not None:
-            if not self.seeds:
-                raise ValueError("seeds is empty; give at least one seed")
-            if len(set(self.seeds)) != len(self.seeds):
-                raise ValueError(
-                    f"seeds {self.seeds} repeats a seed, which repeats its samples exactly; "
-                    "give distinct seeds"
-                )
+        problem = seeds_problem(self.seeds) if self.seeds is not None else None
+        if problem:
+            raise ValueError(problem)
         return self
 
     @property
@@ -198,6 +193,18 @@ class GenerateStage(Section):
         if self.num_samples is not None:
             return tuple(range(self.num_samples))
         return tuple(self.seeds if self.seeds is not None else AUTHORS_SEEDS)
+
+
+def seeds_problem(seeds: list[int] | tuple[int, ...]) -> str | None:
+    """What is wrong with a list of sampling seeds, or None."""
+    if not seeds:
+        return "seeds is empty; give at least one seed (or num_samples)"
+    if len(set(seeds)) != len(seeds):
+        return (
+            f"seeds {list(seeds)} repeats a seed, which repeats its samples exactly; give "
+            "distinct seeds"
+        )
+    return None
 
 
 class RewardSettings(Section):
