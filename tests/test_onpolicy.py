@@ -168,8 +168,8 @@ def test_two_processes_give_the_same_samples_and_pairs(onpolicy_run, tmp_path):
 
 
 def test_generate_resumes_after_a_kill(onpolicy_run, tmp_path):
-    """kill -9 in the middle of `simpo generate`, then the same command: the same samples as the
-    uninterrupted run, every prompt once."""
+    """kill -9 in the middle of `simpo generate`, then SIGTERM in the middle of the same command,
+    then the same command again: the same samples as the uninterrupted run, every prompt once."""
     import signal
     import time
 
@@ -188,6 +188,20 @@ def test_generate_resumes_after_a_kill(onpolicy_run, tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert 10 <= len(jsonl(shard)) < 41, "the kill landed outside generation"
+
+    # SIGTERM (a scheduler's stop): the prompt in hand is finished, exit 75, samples kept.
+    process = subprocess.Popen(
+        [*command, *SMALL], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    done = len(jsonl(shard))
+    while time.time() < deadline and len(jsonl(shard)) < done + 5:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 75, stderr[-2000:]
+    assert "[generate] stopped by SIGTERM; the samples written so far are kept" in stderr
+    assert done + 5 <= len(jsonl(shard)) < 41
+
     result = simpo("generate", "tiny-onpolicy", "-o", str(run), *SMALL)
     assert result.returncode == 0, result.stderr[-2000:]
     for split in ("train", "test"):
