@@ -97,8 +97,7 @@ def run(
             print(
                 f"[generate] {split}: " + ", ".join(f"{k} {v}" for k, v in summary[split].items())
             )
-        for marker in (stage_dir.path / "samples").glob("done-rank*"):
-            marker.unlink()
+    # The marker files stay: another process may still be looking for them (_all_done).
     return summary
 
 
