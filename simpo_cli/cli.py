@@ -205,6 +205,7 @@ def _plot_when_possible(out: Path) -> None:
 def _launch(recipe: Recipe, child_args: list[str]) -> int:
     """Re-run this command on every process through `accelerate launch`; wait for them."""
     import shlex
+    import uuid
 
     import torch
 
@@ -214,6 +215,9 @@ def _launch(recipe: Recipe, child_args: list[str]) -> int:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     launch.preflight(recipe.launch, gpus)
     command = launch.launch_command(recipe, child_args)
+    from simpo_cli.pipeline import LAUNCH_ID
+
+    os.environ[LAUNCH_ID] = uuid.uuid4().hex  # names this launch's marker files
     print("launching: " + shlex.join(redact_args(command)), flush=True)
     if gpus == 0:
         print(f"no GPU here: running {recipe.launch.world_size} processes on the CPU", flush=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from simpo_cli.outputs import StageDir, reproducibility_record
 from simpo_cli.recipe import TRAINING_STAGES, Recipe, SFTStage, settings_table, stage_identity
 from simpo_cli.redact import redact
 from simpo_cli.training import MetricsFile, check_vocab, load_model, training_arguments
+
+LAUNCH_ID = "SIMPO_LAUNCH_ID"  # one value per `simpo` command, inherited by its processes
 
 
 def stage_start(recipe: Recipe, name: str, output_dir: Path) -> str | None:
@@ -195,6 +198,8 @@ def _run_data_stage(
         stage_dir.stopped_file.unlink(missing_ok=True)
     if not vllm:
         barrier()
+    else:
+        _folder_ready(stage_dir)
     if is_main_process():
         _print_settings(recipe, name, start_from)
     summary = stages.RUNNERS[name](recipe, name, stage, stage_dir, start_from, output_dir)
@@ -209,6 +214,18 @@ def _run_data_stage(
         barrier()
     say(f"[{name}] finished: output in {stage_dir.path}")
     return stage_dir.path
+
+
+def _folder_ready(stage_dir: StageDir) -> None:
+    """The barrier of processes without a process group (vLLM): the main process, once it has
+    made (or with --overwrite emptied) the stage folder, leaves a file named after this launch
+    (LAUNCH_ID, set by the command that started it); the others wait for that file."""
+    ready = stage_dir.path / f".ready-{os.environ.get(LAUNCH_ID, 'local')}"
+    if is_main_process():
+        ready.write_text("")
+        return
+    while not ready.exists():
+        time.sleep(1)
 
 
 def _greedy_check(recipe: Recipe, trainer, tokenizer, output_dir: Path) -> dict | None:

@@ -487,6 +487,18 @@ def test_generate_stage_on_vllm_at_its_api_boundary(onpolicy_run, tmp_path, monk
     _all_done(markers, "vllm", 0, 2)
     assert sorted(p.name for p in markers.iterdir()) == ["done-rank0-of2", "done-rank1-of2"]
 
+    # ... and the other processes wait for the stage folder through a file named by the launch.
+    from simpo_cli.outputs import StageDir
+    from simpo_cli.pipeline import LAUNCH_ID, _folder_ready
+
+    monkeypatch.setenv(LAUNCH_ID, "abc")
+    folder = StageDir(tmp_path / "stage")
+    folder.path.mkdir()
+    _folder_ready(folder)  # rank 0 leaves the file
+    assert (folder.path / ".ready-abc").is_file()
+    monkeypatch.setenv("RANK", "1")
+    _folder_ready(folder)  # rank 1 finds it and goes on
+
 
 @pytest.mark.slow
 def test_tiny_onpolicy_improves_the_models_own_greedy_answers(tmp_path):
