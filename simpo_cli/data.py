@@ -104,7 +104,7 @@ def _json_dataset(path: Path, role: str):
     there), so a column that appears in later rows only is kept; plus LOCATION_COLUMN."""
     import datasets
 
-    numbered, unit = _read_json_rows(path)
+    numbered, unit = read_json_rows(path)
     columns: dict[str, None] = {}  # ordered set: first appearance
     for _, row in numbered:
         columns.update(dict.fromkeys(row))
@@ -148,7 +148,7 @@ def row_location(row: dict[str, Any], index: int) -> str:
     return row.get(LOCATION_COLUMN) or f"row {index + 1}"
 
 
-def _read_json_rows(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], str]:
+def read_json_rows(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], str]:
     """(number, row) of each row of a JSON Lines file (number: the line) or of a .json file
     holding a list of objects (number: the item, from 1), and that unit ("line" or "item")."""
     try:
