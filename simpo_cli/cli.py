@@ -420,7 +420,9 @@ def recipes_copy(
 @app.command("eval")
 def evaluate(
     model_dir: Annotated[str, typer.Argument(help="A model folder, e.g. outputs/tiny/preference.")],
-    pairs: Annotated[str, typer.Option(help="Preference pairs: file, saved folder or hub name.")],
+    pairs: Annotated[
+        str | None, typer.Option(help="Preference pairs: file, saved folder or hub name.")
+    ] = None,
     split: Annotated[str, typer.Option(help="Split of --pairs to read.")] = "train",
     output: Annotated[str | None, typer.Option(help="Write the results as JSON here.")] = None,
     beta: Annotated[
@@ -436,9 +438,76 @@ def evaluate(
         Tokenization | None,
         typer.Option(help="default or authors; default: the stage's recipe, else default."),
     ] = None,
+    benchmark: Annotated[
+        str | None,
+        typer.Option(
+            help="alpaca_eval, arena_hard or mt_bench: write its answer file.",
+            rich_help_panel="Benchmarks",
+        ),
+    ] = None,
+    questions: Annotated[
+        str | None,
+        typer.Option(
+            help="The benchmark's questions: a file in its official format.",
+            rich_help_panel="Benchmarks",
+        ),
+    ] = None,
+    output_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--output-dir", "-o", help="Where the answer files go.", rich_help_panel="Benchmarks"
+        ),
+    ] = None,
+    model_id: Annotated[
+        str | None,
+        typer.Option(
+            help="The model's name in the answer files; default: the folder's.",
+            rich_help_panel="Benchmarks",
+        ),
+    ] = None,
+    family: Annotated[
+        str,
+        typer.Option(
+            help="The SimPO authors' AlpacaEval decoding for: llama3, mistral-base, "
+            "mistral-instruct, gemma2.",
+            rich_help_panel="Benchmarks",
+        ),
+    ] = "llama3",
+    arena_layout: Annotated[
+        str,
+        typer.Option(
+            help="Arena-Hard answer layout: v0.1 (the paper's) or current.",
+            rich_help_panel="Benchmarks",
+        ),
+    ] = "v0.1",
+    temperature: Annotated[
+        float | None,
+        typer.Option(
+            min=0, help="Override the benchmark's temperature(s).", rich_help_panel="Benchmarks"
+        ),
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Override the benchmark's answer length cap.", rich_help_panel="Benchmarks"
+        ),
+    ] = None,
+    backend: Annotated[
+        str, typer.Option(help="auto, vllm or transformers.", rich_help_panel="Benchmarks")
+    ] = "auto",
 ) -> None:
-    """Score preference pairs under a model: per-pair average log-probs, reward accuracy, mean
-    margin and SimPO loss."""
+    """Score preference pairs under a model (--pairs: per-pair average log-probs, reward
+    accuracy, mean margin and SimPO loss), or write its answers to a benchmark's questions
+    (--benchmark: the files AlpacaEval 2, Arena-Hard or MT-Bench's evaluators read, plus
+    judge-free length numbers)."""
+    if (pairs is None) == (benchmark is None):
+        raise UserError("simpo eval: give --pairs (score pairs) or --benchmark (write answers)")
+    if benchmark is not None:
+        _eval_benchmark(
+            model_dir, benchmark, questions, output_dir, model_id, family, arena_layout,
+            temperature, max_new_tokens, backend,
+        )  # fmt: skip
+        return
     from simpo_cli.paths import check_eval_paths
 
     check_eval_paths(model_dir, pairs, output)
@@ -456,6 +525,32 @@ def evaluate(
     )
     if output:
         print(f"wrote {output}")
+
+
+def _eval_benchmark(
+    model_dir, benchmark, questions, output_dir, model_id, family, layout, temperature,
+    max_new_tokens, backend,
+) -> None:  # fmt: skip
+    from simpo_cli.benchmarks import check_benchmark
+    from simpo_cli.paths import check_benchmark_paths
+
+    check_benchmark(benchmark)
+    if backend not in ("auto", "vllm", "transformers"):
+        raise UserError(f"--backend {backend}: use auto, vllm or transformers")
+    if output_dir is None:
+        raise UserError("--benchmark needs --output-dir DIR: where the answer files go")
+    check_benchmark_paths(model_dir, questions, output_dir)
+    from simpo_cli.answers import answer_benchmark
+
+    summary = answer_benchmark(
+        model_dir, benchmark, output_dir, questions, model_id, family, layout, temperature,
+        max_new_tokens, backend,
+    )  # fmt: skip
+    print(
+        f"{benchmark}: wrote {summary['answers']} ({summary['turns_generated']} answers; mean "
+        f"{summary['mean_tokens']:.1f} tokens, {summary['cut_at_max_new_tokens']:.1%} cut at "
+        f"max_new_tokens; judge-free numbers in {output_dir / 'judge_free.json'})"
+    )
 
 
 @app.command()

@@ -236,6 +236,16 @@ def check_eval_paths(model_dir: str, pairs: str, output: str | None) -> None:
         raise UserError(problems)
 
 
+def check_benchmark_paths(model_dir: str, questions: str | None, output_dir: Path) -> None:
+    """`simpo eval MODEL_DIR --benchmark B [--questions FILE] --output-dir DIR`."""
+    problems = model_folder_problems(model_dir, "MODEL_DIR", hub_ok=False)
+    if questions is not None:
+        problems += data_problems(questions, "--questions")
+    problems += folder_problems(output_dir, "--output-dir")
+    if problems:
+        raise UserError(problems)
+
+
 def check_plot_paths(run_dir: Path, output: Path | None) -> None:
     """`simpo plot RUN_DIR [--output PNG]`."""
     problems = []

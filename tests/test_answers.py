@@ -1,0 +1,144 @@
+"""`simpo eval MODEL --benchmark ...` through the real CLI on the tiny model: answer files read
+back the way the official evaluators read them, MT-Bench's second turn generated with the first
+answer in its history, resume, and one-line errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from simpo_cli.recipe import RECIPES_DIR, load_recipe
+
+QUESTIONS = RECIPES_DIR / "tiny" / "benchmarks"
+
+
+def simpo(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "simpo_cli.cli", *map(str, args)], capture_output=True, text=True
+    )
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """The tiny recipe's seeded model with its tokenizer, saved as a checkpoint folder."""
+    from simpo_cli.data import load_tokenizer
+    from simpo_cli.training import load_model
+
+    folder = tmp_path_factory.mktemp("ckpt") / "tiny-ckpt"
+    recipe = load_recipe("tiny")
+    load_model(recipe, None, 42).save_pretrained(folder)
+    load_tokenizer(recipe.model).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def mt_bench(model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mt") / "answers"
+    result = simpo(
+        "eval", model_dir, "--benchmark", "mt_bench", "--questions", QUESTIONS / "mt_bench.jsonl",
+        "--output-dir", out, "--max-new-tokens", "6",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return out, result.stdout
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().split("\n") if line.strip()]
+
+
+def test_mt_bench_file_as_fastchat_reads_it(mt_bench):
+    out, stdout = mt_bench
+    questions = jsonl(QUESTIONS / "mt_bench.jsonl")
+    # FastChat's load_model_answers: model name = file name, answers keyed by question_id,
+    # choices[0]["turns"] a list of strings, one per question turn.
+    path = out / "model_answer" / "tiny-ckpt.jsonl"
+    answers = {row["question_id"]: row for row in jsonl(path)}
+    assert set(answers) == {q["question_id"] for q in questions}
+    for question in questions:
+        row = answers[question["question_id"]]
+        assert row["model_id"] == "tiny-ckpt"
+        turns = row["choices"][0]["turns"]
+        assert len(turns) == len(question["turns"]) and all(isinstance(t, str) for t in turns)
+    assert f"wrote {path}" in stdout
+
+
+def test_mt_bench_second_turn_sees_the_first_answer(mt_bench):
+    out, _ = mt_bench
+    questions = {q["question_id"]: q for q in jsonl(QUESTIONS / "mt_bench.jsonl")}
+    answers = {row["question_id"]: row for row in jsonl(out / "model_answer" / "tiny-ckpt.jsonl")}
+    second = [
+        record
+        for folder in sorted((out / "generation").glob("turn2-*"))
+        for record in jsonl(folder / "samples-rank0.jsonl")
+        if "prompt_id" in record
+    ]
+    assert len(second) == len(questions)
+    for record in second:
+        question = questions[int(record["prompt_id"])]
+        first_answer = answers[question["question_id"]]["choices"][0]["turns"][0]
+        assert record["prompt"] == [
+            {"role": "user", "content": question["turns"][0]},
+            {"role": "assistant", "content": first_answer},
+            {"role": "user", "content": question["turns"][1]},
+        ]
+
+
+def test_mt_bench_temperatures_per_category_and_judge_free_numbers(mt_bench):
+    out, _ = mt_bench
+    questions = jsonl(QUESTIONS / "mt_bench.jsonl")
+    categories = {q["category"] for q in questions}
+    expected = {"writing": 0.7, "math": 0.0, "coding": 0.0, "stem": 0.1}
+    folders = {p.name for p in (out / "generation").iterdir()}
+    for temperature in {expected[c] for c in categories}:
+        assert f"turn1-temperature{temperature:g}" in folders
+    header = jsonl(out / "generation" / "turn1-temperature0" / "samples-rank0.jsonl")[0]
+    assert header["generation"]["temperature"] == 0.0  # below 1e-4: greedy, as FastChat
+    numbers = json.loads((out / "judge_free.json").read_text())
+    assert numbers["turns_generated"] == sum(len(q["turns"]) for q in questions)
+    assert 0 < numbers["mean_tokens"] <= 6 and 0 <= numbers["cut_at_max_new_tokens"] <= 1
+
+
+def test_alpaca_eval_keeps_instructions_and_order_and_resumes(model_dir, tmp_path):
+    out = tmp_path / "alpaca"
+    command = [
+        "eval", model_dir, "--benchmark", "alpaca_eval", "--questions",
+        QUESTIONS / "alpaca_eval.json", "--output-dir", out, "--max-new-tokens", "6",
+        "--model-id", "tiny-simpo",
+    ]  # fmt: skip
+    result = simpo(*command)
+    assert result.returncode == 0, result.stderr[-2000:]
+    source = json.loads((QUESTIONS / "alpaca_eval.json").read_text(encoding="utf-8"))
+    rows = json.loads((out / "model_outputs.json").read_text(encoding="utf-8"))
+    assert [r["instruction"] for r in rows] == [q["instruction"] for q in source]
+    assert all(set(r) == {"instruction", "output", "generator", "dataset"} for r in rows)
+    assert {r["generator"] for r in rows} == {"tiny-simpo"}
+    again = simpo(*command)  # every answer is there: nothing is generated again
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((out / "model_outputs.json").read_text(encoding="utf-8")) == rows
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        ([], "give --pairs (score pairs) or --benchmark (write answers)"),
+        (["--benchmark", "alpacaeval", "-o", "x"], "unknown benchmark 'alpacaeval'"),
+        (["--benchmark", "mt_bench"], "--benchmark needs --output-dir DIR"),
+        (["--benchmark", "mt_bench", "-o", "x", "--questions", "nope.jsonl"], "nope.jsonl"),
+        (
+            ["--benchmark", "mt_bench", "-o", "x", "--questions", "BAD"],
+            "line 1",  # a question file in the wrong format names the line and the field
+        ),
+    ],
+)
+def test_bad_benchmark_input_is_one_line(model_dir, tmp_path, args, expected):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question_id": 1, "category": "math"}) + "\n")
+    args = [str(bad) if a == "BAD" else str(tmp_path / a) if a == "x" else a for a in args]
+    result = simpo("eval", model_dir, *args)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], lines
+    if "BAD" in args or str(bad) in args:
+        assert "turns" in lines[0]
