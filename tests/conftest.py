@@ -23,3 +23,14 @@ def tok():
 def fresh_tok():
     """A private copy for tests that change the chat template."""
     return load_tokenizer(ModelSettings(name_or_path=str(TINY_TOKENIZER)))
+
+
+def save_tiny_model(folder):
+    """The tiny recipe's seeded model and its tokenizer, saved as a checkpoint folder."""
+    from simpo_cli.recipe import load_recipe
+    from simpo_cli.training import load_model
+
+    recipe = load_recipe("tiny")
+    load_model(recipe, None, 42).save_pretrained(folder)
+    load_tokenizer(recipe.model).save_pretrained(folder)
+    return folder

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from simpo_cli.recipe import RECIPES_DIR, load_recipe
+from simpo_cli.recipe import RECIPES_DIR
 
 QUESTIONS = RECIPES_DIR / "tiny" / "benchmarks"
 
@@ -23,14 +23,9 @@ def simpo(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """The tiny recipe's seeded model with its tokenizer, saved as a checkpoint folder."""
-    from simpo_cli.data import load_tokenizer
-    from simpo_cli.training import load_model
+    from conftest import save_tiny_model
 
-    folder = tmp_path_factory.mktemp("ckpt") / "tiny-ckpt"
-    recipe = load_recipe("tiny")
-    load_model(recipe, None, 42).save_pretrained(folder)
-    load_tokenizer(recipe.model).save_pretrained(folder)
-    return folder
+    return save_tiny_model(tmp_path_factory.mktemp("ckpt") / "tiny-ckpt")
 
 
 @pytest.fixture(scope="module")

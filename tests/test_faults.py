@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from simpo_cli.errors import EXIT_ABORTED, EXIT_NONFINITE, EXIT_PREEMPTED
 from simpo_cli.launch import free_port, run_exit_code
 from simpo_cli.outputs import CHECKPOINT_DONE, StageDir
-from simpo_cli.recipe import RECIPES_DIR, load_recipe
+from simpo_cli.recipe import RECIPES_DIR
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -114,14 +114,9 @@ def assert_same_weights(got: dict, expected: dict, tolerance: float) -> None:
 @pytest.fixture(scope="module")
 def start_model(tmp_path_factory):
     """The tiny recipe's seeded model, saved as a folder."""
-    from simpo_cli.data import load_tokenizer
-    from simpo_cli.training import load_model
+    from conftest import save_tiny_model
 
-    folder = tmp_path_factory.mktemp("start") / "model"
-    recipe = load_recipe("tiny")
-    load_model(recipe, None, 42).save_pretrained(folder)
-    load_tokenizer(recipe.model).save_pretrained(folder)
-    return folder
+    return save_tiny_model(tmp_path_factory.mktemp("start") / "model")
 
 
 @pytest.fixture(scope="module")
