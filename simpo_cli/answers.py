@@ -26,6 +26,7 @@ from simpo_cli.generation import (
     merge_shards,
     needed_model_len,
     resolve_backend,
+    saved_generation_config,
     stop_token_ids,
 )
 from simpo_cli.recipe import ModelSettings
@@ -102,18 +103,14 @@ def answer_benchmark(
 def _backend(model_dir, tokenizer, name, questions, settings):
     """The generation backend and the stop ids (the tokenizer's EOS and generation_config's)."""
     import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM
 
     if name == "vllm":
         prompts = benchmarks.turn_prompts(questions, 0, {})
         engine = VLLMBackend(
             model_dir, max_model_len=needed_model_len(tokenizer, prompts, settings.max_new_tokens)
         )
-        try:
-            config = GenerationConfig.from_pretrained(model_dir)
-        except OSError:
-            config = None
-        return engine, stop_token_ids(tokenizer, config)
+        return engine, stop_token_ids(tokenizer, saved_generation_config(model_dir))
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)

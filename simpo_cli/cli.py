@@ -167,9 +167,12 @@ def _run(
     except (Preempted, NonFiniteError):
         shutdown()  # every process stopped after the same step, together
         raise
-    say(f"final model: {final}")
+    trained = any(name in TRAINING_STAGES for name in names)
+    last = names[-1] if names else None
+    say(f"final model: {final}" if last in TRAINING_STAGES else f"output: {final}")
     shutdown()
-    _plot_when_possible(out)
+    if trained:
+        _plot_when_possible(out)
 
 
 def _vllm_generate(recipe: Recipe, names: list[str]) -> bool:

@@ -166,6 +166,17 @@ def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
     return sorted({i for i in ids if i is not None})
 
 
+def saved_generation_config(model: str):
+    """The generation_config.json of a saved or hub model, or None when it has none (the
+    tokenizer's EOS then ends replies alone)."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(model)
+    except Exception:  # none saved, or a name the hub cannot resolve offline
+        return None
+
+
 # --------------------------------------------------------------------------- settings, records
 
 

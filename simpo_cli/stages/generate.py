@@ -35,6 +35,7 @@ from simpo_cli.generation import (
     needed_model_len,
     read_prompts,
     resolve_backend,
+    saved_generation_config,
     stop_token_ids,
 )
 from simpo_cli.outputs import StageDir
@@ -69,7 +70,7 @@ def run(
     )
     if backend_name == "vllm":
         backend: Any = _vllm_backend(recipe, stage, start_from, tokenizer, prompts)
-        eos = stop_token_ids(tokenizer, _generation_config(model_name))
+        eos = stop_token_ids(tokenizer, saved_generation_config(model_name))
     else:
         backend = _transformers_backend(recipe, start_from, tokenizer)
         eos = stop_token_ids(tokenizer, backend.model.generation_config)
@@ -118,15 +119,6 @@ def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     partial.replace(path)
-
-
-def _generation_config(model_name: str):
-    from transformers import GenerationConfig
-
-    try:
-        return GenerationConfig.from_pretrained(model_name)
-    except Exception:  # no generation_config.json: the tokenizer's EOS alone
-        return None
 
 
 def _transformers_backend(recipe: Recipe, start_from: str | None, tokenizer) -> TransformersBackend:
