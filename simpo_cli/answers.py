@@ -1,11 +1,13 @@
-"""`simpo eval MODEL --benchmark ...`: a checkpoint's answers to a benchmark's questions, in the
-files the official evaluators read (benchmarks.py), generated with generation.py's backends.
+"""A checkpoint's answers to a benchmark's questions, in the files the official evaluators read
+(benchmarks.py), generated with generation.py's backends (`simpo eval --benchmark`, the evaluate
+stage).
 
 Each generation pass (MT-Bench: two turns, each at its categories' temperatures) samples into
-its own folder under OUTPUT_DIR/generation/, one request per question, seeded by the question id:
-a re-run resumes where a stop left off and gives the same answers. Beside the answer file:
-the decoding settings used, and judge-free numbers (answer length in characters and tokens, the
-share cut at max_new_tokens), which are proxies for the judges, not their scores.
+its own folder under WORK_DIR/generation/, one request per question, seeded by the question id:
+a re-run resumes where a stop left off and gives the same answers, on any number of processes
+(each samples its share of the questions). Beside the answer file: the decoding settings used.
+In WORK_DIR/judge_free.json: answer length in characters and tokens and the share cut at
+max_new_tokens, which are proxies for the judges, not their scores.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from typing import Any
 
 from simpo_cli import benchmarks
 from simpo_cli.data import load_tokenizer
+from simpo_cli.distributed import barrier, is_main_process, rank, world_size
 from simpo_cli.errors import UserError
+from simpo_cli.eval import load_checkpoint
 from simpo_cli.generation import (
     SamplingSettings,
     TransformersBackend,
@@ -38,6 +42,7 @@ def answer_benchmark(
     model_dir: str,
     benchmark: str,
     output_dir: Path,
+    work_dir: Path,
     questions: str | None = None,
     model_id: str | None = None,
     family: str = "llama3",
@@ -45,10 +50,12 @@ def answer_benchmark(
     temperature: float | None = None,
     max_new_tokens: int | None = None,
     backend: str = "auto",
+    dtype: str = "auto",
 ) -> dict[str, Any]:
-    """Generate and write the answers; returns the summary also written to
-    OUTPUT_DIR/judge_free.json. `temperature` and `max_new_tokens` override the benchmark's
-    defaults (a temperature given replaces MT-Bench's per-category ones)."""
+    """Generate the answers and write the answer file into output_dir (main process); returns
+    the summary also written to WORK_DIR/judge_free.json. `temperature` and `max_new_tokens`
+    override the benchmark's defaults (a temperature given replaces MT-Bench's per-category
+    ones)."""
     benchmarks.check_benchmark(benchmark)
     model_id = model_id or Path(model_dir).resolve().name
     benchmarks.check_model_id(model_id)
@@ -66,7 +73,19 @@ def answer_benchmark(
     if benchmark == "arena_hard":  # needs tiktoken: fail before generating, not after
         count_tokens = benchmarks.tiktoken_counter(benchmarks.ARENA_TIKTOKEN_MODEL[layout])
     tokenizer = load_tokenizer(ModelSettings(name_or_path=model_dir))
-    engine, stops = _backend(model_dir, tokenizer, resolve_backend(backend), listed, settings)
+    if not tokenizer.chat_template:
+        raise UserError(
+            f"{model_dir}: the tokenizer has no chat template, so questions cannot be rendered "
+            "as the model was trained; save the tokenizer with its template (tokenizer_config."
+            "json chat_template) or evaluate the stage folder simpo wrote"
+        )
+    name = resolve_backend(backend)
+    if name == "vllm" and world_size() > 1:
+        raise UserError(
+            "--backend vllm: benchmark answers run one vLLM engine, which batches every "
+            "question itself; run with --num-processes 1"
+        )
+    engine, stops = _backend(model_dir, tokenizer, name, listed, settings, dtype)
 
     replies: dict[str, list[str]] = {q.prompt_id: [] for q in listed}
     samples: list[dict[str, Any]] = []
@@ -82,42 +101,41 @@ def answer_benchmark(
                 max_new_tokens=settings.max_new_tokens,
                 stop_token_ids=tuple(stops),
             )
-            folder = output_dir / "generation" / f"turn{turn + 1}-temperature{temp:g}"
-            generate_samples(engine, tokenizer, prompts, sampling, folder, model_name=model_dir)
+            folder = work_dir / "generation" / f"turn{turn + 1}-temperature{temp:g}"
+            generate_samples(
+                engine, tokenizer, prompts, sampling, folder, rank(), world_size(), model_dir
+            )
+            barrier()  # every share written before anyone merges
             for record in merge_shards(folder, prompts, sampling.seeds):
                 sample = record["samples"][0]
                 replies[record["prompt_id"]].append(sample["text"])
                 samples.append(sample)
 
-    record = {"model": model_dir, "backend": engine.name, "stop_token_ids": stops}
-    path = benchmarks.write_answers(
-        benchmark, listed, replies, output_dir, model_id, layout, settings, record, count_tokens
-    )  # fmt: skip
-    benchmarks.read_back(benchmark, output_dir, model_id, listed)
+    del engine
+    record = {"model": model_dir, "backend": name, "stop_token_ids": stops}
+    path = benchmarks.answer_path(benchmark, output_dir, model_id)
     summary = _judge_free(samples, settings.max_new_tokens)
     summary |= {"benchmark": benchmark, "model_id": model_id, "answers": str(path)}
-    (output_dir / "judge_free.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if is_main_process():
+        benchmarks.write_answers(
+            benchmark, listed, replies, output_dir, model_id, layout, settings, record,
+            count_tokens,
+        )  # fmt: skip
+        benchmarks.read_back(benchmark, output_dir, model_id, listed)
+        (work_dir / "judge_free.json").write_text(json.dumps(summary, indent=2) + "\n")
+    barrier()
     return summary
 
 
-def _backend(model_dir, tokenizer, name, questions, settings):
+def _backend(model_dir, tokenizer, name, questions, settings, dtype):
     """The generation backend and the stop ids (the tokenizer's EOS and generation_config's)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     if name == "vllm":
         prompts = benchmarks.turn_prompts(questions, 0, {})
         engine = VLLMBackend(
             model_dir, max_model_len=needed_model_len(tokenizer, prompts, settings.max_new_tokens)
         )
         return engine, stop_token_ids(tokenizer, saved_generation_config(model_dir))
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    except OSError as err:
-        raise UserError(f"{model_dir}: cannot load a model: {str(err).splitlines()[0]}") from None
-    if torch.cuda.is_available():
-        model = model.to("cuda")
+    model = load_checkpoint(model_dir, dtype)
     return TransformersBackend(model, tokenizer), stop_token_ids(tokenizer, model.generation_config)
 
 

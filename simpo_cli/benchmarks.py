@@ -79,6 +79,9 @@ class Question:
     where: str  # "question.jsonl: line 3", for error messages
     category: str | None = None
     dataset: str | None = None
+    # AlpacaEval's eval set carries the baseline's answer (GPT-4 Turbo) and its name.
+    reference: str | None = None
+    reference_generator: str | None = None
 
     @property
     def prompt_id(self) -> str:
@@ -170,7 +173,12 @@ def _alpaca_question(row: dict[str, Any], where: str, index: int) -> Question:
     dataset = row.get("dataset")
     if dataset is not None:
         dataset = _field(row, "dataset", str, where, ALPACA_FORMAT)
-    return Question(index, (instruction,), where, dataset=dataset)
+    output, generator = row.get("output"), row.get("generator")
+    return Question(
+        index, (instruction,), where, dataset=dataset,
+        reference=output if isinstance(output, str) else None,
+        reference_generator=generator if isinstance(generator, str) else None,
+    )  # fmt: skip
 
 
 def _arena_question(row: dict[str, Any], where: str, index: int) -> Question:

@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -420,140 +420,306 @@ def recipes_copy(
     print(f"edit {dest / 'recipe.yaml'}, then: simpo train {dest}")
 
 
+Panel = "Benchmarks"
+
+
+def _opt(help_: str, panel: str | None = None, **kwargs):
+    return typer.Option(help=help_, rich_help_panel=panel, **kwargs)
+
+
 @app.command("eval")
 def evaluate(
-    model_dir: Annotated[str, typer.Argument(help="A model folder, e.g. outputs/tiny/preference.")],
+    ctx: typer.Context,
+    models: Annotated[
+        list[str],
+        typer.Argument(
+            help="Model folders (e.g. outputs/tiny/preference) or run folders (outputs/tiny: "
+            "each finished stage's model)."
+        ),
+    ],
     pairs: Annotated[
-        str | None, typer.Option(help="Preference pairs: file, saved folder or hub name.")
+        str | None, _opt("Preference pairs to score: file, saved folder or hub name.", "Pairs")
     ] = None,
-    split: Annotated[str, typer.Option(help="Split of --pairs to read.")] = "train",
-    output: Annotated[str | None, typer.Option(help="Write the results as JSON here.")] = None,
-    beta: Annotated[
-        float | None, typer.Option(help="Default: the stage's recipe, else 2.0.")
+    split: Annotated[str, _opt("Split of --pairs to read.", "Pairs")] = "train",
+    output: Annotated[
+        str | None, _opt("One checkpoint: write its per-pair results as JSON here.", "Pairs")
     ] = None,
-    gamma: Annotated[
-        float | None, typer.Option(help="Absolute margin; default: the recipe's.")
-    ] = None,
-    max_length: Annotated[int | None, typer.Option(min=1)] = None,
-    max_prompt_length: Annotated[int | None, typer.Option(min=1)] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    beta: Annotated[float | None, _opt("Default: the stage's recipe, else 2.0.", "Pairs")] = None,
+    gamma: Annotated[float | None, _opt("Absolute margin; default: the recipe's.", "Pairs")] = None,
+    max_length: Annotated[int | None, _opt("Tokens of prompt + response.", "Pairs", min=1)] = None,
+    max_prompt_length: Annotated[int | None, _opt("Prompt tokens kept.", "Pairs", min=1)] = None,
+    batch_tokens: Annotated[
+        int, _opt("Padded tokens per forward pass when scoring pairs.", "Pairs", min=1)
+    ] = 8192,
     tokenization: Annotated[
         Tokenization | None,
-        typer.Option(help="default or authors; default: the stage's recipe, else default."),
+        _opt("default or authors; default: the stage's recipe, else default.", "Pairs"),
+    ] = None,
+    reference: Annotated[
+        str | None,
+        _opt("Reference model folder: DPO's implicit reward accuracy on --pairs.", "Pairs"),
     ] = None,
     benchmark: Annotated[
-        str | None,
-        typer.Option(
-            help="alpaca_eval, arena_hard or mt_bench: write its answer file.",
-            rich_help_panel="Benchmarks",
-        ),
+        str | None, _opt("alpaca_eval, arena_hard or mt_bench: write its answer file.", Panel)
     ] = None,
     questions: Annotated[
         str | None,
-        typer.Option(
-            help="The benchmark's questions: a file in its official format.",
-            rich_help_panel="Benchmarks",
-        ),
+        _opt("The benchmark's questions: a file in its official format (or hub name).", Panel),
     ] = None,
     output_dir: Annotated[
         Path | None,
-        typer.Option(
-            "--output-dir", "-o", help="Where the answer files go.", rich_help_panel="Benchmarks"
-        ),
+        typer.Option("--output-dir", "-o", help="Where the answer files and the comparison go."),
     ] = None,
     model_id: Annotated[
-        str | None,
-        typer.Option(
-            help="The model's name in the answer files; default: the folder's.",
-            rich_help_panel="Benchmarks",
-        ),
+        str | None, _opt("One checkpoint's name in the answer files; default: the folder's.", Panel)
     ] = None,
     family: Annotated[
         str,
-        typer.Option(
-            help="The SimPO authors' AlpacaEval decoding for: llama3, mistral-base, "
+        _opt(
+            "The SimPO authors' AlpacaEval decoding for: llama3, mistral-base, "
             "mistral-instruct, gemma2.",
-            rich_help_panel="Benchmarks",
+            Panel,
         ),
     ] = "llama3",
     arena_layout: Annotated[
-        str,
-        typer.Option(
-            help="Arena-Hard answer layout: v0.1 (the paper's) or current.",
-            rich_help_panel="Benchmarks",
-        ),
+        str, _opt("Arena-Hard answer layout: v0.1 (the paper's) or current.", Panel)
     ] = "v0.1",
     temperature: Annotated[
-        float | None,
-        typer.Option(
-            min=0, help="Override the benchmark's temperature(s).", rich_help_panel="Benchmarks"
-        ),
+        float | None, _opt("Override the benchmark's temperature(s).", Panel, min=0)
     ] = None,
     max_new_tokens: Annotated[
-        int | None,
-        typer.Option(
-            min=1, help="Override the benchmark's answer length cap.", rich_help_panel="Benchmarks"
+        int | None, _opt("Override the benchmark's answer length cap.", Panel, min=1)
+    ] = None,
+    backend: Annotated[str, _opt("auto, vllm or transformers.", Panel)] = "auto",
+    against: Annotated[
+        str | None,
+        _opt(
+            "Reward-model win rate of the answers against: reference (AlpacaEval's reference "
+            "outputs), an answer file or folder, or another checkpoint's name.",
+            Panel,
         ),
     ] = None,
-    backend: Annotated[
-        str, typer.Option(help="auto, vllm or transformers.", rich_help_panel="Benchmarks")
-    ] = "auto",
+    reward_model: Annotated[
+        str | None, _opt("Reward model (folder or hub name) for --against.", Panel)
+    ] = None,
+    reward_function: Annotated[
+        str | None, _opt("Or a reward function 'file.py:name' for --against.", Panel)
+    ] = None,
+    lm_eval: Annotated[
+        str | None,
+        _opt("lm-evaluation-harness tasks, comma-separated (extra: lm-eval).", "lm-eval"),
+    ] = None,
+    lm_eval_include_path: Annotated[
+        str | None, _opt("Folder of extra lm-eval task YAML files.", "lm-eval")
+    ] = None,
+    lm_eval_limit: Annotated[
+        int | None, _opt("Examples per lm-eval task.", "lm-eval", min=1)
+    ] = None,
+    lm_eval_num_fewshot: Annotated[
+        int | None, _opt("Few-shot examples per lm-eval question.", "lm-eval", min=0)
+    ] = None,
+    lm_eval_no_chat_template: Annotated[
+        bool, _opt("Give lm-eval the raw prompts (base models).", "lm-eval")
+    ] = False,
+    dtype: Annotated[str, typer.Option(help="auto (bf16 on GPU), float32, bfloat16.")] = "auto",
+    num_processes: Annotated[
+        int | None, _opt("Processes (GPUs) per machine.", "Launch", min=1)
+    ] = None,
+    num_machines: Annotated[int | None, _opt("Machines in the run.", "Launch", min=1)] = None,
+    machine_rank: Annotated[int | None, _opt("This machine's rank.", "Launch", min=0)] = None,
+    main_process_ip: Annotated[str | None, _opt("Address of machine 0.", "Launch")] = None,
+    main_process_port: Annotated[
+        int | None, _opt("Rendezvous port.", "Launch", min=1, max=65535)
+    ] = None,
 ) -> None:
-    """Score preference pairs under a model (--pairs: per-pair average log-probs, reward
-    accuracy, mean margin and SimPO loss), or write its answers to a benchmark's questions
-    (--benchmark: the files AlpacaEval 2, Arena-Hard or MT-Bench's evaluators read, plus
-    judge-free length numbers)."""
-    if (pairs is None) == (benchmark is None):
-        raise UserError("simpo eval: give --pairs (score pairs) or --benchmark (write answers)")
-    if benchmark is not None:
-        _eval_benchmark(
-            model_dir, benchmark, questions, output_dir, model_id, family, arena_layout,
-            temperature, max_new_tokens, backend,
-        )  # fmt: skip
-        return
-    from simpo_cli.paths import check_eval_paths
+    """Evaluate checkpoints: score preference pairs (--pairs: reward accuracy, margin, SimPO
+    loss, the length / log-prob Spearman, with --reference DPO's implicit reward), write their
+    answers to a benchmark (--benchmark: the files AlpacaEval 2, Arena-Hard or MT-Bench's judges
+    read, judge-free proxies, --against: reward-model win rates) and run lm-eval tasks
+    (--lm-eval). Several checkpoints give one comparison table and plots in --output-dir."""
+    if pairs is None and benchmark is None and lm_eval is None:
+        raise UserError(
+            "simpo eval: give --pairs (score pairs), --benchmark (write answers) or --lm-eval "
+            "(run tasks)"
+        )
+    from simpo_cli.recipe import LaunchSettings
 
-    check_eval_paths(model_dir, pairs, output)
+    launch_keys = {
+        "num_processes": num_processes, "num_machines": num_machines,
+        "machine_rank": machine_rank, "main_process_ip": main_process_ip,
+        "main_process_port": main_process_port,
+    }  # fmt: skip
+    launch_settings = _settings(LaunchSettings, {k: v for k, v in launch_keys.items() if v})
+    settings = _eval_settings(
+        pairs, split, beta, gamma, max_length, max_prompt_length, batch_tokens, tokenization,
+        reference, benchmark, questions, family, arena_layout, temperature, max_new_tokens,
+        backend, against, reward_model, reward_function, lm_eval, lm_eval_include_path,
+        lm_eval_limit, lm_eval_num_fewshot, lm_eval_no_chat_template, dtype,
+    )  # fmt: skip
+    from simpo_cli.paths import check_evaluate_paths
+
+    check_evaluate_paths(models, settings, output, output_dir)
+    from simpo_cli.stages.evaluate import evaluate_checkpoints, resolve_checkpoints
+
+    checkpoints = resolve_checkpoints(models, model_id)  # a run folder: each stage's model
+    single = len(checkpoints) == 1
+    if output is not None and not single:
+        raise UserError("--output: writes one checkpoint's pairs; use --output-dir for several")
+    if output_dir is None and not (single and benchmark is None and lm_eval is None):
+        raise UserError(
+            "simpo eval: give --output-dir DIR: where the answer files and the comparison table go"
+        )
+    from simpo_cli import launch
+
+    if launch.needs_launch(launch_settings) and not launch.inside_launch():
+        sys.exit(_launch_eval(launch_settings, ["eval", *_command_line_again(ctx)]))
+    from simpo_cli.distributed import say, shutdown
+    from simpo_cli.pipeline import start_process_group
+
+    start_process_group()
+    if output_dir is None:  # one checkpoint's pairs: one line
+        _eval_pairs(checkpoints[0].path, settings, output)
+        shutdown()
+        return
+    assert output_dir is not None
+    result = evaluate_checkpoints(checkpoints, settings, output_dir, reference)
+    if output is not None and settings.pairs is not None:
+        _copy_pairs(output_dir, checkpoints[0].label, output)
+    from simpo_cli.compare import comparison_rows, markdown_table
+
+    say(markdown_table(*comparison_rows(result["checkpoints"])).rstrip())
+    for path in result["files"]:
+        say(f"wrote {path}")
+    shutdown()
+
+
+def _settings(kind, values: dict):
+    """A schema section from flag values; a value out of range is one line naming the flag."""
+    from pydantic import ValidationError
+
+    try:
+        return kind(**values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        flag = "--" + "-".join(str(p) for p in first["loc"]).replace("_", "-")
+        raise UserError(f"simpo eval: {flag}: {first['msg']}") from None
+
+
+def _eval_settings(
+    pairs, split, beta, gamma, max_length, max_prompt_length, batch_tokens, tokenization,
+    reference, benchmark, questions, family, arena_layout, temperature, max_new_tokens,
+    backend, against, reward_model, reward_function, lm_eval, lm_eval_include_path,
+    lm_eval_limit, lm_eval_num_fewshot, lm_eval_no_chat_template, dtype,
+):  # fmt: skip
+    """The evaluate stage's settings (recipe.EvaluateStage) from the flags."""
+    from simpo_cli.benchmarks import check_benchmark
+    from simpo_cli.recipe import EvaluateStage
+
+    if benchmark is not None:
+        check_benchmark(benchmark)
+    for flag, value, allowed in (
+        ("--backend", backend, ("auto", "vllm", "transformers")),
+        ("--dtype", dtype, ("auto", "float32", "bfloat16", "float16")),
+        ("--arena-layout", arena_layout, ("v0.1", "current")),
+    ):
+        if value not in allowed:
+            raise UserError(f"{flag} {value}: use one of {', '.join(allowed)}")
+    if (against is None) != (reward_model is None and reward_function is None):
+        raise UserError(
+            "--against needs a scorer: --reward-model FOLDER or --reward-function "
+            "file.py:name (and a scorer needs --against)"
+        )
+    if against is not None and benchmark is None:
+        raise UserError("--against: scores benchmark answers; add --benchmark")
+    values: dict[str, Any] = {"batch_tokens": batch_tokens, "dtype": dtype, "backend": backend}
+    values |= {"beta": beta, "gamma": gamma, "reference": reference}
+    values |= {"max_length": max_length, "max_prompt_length": max_prompt_length}
+    values["tokenization"] = tokenization.value if tokenization else None
+    if pairs is not None:
+        values["pairs"] = {"path": pairs, "split": split}
+    if benchmark is not None:
+        bench = {"name": benchmark, "questions": questions, "family": family}
+        bench |= {"arena_layout": arena_layout, "temperature": temperature}
+        bench |= {"max_new_tokens": max_new_tokens, "against": against}
+        values["benchmarks"] = [bench]
+    if reward_model is not None or reward_function is not None:
+        values["reward"] = {"model": reward_model, "function": reward_function}
+    if lm_eval is not None:
+        tasks = [t.strip() for t in lm_eval.split(",") if t.strip()]
+        values["lm_eval"] = {"tasks": tasks, "include_path": lm_eval_include_path}
+        values["lm_eval"] |= {"limit": lm_eval_limit, "num_fewshot": lm_eval_num_fewshot}
+        values["lm_eval"]["apply_chat_template"] = not lm_eval_no_chat_template
+    settings = _settings(EvaluateStage, values)
+    return settings
+
+
+def _eval_pairs(model_dir: str, settings, output: str | None) -> None:
+    """One checkpoint's pairs, printed on one line (and written to --output)."""
+    from simpo_cli.distributed import say
     from simpo_cli.eval import evaluate_model_dir
 
     result = evaluate_model_dir(
-        model_dir, pairs, split, output, beta, gamma, max_length, max_prompt_length, batch_size,
-        tokenization.value if tokenization else None,
+        model_dir, settings.pairs.path, settings.pairs.split, output, settings.beta,
+        settings.gamma, settings.max_length, settings.max_prompt_length, settings.batch_tokens,
+        settings.tokenization, settings.dtype, settings.reference,
     )  # fmt: skip
     s = result["summary"]
-    print(
+    line = (
         f"pairs {s['pairs']}: reward accuracy {s['reward_accuracy']:.4f}, mean margin "
         f"{s['reward_margin']:.4f}, SimPO loss {s['loss']:.4f} (beta {s['beta']:g}, "
-        f"gamma {s['gamma']:g}; tokenization {s['tokenization']})"
+        f"gamma {s['gamma']:g}; tokenization {s['tokenization']}); Spearman(length, avg "
+        f"log-prob) {s['spearman_length_logp']:.4f}"
     )
+    if "implicit_reward_accuracy" in s:
+        line += (
+            f"; DPO implicit reward accuracy {s['implicit_reward_accuracy']:.4f}, disagrees "
+            f"with the likelihood on {s['implicit_likelihood_disagreement']:.1%} of pairs"
+        )
+    say(line)
     if output:
-        print(f"wrote {output}")
+        say(f"wrote {output}")
 
 
-def _eval_benchmark(
-    model_dir, benchmark, questions, output_dir, model_id, family, layout, temperature,
-    max_new_tokens, backend,
-) -> None:  # fmt: skip
-    from simpo_cli.benchmarks import check_benchmark
-    from simpo_cli.paths import check_benchmark_paths
+def _copy_pairs(output_dir: Path, label: str, output: str) -> None:
+    from simpo_cli.distributed import is_main_process
 
-    check_benchmark(benchmark)
-    if backend not in ("auto", "vllm", "transformers"):
-        raise UserError(f"--backend {backend}: use auto, vllm or transformers")
-    if output_dir is None:
-        raise UserError("--benchmark needs --output-dir DIR: where the answer files go")
-    check_benchmark_paths(model_dir, questions, output_dir)
-    from simpo_cli.answers import answer_benchmark
+    if is_main_process():
+        source = output_dir / "checkpoints" / label / "pairs.json"
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(source.read_text())
 
-    summary = answer_benchmark(
-        model_dir, benchmark, output_dir, questions, model_id, family, layout, temperature,
-        max_new_tokens, backend,
-    )  # fmt: skip
-    print(
-        f"{benchmark}: wrote {summary['answers']} ({summary['turns_generated']} answers; mean "
-        f"{summary['mean_tokens']:.1f} tokens, {summary['cut_at_max_new_tokens']:.1%} cut at "
-        f"max_new_tokens; judge-free numbers in {output_dir / 'judge_free.json'})"
-    )
+
+def _command_line_again(ctx: typer.Context) -> list[str]:
+    """The command's arguments as given, rebuilt from the parsed values for the launched
+    processes, less --machine-rank (the launcher's alone)."""
+    args: list[str] = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.param_type_name == "argument":
+            args += [str(v) for v in value]
+            continue
+        if value is None or value == param.default or param.name == "machine_rank":
+            continue
+        value = value.value if isinstance(value, Enum) else value
+        args += [param.opts[0], str(value)]
+    return args
+
+
+def _launch_eval(launch_settings, child_args: list[str]) -> int:
+    """Re-run `simpo eval` on every process through `accelerate launch`; wait for them."""
+    import shlex
+
+    import torch
+
+    from simpo_cli import launch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    launch.preflight(launch_settings, gpus)
+    command = launch.accelerate_command(launch_settings, "no", child_args)
+    print("launching: " + shlex.join(command), flush=True)
+    if gpus == 0:
+        print(f"no GPU here: running {launch_settings.world_size} processes on the CPU", flush=True)
+    return launch.run(command)
 
 
 @app.command()

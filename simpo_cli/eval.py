@@ -1,50 +1,167 @@
-"""Evaluation on preference pairs: per-pair average log-probs, reward accuracy, margin, SimPO loss.
+"""Evaluation on preference pairs: per-pair log-probs under a checkpoint, and what the paper
+computes from them (section 5 of ../shared/reference/simpo.md):
 
-Used by the preference stage (held-out numbers before and after training) and by `simpo eval`.
+- reward accuracy, mean margin and SimPO loss under the checkpoint's beta and gamma;
+- the Spearman correlation between response length (tokens) and average log-prob over every
+  response, chosen and rejected (the paper: 0.34 SimPO, 0.82 without length normalisation,
+  0.59 DPO);
+- with a reference model: DPO's implicit reward log pi(y|x) - log pi_ref(y|x) (summed over the
+  response; accuracy and the share of pairs where it ranks chosen and rejected differently from
+  the average log-prob, which is SimPO's reward).
+
+Pairs go through the model in batches sized by a token budget (pairs of similar length
+together). The batches are formed over the whole set first and dealt to the processes of a
+launch in turn, so every pair meets the same batch, and gets the same numbers, on 1 process or
+many. Used by the preference stage (held-out numbers before and after training), `simpo eval`
+and the evaluate stage.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from simpo_cli.data import PreferenceCollator, load_source, load_tokenizer, prepare
+from simpo_cli.distributed import rank, world_size
 from simpo_cli.errors import UserError
 from simpo_cli.losses import sequence_logps, simpo_loss
 from simpo_cli.recipe import DataSource, ModelSettings, PreferenceStage
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def eval_device() -> torch.device:
+    """This process's GPU under a launch (LOCAL_RANK), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    """auto: bfloat16 on a GPU, float32 on the CPU."""
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
+    if dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_checkpoint(model_dir: str, dtype: str = "auto"):
+    """A model folder on this process's device, in eval mode; one line when it cannot load."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(dtype))
+    except OSError as err:
+        raise UserError(f"{model_dir}: cannot load a model: {str(err).splitlines()[0]}") from None
+    return model.to(eval_device()).eval()
+
+
+def token_budget_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Indices of pairs grouped into batches whose padded size, 2 rows per pair times the longest
+    row, stays within `batch_tokens` (a pair longer than the budget goes alone). Longest first:
+    similar lengths waste little padding, and a budget too large for memory fails at once."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and 2 * (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= batch_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
 
 @torch.no_grad()
-def score_pairs(model, dataset, pad_token_id: int, batch_size: int) -> dict[str, list]:
-    """Average per-token log-prob and response token count of chosen and rejected, per pair, in
-    dataset order. Chosen and rejected of a batch go through the model in one forward pass."""
+def score_pairs(model, dataset, pad_token_id: int, batch_tokens: int = 8192) -> dict[str, list]:
+    """Summed log-prob and response token count of chosen and rejected, per pair, in dataset
+    order, with the average (sum / tokens) beside them. Chosen and rejected of a batch go through
+    the model in one forward pass. Every process of a launch scores its share of the batches and
+    gets every pair's numbers back."""
     collate = PreferenceCollator(pad_token_id)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    out: dict[str, list] = {k: [] for k in ("chosen_logps", "rejected_logps")}
-    out |= {"chosen_tokens": [], "rejected_tokens": []}
-    for start in range(0, len(dataset), batch_size):
-        rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+    lengths = [
+        max(len(dataset[i]["chosen_ids"]), len(dataset[i]["rejected_ids"]))
+        for i in range(len(dataset))
+    ]
+    batches = token_budget_batches(lengths, batch_tokens)
+    mine: list[tuple[int, float, float, int, int]] = []
+    for batch_rows in batches[rank() :: world_size()]:
+        rows = [dataset[i] for i in batch_rows]
         batch = {k: v.to(device) for k, v in collate(rows).items()}
         logits = model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
         ).logits
-        logps, n_tokens = sequence_logps(logits, batch["labels"])
-        half = len(rows)
-        out["chosen_logps"] += logps[:half].tolist()
-        out["rejected_logps"] += logps[half:].tolist()
-        out["chosen_tokens"] += n_tokens[:half].tolist()
-        out["rejected_tokens"] += n_tokens[half:].tolist()
+        sums, n_tokens = sequence_logps(logits, batch["labels"], average=False)
+        sums, n_tokens, half = sums.tolist(), n_tokens.tolist(), len(rows)
+        for k, i in enumerate(batch_rows):
+            mine.append((i, sums[k], sums[half + k], n_tokens[k], n_tokens[half + k]))
     model.train(was_training)
+    every = _gather(mine)
+    every.sort()
+    out: dict[str, list] = {}
+    for side, column in (("chosen", 1), ("rejected", 2)):
+        sums_ = [row[column] for row in every]
+        tokens = [row[column + 2] for row in every]
+        out[f"{side}_logps"] = [s / max(n, 1) for s, n in zip(sums_, tokens, strict=True)]
+        out[f"{side}_logps_sum"] = sums_
+        out[f"{side}_tokens"] = tokens
     return out
 
 
-def summarize(scores: dict[str, list], stage: PreferenceStage) -> dict[str, float]:
-    """Reward accuracy (gamma not subtracted), mean reward margin and mean SimPO loss."""
+def _gather(mine: list) -> list:
+    if world_size() == 1:
+        return list(mine)
+    parts: list[Any] = [None] * world_size()
+    torch.distributed.all_gather_object(parts, mine)
+    return [row for part in parts for row in part]
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rank correlation: Pearson's correlation of the ranks, ties given their mean
+    rank. NaN when either side is constant or there are fewer than 2 values."""
+    if len(x) != len(y):
+        raise ValueError("spearman: x and y differ in length")
+    if len(x) < 2:
+        return math.nan
+    rx, ry = _ranks(x), _ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    vx = sum((a - mx) ** 2 for a in rx)
+    vy = sum((b - my) ** 2 for b in ry)
+    if vx == 0 or vy == 0:
+        return math.nan
+    return cov / math.sqrt(vx * vy)
+
+
+def _ranks(values: list[float]) -> list[float]:
+    """1-based ranks, tied values sharing the mean of the ranks they span."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for k in range(start, end + 1):
+            ranks[order[k]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def summarize(
+    scores: dict[str, list], stage: PreferenceStage, reference: dict[str, list] | None = None
+) -> dict[str, float]:
+    """Reward accuracy (gamma not subtracted), mean reward margin and mean SimPO loss; the
+    length / average log-prob Spearman over every response; with `reference` (the same pairs
+    scored by the reference model), DPO's implicit reward accuracy, its mean log-ratio margin
+    (beta 1) and the share of pairs where it disagrees with the average log-prob's ranking."""
     chosen = torch.tensor(scores["chosen_logps"], dtype=torch.float64)
     rejected = torch.tensor(scores["rejected_logps"], dtype=torch.float64)
     result = simpo_loss(
@@ -56,13 +173,48 @@ def summarize(scores: dict[str, list], stage: PreferenceStage) -> dict[str, floa
         loss_type=stage.loss_type,
     )
     margins = result.chosen_rewards - result.rejected_rewards
-    return {
+    lengths = scores["chosen_tokens"] + scores["rejected_tokens"]
+    summary = {
         "pairs": len(chosen),
         "reward_accuracy": (margins > 0).double().mean().item(),
         "reward_margin": margins.mean().item(),
         "loss": result.losses.mean().item(),
         "beta": stage.beta,
         "gamma": stage.resolved_gamma,
+        "spearman_length_logp": spearman(
+            [float(n) for n in lengths], scores["chosen_logps"] + scores["rejected_logps"]
+        ),
+        "mean_chosen_tokens": sum(scores["chosen_tokens"]) / max(len(chosen), 1),
+        "mean_rejected_tokens": sum(scores["rejected_tokens"]) / max(len(chosen), 1),
+    }
+    if reference is not None:
+        summary |= implicit_reward_summary(scores, reference)
+    return summary
+
+
+def implicit_reward_summary(scores: dict[str, list], reference: dict[str, list]) -> dict:
+    """DPO's implicit reward, log pi(y|x) - log pi_ref(y|x) summed over the response (beta left
+    out: it scales the margin, never the ranking)."""
+    n = len(scores["chosen_logps_sum"])
+    if reference["chosen_tokens"] != scores["chosen_tokens"]:
+        raise UserError(
+            "--reference: its tokenizer splits the responses differently from the model's; "
+            "give the reference the model was trained from (the same tokenizer)"
+        )
+    agree = correct = 0
+    margin = 0.0
+    for i in range(n):
+        implicit = (scores["chosen_logps_sum"][i] - reference["chosen_logps_sum"][i]) - (
+            scores["rejected_logps_sum"][i] - reference["rejected_logps_sum"][i]
+        )
+        likelihood = scores["chosen_logps"][i] - scores["rejected_logps"][i]
+        correct += implicit > 0
+        agree += (implicit > 0) == (likelihood > 0)
+        margin += implicit
+    return {
+        "implicit_reward_accuracy": correct / max(n, 1),
+        "implicit_logratio_margin": margin / max(n, 1),
+        "implicit_likelihood_disagreement": (n - agree) / max(n, 1),
     }
 
 
@@ -75,26 +227,23 @@ def evaluate_model_dir(
     gamma: float | None = None,
     max_length: int | None = None,
     max_prompt_length: int | None = None,
-    batch_size: int = 8,
+    batch_tokens: int = 8192,
     tokenization: str | None = None,
+    dtype: str = "auto",
+    reference: str | None = None,
 ) -> dict[str, Any]:
-    """`simpo eval`: score every pair of `pairs` under the model in `model_dir`.
+    """Score every pair of `pairs` under the model in `model_dir` (and `reference`, when given).
 
     beta, gamma, the max lengths and the tokenization come from the flags, else from the
     resolved_recipe.yaml the preference stage wrote beside the model (a model trained with the
-    authors' tokenization is scored with it), else the SimPO defaults.
+    authors' tokenization is scored with it), else the SimPO defaults. Every process of a launch
+    runs this and gets the whole result; only the main process writes `output`.
     """
-    from transformers import AutoModelForCausalLM
-
     stage = _stage_settings(
         Path(model_dir), pairs, split, beta, gamma, max_length, max_prompt_length, tokenization
     )
-    settings = ModelSettings(name_or_path=model_dir)
-    tokenizer = load_tokenizer(settings)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    except OSError as err:
-        raise UserError(f"{model_dir}: cannot load a model: {str(err).splitlines()[0]}") from None
+    tokenizer = load_tokenizer(ModelSettings(name_or_path=model_dir))
+    model = load_checkpoint(model_dir, dtype)
     raw = load_source(stage.data.train, "--pairs")
     data = stage.data
     dataset, report = prepare(
@@ -106,21 +255,34 @@ def evaluate_model_dir(
         data.max_prompt_length,
         data.tokenization,
     )
-    if report.dropped:
+    if report.dropped and rank() == 0:
         print("\n".join(report.lines()))
-    scores = score_pairs(model, dataset, tokenizer.pad_token_id, batch_size)
-    summary = summarize(scores, stage)
+    scores = score_pairs(model, dataset, tokenizer.pad_token_id, batch_tokens)
+    del model
+    reference_scores = None
+    if reference is not None:
+        reference_model = load_checkpoint(reference, dtype)
+        reference_scores = score_pairs(
+            reference_model, dataset, tokenizer.pad_token_id, batch_tokens
+        )
+        del reference_model
+    summary = summarize(scores, stage, reference_scores)
     summary |= {
         "tokenization": data.tokenization,
         "dropped": dict(report.dropped),
         "model": model_dir,
         "data": pairs,
+        "reference": reference,
+        "dtype": str(resolve_dtype(dtype)).removeprefix("torch."),
+        "processes": world_size(),
     }
+    if reference_scores is not None:
+        scores |= {f"reference_{k}": v for k, v in reference_scores.items() if "sum" in k}
     records = [
         dict(zip(scores, values, strict=True)) for values in zip(*scores.values(), strict=True)
     ]
     result = {"summary": summary, "pairs": records}
-    if output:
+    if output and rank() == 0:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -88,10 +88,14 @@ def launch_command(recipe: Recipe, simpo_args: list[str]) -> list[str]:
     fills the config's "auto" values from the recipe), so the launcher itself only starts
     processes: the same command serves data parallel and every ZeRO stage.
     """
-    launch = recipe.launch
     trained = [name for name in recipe.pipeline if name in TRAINING_STAGES]
     first = recipe.stage(trained[0]).training if trained else None
     precision = "bf16" if first and first.bf16 else "fp16" if first and first.fp16 else "no"
+    return accelerate_command(recipe.launch, precision, simpo_args)
+
+
+def accelerate_command(launch: LaunchSettings, precision: str, simpo_args: list[str]) -> list[str]:
+    """`accelerate launch` with the launch settings, running `simpo <simpo_args>`."""
     command = [
         "accelerate", "launch",
         "--num_processes", str(launch.world_size),

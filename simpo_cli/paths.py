@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from simpo_cli.errors import UserError
-from simpo_cli.recipe import Recipe, StageName
+from simpo_cli.recipe import TRAINING_STAGES, Recipe, StageName
 
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
 
@@ -198,7 +198,7 @@ def check_paths(
                     problems += data_problems(source.path, f"{name}.{key}", where)
             continue
         if name == "annotate":
-            problems += _reward_problems(stage.reward)
+            problems += _reward_problems(stage.reward, "annotate.reward")
             continue
         for split in ("train", "eval"):
             source = getattr(stage.data, split)
@@ -214,34 +214,57 @@ def check_paths(
         raise UserError(problems)
 
 
-def _reward_problems(reward) -> list[str]:
+def _reward_problems(reward, key: str, where: str = " (looked beside the recipe and in the "
+                     "current folder)") -> list[str]:  # fmt: skip
     if reward.model is not None:
-        return model_folder_problems(reward.model, "annotate.reward.model")
+        return model_folder_problems(reward.model, f"{key}.model" if "." in key else key)
     target, _, _ = reward.function.rpartition(":")
     if target.endswith(".py") and not Path(target).is_file():
         return [
-            f"{target}: annotate.reward.function: no such file (looked beside the recipe and in "
-            "the current folder); fix the path, or name an importable module as package.module:name"
+            f"{target}: {key}.function: no such file{where}; fix the path, or name an importable "
+            "module as package.module:name"
         ]
     return []
 
 
-def check_eval_paths(model_dir: str, pairs: str, output: str | None) -> None:
-    """`simpo eval MODEL_DIR --pairs PAIRS [--output FILE]`."""
-    problems = model_folder_problems(model_dir, "MODEL_DIR", hub_ok=False)
-    problems += data_problems(pairs, "--pairs")
+def check_evaluate_paths(models: list[str], settings, output: str | None, output_dir) -> None:
+    """`simpo eval MODELS... [--pairs P] [--benchmark B --questions Q] [--reference R]
+    [--reward-model M | --reward-function F] [--output FILE] [--output-dir DIR]`."""
+    problems = []
+    for model in models:
+        folder = Path(model)
+        run_folder = folder.is_dir() and not (folder / "config.json").is_file()
+        if run_folder and any((folder / s / "config.json").is_file() for s in TRAINING_STAGES):
+            continue  # a run folder: its stages' models (stages/evaluate.py)
+        if run_folder:
+            problems.append(
+                f"{model}: MODEL_DIR: neither a model folder (no config.json) nor a run folder "
+                "(no sft/ or preference/ model); give e.g. outputs/tiny/preference or outputs/tiny"
+            )
+            continue
+        problems += model_folder_problems(model, "MODEL_DIR", hub_ok=False)
+    if settings.pairs is not None:
+        problems += data_problems(settings.pairs.path, "--pairs")
+    if settings.reference is not None:
+        problems += model_folder_problems(settings.reference, "--reference", hub_ok=False)
+    for bench in settings.benchmarks:
+        if bench.questions is not None:
+            problems += data_problems(bench.questions, "--questions")
+    if settings.reward is not None:
+        flag = "--reward-model" if settings.reward.model else "--reward-function"
+        problems += [
+            p.replace(f"{flag}.function", flag) for p in _reward_problems(settings.reward, flag, "")
+        ]
+    if settings.lm_eval is not None and settings.lm_eval.include_path is not None:
+        if not Path(settings.lm_eval.include_path).is_dir():
+            problems.append(
+                f"{settings.lm_eval.include_path}: --lm-eval-include-path: no such folder; give "
+                "the folder holding the task YAML files"
+            )
     if output is not None:
         problems += file_problems(Path(output), "--output")
-    if problems:
-        raise UserError(problems)
-
-
-def check_benchmark_paths(model_dir: str, questions: str | None, output_dir: Path) -> None:
-    """`simpo eval MODEL_DIR --benchmark B [--questions FILE] --output-dir DIR`."""
-    problems = model_folder_problems(model_dir, "MODEL_DIR", hub_ok=False)
-    if questions is not None:
-        problems += data_problems(questions, "--questions")
-    problems += folder_problems(output_dir, "--output-dir")
+    if output_dir is not None:
+        problems += folder_problems(Path(output_dir), "--output-dir")
     if problems:
         raise UserError(problems)
 

@@ -12,6 +12,7 @@ import pytest
 from simpo_cli.recipe import RECIPES_DIR
 
 QUESTIONS = RECIPES_DIR / "tiny" / "benchmarks"
+WORK = Path("checkpoints") / "tiny-ckpt" / "mt_bench"  # generation passes, judge-free numbers
 
 
 def simpo(*args: str) -> subprocess.CompletedProcess:
@@ -48,7 +49,7 @@ def test_mt_bench_file_as_fastchat_reads_it(mt_bench):
     questions = jsonl(QUESTIONS / "mt_bench.jsonl")
     # FastChat's load_model_answers: model name = file name, answers keyed by question_id,
     # choices[0]["turns"] a list of strings, one per question turn.
-    path = out / "model_answer" / "tiny-ckpt.jsonl"
+    path = out / "mt_bench" / "model_answer" / "tiny-ckpt.jsonl"
     answers = {row["question_id"]: row for row in jsonl(path)}
     assert set(answers) == {q["question_id"] for q in questions}
     for question in questions:
@@ -62,10 +63,13 @@ def test_mt_bench_file_as_fastchat_reads_it(mt_bench):
 def test_mt_bench_second_turn_sees_the_first_answer(mt_bench):
     out, _ = mt_bench
     questions = {q["question_id"]: q for q in jsonl(QUESTIONS / "mt_bench.jsonl")}
-    answers = {row["question_id"]: row for row in jsonl(out / "model_answer" / "tiny-ckpt.jsonl")}
+    answers = {
+        row["question_id"]: row
+        for row in jsonl(out / "mt_bench" / "model_answer" / "tiny-ckpt.jsonl")
+    }
     second = [
         record
-        for folder in sorted((out / "generation").glob("turn2-*"))
+        for folder in sorted((out / WORK / "generation").glob("turn2-*"))
         for record in jsonl(folder / "samples-rank0.jsonl")
         if "prompt_id" in record
     ]
@@ -85,12 +89,12 @@ def test_mt_bench_temperatures_per_category_and_judge_free_numbers(mt_bench):
     questions = jsonl(QUESTIONS / "mt_bench.jsonl")
     categories = {q["category"] for q in questions}
     expected = {"writing": 0.7, "math": 0.0, "coding": 0.0, "stem": 0.1}
-    folders = {p.name for p in (out / "generation").iterdir()}
+    folders = {p.name for p in (out / WORK / "generation").iterdir()}
     for temperature in {expected[c] for c in categories}:
         assert f"turn1-temperature{temperature:g}" in folders
-    header = jsonl(out / "generation" / "turn1-temperature0" / "samples-rank0.jsonl")[0]
+    header = jsonl(out / WORK / "generation" / "turn1-temperature0" / "samples-rank0.jsonl")[0]
     assert header["generation"]["temperature"] == 0.0  # below 1e-4: greedy, as FastChat
-    numbers = json.loads((out / "judge_free.json").read_text())
+    numbers = json.loads((out / WORK / "judge_free.json").read_text())
     assert numbers["turns_generated"] == sum(len(q["turns"]) for q in questions)
     assert 0 < numbers["mean_tokens"] <= 6 and 0 <= numbers["cut_at_max_new_tokens"] <= 1
 
@@ -105,21 +109,22 @@ def test_alpaca_eval_keeps_instructions_and_order_and_resumes(model_dir, tmp_pat
     result = simpo(*command)
     assert result.returncode == 0, result.stderr[-2000:]
     source = json.loads((QUESTIONS / "alpaca_eval.json").read_text(encoding="utf-8"))
-    rows = json.loads((out / "model_outputs.json").read_text(encoding="utf-8"))
+    answers = out / "alpaca_eval" / "tiny-simpo" / "model_outputs.json"
+    rows = json.loads(answers.read_text(encoding="utf-8"))
     assert [r["instruction"] for r in rows] == [q["instruction"] for q in source]
     assert all(set(r) == {"instruction", "output", "generator", "dataset"} for r in rows)
     assert {r["generator"] for r in rows} == {"tiny-simpo"}
     again = simpo(*command)  # every answer is there: nothing is generated again
     assert again.returncode == 0, again.stderr[-2000:]
-    assert json.loads((out / "model_outputs.json").read_text(encoding="utf-8")) == rows
+    assert json.loads(answers.read_text(encoding="utf-8")) == rows
 
 
 @pytest.mark.parametrize(
     "args, expected",
     [
-        ([], "give --pairs (score pairs) or --benchmark (write answers)"),
+        ([], "give --pairs (score pairs), --benchmark (write answers) or --lm-eval"),
         (["--benchmark", "alpacaeval", "-o", "x"], "unknown benchmark 'alpacaeval'"),
-        (["--benchmark", "mt_bench"], "--benchmark needs --output-dir DIR"),
+        (["--benchmark", "mt_bench"], "give --output-dir DIR"),
         (["--benchmark", "mt_bench", "-o", "x", "--questions", "nope.jsonl"], "nope.jsonl"),
         (
             ["--benchmark", "mt_bench", "-o", "x", "--questions", "BAD"],

@@ -1,0 +1,192 @@
+"""One comparison of evaluated checkpoints: a table (markdown, CSV, JSON) and plots.
+
+Rows are checkpoints, in the order given; columns are the numbers each evaluation produced
+(stages/evaluate.py): pair metrics, per-benchmark judge-free proxies and reward-model win rates,
+lm-eval task metrics. A column a checkpoint lacks is left empty. The plots (matplotlib, optional):
+reward accuracy and margin per checkpoint, the length / average log-prob scatter of every
+response with its Spearman value, and each benchmark's win rate against answer length.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+PAIR_COLUMNS = (
+    ("pairs", "pairs"),
+    ("reward_accuracy", "reward accuracy"),
+    ("reward_margin", "reward margin"),
+    ("loss", "SimPO loss"),
+    ("beta", "beta"),
+    ("spearman_length_logp", "Spearman(length, avg logp)"),
+    ("mean_chosen_tokens", "chosen tokens"),
+    ("mean_rejected_tokens", "rejected tokens"),
+    ("implicit_reward_accuracy", "DPO implicit reward accuracy"),
+    ("implicit_likelihood_disagreement", "implicit reward vs likelihood disagree"),
+)
+BENCHMARK_COLUMNS = (
+    ("mean_characters", "chars"),
+    ("mean_tokens", "tokens"),
+    ("cut_at_max_new_tokens", "cut at max"),
+)
+WIN_RATE_COLUMNS = (("win_rate", "RM win rate"), ("soft_win_rate", "RM soft win rate"))
+
+
+def comparison_rows(results: dict[str, dict[str, Any]]) -> tuple[list[str], list[dict]]:
+    """(column names, one row per checkpoint): {column: value or None}."""
+    columns: list[str] = ["checkpoint"]
+    rows: list[dict[str, Any]] = []
+
+    def put(row: dict, column: str, value: Any) -> None:
+        if column not in columns:
+            columns.append(column)
+        row[column] = value
+
+    for label, entry in results.items():
+        row: dict[str, Any] = {"checkpoint": label}
+        pairs = entry.get("pairs") or {}
+        for key, _ in PAIR_COLUMNS:
+            if key in pairs:
+                put(row, key, pairs[key])
+        for bench, numbers in (entry.get("benchmarks") or {}).items():
+            for key, _ in BENCHMARK_COLUMNS:
+                put(row, f"{bench}/{key}", numbers.get(key))
+            win = numbers.get("win_rate") or {}
+            for key, _ in WIN_RATE_COLUMNS:
+                if key in win:
+                    put(row, f"{bench}/{key} vs {win.get('opponent', '?')}", win[key])
+        for task, metrics in (entry.get("lm_eval") or {}).items():
+            for metric, value in metrics.items():
+                if not metric.endswith("_stderr"):
+                    put(row, f"{task}/{metric}", value)
+        rows.append(row)
+    return columns, [{c: row.get(c) for c in columns} for row in rows]
+
+
+def _title(column: str) -> str:
+    names = dict(PAIR_COLUMNS) | dict(BENCHMARK_COLUMNS)
+    bench, _, key = column.partition("/")
+    if not key:
+        return names.get(column, column)
+    for name, title in (*BENCHMARK_COLUMNS, *WIN_RATE_COLUMNS):
+        if key == name or key.startswith(name + " vs "):
+            return f"{bench} {title}{key[len(name) :]}"
+    return column
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4f}"
+    return str(value)
+
+
+def markdown_table(columns: list[str], rows: list[dict]) -> str:
+    lines = [
+        "| " + " | ".join(_title(c) for c in columns) + " |",
+        "|" + "|".join(" --- " for _ in columns) + "|",
+    ]
+    lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison(results: dict[str, dict[str, Any]], output_dir: Path) -> list[str]:
+    """comparison.md, .csv, .json (and comparison.png when matplotlib is installed) in
+    output_dir; returns the paths written."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    columns, rows = comparison_rows(results)
+    md = output_dir / "comparison.md"
+    note = (
+        "Judge-free numbers: answer lengths and reward-model win rates are proxies, not the "
+        "benchmarks' GPT-4 judges.\n"
+    )
+    md.write_text(markdown_table(columns, rows) + ("\n" + note if _has_benchmarks(rows) else ""))
+    with (output_dir / "comparison.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows({c: _csv(row[c]) for c in columns} for row in rows)
+    details = {
+        label: {k: _without_points(v) for k, v in entry.items()} for label, entry in results.items()
+    }
+    payload = {"columns": columns, "rows": rows, "checkpoints": details}
+    (output_dir / "comparison.json").write_text(json.dumps(payload, indent=2) + "\n")
+    files = [str(output_dir / f"comparison.{ext}") for ext in ("md", "csv", "json")]
+    plot = plot_comparison(results, output_dir / "comparison.png")
+    return files + ([str(plot)] if plot else [])
+
+
+def _has_benchmarks(rows: list[dict]) -> bool:
+    return any("/" in column for row in rows for column in row)
+
+
+def _csv(value: Any) -> Any:
+    return "" if value is None else value
+
+
+def _without_points(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: v for k, v in value.items() if k != "points"}
+    return value
+
+
+def plot_comparison(results: dict[str, dict[str, Any]], output: Path) -> Path | None:
+    """The comparison's plots in one PNG; None when matplotlib is missing or nothing to draw."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    labels = list(results)
+    pairs = {k: e["pairs"] for k, e in results.items() if e.get("pairs")}
+    wins = [
+        (label, bench, numbers["mean_characters"], numbers["win_rate"]["win_rate"])
+        for label, entry in results.items()
+        for bench, numbers in (entry.get("benchmarks") or {}).items()
+        if numbers.get("win_rate")
+    ]
+    panels = (["accuracy", "margin", "scatter"] if pairs else []) + (["wins"] if wins else [])
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4), squeeze=False)
+    colors = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+    for ax, panel in zip(axes[0], panels, strict=True):
+        if panel in ("accuracy", "margin"):
+            key = "reward_accuracy" if panel == "accuracy" else "reward_margin"
+            names = list(pairs)
+            ax.bar(names, [pairs[n][key] for n in names], color=[colors[n] for n in names])
+            ax.set_title(f"held-out pairs: reward {panel}")
+            ax.tick_params(axis="x", labelrotation=20)
+            if panel == "accuracy":
+                ax.set_ylim(0, 1)
+                ax.axhline(0.5, color="gray", lw=0.8, ls="--")
+        elif panel == "scatter":
+            for name, numbers in pairs.items():
+                points = numbers["points"]
+                rho = numbers["spearman_length_logp"]
+                ax.scatter(
+                    points["tokens"], points["logps"], s=8, alpha=0.5, color=colors[name],
+                    label=f"{name} (Spearman {rho:.2f})",
+                )  # fmt: skip
+            ax.set_xlabel("response length (tokens)")
+            ax.set_ylabel("average log-prob")
+            ax.set_title("length vs likelihood")
+            ax.legend(fontsize=7)
+        else:
+            for label, bench, chars, rate in wins:
+                ax.scatter([chars], [rate], color=colors[label])
+                ax.annotate(f"{label} ({bench})", (chars, rate), fontsize=7)
+            ax.set_xlabel("mean answer length (characters)")
+            ax.set_ylabel("reward-model win rate (proxy)")
+            ax.set_ylim(0, 1)
+            ax.set_title("win rate vs length")
+    fig.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=110)
+    plt.close(fig)
+    return output

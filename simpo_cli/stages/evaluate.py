@@ -1,0 +1,240 @@
+"""Evaluate checkpoints: `simpo eval` and the evaluate stage both call `evaluate_checkpoints`.
+
+For each checkpoint, in order: its held-out pair numbers (eval.py), its answers to each
+benchmark in the official evaluators' files (answers.py) with judge-free proxies, and its
+lm-evaluation-harness tasks (lmeval.py). Then the reward-model win rates of each benchmark's
+answers against the chosen opponent (winrate.py; the opponent may be another checkpoint, so
+every checkpoint answers first), and one comparison of all checkpoints (compare.py).
+
+Output folder:
+
+    comparison.md / .csv / .json    one row per checkpoint (compare.py)
+    comparison.png                  the plots (with matplotlib)
+    alpaca_eval/<label>/model_outputs.json          what `alpaca_eval --model_outputs` reads
+    arena_hard/model_answer/<label>.jsonl           arena-hard-auto's model_answer/ files
+    mt_bench/model_answer/<label>.jsonl             FastChat llm_judge's model_answer/ files
+    checkpoints/<label>/pairs.json                  per-pair numbers and their summary
+    checkpoints/<label>/<benchmark>/                generation passes, judge_free.json,
+                                                    win_rate.json
+    checkpoints/<label>/lm_eval/lm_eval.json
+
+Every process of a launch runs this: pairs are dealt by batches and generation by questions
+across the processes; the main process writes the files.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from simpo_cli.distributed import barrier, is_main_process, say
+from simpo_cli.errors import UserError
+from simpo_cli.outputs import StageDir
+from simpo_cli.recipe import TRAINING_STAGES, EvaluateStage
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A model folder to evaluate and its label: the table's row and the answer files' model
+    name."""
+
+    label: str
+    path: str
+
+
+def run_folder_checkpoints(folder: Path) -> list[Checkpoint]:
+    """The finished training stages' models of a run folder (`simpo train -o FOLDER`), in
+    pipeline order, labelled <run>-<stage>; [] when the folder is not a run folder."""
+    found = []
+    for stage in TRAINING_STAGES:
+        stage_dir = StageDir(folder / stage)
+        if stage_dir.is_complete() and (stage_dir.path / "config.json").is_file():
+            found.append(Checkpoint(f"{folder.resolve().name}-{stage}", str(stage_dir.path)))
+    return found
+
+
+def resolve_checkpoints(paths: list[str], label: str | None = None) -> list[Checkpoint]:
+    """Model folders as given, each run folder replaced by its stages' models. Labels are the
+    folder names; `label` names a single checkpoint. Two checkpoints with one label are an
+    error (the answer files would overwrite each other)."""
+    checkpoints: list[Checkpoint] = []
+    for path in paths:
+        folder = Path(path)
+        if folder.is_dir() and not (folder / "config.json").is_file():
+            inside = run_folder_checkpoints(folder)
+            if not inside:
+                raise UserError(
+                    f"{path}: neither a model folder (no config.json) nor a run folder with a "
+                    "finished sft/ or preference/ stage; give a model folder, e.g. "
+                    "outputs/tiny/preference, or a run folder, e.g. outputs/tiny"
+                )
+            checkpoints += inside
+        else:
+            checkpoints.append(Checkpoint(folder.resolve().name, path))
+    if label is not None:
+        if len(checkpoints) != 1:
+            raise UserError(
+                f"--model-id {label}: names one checkpoint, but {len(checkpoints)} are given; "
+                "leave it out (each is named after its folder)"
+            )
+        checkpoints = [Checkpoint(label, checkpoints[0].path)]
+    labels = [c.label for c in checkpoints]
+    twice = sorted({x for x in labels if labels.count(x) > 1})
+    if twice:
+        raise UserError(
+            f"checkpoints: {', '.join(twice)} names more than one folder; their answer files "
+            "would overwrite each other: evaluate them in separate runs, or rename a folder"
+        )
+    return checkpoints
+
+
+def evaluate_checkpoints(
+    checkpoints: list[Checkpoint],
+    settings: EvaluateStage,
+    output_dir: Path,
+    reference: str | None = None,
+    against_key: str = "--against",
+) -> dict[str, Any]:
+    """Evaluate every checkpoint; returns {"checkpoints": {label: results}, "files": [...]}
+    and writes the comparison into output_dir (main process). `reference` is the reference
+    model's folder (settings.reference resolved by the caller)."""
+    from simpo_cli import compare
+
+    results: dict[str, dict[str, Any]] = {}
+    for checkpoint in checkpoints:
+        work = output_dir / "checkpoints" / checkpoint.label
+        entry: dict[str, Any] = {"path": checkpoint.path}
+        if settings.pairs is not None:
+            say(f"[evaluate] {checkpoint.label}: scoring pairs of {settings.pairs.path}")
+            entry["pairs"] = _pairs(checkpoint, settings, work, reference)
+        for bench in settings.benchmarks:
+            say(f"[evaluate] {checkpoint.label}: answering {bench.name}")
+            entry.setdefault("benchmarks", {})[bench.name] = _answers(
+                checkpoint, bench, settings, output_dir, work
+            )
+        if settings.lm_eval is not None:
+            say(f"[evaluate] {checkpoint.label}: lm-eval {', '.join(settings.lm_eval.tasks)}")
+            entry["lm_eval"] = _lm_eval(checkpoint, settings, work)
+        results[checkpoint.label] = entry
+    for bench in settings.benchmarks:
+        if bench.against is not None:
+            _win_rates(checkpoints, bench, settings, output_dir, results, against_key)
+    files: list[str] = []
+    if is_main_process():
+        files = compare.write_comparison(results, output_dir)
+    barrier()
+    return {"checkpoints": results, "files": files}
+
+
+def _pairs(checkpoint, settings, work: Path, reference: str | None) -> dict[str, Any]:
+    from simpo_cli.eval import evaluate_model_dir
+
+    pairs = settings.pairs
+    if reference is not None and Path(reference).resolve() == Path(checkpoint.path).resolve():
+        reference = None  # a model's implicit reward against itself is 0 for every pair
+    result = evaluate_model_dir(
+        checkpoint.path,
+        pairs.path,
+        split=pairs.split,
+        output=str(work / "pairs.json"),
+        beta=settings.beta,
+        gamma=settings.gamma,
+        max_length=settings.max_length,
+        max_prompt_length=settings.max_prompt_length,
+        tokenization=settings.tokenization,
+        batch_tokens=settings.batch_tokens,
+        dtype=settings.dtype,
+        reference=reference,
+    )
+    # The scatter of the comparison plot: every response's length and average log-prob.
+    points = {
+        "tokens": [p[f"{s}_tokens"] for s in ("chosen", "rejected") for p in result["pairs"]],
+        "logps": [p[f"{s}_logps"] for s in ("chosen", "rejected") for p in result["pairs"]],
+    }
+    return result["summary"] | {"points": points}
+
+
+def answers_dir(output_dir: Path, benchmark: str, label: str) -> Path:
+    """Where a checkpoint's official answer file goes: AlpacaEval's model_outputs.json has a
+    fixed name (one folder per checkpoint); Arena-Hard and MT-Bench name the file after the
+    model inside one model_answer/ folder, as their judges read it."""
+    if benchmark == "alpaca_eval":
+        return output_dir / benchmark / label
+    return output_dir / benchmark
+
+
+def _answers(checkpoint, bench, settings, output_dir: Path, work: Path) -> dict[str, Any]:
+    from simpo_cli.answers import answer_benchmark
+
+    summary = answer_benchmark(
+        checkpoint.path,
+        bench.name,
+        answers_dir(output_dir, bench.name, checkpoint.label),
+        work / bench.name,
+        bench.questions,
+        checkpoint.label,
+        bench.family,
+        bench.arena_layout,
+        bench.temperature,
+        bench.max_new_tokens,
+        settings.backend,
+        settings.dtype,
+    )
+    say(
+        f"[evaluate] {checkpoint.label}: wrote {summary['answers']} ({summary['turns_generated']}"
+        f" answers, mean {summary['mean_tokens']:.1f} tokens, "
+        f"{summary['cut_at_max_new_tokens']:.1%} cut at max_new_tokens)"
+    )
+    return summary
+
+
+def _lm_eval(checkpoint, settings, work: Path) -> dict[str, Any]:
+    from simpo_cli.lmeval import run_lm_eval
+
+    lm = settings.lm_eval
+    return run_lm_eval(
+        checkpoint.path,
+        lm.tasks,
+        work / "lm_eval",
+        include_path=lm.include_path,
+        limit=lm.limit,
+        num_fewshot=lm.num_fewshot,
+        batch_size=lm.batch_size,
+        dtype=settings.dtype,
+        apply_chat_template=lm.apply_chat_template,
+    )
+
+
+def _win_rates(checkpoints, bench, settings, output_dir: Path, results, key: str) -> None:
+    """Score each checkpoint's answers and the opponent's with settings.reward; the scores are
+    split over the processes. `against` may name another checkpoint evaluated here."""
+    from simpo_cli import benchmarks, winrate
+    from simpo_cli.stages.annotate import gather_scores, make_scorer
+
+    questions = benchmarks.load_questions(bench.name, bench.questions)
+    labels = {c.label: c for c in checkpoints}
+    against = bench.against
+    if against in labels:
+        against = str(answers_dir(output_dir, bench.name, against))
+        if bench.name != "alpaca_eval":
+            against = str(benchmarks.answer_path(bench.name, against, bench.against))
+    opponent_name, opponent = winrate.opponent_replies(bench.name, questions, against, key)
+    scorer = make_scorer(settings.reward)
+    for checkpoint in checkpoints:
+        if checkpoint.label == bench.against:
+            continue
+        folder = answers_dir(output_dir, bench.name, checkpoint.label)
+        path = benchmarks.answer_path(bench.name, folder, checkpoint.label)
+        _, replies = winrate.read_replies(bench.name, questions, path, checkpoint.label)
+        records = winrate.win_rate_records(questions, replies, opponent)
+        scores = gather_scores(records, scorer)
+        summary = winrate.summarize_win_rates(records, scores, opponent_name)
+        work = output_dir / "checkpoints" / checkpoint.label / bench.name
+        if is_main_process():
+            (work / "win_rate.json").write_text(json.dumps(summary, indent=2) + "\n")
+            for line in winrate.summary_lines(summary, checkpoint.label):
+                print(f"[evaluate] {bench.name}: {line}", flush=True)
+        summary = {k: v for k, v in summary.items() if k != "rows"}
+        results[checkpoint.label]["benchmarks"][bench.name]["win_rate"] = summary

@@ -1,0 +1,267 @@
+"""`simpo eval` over several checkpoints: the pair numbers of the paper's analyses (Spearman of
+length and average log-prob, DPO's implicit reward against a reference), the comparison table
+and plots, benchmark win rates against another checkpoint, the same numbers on 2 processes as
+on 1, and one-line errors."""
+
+import csv
+import json
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from simpo_cli.eval import implicit_reward_summary, spearman, token_budget_batches
+from simpo_cli.recipe import RECIPES_DIR
+
+TINY = RECIPES_DIR / "tiny"
+REWARD = RECIPES_DIR / "tiny-onpolicy" / "reward.py"
+
+
+def simpo(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "simpo_cli.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+    )
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run folder as `simpo train` leaves it: sft/ (the tiny seeded model) and preference/
+    (the same with its weights moved a little), each a finished stage."""
+    from conftest import save_tiny_model
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    save_tiny_model(run / "sft")
+    save_tiny_model(run / "preference")
+    model = AutoModelForCausalLM.from_pretrained(run / "preference")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    model.save_pretrained(run / "preference")
+    for stage in ("sft", "preference"):
+        (run / stage / "stage_complete.json").write_text("{}")
+    return run
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    rows = (TINY / "data" / "pref_eval.jsonl").read_text().splitlines()[:24]
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def compared(run_dir, pairs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "compare"
+    result = simpo(
+        "eval", run_dir, "--pairs", pairs, "--reference", run_dir / "sft", "-o", out,
+        "--batch-tokens", "96",
+        "--benchmark", "alpaca_eval", "--questions", TINY / "benchmarks" / "alpaca_eval.json",
+        "--max-new-tokens", "6", "--against", "tiny-sft", "--reward-function",
+        f"{REWARD}:sorted_digits",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result.stdout
+
+
+# --------------------------------------------------------------------------- the numbers
+
+
+def test_spearman_by_hand_and_against_scipy():
+    """x ranks 1 2 3 4 and y ranks 1 3 2 4: 1 - 6 x (0 + 1 + 1 + 0) / (4 x 15) = 0.8. With ties
+    (mean ranks) it matches scipy's spearmanr on random data."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    assert spearman([1, 2, 3, 4], [10, 30, 20, 40]) == pytest.approx(0.8)
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+    rng = random.Random(0)
+    for _ in range(5):
+        x = [rng.randint(1, 6) for _ in range(40)]  # many ties, like token counts
+        y = [rng.gauss(0, 1) + 0.1 * v for v in x]
+        expected = scipy_stats.spearmanr(x, y).statistic
+        assert spearman(x, y) == pytest.approx(expected, abs=1e-12)
+
+
+def test_token_budget_batches_longest_first_within_the_budget():
+    """Lengths 5, 9, 2, 9, 3 with 40 tokens: 2 rows per pair x longest row. 9 and 9 fill
+    2 x 2 x 9 = 36 (a third pair would be 54); then 5 and 3 (2 x 2 x 5 = 20), plus 2 (30)."""
+    assert token_budget_batches([5, 9, 2, 9, 3], 40) == [[1, 3], [0, 4, 2]]
+    assert token_budget_batches([50, 1], 40) == [[0], [1]]  # too long: alone, not dropped
+
+
+def test_implicit_reward_by_hand():
+    """implicit = (chosen sum - its reference) - (rejected sum - its reference).
+    Pair 1: (-4 + 5) - (-9 + 6) = 4 > 0, right; average log-probs -2 > -3 agree.
+    Pair 2: (-6 + 2) - (-3 + 4) = -5, wrong; averages -2 < -1 agree (rejected first).
+    Pair 3: (-2 + 1) - (-8 + 9) = -2, wrong; averages tie (-2, -2), not chosen first: agree.
+    Accuracy 1/3, disagreement 0, mean margin (4 - 5 - 2) / 3 = -1. With pair 2's rejected
+    average at -3 the likelihood prefers chosen there: disagreement 1/3."""
+    scores = {
+        "chosen_logps_sum": [-4.0, -6.0, -2.0],
+        "rejected_logps_sum": [-9.0, -3.0, -8.0],
+        "chosen_logps": [-2.0, -2.0, -2.0],
+        "rejected_logps": [-3.0, -1.0, -2.0],
+        "chosen_tokens": [2, 3, 1],
+    }
+    reference = {
+        "chosen_logps_sum": [-5.0, -2.0, -1.0],
+        "rejected_logps_sum": [-6.0, -4.0, -9.0],
+        "chosen_tokens": [2, 3, 1],
+    }
+    got = implicit_reward_summary(scores, reference)
+    assert got["implicit_reward_accuracy"] == pytest.approx(1 / 3)
+    assert got["implicit_likelihood_disagreement"] == 0
+    assert got["implicit_logratio_margin"] == pytest.approx(-1.0)
+    scores["rejected_logps"][1] = -3.0  # pair 2: the likelihood now prefers chosen
+    assert implicit_reward_summary(scores, reference)["implicit_likelihood_disagreement"] == (
+        pytest.approx(1 / 3)
+    )
+
+
+def test_pair_numbers_do_not_depend_on_the_batches(run_dir, pairs, tok):
+    """One pair per forward pass or all of them at once: the same log-probs (fp32)."""
+    from simpo_cli.data import load_source, prepare
+    from simpo_cli.eval import load_checkpoint, score_pairs
+    from simpo_cli.recipe import DataSource
+
+    model = load_checkpoint(str(run_dir / "sft"))
+    dataset, _ = prepare(load_source(DataSource(path=str(pairs)), "p"), tok, "preference", "p",
+                         256, 128, "default")  # fmt: skip
+    one = score_pairs(model, dataset, tok.pad_token_id, batch_tokens=1)
+    every = score_pairs(model, dataset, tok.pad_token_id, batch_tokens=100_000)
+    assert one["chosen_tokens"] == every["chosen_tokens"]
+    for key in ("chosen_logps", "rejected_logps", "chosen_logps_sum"):
+        assert one[key] == pytest.approx(every[key], abs=1e-5)
+
+
+# --------------------------------------------------------------------------- the comparison
+
+
+def test_comparison_table_over_the_run_folders_checkpoints(compared):
+    """One row per stage of the run folder, in pipeline order; markdown, CSV and JSON agree with
+    each checkpoint's own pairs.json; the Spearman value is that of the per-pair records."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    out, stdout = compared
+    table = json.loads((out / "comparison.json").read_text())
+    assert [row["checkpoint"] for row in table["rows"]] == ["tiny-sft", "tiny-preference"]
+    with (out / "comparison.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    markdown = (out / "comparison.md").read_text()
+    for row, csv_row in zip(table["rows"], rows, strict=True):
+        scored = json.loads((out / "checkpoints" / row["checkpoint"] / "pairs.json").read_text())
+        summary, records = scored["summary"], scored["pairs"]
+        assert summary["pairs"] == 24
+        for key in ("reward_accuracy", "reward_margin", "spearman_length_logp"):
+            assert row[key] == summary[key] and float(csv_row[key]) == pytest.approx(summary[key])
+        assert f"| {row['checkpoint']} | 24 | {summary['reward_accuracy']:.4f} |" in markdown
+        lengths = [r[f"{s}_tokens"] for s in ("chosen", "rejected") for r in records]
+        logps = [r[f"{s}_logps"] for s in ("chosen", "rejected") for r in records]
+        expected = scipy_stats.spearmanr(lengths, logps).statistic
+        assert summary["spearman_length_logp"] == pytest.approx(expected, abs=1e-9)
+    assert (out / "comparison.png").stat().st_size > 10_000
+    assert "tiny-preference" in stdout and "wrote" in stdout
+
+
+def test_implicit_reward_against_the_reference_from_the_per_pair_sums(compared):
+    """The preference checkpoint against the sft reference: accuracy and disagreement recomputed
+    from the summed log-probs written per pair; the sft row, its own reference, has none."""
+    out, _ = compared
+    rows = {r["checkpoint"]: r for r in json.loads((out / "comparison.json").read_text())["rows"]}
+    assert rows["tiny-sft"]["implicit_reward_accuracy"] is None
+    records = json.loads((out / "checkpoints/tiny-preference/pairs.json").read_text())["pairs"]
+    implicit = [
+        (r["chosen_logps_sum"] - r["reference_chosen_logps_sum"])
+        - (r["rejected_logps_sum"] - r["reference_rejected_logps_sum"])
+        for r in records
+    ]
+    likelihood = [r["chosen_logps"] - r["rejected_logps"] for r in records]
+    accuracy = sum(m > 0 for m in implicit) / len(records)
+    disagree = sum((m > 0) != (d > 0) for m, d in zip(implicit, likelihood, strict=True)) / len(
+        records
+    )
+    assert 0 < accuracy < 1, "the moved weights should rank some pairs each way"
+    assert rows["tiny-preference"]["implicit_reward_accuracy"] == pytest.approx(accuracy)
+    assert rows["tiny-preference"]["implicit_likelihood_disagreement"] == pytest.approx(disagree)
+
+
+def test_win_rate_against_another_checkpoint(compared):
+    """--against tiny-sft: the preference checkpoint's AlpacaEval answers scored against the sft
+    checkpoint's, both read from the answer files, rewards recomputed here with the function."""
+    sys.path.insert(0, str(REWARD.parent))
+    from reward import sorted_digits
+
+    out, stdout = compared
+    read = [
+        {r["instruction"]: r["output"] for r in json.loads(
+            (out / "alpaca_eval" / label / "model_outputs.json").read_text())}
+        for label in ("tiny-preference", "tiny-sft")
+    ]  # fmt: skip
+    hard = soft = 0.0
+    for instruction, reply in read[0].items():
+        prompt = [{"role": "user", "content": instruction}]
+        delta = sorted_digits(prompt, reply) - sorted_digits(prompt, read[1][instruction])
+        hard += 1.0 if delta > 0 else 0.5 if delta == 0 else 0.0
+        soft += 1 / (1 + math.exp(-delta))
+    got = json.loads((out / "checkpoints/tiny-preference/alpaca_eval/win_rate.json").read_text())
+    assert got["opponent"] == "tiny-sft" and got["n"] == len(read[0])
+    assert got["win_rate"] == pytest.approx(hard / len(read[0]))
+    assert got["soft_win_rate"] == pytest.approx(soft / len(read[0]))
+    assert not (out / "checkpoints/tiny-sft/alpaca_eval/win_rate.json").exists()
+    assert "proxy" in stdout
+
+
+def test_two_processes_give_the_numbers_of_one(run_dir, pairs, compared, tmp_path):
+    """The same pairs on 2 processes (each scores every other batch): identical per-pair
+    numbers and table rows."""
+    out, _ = compared
+    two = tmp_path / "two"
+    result = simpo("eval", run_dir, "--pairs", pairs, "--reference", run_dir / "sft", "-o", two,
+                   "--batch-tokens", "96", "--num-processes", "2")  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for label in ("tiny-sft", "tiny-preference"):
+        one_run = json.loads((out / "checkpoints" / label / "pairs.json").read_text())
+        two_run = json.loads((two / "checkpoints" / label / "pairs.json").read_text())
+        assert two_run["summary"]["processes"] == 2 and one_run["summary"]["processes"] == 1
+        assert two_run["pairs"] == one_run["pairs"]
+    pair_columns = json.loads((two / "comparison.json").read_text())["rows"]
+    one_rows = json.loads((out / "comparison.json").read_text())["rows"]
+    for a, b in zip(pair_columns, one_rows, strict=True):
+        assert a == {k: b[k] for k in a}
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["RUN", "--pairs", "PAIRS"], "give --output-dir DIR"),
+        (["SFT", "SFT", "--pairs", "PAIRS", "-o", "x"], "sft names more than one folder"),
+        (["SFT", "PREF", "--pairs", "PAIRS", "--output", "x.json"], "--output: writes one"),
+        (["SFT", "--benchmark", "alpaca_eval", "-o", "x", "--against", "reference"], "a scorer"),
+        (["SFT", "--pairs", "PAIRS", "--reference", "nope"], "nope: --reference: no such"),
+        (["SFT", "--pairs", "PAIRS", "--dtype", "float8"], "--dtype float8: use one of"),
+        (["EMPTY", "--pairs", "PAIRS", "-o", "x"], "nor a run folder"),
+        (["SFT", "--lm-eval", "t", "-o", "x", "--lm-eval-include-path", "nope"], "no such folder"),
+    ],
+)
+def test_bad_input_is_one_line(run_dir, pairs, tmp_path, args, expected):
+    (tmp_path / "empty").mkdir()
+    names = {
+        "RUN": run_dir, "SFT": run_dir / "sft", "PREF": run_dir / "preference", "PAIRS": pairs,
+        "EMPTY": tmp_path / "empty",
+    }  # fmt: skip
+    result = simpo("eval", *[names.get(a, a) for a in args], cwd=tmp_path)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], lines
+    assert not Path(tmp_path / "x").exists()  # nothing written
