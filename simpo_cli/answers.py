@@ -72,13 +72,7 @@ def answer_benchmark(
     count_tokens = None
     if benchmark == "arena_hard":  # needs tiktoken: fail before generating, not after
         count_tokens = benchmarks.tiktoken_counter(benchmarks.ARENA_TIKTOKEN_MODEL[layout])
-    tokenizer = load_tokenizer(ModelSettings(name_or_path=model_dir))
-    if not tokenizer.chat_template:
-        raise UserError(
-            f"{model_dir}: the tokenizer has no chat template, so questions cannot be rendered "
-            "as the model was trained; save the tokenizer with its template (tokenizer_config."
-            "json chat_template) or evaluate the stage folder simpo wrote"
-        )
+    tokenizer = check_chat_template(model_dir)
     name = resolve_backend(backend)
     if name == "vllm" and world_size() > 1:
         raise UserError(
@@ -125,6 +119,19 @@ def answer_benchmark(
         (work_dir / "judge_free.json").write_text(json.dumps(summary, indent=2) + "\n")
     barrier()
     return summary
+
+
+def check_chat_template(model_dir: str):
+    """The checkpoint's tokenizer, which must have a chat template: questions are rendered as
+    the model was trained, never as plain text."""
+    tokenizer = load_tokenizer(ModelSettings(name_or_path=model_dir))
+    if not tokenizer.chat_template:
+        raise UserError(
+            f"{model_dir}: the tokenizer has no chat template, so questions cannot be rendered "
+            "as the model was trained; save the tokenizer with its template (chat_template.jinja "
+            "or tokenizer_config.json's chat_template) or evaluate the stage folder simpo wrote"
+        )
+    return tokenizer
 
 
 def _backend(model_dir, tokenizer, name, questions, settings, dtype):

@@ -47,10 +47,12 @@ ARENA_TIKTOKEN_MODEL = {"v0.1": "gpt-3.5-turbo", "current": "gpt-4o"}
 # loading script for it fails on datasets>=4 (alpaca_eval#454), the file itself does not.
 ALPACA_EVAL_REPO = "tatsu-lab/alpaca_eval"
 ALPACA_EVAL_FILE = "alpaca_eval_gpt4_baseline.json"
-# Where users find the other question sets (no hub copy is documented in evaluation.md).
-QUESTION_FILES = {
-    "arena_hard": "data/arena-hard-v0.1/question.jsonl of an arena-hard-auto checkout",
-    "mt_bench": "fastchat/llm_judge/data/mt_bench/question.jsonl of a FastChat checkout",
+# The official question sets on the hub (split "train"), in the layouts the parsers read:
+# arena-hard-auto's own v0.1 copy (question_id, category, cluster, turns[{content}], 500 rows)
+# and FastChat's question.jsonl as lighteval publishes it (question_id, category, turns, 80 rows).
+HUB_QUESTIONS = {
+    "arena_hard": "lmarena-ai/arena-hard-auto-v0.1",
+    "mt_bench": "lighteval/mt-bench",
 }
 
 
@@ -107,12 +109,10 @@ def load_questions(benchmark: str, path_or_hub_name: str | None = None) -> list[
 
 
 def _default_questions(benchmark: str) -> str:
-    """The local path of the benchmark's official question set (downloaded for AlpacaEval)."""
+    """The benchmark's official question set: a hub dataset name, or for AlpacaEval the local
+    path of the downloaded eval set file."""
     if benchmark != "alpaca_eval":
-        raise UserError(
-            f"{benchmark}: give the question file ({QUESTION_FILES[benchmark]}); "
-            "there is no hub default for it"
-        )
+        return HUB_QUESTIONS[benchmark]
     from huggingface_hub import hf_hub_download
 
     try:

@@ -160,27 +160,34 @@ def _run(
     from simpo_cli.errors import NonFiniteError
     from simpo_cli.pipeline import run_stage
 
-    final = out
+    folders = {}
     try:
         for name in names:
-            final = run_stage(recipe, name, out, overwrite)
+            folders[name] = run_stage(recipe, name, out, overwrite)
     except (Preempted, NonFiniteError):
         shutdown()  # every process stopped after the same step, together
         raise
-    trained = any(name in TRAINING_STAGES for name in names)
-    last = names[-1] if names else None
-    say(f"final model: {final}" if last in TRAINING_STAGES else f"output: {final}")
+    trained = [name for name in names if name in TRAINING_STAGES]
+    if trained:
+        say(f"final model: {folders[trained[-1]]}")
+    if names and names[-1] not in TRAINING_STAGES:
+        say(f"{'evaluation' if names[-1] == 'evaluate' else 'output'}: {folders[names[-1]]}")
     shutdown()
     if trained:
         _plot_when_possible(out)
 
 
 def _vllm_generate(recipe: Recipe, names: list[str]) -> bool:
-    if "generate" not in names or recipe.generate is None:
-        return False
+    """Whether a stage to run samples with vLLM: generate, or evaluate's benchmark answers."""
     from simpo_cli.generation import resolve_backend
 
-    return resolve_backend(recipe.generate.backend) == "vllm"
+    if "generate" in names and recipe.generate is not None:
+        if resolve_backend(recipe.generate.backend) == "vllm":
+            return True
+    evaluate = recipe.evaluate
+    if "evaluate" in names and evaluate is not None and evaluate.benchmarks:
+        return resolve_backend(evaluate.backend) == "vllm"
+    return False
 
 
 def _run_alone(recipe: Recipe, name: str, child_args: list[str], launched: bool) -> int:
@@ -317,6 +324,15 @@ app.command("preference")(
         "Run only the preference (SimPO) stage into DIR/preference/.\n\n"
         "It starts from the model of the training stage before it (e.g. SFT), and trains on the "
         "annotate stage's pairs when preference.data.train is not given.",
+    )
+)
+app.command("evaluate")(
+    _run_command(
+        "evaluate",
+        ["evaluate"],
+        "Run only the evaluate stage: compare the recipe's checkpoints (its training stages' "
+        "models, or evaluate.checkpoints) on held-out pairs, benchmark answer files and lm-eval "
+        "tasks, into DIR/evaluate/ (comparison.md/.csv/.json and comparison.png).",
     )
 )
 

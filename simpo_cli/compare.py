@@ -63,6 +63,11 @@ def comparison_rows(results: dict[str, dict[str, Any]]) -> tuple[list[str], list
                 if not metric.endswith("_stderr"):
                     put(row, f"{task}/{metric}", value)
         rows.append(row)
+    # Pair columns first, in PAIR_COLUMNS order, whichever checkpoint brought them in.
+    order = {key: i for i, (key, _) in enumerate(PAIR_COLUMNS)}
+    columns = ["checkpoint"] + sorted(
+        columns[1:], key=lambda c: (0, order[c]) if c in order else (1, columns.index(c))
+    )
     return columns, [{c: row.get(c) for c in columns} for row in rows]
 
 
@@ -120,7 +125,9 @@ def write_comparison(results: dict[str, dict[str, Any]], output_dir: Path) -> li
 
 
 def _has_benchmarks(rows: list[dict]) -> bool:
-    return any("/" in column for row in rows for column in row)
+    from simpo_cli.benchmarks import BENCHMARKS
+
+    return any(column.split("/")[0] in BENCHMARKS for row in rows for column in row)
 
 
 def _csv(value: Any) -> Any:

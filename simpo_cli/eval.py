@@ -55,8 +55,11 @@ def load_checkpoint(model_dir: str, dtype: str = "auto"):
     """A model folder on this process's device, in eval mode; one line when it cannot load."""
     from transformers import AutoModelForCausalLM
 
+    from simpo_cli.training import whole_weights
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(dtype))
+        with whole_weights():  # after a ZeRO-3 stage in this process (the evaluate stage)
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(dtype))
     except OSError as err:
         raise UserError(f"{model_dir}: cannot load a model: {str(err).splitlines()[0]}") from None
     return model.to(eval_device()).eval()
@@ -220,7 +223,7 @@ def implicit_reward_summary(scores: dict[str, list], reference: dict[str, list])
 
 def evaluate_model_dir(
     model_dir: str,
-    pairs: str,
+    pairs: str | DataSource,
     split: str = "train",
     output: str | None = None,
     beta: float | None = None,
@@ -232,7 +235,8 @@ def evaluate_model_dir(
     dtype: str = "auto",
     reference: str | None = None,
 ) -> dict[str, Any]:
-    """Score every pair of `pairs` under the model in `model_dir` (and `reference`, when given).
+    """Score every pair of `pairs` (a path or hub name read at `split`, or a data source with
+    its own split and max_rows) under the model in `model_dir` (and `reference`, when given).
 
     beta, gamma, the max lengths and the tokenization come from the flags, else from the
     resolved_recipe.yaml the preference stage wrote beside the model (a model trained with the
@@ -250,7 +254,7 @@ def evaluate_model_dir(
         raw,
         tokenizer,
         "preference",
-        f"--pairs ({pairs})",
+        f"--pairs ({stage.data.train.path})",
         data.max_length,
         data.max_prompt_length,
         data.tokenization,
@@ -271,7 +275,7 @@ def evaluate_model_dir(
         "tokenization": data.tokenization,
         "dropped": dict(report.dropped),
         "model": model_dir,
-        "data": pairs,
+        "data": stage.data.train.path,
         "reference": reference,
         "dtype": str(resolve_dtype(dtype)).removeprefix("torch."),
         "processes": world_size(),
@@ -307,7 +311,7 @@ def _stage_settings(
         margin = {k: saved[k] for k in ("gamma", "gamma_beta_ratio") if saved.get(k) is not None}
     data = dict(saved.get("data") or {})
     data.pop("eval", None)
-    data["train"] = DataSource(path=pairs, split=split)
+    data["train"] = pairs if isinstance(pairs, DataSource) else DataSource(path=pairs, split=split)
     if max_length is not None:
         data["max_length"] = max_length
     if max_prompt_length is not None:

@@ -176,8 +176,9 @@ def check_paths(
                     )
     model = recipe.model
     # The recipe's model and tokenizer are read only by a stage with no training stage before it
-    # (the others start from that stage's folder); annotate reads no policy model.
-    if any(name != "annotate" and recipe.model_stage_before(name) is None for name in stages):
+    # (the others start from that stage's folder); annotate and evaluate read no recipe model.
+    reads_model = [name for name in stages if name not in ("annotate", "evaluate")]
+    if any(recipe.model_stage_before(name) is None for name in reads_model):
         if model.init == "pretrained" and model.name_or_path:
             problems += model_folder_problems(model.name_or_path, "model.name_or_path")
         if model.tokenizer:
@@ -199,6 +200,9 @@ def check_paths(
             continue
         if name == "annotate":
             problems += _reward_problems(stage.reward, "annotate.reward")
+            continue
+        if name == "evaluate":
+            problems += _evaluate_problems(recipe, where)
             continue
         for split in ("train", "eval"):
             source = getattr(stage.data, split)
@@ -225,6 +229,36 @@ def _reward_problems(reward, key: str, where: str = " (looked beside the recipe 
             "module as package.module:name"
         ]
     return []
+
+
+def _evaluate_problems(recipe: Recipe, where: str) -> list[str]:
+    """The evaluate stage's inputs; a training stage's name stands for its future folder."""
+    stage = recipe.stage("evaluate")
+    problems = []
+    for _, entry in recipe.evaluate_checkpoints():
+        if entry not in TRAINING_STAGES:
+            problems += model_folder_problems(entry, "evaluate.checkpoints", hub_ok=False)
+    if stage.reference is not None and stage.reference not in TRAINING_STAGES:
+        problems += model_folder_problems(stage.reference, "evaluate.reference", hub_ok=False)
+    pairs = recipe.evaluate_pairs()
+    from_annotate = stage.pairs is None and (
+        recipe.origin(("preference", "data", "eval")) == "annotate stage"
+    )
+    if pairs is not None and not from_annotate:
+        key = "evaluate.pairs" if stage.pairs is not None else "preference.data.eval"
+        problems += data_problems(pairs.path, key, where)
+    for i, bench in enumerate(stage.benchmarks):
+        if bench.questions is not None:
+            problems += data_problems(bench.questions, f"evaluate.benchmarks.{i}.questions", where)
+    if stage.reward is not None:
+        problems += _reward_problems(stage.reward, "evaluate.reward")
+    if stage.lm_eval is not None and stage.lm_eval.include_path is not None:
+        if not Path(stage.lm_eval.include_path).is_dir():
+            problems.append(
+                f"{stage.lm_eval.include_path}: evaluate.lm_eval.include_path: no such folder; "
+                "give the folder holding the task YAML files"
+            )
+    return problems
 
 
 def check_evaluate_paths(models: list[str], settings, output: str | None, output_dir) -> None:

@@ -35,12 +35,21 @@ def stage_start(recipe: Recipe, name: str, output_dir: Path) -> str | None:
     preference stage without data of its own."""
     needs = []
     model_stage = recipe.model_stage_before(name)
-    if model_stage is not None and name != "annotate":
+    if model_stage is not None and name not in ("annotate", "evaluate"):
         needs.append(model_stage)
     if name == "annotate":
         needs.append("generate")
     if name == "preference" and recipe.origin(("preference", "data", "train")) == "annotate stage":
         needs.append("annotate")
+    if name == "evaluate":
+        stage = recipe.stage("evaluate")
+        entries = [entry for _, entry in recipe.evaluate_checkpoints()] + [stage.reference]
+        needs += [entry for entry in entries if entry in TRAINING_STAGES]
+        if (
+            stage.pairs is None
+            and recipe.origin(("preference", "data", "eval")) == "annotate stage"
+        ):
+            needs.append("annotate")
     for previous in needs:
         previous_dir = StageDir(output_dir / previous)
         if not previous_dir.is_complete():
@@ -50,7 +59,7 @@ def stage_start(recipe: Recipe, name: str, output_dir: Path) -> str | None:
                 f"finished in {previous_dir.path}; run `simpo train` (all stages) or "
                 f"`simpo {previous}` first"
             )
-    if model_stage is None or name == "annotate":
+    if model_stage is None or name in ("annotate", "evaluate"):
         return None
     return str(StageDir(output_dir / model_stage).path)
 
@@ -321,7 +330,7 @@ def _print_settings(recipe: Recipe, name: str, start_from: str | None) -> None:
         if recipe.model.init == "from_config"
         else recipe.model.name_or_path
     )
-    if name != "annotate":
+    if name not in ("annotate", "evaluate"):
         print(f"[{name}] {'samples from' if name == 'generate' else 'start model'}: {start}")
     print(f"[{name}] settings (value, then where it came from):")
     print("\n".join(settings_table(recipe, name)))

@@ -77,6 +77,8 @@ def _stage_lines(recipe: Recipe, name: StageName, out: Path) -> list[str]:
             f"{section.selection}, min_margin {section.min_margin:g}, drop_truncated "
             f"{str(section.drop_truncated).lower()}; pairs into {stage_dir.path / 'dataset'}",
         ]
+    if name == "evaluate":
+        return [f"  {name} -> {stage_dir.path} ({state})", *_evaluate_lines(recipe)]
     t = section.training
     world = recipe.launch.world_size
     accumulation = recipe.accumulation_steps(name)
@@ -183,3 +185,23 @@ def _count(n: int) -> str:
         if n >= size:
             return f"{n / size:.3g}{unit}"
     return str(n)
+
+
+def _evaluate_lines(recipe: Recipe) -> list[str]:
+    section = recipe.stage("evaluate")
+    checkpoints = ", ".join(label for label, _ in recipe.evaluate_checkpoints())
+    lines = [f"    checkpoints: {checkpoints}"]
+    pairs = recipe.evaluate_pairs()
+    if pairs is not None:
+        reference = (
+            f"; DPO implicit reward against {section.reference}" if section.reference else ""
+        )
+        lines.append(f"    pairs: {pairs.path} [{pairs.split}]{reference}")
+    for bench in section.benchmarks:
+        against = f"; reward-model win rate against {bench.against}" if bench.against else ""
+        lines.append(
+            f"    benchmark {bench.name}: {bench.questions or 'the hub eval set'}{against}"
+        )
+    if section.lm_eval is not None:
+        lines.append(f"    lm-eval tasks: {', '.join(section.lm_eval.tasks)}")
+    return lines

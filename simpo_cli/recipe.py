@@ -33,10 +33,11 @@ DEEPSPEED_DIR = (
     if (_HERE / "deepspeed_configs").is_dir()
     else _HERE.parent / "configs" / "deepspeed"
 )
-StageName = Literal["sft", "generate", "annotate", "preference"]
+StageName = Literal["sft", "generate", "annotate", "preference", "evaluate"]
 # In pipeline order: generate samples from the model before it; annotate scores those samples
-# into pairs; preference trains on them (when its own data is not given).
-STAGES: tuple[StageName, ...] = ("sft", "generate", "annotate", "preference")
+# into pairs; preference trains on them (when its own data is not given); evaluate compares the
+# models of the training stages.
+STAGES: tuple[StageName, ...] = ("sft", "generate", "annotate", "preference", "evaluate")
 TRAINING_STAGES: tuple[StageName, ...] = ("sft", "preference")
 AUTHORS_SEEDS = [13, 21, 42, 79, 100]  # the SimPO authors' decode.py seeds
 
@@ -621,6 +622,7 @@ class Recipe(Section):
     generate: GenerateStage | None = None
     annotate: AnnotateStage | None = None
     preference: PreferenceStage | None = None
+    evaluate: EvaluateStage | None = None
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     launch: LaunchSettings = Field(default_factory=LaunchSettings)
     # Where each key path's value came from ("recipe" or "--set"); absent keys are defaults.
@@ -662,12 +664,62 @@ class Recipe(Section):
             raise ValueError(
                 "annotate.greedy_eval: needs held-out prompts; set generate.eval_prompts"
             )
+        if "evaluate" in self.pipeline:
+            self._check_evaluate()
         problems = [
             p for name in TRAINING_STAGES if getattr(self, name) for p in self._batch_problems(name)
         ]
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def _check_evaluate(self) -> None:
+        stage = self.evaluate
+        assert stage is not None
+        if not self.evaluate_checkpoints():
+            raise ValueError(
+                "evaluate: no checkpoints to evaluate; run a training stage before it, or list "
+                "model folders in evaluate.checkpoints"
+            )
+        if self.evaluate_pairs() is None and not stage.benchmarks and stage.lm_eval is None:
+            raise ValueError(
+                "evaluate: nothing to evaluate; set evaluate.pairs (or preference.data.eval), "
+                "evaluate.benchmarks or evaluate.lm_eval"
+            )
+        labels = [label for label, _ in self.evaluate_checkpoints()]
+        for i, bench in enumerate(stage.benchmarks):
+            against = bench.against
+            if against in TRAINING_STAGES and against not in labels:
+                raise ValueError(
+                    f"evaluate.benchmarks.{i}.against: '{against}' is not among the checkpoints "
+                    f"evaluated ({', '.join(labels)}); add it to evaluate.checkpoints"
+                )
+
+    def evaluate_checkpoints(self) -> list[tuple[str, str]]:
+        """(label, stage name or model folder) of each checkpoint the evaluate stage compares:
+        evaluate.checkpoints, else every training stage before it. A training stage's name
+        stands for its folder in the output directory (pipeline.stage_folder)."""
+        stage = self.evaluate
+        if stage is None:
+            return []
+        if stage.checkpoints is not None:
+            return [
+                (entry if entry in TRAINING_STAGES else Path(entry).name, entry)
+                for entry in stage.checkpoints
+            ]
+        before = (
+            self.pipeline[: self.pipeline.index("evaluate")] if "evaluate" in self.pipeline else []
+        )
+        return [(name, name) for name in before if name in TRAINING_STAGES]
+
+    def evaluate_pairs(self) -> DataSource | None:
+        """The pairs the evaluate stage scores: its own, else the preference stage's held-out
+        pairs."""
+        if self.evaluate is None:
+            return None
+        if self.evaluate.pairs is not None:
+            return self.evaluate.pairs
+        return self.preference.data.eval if self.preference is not None else None
 
     def _batch_problems(self, name: StageName) -> list[str]:
         t = self.stage(name).training
@@ -714,7 +766,8 @@ class Recipe(Section):
         )
 
     def stage(self, name: StageName) -> Any:
-        """The section of a stage: SFTStage, GenerateStage, AnnotateStage or PreferenceStage."""
+        """The section of a stage: SFTStage, GenerateStage, AnnotateStage, PreferenceStage or
+        EvaluateStage."""
         if name not in STAGES:
             raise RecipeError([f"{name}: no such stage; the stages are {', '.join(STAGES)}"])
         section = getattr(self, name)
@@ -910,9 +963,20 @@ def _outside_references(raw: dict[str, Any], folder: Path) -> list[str]:
         data = section.get("data") or {}
         for source in (data.get("train"), data.get("eval"), *_prompt_sources(section)):
             values.append(source.get("path") if isinstance(source, dict) else source)
-    function = ((raw.get("annotate") or {}).get("reward") or {}).get("function")
-    if isinstance(function, str) and function.rpartition(":")[0].endswith(".py"):
-        values.append(function.rpartition(":")[0])
+    evaluate = raw.get("evaluate") or {}
+    if isinstance(evaluate, dict):
+        pairs = evaluate.get("pairs")
+        values.append(pairs.get("path") if isinstance(pairs, dict) else pairs)
+        values += [
+            b.get("questions") for b in evaluate.get("benchmarks") or [] if isinstance(b, dict)
+        ]
+        values.append((evaluate.get("lm_eval") or {}).get("include_path"))
+    for section in (raw.get("annotate") or {}, evaluate):
+        function = ((section if isinstance(section, dict) else {}).get("reward") or {}).get(
+            "function"
+        )
+        if isinstance(function, str) and function.rpartition(":")[0].endswith(".py"):
+            values.append(function.rpartition(":")[0])
     inside = folder.resolve()
     refs = []
     for value in values:
@@ -967,19 +1031,32 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[tuple[str
         keys, value = parse_override(text)
         node = raw
         for i, key in enumerate(keys[:-1]):
+            if isinstance(node, list):  # evaluate.benchmarks.0.max_new_tokens: an item by index
+                node = node[_list_index(node, key, text, ".".join(keys[:i]))]
+                continue
             child = node.setdefault(key, {})
             if child is None:
                 child = node[key] = {}
             if isinstance(child, str) and key in ("train", "eval", "prompts", "eval_prompts"):
                 # A data source written as a bare path: `--set sft.data.train.max_rows=100`.
                 child = node[key] = {"path": child}
-            if not isinstance(child, dict):
+            if not isinstance(child, (dict, list)):
                 where = ".".join(keys[: i + 1])
                 raise RecipeError([f"--set {text}: {where} is a value, not a section"])
             node = child
-        node[keys[-1]] = value
+        if isinstance(node, list):
+            node[_list_index(node, keys[-1], text, ".".join(keys[:-1]))] = value
+        else:
+            node[keys[-1]] = value
         origins[tuple(keys)] = f"--set {text}"
     return origins
+
+
+def _list_index(items: list, key: str, text: str, where: str) -> int:
+    if not key.isdigit() or int(key) >= len(items):
+        last = len(items) - 1
+        raise RecipeError([f"--set {text}: {where} is a list of {len(items)}; index 0 to {last}"])
+    return int(key)
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -1040,6 +1117,10 @@ def settings_table(recipe: Recipe, stage: StageName) -> list[str]:
             if isinstance(value, BaseModel):
                 walk(value, key)
                 continue
+            if isinstance(value, list) and value and isinstance(value[0], BaseModel):
+                for i, item in enumerate(value):  # evaluate.benchmarks: one block each
+                    walk(item, (*key, str(i)))
+                continue
             if value is None:
                 continue
             # The key itself or a section above it; for a data source shown as one value
@@ -1087,8 +1168,27 @@ def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
         model.chat_template = local(model.chat_template)
     for source in data_sources(recipe):
         source.path = local(source.path)
-    reward = recipe.annotate.reward if recipe.annotate is not None else None
-    if reward is not None:
+    rewards = [recipe.annotate.reward if recipe.annotate is not None else None]
+    evaluate = recipe.evaluate
+    if evaluate is not None:
+        rewards.append(evaluate.reward)
+        # A training stage's name stands for its output folder; anything else is a path.
+        if evaluate.checkpoints is not None:
+            evaluate.checkpoints = [
+                e if e in TRAINING_STAGES else local(e) for e in evaluate.checkpoints
+            ]
+        if evaluate.reference not in TRAINING_STAGES:
+            evaluate.reference = local(evaluate.reference)
+        for bench in evaluate.benchmarks:
+            bench.questions = local(bench.questions)
+            labels = [label for label, _ in recipe.evaluate_checkpoints()]
+            if bench.against not in ("reference", *labels):
+                bench.against = local(bench.against)
+        if evaluate.lm_eval is not None:
+            evaluate.lm_eval.include_path = local(evaluate.lm_eval.include_path)
+    for reward in rewards:
+        if reward is None:
+            continue
         reward.model = local(reward.model)
         if reward.function is not None:
             # "file.py:name": the file beside the recipe; "package.module:name" stays.
@@ -1105,6 +1205,8 @@ def data_sources(recipe: Recipe) -> list[DataSource]:
         stage = getattr(recipe, name)
         if isinstance(stage, GenerateStage):
             sources += [stage.prompts, stage.eval_prompts]
+        elif isinstance(stage, EvaluateStage):
+            sources.append(stage.pairs)
         elif stage is not None and hasattr(stage, "data"):
             sources += [stage.data.train, stage.data.eval]
     return [source for source in sources if source is not None]

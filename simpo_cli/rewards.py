@@ -220,6 +220,8 @@ class RewardModelScorer:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from simpo_cli.training import whole_weights
+
         self.path, self.key, self.batch_size, self.max_length = path, key, batch_size, max_length
         self.cut = 0
         config = _config_dict(path, key)
@@ -242,9 +244,10 @@ class RewardModelScorer:
             self.tokenizer = AutoTokenizer.from_pretrained(
                 path, trust_remote_code=trust_remote_code
             )
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
-            )
+            with whole_weights():  # a whole copy per process, even after a ZeRO-3 stage
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+                )
         except OSError as err:
             raise UserError(f"{key}: cannot load '{path}': {_first_line(err)}") from None
         if not self.tokenizer.chat_template:

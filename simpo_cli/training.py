@@ -3,6 +3,8 @@ the check that it fits the tokenizer, and the callback that writes metrics.jsonl
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,22 @@ from simpo_cli.distributed import is_main_process
 from simpo_cli.errors import UserError
 from simpo_cli.outputs import StageDir
 from simpo_cli.recipe import Recipe
+
+
+@contextmanager
+def whole_weights() -> Iterator[None]:
+    """Load models whole in every process, even after a ZeRO-3 training stage in this process:
+    its TrainingArguments registered the DeepSpeed config with transformers, whose from_pretrained
+    would then partition the new model's weights across the processes (zero.Init), leaving each
+    process a model it cannot run alone (generation, evaluation, reward scoring)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref  # no public getter of the object
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = registered
 
 
 def training_arguments(

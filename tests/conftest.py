@@ -5,6 +5,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the hub
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import signal  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
 import pytest  # noqa: E402
 
 from simpo_cli.data import load_tokenizer  # noqa: E402
@@ -34,3 +38,48 @@ def save_tiny_model(folder):
     load_model(recipe, None, 42).save_pretrained(folder)
     load_tokenizer(recipe.model).save_pretrained(folder)
     return folder
+
+
+# The signals a training command takes over (simpo_cli.faults).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+@dataclass
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+    def errors(self) -> list[str]:
+        """The `error: ` lines (stderr may also hold progress bars and library warnings)."""
+        return [line for line in self.stderr.splitlines() if line.startswith("error: ")]
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run `simpo ARGS...` through the real entry point (argument parsing, the error-to-exit-code
+    mapping) in this process; never as a launched child unless a test says so."""
+    from simpo_cli import launch
+    from simpo_cli.cli import main
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv(launch.LAUNCHED_ENV, raising=False)
+
+    def run(*args) -> Result:
+        capsys.readouterr()
+        monkeypatch.setattr(sys, "argv", ["simpo", *map(str, args)])
+        # A training command takes over the stop signals (checkpoint, then exit); give them
+        # back, so that Ctrl-C still stops pytest.
+        handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+        try:
+            main()
+            code = 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+        out = capsys.readouterr()
+        return Result(code, out.out, out.err)
+
+    return run

@@ -99,7 +99,7 @@ def test_mt_bench_temperatures_per_category_and_judge_free_numbers(mt_bench):
     assert 0 < numbers["mean_tokens"] <= 6 and 0 <= numbers["cut_at_max_new_tokens"] <= 1
 
 
-def test_alpaca_eval_keeps_instructions_and_order_and_resumes(model_dir, tmp_path):
+def test_alpaca_eval_keeps_instructions_and_order_and_resumes(cli, model_dir, tmp_path):
     out = tmp_path / "alpaca"
     command = [
         "eval", model_dir, "--benchmark", "alpaca_eval", "--questions",
@@ -114,8 +114,8 @@ def test_alpaca_eval_keeps_instructions_and_order_and_resumes(model_dir, tmp_pat
     assert [r["instruction"] for r in rows] == [q["instruction"] for q in source]
     assert all(set(r) == {"instruction", "output", "generator", "dataset"} for r in rows)
     assert {r["generator"] for r in rows} == {"tiny-simpo"}
-    again = simpo(*command)  # every answer is there: nothing is generated again
-    assert again.returncode == 0, again.stderr[-2000:]
+    again = cli(*command)  # every answer is there: nothing is generated again
+    assert again.code == 0, again.stderr[-2000:]
     assert json.loads(answers.read_text(encoding="utf-8")) == rows
 
 
@@ -125,6 +125,8 @@ def test_alpaca_eval_keeps_instructions_and_order_and_resumes(model_dir, tmp_pat
         ([], "give --pairs (score pairs), --benchmark (write answers) or --lm-eval"),
         (["--benchmark", "alpacaeval", "-o", "x"], "unknown benchmark 'alpacaeval'"),
         (["--benchmark", "mt_bench"], "give --output-dir DIR"),
+        # The default question set is the hub's copy of FastChat's (the tests run offline).
+        (["--benchmark", "mt_bench", "-o", "x"], "cannot load 'lighteval/mt-bench'"),
         (["--benchmark", "mt_bench", "-o", "x", "--questions", "nope.jsonl"], "nope.jsonl"),
         (
             ["--benchmark", "mt_bench", "-o", "x", "--questions", "BAD"],
@@ -132,13 +134,31 @@ def test_alpaca_eval_keeps_instructions_and_order_and_resumes(model_dir, tmp_pat
         ),
     ],
 )
-def test_bad_benchmark_input_is_one_line(model_dir, tmp_path, args, expected):
+def test_bad_benchmark_input_is_one_line(cli, model_dir, tmp_path, args, expected):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question_id": 1, "category": "math"}) + "\n")
     args = [str(bad) if a == "BAD" else str(tmp_path / a) if a == "x" else a for a in args]
-    result = simpo("eval", model_dir, *args)
-    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and expected in lines[0], lines
+    result = cli("eval", model_dir, *args)
+    assert result.code == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = result.errors()
+    assert len(lines) == 1 and expected in lines[0], result.stderr
     if "BAD" in args or str(bad) in args:
         assert "turns" in lines[0]
+
+
+def test_a_model_without_a_chat_template_is_one_line(cli, model_dir, tmp_path):
+    """Questions cannot be rendered as the model was trained: refused before generating."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(model_dir, bare)
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    result = cli("eval", bare, "--benchmark", "alpaca_eval", "--questions",
+                 QUESTIONS / "alpaca_eval.json", "-o", tmp_path / "out")  # fmt: skip
+    assert result.code == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = result.errors()
+    assert len(lines) == 1 and "has no chat template" in lines[0], result.stderr
+    assert not (tmp_path / "out" / "alpaca_eval").exists()

@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -53,48 +52,6 @@ def as_args(sets: list[str]) -> list[str]:
 RUN_ARGS = as_args(RUN_SETS)
 # Batch totals the tiny recipe states for 1 or 2 processes; other layouts drop them.
 NO_TOTAL = ["sft.training.total_batch_size=null", "preference.training.total_batch_size=null"]
-# The signals a training command takes over (simpo_cli.faults).
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-
-
-@dataclass
-class Result:
-    code: int
-    stdout: str
-    stderr: str
-
-    def errors(self) -> list[str]:
-        """The `error: ` lines (stderr may also hold progress bars and library warnings)."""
-        return [line for line in self.stderr.splitlines() if line.startswith("error: ")]
-
-
-@pytest.fixture
-def cli(capsys, monkeypatch):
-    """Run `simpo ARGS...` through the real entry point (argument parsing, the error-to-exit-code
-    mapping) in this process; never as a launched child unless a test says so."""
-    from simpo_cli.cli import main
-
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
-    monkeypatch.delenv(launch.LAUNCHED_ENV, raising=False)
-
-    def run(*args) -> Result:
-        capsys.readouterr()
-        monkeypatch.setattr(sys, "argv", ["simpo", *map(str, args)])
-        # A training command takes over the stop signals (checkpoint, then exit); give them
-        # back, so that Ctrl-C still stops pytest.
-        handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
-        try:
-            main()
-            code = 0
-        except SystemExit as stop:
-            code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
-        finally:
-            for signum, handler in handlers.items():
-                signal.signal(signum, handler)
-        out = capsys.readouterr()
-        return Result(code, out.out, out.err)
-
-    return run
 
 
 @pytest.fixture

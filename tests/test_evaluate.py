@@ -220,22 +220,28 @@ def test_win_rate_against_another_checkpoint(compared):
 
 
 def test_two_processes_give_the_numbers_of_one(run_dir, pairs, compared, tmp_path):
-    """The same pairs on 2 processes (each scores every other batch): identical per-pair
-    numbers and table rows."""
+    """The command of `compared` on 2 processes (each scores every other batch of pairs and
+    answers every other question): identical per-pair numbers, answers and table rows."""
     out, _ = compared
     two = tmp_path / "two"
-    result = simpo("eval", run_dir, "--pairs", pairs, "--reference", run_dir / "sft", "-o", two,
-                   "--batch-tokens", "96", "--num-processes", "2")  # fmt: skip
+    result = simpo(
+        "eval", run_dir, "--pairs", pairs, "--reference", run_dir / "sft", "-o", two,
+        "--batch-tokens", "96", "--num-processes", "2",
+        "--benchmark", "alpaca_eval", "--questions", TINY / "benchmarks" / "alpaca_eval.json",
+        "--max-new-tokens", "6", "--against", "tiny-sft", "--reward-function",
+        f"{REWARD}:sorted_digits",
+    )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for label in ("tiny-sft", "tiny-preference"):
+        answers = Path("alpaca_eval") / label / "model_outputs.json"
+        assert (two / answers).read_text() == (out / answers).read_text()
     for label in ("tiny-sft", "tiny-preference"):
         one_run = json.loads((out / "checkpoints" / label / "pairs.json").read_text())
         two_run = json.loads((two / "checkpoints" / label / "pairs.json").read_text())
         assert two_run["summary"]["processes"] == 2 and one_run["summary"]["processes"] == 1
         assert two_run["pairs"] == one_run["pairs"]
-    pair_columns = json.loads((two / "comparison.json").read_text())["rows"]
-    one_rows = json.loads((out / "comparison.json").read_text())["rows"]
-    for a, b in zip(pair_columns, one_rows, strict=True):
-        assert a == {k: b[k] for k in a}
+    two_rows = json.loads((two / "comparison.json").read_text())["rows"]
+    assert two_rows == json.loads((out / "comparison.json").read_text())["rows"]
 
 
 # --------------------------------------------------------------------------- errors
@@ -254,14 +260,113 @@ def test_two_processes_give_the_numbers_of_one(run_dir, pairs, compared, tmp_pat
         (["SFT", "--lm-eval", "t", "-o", "x", "--lm-eval-include-path", "nope"], "no such folder"),
     ],
 )
-def test_bad_input_is_one_line(run_dir, pairs, tmp_path, args, expected):
+def test_bad_input_is_one_line(cli, monkeypatch, run_dir, pairs, tmp_path, args, expected):
     (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path)
     names = {
         "RUN": run_dir, "SFT": run_dir / "sft", "PREF": run_dir / "preference", "PAIRS": pairs,
         "EMPTY": tmp_path / "empty",
     }  # fmt: skip
-    result = simpo("eval", *[names.get(a, a) for a in args], cwd=tmp_path)
-    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and expected in lines[0], lines
+    result = cli("eval", *[names.get(a, a) for a in args])
+    assert result.code == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert len(result.errors()) == 1 and expected in result.errors()[0], result.stderr
     assert not Path(tmp_path / "x").exists()  # nothing written
+
+
+# --------------------------------------------------------------------------- the evaluate stage
+
+
+@pytest.mark.parametrize(
+    "sets, expected",
+    [
+        (["pipeline=[evaluate]"], "evaluate: no checkpoints to evaluate"),
+        (
+            ["preference.data.eval=null", "evaluate.benchmarks=[]"],
+            "evaluate: nothing to evaluate",
+        ),
+        (
+            ["evaluate.checkpoints=[preference]", "evaluate.benchmarks.0.against=sft",
+             "evaluate.reward.function=x.py:f"],
+            "'sft' is not among the checkpoints evaluated (preference)",
+        ),
+        (["evaluate.benchmarks.0.against=sft"], "benchmarks.against needs reward"),
+    ],
+)  # fmt: skip
+def test_evaluate_stage_recipe_errors(sets, expected):
+    from simpo_cli.errors import UserError
+    from simpo_cli.recipe import load_recipe
+
+    with pytest.raises(UserError) as caught:
+        load_recipe("tiny", sets)
+    assert any(expected in line for line in caught.value.messages), caught.value.messages
+
+
+def test_set_reaches_into_the_benchmarks_list():
+    """--set evaluate.benchmarks.0.max_new_tokens=3 sets the first benchmark's key; an index
+    past the list is one line naming its length."""
+    from simpo_cli.errors import UserError
+    from simpo_cli.recipe import load_recipe, settings_table
+
+    recipe = load_recipe("tiny", ["evaluate.benchmarks.0.max_new_tokens=3"])
+    assert recipe.evaluate.benchmarks[0].max_new_tokens == 3
+    row = next(r for r in settings_table(recipe, "evaluate") if "0.max_new_tokens" in r)
+    assert row.split()[1] == "3" and "--set" in row
+    with pytest.raises(UserError, match="evaluate.benchmarks is a list of 1; index 0 to 0"):
+        load_recipe("tiny", ["evaluate.benchmarks.1.name=mt_bench"])
+
+
+def test_evaluate_stage_names_what_must_run_first(cli, tmp_path):
+    """`simpo evaluate tiny` before training: one line naming the stage to run first."""
+    result = cli("evaluate", "tiny", "-o", tmp_path / "run")
+    assert result.code == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    [line] = result.errors()
+    assert "'sft' stage's model" in line and "simpo sft" in line
+
+
+def test_evaluate_stage_of_a_run_folder_and_its_plan(cli, run_dir, pairs, tmp_path):
+    """The stage on finished checkpoints listed by path (a user's recipe), with its own pairs and
+    a win rate against AlpacaEval's reference: the dry run lists what it will do, the run
+    writes the table with a row per checkpoint and the win rate columns; a rerun skips it."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "model: {name_or_path: " + str(run_dir / "sft") + "}\n"
+        "pipeline: [evaluate]\n"
+        "evaluate:\n"
+        f"  checkpoints: [{run_dir / 'sft'}, {run_dir / 'preference'}]\n"
+        f"  pairs: {{path: {pairs}, max_rows: 6}}\n"
+        "  benchmarks:\n"
+        "    - name: alpaca_eval\n"
+        f"      questions: {TINY / 'benchmarks' / 'alpaca_eval.json'}\n"
+        "      max_new_tokens: 4\n"
+        "      temperature: 0\n"
+        "      against: reference\n"
+        f"  reward: {{function: '{REWARD}:sorted_digits'}}\n"
+    )
+    plan = cli("train", recipe, "-o", tmp_path / "out", "--dry-run")
+    assert plan.code == 0, plan.stderr[-2000:]
+    assert "checkpoints: sft, preference" in plan.stdout
+    assert "reward-model win rate against reference" in plan.stdout
+    result = simpo("train", recipe, "-o", tmp_path / "out")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = json.loads((tmp_path / "out/evaluate/comparison.json").read_text())["rows"]
+    assert [row["checkpoint"] for row in rows] == ["sft", "preference"]
+    assert all(row["pairs"] == 6 for row in rows)
+    assert all(0 <= row["alpaca_eval/win_rate vs reference"] <= 1 for row in rows)
+    again = cli("train", recipe, "-o", tmp_path / "out")
+    assert again.code == 0 and "[evaluate] already finished" in again.stdout
+
+
+def test_lm_eval_tasks_land_in_the_table(run_dir, tmp_path):
+    """`--lm-eval` through the CLI on a task defined on a local data file: the table holds the
+    task's metrics as lm-eval computed them (lm_eval.json)."""
+    pytest.importorskip("lm_eval")
+    out = tmp_path / "lm"
+    result = simpo("eval", run_dir / "preference", "-o", out, "--lm-eval", "tiny_sort",
+                   "--lm-eval-include-path", Path(__file__).parent / "assets" / "lm_eval_task",
+                   "--lm-eval-limit", "6")  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    row = json.loads((out / "comparison.json").read_text())["rows"][0]
+    record = json.loads((out / "checkpoints/preference/lm_eval/lm_eval.json").read_text())
+    assert row["tiny_sort/acc"] == record["results"]["tiny_sort"]["acc"]
+    assert 0 <= row["tiny_sort/acc"] <= 1 and record["settings"]["limit"] == 6
+    assert "tiny_sort/acc" in (out / "comparison.md").read_text()

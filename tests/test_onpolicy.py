@@ -212,14 +212,15 @@ def test_generate_resumes_after_a_kill(onpolicy_run, tmp_path):
 # --------------------------------------------------------------------------- reward models
 
 
-def _annotate_again(out: Path, run: Path, *sets: str) -> subprocess.CompletedProcess:
+def _annotate_again(out: Path, run: Path, *sets: str, cli=None):
     """`simpo annotate` with other reward settings, in a new folder holding copies of the
-    fixture run's finished sft and generate stages."""
+    fixture run's finished sft and generate stages; through `cli` (in this process) when
+    given, else in a new process."""
     run.mkdir()
     for stage in ("sft", "generate"):
         shutil.copytree(out / stage, run / stage)
     extra = [arg for s in (*sets, "annotate.greedy_eval=false") for arg in ("--set", s)]
-    return simpo("annotate", "tiny-onpolicy", "-o", str(run), *SMALL, *extra)
+    return (cli or simpo)("annotate", "tiny-onpolicy", "-o", str(run), *SMALL, *extra)
 
 
 def _reward_model(folder: Path, num_labels: int = 1, auto_map: bool = False) -> Path:
@@ -273,16 +274,16 @@ def test_annotate_with_a_reward_model_through_the_real_loading_path(onpolicy_run
         ("remote", "needs its own model code (auto_map in its config.json); set trust_remote_code"),
     ],
 )
-def test_unusable_reward_models_are_one_line(onpolicy_run, tmp_path, kind, expected):
+def test_unusable_reward_models_are_one_line(cli, onpolicy_run, tmp_path, kind, expected):
     out, _ = onpolicy_run
     rm = _reward_model(tmp_path / "rm", 2 if kind == "two_labels" else 1, kind == "remote")
     run = tmp_path / "run"
     result = _annotate_again(
-        out, run, f"annotate.reward.model={rm}", "annotate.reward.function=null"
+        out, run, f"annotate.reward.model={rm}", "annotate.reward.function=null", cli=cli
     )
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert expected in result.stderr
-    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert result.code == 2, result.stderr[-2000:]
+    assert len(result.errors()) == 1 and expected in result.errors()[0], result.stderr
+    assert "Traceback" not in result.stderr
     assert not (run / "annotate" / "dataset").exists()
 
 
@@ -309,44 +310,45 @@ def _function_file(tmp_path: Path, body: str) -> str:
     ],
 )
 def test_reward_function_problems_are_one_line(
-    onpolicy_run, tmp_path, body, expected, names_prompt
+    cli, onpolicy_run, tmp_path, body, expected, names_prompt
 ):
     out, _ = onpolicy_run
     spec = _function_file(tmp_path, body)
-    result = _annotate_again(out, tmp_path / "run", f"annotate.reward.function={spec}")
-    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    assert expected in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    result = _annotate_again(out, tmp_path / "run", f"annotate.reward.function={spec}", cli=cli)
+    assert result.code == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert len(result.errors()) == 1 and expected in result.errors()[0], result.stderr
+    assert "Traceback" not in result.stderr
     assert ("on prompt " in result.stderr) == names_prompt  # the prompt id it failed on
     assert not (tmp_path / "run" / "annotate" / "dataset").exists()
 
 
-def test_missing_prompts_column_is_one_line_and_nothing_is_written(tmp_path):
-    result = simpo(
+def test_missing_prompts_column_is_one_line_and_nothing_is_written(cli, tmp_path):
+    result = cli(
         "generate", "tiny-onpolicy", "-o", str(tmp_path / "run"), *SMALL,
         "--set", "pipeline=[generate, annotate, preference]",
         "--set", "generate.prompts.column=question",
     )  # fmt: skip
-    assert result.returncode == 2
-    assert "has no column 'question'" in result.stderr and "pref_train.jsonl" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert result.code == 2
+    [line] = result.errors()
+    assert "has no column 'question'" in line and "pref_train.jsonl" in line
 
 
-def test_vllm_without_a_gpu_is_one_line(tmp_path):
-    result = simpo(
+def test_vllm_without_a_gpu_is_one_line(cli, tmp_path):
+    result = cli(
         "generate", "tiny-onpolicy", "-o", str(tmp_path / "run"), *SMALL,
         "--set", "pipeline=[generate, annotate, preference]", "--set", "generate.backend=vllm",
     )  # fmt: skip
-    assert result.returncode == 2
-    assert "generate.backend: vllm:" in result.stderr or "backend: vllm:" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert result.code == 2
+    [line] = result.errors()
+    assert "generate.backend: vllm:" in line or "backend: vllm:" in line
 
 
-def test_annotate_before_generate_names_the_command_to_run(tmp_path):
-    result = simpo("annotate", "tiny-onpolicy", "-o", str(tmp_path / "run"), *SMALL)
-    assert result.returncode == 2
-    assert "'generate' stage's samples, which is not finished" in result.stderr
-    assert "`simpo generate` first" in result.stderr
+def test_annotate_before_generate_names_the_command_to_run(cli, tmp_path):
+    result = cli("annotate", "tiny-onpolicy", "-o", str(tmp_path / "run"), *SMALL)
+    assert result.code == 2
+    [line] = result.errors()
+    assert "'generate' stage's samples, which is not finished" in line
+    assert "`simpo generate` first" in line
 
 
 def test_reward_function_file_missing_is_caught_before_anything_runs(tmp_path):
@@ -380,9 +382,9 @@ def test_recipe_errors_name_the_key(sets, expected):
     assert expected in "\n".join(err.value.messages)
 
 
-def test_dry_run_shows_the_on_policy_stages(tmp_path):
-    result = simpo("train", "tiny-onpolicy", "-o", str(tmp_path / "run"), "--dry-run")
-    assert result.returncode == 0, result.stderr
+def test_dry_run_shows_the_on_policy_stages(cli, tmp_path):
+    result = cli("train", "tiny-onpolicy", "-o", str(tmp_path / "run"), "--dry-run")
+    assert result.code == 0, result.stderr
     assert (
         "generate ->" in result.stdout and "x 6 samples (seeds [0, 1, 2, 3, 4, 5])" in result.stdout
     )

@@ -231,7 +231,9 @@ def test_config_show_prints_resolved_yaml_without_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("name: tiny\n")
-    assert result.stdout.endswith("# resolved gamma = 1.5\nok: tiny (tiny: sft -> preference)\n")
+    assert result.stdout.endswith(
+        "# resolved gamma = 1.5\nok: tiny (tiny: sft -> preference -> evaluate)\n"
+    )
     shown = yaml.safe_load(result.stdout.split("ok: tiny")[0])
     assert shown["preference"]["beta"] == 3.0
     assert shown["preference"]["training"]["warmup_ratio"] == 0.1  # a default, filled in

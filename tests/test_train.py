@@ -141,6 +141,34 @@ def test_cli_train_tiny_end_to_end(tiny_run):
 
 
 @pytest.mark.slow
+def test_tiny_pipeline_ends_with_the_evaluate_stage(tiny_run):
+    """The evaluate stage compares tiny-sft and tiny-preference: its held-out numbers for the
+    preference model are those the preference stage's own evaluation computed at the end (same
+    pairs, beta and gamma, another code path); the answer files are the official layout; the
+    table and the plot are written."""
+    from simpo_cli.benchmarks import load_questions, read_back
+
+    out, result = tiny_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluate = out / "evaluate"
+    assert f"evaluation: {evaluate}" in result.stdout
+    table = json.loads((evaluate / "comparison.json").read_text())
+    rows = {row["checkpoint"]: row for row in table["rows"]}
+    assert list(rows) == ["tiny-sft", "tiny-preference"]
+    trainer = json.loads((out / "preference" / "stage_complete.json").read_text())["eval"]
+    ours = rows["tiny-preference"]
+    assert ours["reward_accuracy"] == pytest.approx(trainer["eval_rewards/accuracies"], abs=1e-6)
+    assert ours["reward_margin"] == pytest.approx(trainer["eval_rewards/margins"], rel=1e-4)
+    assert ours["implicit_reward_accuracy"] is not None  # against the sft model (reference: sft)
+    assert rows["tiny-sft"]["reward_accuracy"] < ours["reward_accuracy"]
+    questions = load_questions("alpaca_eval", str(RECIPES_DIR / "tiny/benchmarks/alpaca_eval.json"))
+    for label in rows:
+        read_back("alpaca_eval", evaluate / "alpaca_eval" / label, label, questions)
+    assert (evaluate / "comparison.png").stat().st_size > 10_000
+    assert "| tiny-preference |" in (evaluate / "comparison.md").read_text()
+
+
+@pytest.mark.slow
 def test_saved_model_loads_with_transformers(tiny_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

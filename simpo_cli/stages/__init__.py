@@ -1,8 +1,8 @@
 """The stage kinds, one module each. Training kinds (sft, preference) build a Trainer through
 the same call (TrainerBuilder); `common` holds the Trainer arguments that every kind shares
 (model, args, datasets, tokenizer, callbacks), and the kind adds its collator and the rest.
-Data kinds (generate, annotate) run through StageRunner. A new kind is a new module here and
-an entry in BUILDERS or RUNNERS."""
+Data kinds (generate, annotate, evaluate) run through StageRunner. A new kind is a new module
+here and an entry in BUILDERS or RUNNERS."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from transformers import Trainer
 
 from simpo_cli.outputs import StageDir
 from simpo_cli.recipe import Recipe
-from simpo_cli.stages import annotate, generate, preference, sft
+from simpo_cli.stages import annotate, evaluate, generate, preference, sft
 
 
 class TrainerBuilder(Protocol):
@@ -36,7 +36,7 @@ BUILDERS: dict[str, TrainerBuilder] = {
 
 
 class StageRunner(Protocol):
-    """A stage that makes data, not a model (generate, annotate): runs inside the stage folder
+    """A stage that makes data, not a model (generate, annotate, evaluate): runs inside the folder
     that pipeline.py has prepared and returns the summary for stage_complete.json."""
 
     def __call__(
@@ -58,7 +58,15 @@ def _annotate(recipe, name, stage, stage_dir, start_from, output_dir):
     return annotate.run(recipe, stage, stage_dir, output_dir)
 
 
-RUNNERS: dict[str, StageRunner] = {"generate": _generate, "annotate": _annotate}
+def _evaluate(recipe, name, stage, stage_dir, start_from, output_dir):
+    return evaluate.run(recipe, stage, stage_dir, output_dir)
+
+
+RUNNERS: dict[str, StageRunner] = {
+    "generate": _generate,
+    "annotate": _annotate,
+    "evaluate": _evaluate,
+}
 
 
 def generate_backend(stage: Any) -> str:

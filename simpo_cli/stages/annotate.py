@@ -35,9 +35,14 @@ def dataset_folder(stage_dir: Path) -> Path:
     return stage_dir / "dataset"
 
 
-def make_scorer(reward: RewardSettings) -> Scorer:
+def make_scorer(
+    reward: RewardSettings,
+    function_key: str = "annotate.reward.function",
+    model_key: str = "annotate.reward.model",
+) -> Scorer:
+    """The scorer of `reward`; the keys name its settings (or flags) in error messages."""
     if reward.function is not None:
-        return FunctionScorer.from_spec(reward.function, "annotate.reward.function")
+        return FunctionScorer.from_spec(reward.function, function_key)
     import os
 
     import torch
@@ -53,7 +58,7 @@ def make_scorer(reward: RewardSettings) -> Scorer:
         batch_size=reward.batch_size,
         max_length=reward.max_length,
         device=device,
-        key="annotate.reward.model",
+        key=model_key,
     )
 
 

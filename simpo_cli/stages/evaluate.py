@@ -102,6 +102,7 @@ def evaluate_checkpoints(
     model's folder (settings.reference resolved by the caller)."""
     from simpo_cli import compare
 
+    questions, opponents = _inputs(checkpoints, settings, against_key)
     results: dict[str, dict[str, Any]] = {}
     for checkpoint in checkpoints:
         work = output_dir / "checkpoints" / checkpoint.label
@@ -120,12 +121,48 @@ def evaluate_checkpoints(
         results[checkpoint.label] = entry
     for bench in settings.benchmarks:
         if bench.against is not None:
-            _win_rates(checkpoints, bench, settings, output_dir, results, against_key)
+            opponent = opponents.get(bench.name) or _checkpoint_opponent(
+                bench, questions[bench.name], output_dir, against_key
+            )
+            _win_rates(checkpoints, bench, questions[bench.name], opponent, settings, output_dir,
+                       results, against_key)  # fmt: skip
     files: list[str] = []
     if is_main_process():
         files = compare.write_comparison(results, output_dir)
     barrier()
     return {"checkpoints": results, "files": files}
+
+
+def _inputs(checkpoints, settings, against_key: str):
+    """What can be wrong in the inputs, found before any model loads: each benchmark's questions
+    (returned), Arena-Hard's tiktoken, the opponents that are not checkpoints evaluated here
+    (returned), the reward function."""
+    from simpo_cli import benchmarks, winrate
+    from simpo_cli.answers import check_chat_template
+    from simpo_cli.rewards import load_reward_function
+
+    labels = {c.label for c in checkpoints}
+    questions, opponents = {}, {}
+    for checkpoint in checkpoints if settings.benchmarks else []:
+        check_chat_template(checkpoint.path)
+    for bench in settings.benchmarks:
+        questions[bench.name] = benchmarks.load_questions(bench.name, bench.questions)
+        if bench.name == "arena_hard":
+            benchmarks.tiktoken_counter(benchmarks.ARENA_TIKTOKEN_MODEL[bench.arena_layout])
+        if bench.against is not None and bench.against not in labels:
+            opponents[bench.name] = winrate.opponent_replies(
+                bench.name, questions[bench.name], bench.against, against_key
+            )
+    if settings.reward is not None and settings.reward.function is not None:
+        load_reward_function(settings.reward.function, _reward_keys(against_key)[0])
+    return questions, opponents
+
+
+def _reward_keys(against_key: str) -> tuple[str, str]:
+    """How the user named the reward function and model: flags, or recipe keys."""
+    if against_key.startswith("--"):
+        return "--reward-function", "--reward-model"
+    return "evaluate.reward.function", "evaluate.reward.model"
 
 
 def _pairs(checkpoint, settings, work: Path, reference: str | None) -> dict[str, Any]:
@@ -136,8 +173,7 @@ def _pairs(checkpoint, settings, work: Path, reference: str | None) -> dict[str,
         reference = None  # a model's implicit reward against itself is 0 for every pair
     result = evaluate_model_dir(
         checkpoint.path,
-        pairs.path,
-        split=pairs.split,
+        pairs,
         output=str(work / "pairs.json"),
         beta=settings.beta,
         gamma=settings.gamma,
@@ -207,28 +243,30 @@ def _lm_eval(checkpoint, settings, work: Path) -> dict[str, Any]:
     )
 
 
-def _win_rates(checkpoints, bench, settings, output_dir: Path, results, key: str) -> None:
-    """Score each checkpoint's answers and the opponent's with settings.reward; the scores are
-    split over the processes. `against` may name another checkpoint evaluated here."""
+def _checkpoint_opponent(bench, questions, output_dir: Path, key: str):
+    """Another checkpoint evaluated here, as the opponent: its answer file, just written."""
+    from simpo_cli import benchmarks, winrate
+
+    folder = answers_dir(output_dir, bench.name, bench.against)
+    path = benchmarks.answer_path(bench.name, folder, bench.against)
+    return winrate.opponent_replies(bench.name, questions, str(path), key)
+
+
+def _win_rates(checkpoints, bench, questions, opponent, settings, output_dir, results, key):
+    """Score each checkpoint's answers and the opponent's (opponent: (name, replies)) with
+    settings.reward; the scores are split over the processes."""
     from simpo_cli import benchmarks, winrate
     from simpo_cli.stages.annotate import gather_scores, make_scorer
 
-    questions = benchmarks.load_questions(bench.name, bench.questions)
-    labels = {c.label: c for c in checkpoints}
-    against = bench.against
-    if against in labels:
-        against = str(answers_dir(output_dir, bench.name, against))
-        if bench.name != "alpaca_eval":
-            against = str(benchmarks.answer_path(bench.name, against, bench.against))
-    opponent_name, opponent = winrate.opponent_replies(bench.name, questions, against, key)
-    scorer = make_scorer(settings.reward)
+    opponent_name, replies_against = opponent
+    scorer = make_scorer(settings.reward, *_reward_keys(key))
     for checkpoint in checkpoints:
         if checkpoint.label == bench.against:
             continue
         folder = answers_dir(output_dir, bench.name, checkpoint.label)
         path = benchmarks.answer_path(bench.name, folder, checkpoint.label)
         _, replies = winrate.read_replies(bench.name, questions, path, checkpoint.label)
-        records = winrate.win_rate_records(questions, replies, opponent)
+        records = winrate.win_rate_records(questions, replies, replies_against)
         scores = gather_scores(records, scorer)
         summary = winrate.summarize_win_rates(records, scores, opponent_name)
         work = output_dir / "checkpoints" / checkpoint.label / bench.name
@@ -238,3 +276,40 @@ def _win_rates(checkpoints, bench, settings, output_dir: Path, results, key: str
                 print(f"[evaluate] {bench.name}: {line}", flush=True)
         summary = {k: v for k, v in summary.items() if k != "rows"}
         results[checkpoint.label]["benchmarks"][bench.name]["win_rate"] = summary
+
+
+def run(recipe, stage: EvaluateStage, stage_dir: StageDir, output_dir: Path) -> dict[str, Any]:
+    """The evaluate stage: the recipe's checkpoints (its training stages' folders in output_dir,
+    labelled <recipe>-<stage>, or model folders) into the stage folder; returns the comparison
+    rows for stage_complete.json."""
+    from simpo_cli import compare
+
+    def folder(entry: str | None) -> str | None:
+        return str(output_dir / entry) if entry in TRAINING_STAGES else entry
+
+    # A stage's model is named <recipe>-<stage> in the answer files (judges compare models of
+    # many runs); a model folder keeps its name.
+    labels = {
+        name: f"{recipe.name}-{entry}" if entry in TRAINING_STAGES else name
+        for name, entry in recipe.evaluate_checkpoints()
+    }
+    checkpoints = [
+        Checkpoint(labels[name], folder(entry)) for name, entry in recipe.evaluate_checkpoints()
+    ]
+    benchmarks = [
+        bench.model_copy(update={"against": labels.get(bench.against, bench.against)})
+        for bench in stage.benchmarks
+    ]
+    settings = stage.model_copy(update={"pairs": recipe.evaluate_pairs(), "benchmarks": benchmarks})
+    result = evaluate_checkpoints(
+        checkpoints,
+        settings,
+        stage_dir.path,
+        folder(stage.reference),
+        "evaluate.benchmarks.against",
+    )
+    columns, rows = compare.comparison_rows(result["checkpoints"])
+    say(compare.markdown_table(columns, rows).rstrip())
+    for path in result["files"]:
+        say(f"[evaluate] wrote {path}")
+    return {"columns": columns, "rows": rows}

@@ -124,9 +124,10 @@ def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
 def _transformers_backend(recipe: Recipe, start_from: str | None, tokenizer) -> TransformersBackend:
     import torch
 
-    from simpo_cli.training import load_model
+    from simpo_cli.training import load_model, whole_weights
 
-    model = load_model(recipe, start_from, recipe.first_stage_seed())
+    with whole_weights():  # after a ZeRO-3 stage in this process: one whole model per process
+        model = load_model(recipe, start_from, recipe.first_stage_seed())
     if torch.cuda.is_available():
         model = model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
     return TransformersBackend(model, tokenizer)
