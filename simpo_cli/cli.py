@@ -535,7 +535,12 @@ def evaluate(
         int | None, _opt("Few-shot examples per lm-eval question.", "lm-eval", min=0)
     ] = None,
     lm_eval_no_chat_template: Annotated[
-        bool, _opt("Give lm-eval the raw prompts (base models).", "lm-eval")
+        bool,
+        typer.Option(
+            "--lm-eval-no-chat-template",
+            help="Give lm-eval the raw prompts (base models).",
+            rich_help_panel="lm-eval",
+        ),
     ] = False,
     dtype: Annotated[str, typer.Option(help="auto (bf16 on GPU), float32, bfloat16.")] = "auto",
     num_processes: Annotated[
@@ -672,13 +677,9 @@ def _eval_settings(
 def _eval_pairs(model_dir: str, settings, output: str | None) -> None:
     """One checkpoint's pairs, printed on one line (and written to --output)."""
     from simpo_cli.distributed import say
-    from simpo_cli.eval import evaluate_model_dir
+    from simpo_cli.eval import evaluate_pairs
 
-    result = evaluate_model_dir(
-        model_dir, settings.pairs.path, settings.pairs.split, output, settings.beta,
-        settings.gamma, settings.max_length, settings.max_prompt_length, settings.batch_tokens,
-        settings.tokenization, settings.dtype, settings.reference,
-    )  # fmt: skip
+    result = evaluate_pairs(model_dir, settings, output, settings.reference)
     s = result["summary"]
     line = (
         f"pairs {s['pairs']}: reward accuracy {s['reward_accuracy']:.4f}, mean margin "
@@ -715,6 +716,9 @@ def _command_line_again(ctx: typer.Context) -> list[str]:
             args += [str(v) for v in value]
             continue
         if value is None or value == param.default or param.name == "machine_rank":
+            continue
+        if getattr(param, "is_flag", False):
+            args.append(param.opts[0])  # a flag given (its value differs from the default)
             continue
         value = value.value if isinstance(value, Enum) else value
         args += [param.opts[0], str(value)]

@@ -30,7 +30,7 @@ from simpo_cli.data import PreferenceCollator, load_source, load_tokenizer, prep
 from simpo_cli.distributed import rank, world_size
 from simpo_cli.errors import UserError
 from simpo_cli.losses import sequence_logps, simpo_loss
-from simpo_cli.recipe import DataSource, ModelSettings, PreferenceStage
+from simpo_cli.recipe import DataSource, EvaluateStage, ModelSettings, PreferenceStage
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -290,6 +290,27 @@ def evaluate_model_dir(
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def evaluate_pairs(
+    model_dir: str, settings: EvaluateStage, output: str | None, reference: str | None
+) -> dict[str, Any]:
+    """`evaluate_model_dir` on settings.pairs with the evaluate stage's (or the flags') pair
+    settings."""
+    assert settings.pairs is not None
+    return evaluate_model_dir(
+        model_dir,
+        settings.pairs,
+        output=output,
+        beta=settings.beta,
+        gamma=settings.gamma,
+        max_length=settings.max_length,
+        max_prompt_length=settings.max_prompt_length,
+        batch_tokens=settings.batch_tokens,
+        tokenization=settings.tokenization,
+        dtype=settings.dtype,
+        reference=reference,
+    )
 
 
 def _stage_settings(

@@ -370,3 +370,21 @@ def test_lm_eval_tasks_land_in_the_table(run_dir, tmp_path):
     assert row["tiny_sort/acc"] == record["results"]["tiny_sort"]["acc"]
     assert 0 <= row["tiny_sort/acc"] <= 1 and record["settings"]["limit"] == 6
     assert "tiny_sort/acc" in (out / "comparison.md").read_text()
+
+
+def test_the_launched_processes_get_the_command_line_back():
+    """`simpo eval ... --num-processes 2` re-runs itself under the launcher with the flags as
+    given (a flag alone, a value after its option), less --machine-rank (the launcher's)."""
+    import typer
+
+    from simpo_cli.cli import _command_line_again, app
+
+    command = typer.main.get_command(app).get_command(None, "eval")
+    given = ["m1", "m2", "--pairs", "p.jsonl", "--lm-eval", "t", "--lm-eval-no-chat-template",
+             "--machine-rank", "1", "--num-processes", "2", "-o", "out", "--tokenization",
+             "authors"]  # fmt: skip
+    ctx = command.make_context("eval", given)
+    assert _command_line_again(ctx) == [
+        "m1", "m2", "--pairs", "p.jsonl", "--tokenization", "authors", "--output-dir", "out",
+        "--lm-eval", "t", "--lm-eval-no-chat-template", "--num-processes", "2",
+    ]  # fmt: skip

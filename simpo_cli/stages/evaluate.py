@@ -166,24 +166,11 @@ def _reward_keys(against_key: str) -> tuple[str, str]:
 
 
 def _pairs(checkpoint, settings, work: Path, reference: str | None) -> dict[str, Any]:
-    from simpo_cli.eval import evaluate_model_dir
+    from simpo_cli.eval import evaluate_pairs
 
-    pairs = settings.pairs
     if reference is not None and Path(reference).resolve() == Path(checkpoint.path).resolve():
         reference = None  # a model's implicit reward against itself is 0 for every pair
-    result = evaluate_model_dir(
-        checkpoint.path,
-        pairs,
-        output=str(work / "pairs.json"),
-        beta=settings.beta,
-        gamma=settings.gamma,
-        max_length=settings.max_length,
-        max_prompt_length=settings.max_prompt_length,
-        tokenization=settings.tokenization,
-        batch_tokens=settings.batch_tokens,
-        dtype=settings.dtype,
-        reference=reference,
-    )
+    result = evaluate_pairs(checkpoint.path, settings, str(work / "pairs.json"), reference)
     # The scatter of the comparison plot: every response's length and average log-prob.
     points = {
         "tokens": [p[f"{s}_tokens"] for s in ("chosen", "rejected") for p in result["pairs"]],
