@@ -393,6 +393,10 @@ def _sigmoid(x: float) -> float:
     return math.exp(x) / (1.0 + math.exp(x))
 
 
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}es" if word.endswith("s") else f"{n} {word}s"
+
+
 def summary_lines(summary: dict[str, Any], model_name: str) -> list[str]:
     """What to print: the win rates, rewards and lengths, per turn when there are several."""
     parts = [("", summary)] + [(f"{t}: ", s) for t, s in summary.get("per_turn", {}).items()]
@@ -400,8 +404,9 @@ def summary_lines(summary: dict[str, Any], model_name: str) -> list[str]:
     for label, s in parts:
         lines.append(
             f"{label}{model_name} vs {summary['opponent']}: hard win rate "
-            f"{100 * s['win_rate']:.1f}% ({s['wins']} wins, {s['ties']} ties, "
-            f"{s['losses']} losses of {s['n']}), soft {100 * s['soft_win_rate']:.1f}%; mean "
+            f"{100 * s['win_rate']:.1f}% ({_count(s['wins'], 'win')}, "
+            f"{_count(s['ties'], 'tie')}, {_count(s['losses'], 'loss')} of {s['n']}), soft "
+            f"{100 * s['soft_win_rate']:.1f}%; mean "
             f"reward {s['mean_reward']['model']:.3g} vs {s['mean_reward']['opponent']:.3g}; "
             f"mean length {s['mean_chars']['model']:.0f} vs {s['mean_chars']['opponent']:.0f} chars"
         )

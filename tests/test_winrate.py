@@ -118,7 +118,7 @@ def test_alpaca_eval_against_the_reference_outputs(tmp_path, rewards_file):
         "opponent_chars": 5,
     }
     assert "per_turn" not in summary and summary["note"] == NOTE
-    assert "62.5% (2 wins, 1 ties, 1 losses of 4)" in summary_lines(summary, "tiny-simpo")[0]
+    assert "62.5% (2 wins, 1 tie, 1 loss of 4)" in summary_lines(summary, "tiny-simpo")[0]
 
 
 def test_alpaca_eval_records_pair_both_replies_on_the_instruction():
