@@ -370,10 +370,11 @@ def test_missing_tracker_fails_before_any_work(tmp_path):
 
 
 @pytest.mark.parametrize("sft_weight", [0.0, 0.5])
-def test_simpo_compute_loss_matches_separate_passes(tmp_path, sft_weight):
+def test_simpo_compute_loss_matches_separate_passes(tmp_path, monkeypatch, sft_weight):
     """PreferenceTrainer.compute_loss (chosen and rejected stacked in one padded forward) equals
     the loss written out from two separate, unpadded passes per sequence, plus the SFT term
-    sft_weight * mean(-avg_logp_chosen); the logged metrics carry the authors' names."""
+    sft_weight * mean(-avg_logp_chosen); the logged metrics carry the authors' names, and stay
+    on the device (no .item()) until the log brings them over together."""
     from transformers import TrainingArguments
 
     from simpo_cli.data import PreferenceCollator, load_source, load_tokenizer, prepare
@@ -389,8 +390,14 @@ def test_simpo_compute_loss_matches_separate_passes(tmp_path, sft_weight):
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
     trainer = PreferenceTrainer(model=model, args=args, train_dataset=pairs, stage=stage)
     batch = PreferenceCollator(tokenizer.pad_token_id)([pairs[i] for i in range(len(pairs))])
+    synced = []
+    real_item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: synced.append(t) or real_item(t))
     with torch.no_grad():
         loss = trainer.compute_loss(model, batch)
+    assert synced == [], "compute_loss moved a metric to the host"
+    monkeypatch.undo()
+    with torch.no_grad():
 
         def avg_logp(ids, labels):
             logits = model(torch.tensor([ids])).logits
@@ -401,7 +408,8 @@ def test_simpo_compute_loss_matches_separate_passes(tmp_path, sft_weight):
     z = 2.0 * (chosen - rejected) - 1.0  # beta 2, gamma = 2 * 0.5
     expected = torch.nn.functional.softplus(-z).mean() + sft_weight * (-chosen.mean())
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    logged = {k: v[0] for k, v in trainer._metrics.items()}
+    logged = {"loss": loss.item()}
+    trainer.log(logged)
     assert logged["rewards/accuracies"] == pytest.approx((chosen > rejected).float().mean().item())
     assert logged["logps/chosen"] == pytest.approx(chosen.mean().item(), rel=1e-5)
     assert logged["rewards/margins"] == pytest.approx(

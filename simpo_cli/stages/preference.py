@@ -41,7 +41,9 @@ class PreferenceTrainer(GuardedTrainer):
         # of accumulation steps (and must not pass num_items_in_batch, a token count, to it).
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
-        self._metrics: dict[str, list[float]] = defaultdict(list)
+        # Per-micro-step pair metrics, kept on the device until the next log (one sync there,
+        # not one .item() per metric per micro-step).
+        self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
 
     def _pair_scores(self, model, inputs) -> tuple[PairScores, torch.Tensor]:
         logits = model(
@@ -104,13 +106,15 @@ class PreferenceTrainer(GuardedTrainer):
         self._store("logits/rejected", per_row[half:].mean())
 
     def _store(self, name: str, value: torch.Tensor) -> None:
-        self._metrics[name].append(value.detach().float().item())
+        self._metrics[name].append(value.detach().float())
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        # Training logs get the mean of each pair metric since the previous log.
-        if "loss" in logs:
-            for name, values in self._metrics.items():
-                logs[name] = sum(values) / len(values)
+        # Training logs get the mean of each pair metric since the previous log, all brought to
+        # the host in one transfer.
+        if "loss" in logs and self._metrics:
+            names = list(self._metrics)
+            means = torch.stack([torch.stack(self._metrics[n]).mean() for n in names]).tolist()
+            logs.update(zip(names, means, strict=True))
             self._metrics.clear()
         super().log(logs, start_time)
 
