@@ -51,6 +51,7 @@ def answer_benchmark(
     max_new_tokens: int | None = None,
     backend: str = "auto",
     dtype: str = "auto",
+    listed: list[benchmarks.Question] | None = None,
 ) -> dict[str, Any]:
     """Generate the answers and write the answer file into output_dir (main process); returns
     the summary also written to WORK_DIR/judge_free.json. `temperature` and `max_new_tokens`
@@ -61,7 +62,8 @@ def answer_benchmark(
     benchmarks.check_model_id(model_id)
     if layout not in benchmarks.ARENA_LAYOUTS:
         raise UserError(f"--arena-layout {layout}: use v0.1 or current")
-    listed = benchmarks.load_questions(benchmark, questions)
+    if listed is None:  # the caller may have read them already (the evaluate stage)
+        listed = benchmarks.load_questions(benchmark, questions)
     settings = benchmarks.decoding_defaults(benchmark, family)
     if temperature is not None:
         settings = dataclasses.replace(

@@ -39,6 +39,15 @@ def all_gather(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def gather_lists(mine: list) -> list:
+    """Every process's list (picklable items), concatenated in rank order, on every process."""
+    if world_size() == 1:
+        return list(mine)
+    parts: list = [None] * world_size()
+    torch.distributed.all_gather_object(parts, mine)
+    return [item for part in parts for item in part]
+
+
 def say(message: str) -> None:
     """Print once per run, not once per process."""
     if is_main_process():

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from simpo_cli.data import PreferenceCollator, load_source, load_tokenizer, prepare
-from simpo_cli.distributed import rank, world_size
+from simpo_cli.distributed import gather_lists, rank, world_size
 from simpo_cli.errors import UserError
 from simpo_cli.losses import sequence_logps, simpo_loss
 from simpo_cli.recipe import DataSource, EvaluateStage, ModelSettings, PreferenceStage
@@ -106,7 +106,7 @@ def score_pairs(model, dataset, pad_token_id: int, batch_tokens: int = 8192) -> 
         for k, i in enumerate(batch_rows):
             mine.append((i, sums[k], sums[half + k], n_tokens[k], n_tokens[half + k]))
     model.train(was_training)
-    every = _gather(mine)
+    every = gather_lists(mine)
     every.sort()
     out: dict[str, list] = {}
     for side, column in (("chosen", 1), ("rejected", 2)):
@@ -116,14 +116,6 @@ def score_pairs(model, dataset, pad_token_id: int, batch_tokens: int = 8192) -> 
         out[f"{side}_logps_sum"] = sums_
         out[f"{side}_tokens"] = tokens
     return out
-
-
-def _gather(mine: list) -> list:
-    if world_size() == 1:
-        return list(mine)
-    parts: list[Any] = [None] * world_size()
-    torch.distributed.all_gather_object(parts, mine)
-    return [row for part in parts for row in part]
 
 
 def spearman(x: list[float], y: list[float]) -> float:

@@ -199,7 +199,9 @@ def check_paths(
                     problems += data_problems(source.path, f"{name}.{key}", where)
             continue
         if name == "annotate":
-            problems += _reward_problems(stage.reward, "annotate.reward")
+            problems += _reward_problems(
+                stage.reward, "annotate.reward.model", "annotate.reward.function", where
+            )
             continue
         if name == "evaluate":
             problems += _evaluate_problems(recipe, where)
@@ -218,17 +220,39 @@ def check_paths(
         raise UserError(problems)
 
 
-def _reward_problems(reward, key: str, where: str = " (looked beside the recipe and in the "
-                     "current folder)") -> list[str]:  # fmt: skip
+def _reward_problems(reward, model_key: str, function_key: str, where: str) -> list[str]:
     if reward.model is not None:
-        return model_folder_problems(reward.model, f"{key}.model" if "." in key else key)
+        return model_folder_problems(reward.model, model_key)
     target, _, _ = reward.function.rpartition(":")
     if target.endswith(".py") and not Path(target).is_file():
         return [
-            f"{target}: {key}.function: no such file{where}; fix the path, or name an importable "
+            f"{target}: {function_key}: no such file{where}; fix the path, or name an importable "
             "module as package.module:name"
         ]
     return []
+
+
+def _evaluation_problems(settings, key, where: str) -> list[str]:
+    """The paths an evaluation reads besides its checkpoints and pairs, for the evaluate stage
+    and `simpo eval` alike; key(name, index) is how the user wrote the setting (recipe key or
+    flag). A training stage's name as reference stands for its future folder."""
+    problems = []
+    if settings.reference is not None and settings.reference not in TRAINING_STAGES:
+        problems += model_folder_problems(settings.reference, key("reference"), hub_ok=False)
+    for i, bench in enumerate(settings.benchmarks):
+        if bench.questions is not None:
+            problems += data_problems(bench.questions, key("questions", i), where)
+    if settings.reward is not None:
+        problems += _reward_problems(
+            settings.reward, key("reward.model"), key("reward.function"), where
+        )
+    include = settings.lm_eval.include_path if settings.lm_eval is not None else None
+    if include is not None and not Path(include).is_dir():
+        problems.append(
+            f"{include}: {key('lm_eval.include_path')}: no such folder; give the folder holding "
+            "the task YAML files"
+        )
+    return problems
 
 
 def _evaluate_problems(recipe: Recipe, where: str) -> list[str]:
@@ -238,27 +262,27 @@ def _evaluate_problems(recipe: Recipe, where: str) -> list[str]:
     for _, entry in recipe.evaluate_checkpoints():
         if entry not in TRAINING_STAGES:
             problems += model_folder_problems(entry, "evaluate.checkpoints", hub_ok=False)
-    if stage.reference is not None and stage.reference not in TRAINING_STAGES:
-        problems += model_folder_problems(stage.reference, "evaluate.reference", hub_ok=False)
     pairs = recipe.evaluate_pairs()
     from_annotate = stage.pairs is None and (
         recipe.origin(("preference", "data", "eval")) == "annotate stage"
     )
     if pairs is not None and not from_annotate:
-        key = "evaluate.pairs" if stage.pairs is not None else "preference.data.eval"
-        problems += data_problems(pairs.path, key, where)
-    for i, bench in enumerate(stage.benchmarks):
-        if bench.questions is not None:
-            problems += data_problems(bench.questions, f"evaluate.benchmarks.{i}.questions", where)
-    if stage.reward is not None:
-        problems += _reward_problems(stage.reward, "evaluate.reward")
-    if stage.lm_eval is not None and stage.lm_eval.include_path is not None:
-        if not Path(stage.lm_eval.include_path).is_dir():
-            problems.append(
-                f"{stage.lm_eval.include_path}: evaluate.lm_eval.include_path: no such folder; "
-                "give the folder holding the task YAML files"
-            )
-    return problems
+        pairs_key = "evaluate.pairs" if stage.pairs is not None else "preference.data.eval"
+        problems += data_problems(pairs.path, pairs_key, where)
+
+    def key(name: str, index: int | None = None) -> str:
+        return f"evaluate.benchmarks.{index}.{name}" if index is not None else f"evaluate.{name}"
+
+    return problems + _evaluation_problems(stage, key, where)
+
+
+EVAL_FLAGS = {
+    "reference": "--reference",
+    "questions": "--questions",
+    "reward.model": "--reward-model",
+    "reward.function": "--reward-function",
+    "lm_eval.include_path": "--lm-eval-include-path",
+}
 
 
 def check_evaluate_paths(models: list[str], settings, output: str | None, output_dir) -> None:
@@ -279,22 +303,7 @@ def check_evaluate_paths(models: list[str], settings, output: str | None, output
         problems += model_folder_problems(model, "MODEL_DIR", hub_ok=False)
     if settings.pairs is not None:
         problems += data_problems(settings.pairs.path, "--pairs")
-    if settings.reference is not None:
-        problems += model_folder_problems(settings.reference, "--reference", hub_ok=False)
-    for bench in settings.benchmarks:
-        if bench.questions is not None:
-            problems += data_problems(bench.questions, "--questions")
-    if settings.reward is not None:
-        flag = "--reward-model" if settings.reward.model else "--reward-function"
-        problems += [
-            p.replace(f"{flag}.function", flag) for p in _reward_problems(settings.reward, flag, "")
-        ]
-    if settings.lm_eval is not None and settings.lm_eval.include_path is not None:
-        if not Path(settings.lm_eval.include_path).is_dir():
-            problems.append(
-                f"{settings.lm_eval.include_path}: --lm-eval-include-path: no such folder; give "
-                "the folder holding the task YAML files"
-            )
+    problems += _evaluation_problems(settings, lambda name, index=None: EVAL_FLAGS[name], "")
     if output is not None:
         problems += file_problems(Path(output), "--output")
     if output_dir is not None:

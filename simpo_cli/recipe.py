@@ -1179,9 +1179,9 @@ def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
             ]
         if evaluate.reference not in TRAINING_STAGES:
             evaluate.reference = local(evaluate.reference)
+        labels = [label for label, _ in recipe.evaluate_checkpoints()]
         for bench in evaluate.benchmarks:
             bench.questions = local(bench.questions)
-            labels = [label for label, _ in recipe.evaluate_checkpoints()]
             if bench.against not in ("reference", *labels):
                 bench.against = local(bench.against)
         if evaluate.lm_eval is not None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from simpo_cli.binarize import binarize, write_dataset
-from simpo_cli.distributed import is_main_process, rank, say, world_size
+from simpo_cli.distributed import gather_lists, is_main_process, rank, say, world_size
 from simpo_cli.errors import DataError
 from simpo_cli.faults import stop_now, stop_requested
 from simpo_cli.outputs import StageDir
@@ -43,13 +43,8 @@ def make_scorer(
     """The scorer of `reward`; the keys name its settings (or flags) in error messages."""
     if reward.function is not None:
         return FunctionScorer.from_spec(reward.function, function_key)
-    import os
+    from simpo_cli.eval import eval_device
 
-    import torch
-
-    device = (
-        f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
-    )
     assert reward.model is not None
     return RewardModelScorer(
         reward.model,
@@ -57,7 +52,7 @@ def make_scorer(
         dtype=None if reward.dtype == "auto" else reward.dtype,
         batch_size=reward.batch_size,
         max_length=reward.max_length,
-        device=device,
+        device=str(eval_device()),  # this process's GPU under a launch
         key=model_key,
     )
 
@@ -75,16 +70,11 @@ def read_samples(path: Path) -> list[dict[str, Any]]:
 def gather_scores(records: list[dict[str, Any]], scorer: Scorer) -> list[list[float]]:
     """Scores of every record: each process scores its share, the shares are gathered in rank
     order (split_for_rank's blocks are in record order), so every process returns all of them."""
-    import torch
 
     share = split_for_rank(records, rank(), world_size())
     mine = score_records(share, scorer, is_main_process(), should_stop=stop_requested)
     stop_now("annotate", "scoring starts over on the next run (nothing was written)")
-    if world_size() == 1:
-        return mine
-    parts: list[Any] = [None] * world_size()
-    torch.distributed.all_gather_object(parts, mine)
-    return [scores for part in parts for scores in part]
+    return gather_lists(mine)
 
 
 def run(
@@ -147,7 +137,6 @@ def greedy_check(recipe: Recipe, model, tokenizer, output_dir: Path) -> dict[str
     annotate stage's reward: their mean, and with annotate.success_reward the share of replies
     scoring at least that. Every process decodes its share; returns the numbers on every
     process, or None when the recipe does not ask for it (annotate.greedy_eval)."""
-    import torch
 
     from simpo_cli.generation import (
         Request,
@@ -182,11 +171,7 @@ def greedy_check(recipe: Recipe, model, tokenizer, output_dir: Path) -> dict[str
     items = [
         ScoreItem(p.prompt_id, p.messages, s.text) for p, s in zip(share, samples, strict=True)
     ]
-    mine = scorer(items) if items else []
-    if world_size() > 1:
-        parts: list[Any] = [None] * world_size()
-        torch.distributed.all_gather_object(parts, mine)
-        mine = [score for part in parts for score in part]
+    mine = gather_lists(scorer(items) if items else [])
     result: dict[str, float] = {"prompts": len(mine), "mean_reward": sum(mine) / len(mine)}
     if annotate.success_reward is not None:
         result["success"] = sum(score >= annotate.success_reward for score in mine) / len(mine)

@@ -113,7 +113,7 @@ def evaluate_checkpoints(
         for bench in settings.benchmarks:
             say(f"[evaluate] {checkpoint.label}: answering {bench.name}")
             entry.setdefault("benchmarks", {})[bench.name] = _answers(
-                checkpoint, bench, settings, output_dir, work
+                checkpoint, bench, questions[bench.name], settings, output_dir, work
             )
         if settings.lm_eval is not None:
             say(f"[evaluate] {checkpoint.label}: lm-eval {', '.join(settings.lm_eval.tasks)}")
@@ -188,7 +188,7 @@ def answers_dir(output_dir: Path, benchmark: str, label: str) -> Path:
     return output_dir / benchmark
 
 
-def _answers(checkpoint, bench, settings, output_dir: Path, work: Path) -> dict[str, Any]:
+def _answers(checkpoint, bench, questions, settings, output_dir, work) -> dict[str, Any]:
     from simpo_cli.answers import answer_benchmark
 
     summary = answer_benchmark(
@@ -204,6 +204,7 @@ def _answers(checkpoint, bench, settings, output_dir: Path, work: Path) -> dict[
         bench.max_new_tokens,
         settings.backend,
         settings.dtype,
+        questions,
     )
     say(
         f"[evaluate] {checkpoint.label}: wrote {summary['answers']} ({summary['turns_generated']}"
