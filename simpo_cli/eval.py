@@ -29,7 +29,8 @@ import torch
 from simpo_cli.data import PreferenceCollator, load_source, load_tokenizer, prepare
 from simpo_cli.distributed import gather_lists, rank, world_size
 from simpo_cli.errors import UserError
-from simpo_cli.losses import sequence_logps, simpo_loss
+from simpo_cli.logps import chunking_problem, sequence_scores
+from simpo_cli.losses import simpo_loss
 from simpo_cli.recipe import DataSource, EvaluateStage, ModelSettings, PreferenceStage
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -79,6 +80,9 @@ def token_budget_batches(lengths: list[int], batch_tokens: int) -> list[list[int
     return batches
 
 
+EVAL_CHUNK = 1024
+
+
 @torch.no_grad()
 def score_pairs(model, dataset, pad_token_id: int, batch_tokens: int = 8192) -> dict[str, list]:
     """Summed log-prob and response token count of chosen and rejected, per pair, in dataset
@@ -94,15 +98,15 @@ def score_pairs(model, dataset, pad_token_id: int, batch_tokens: int = 8192) -> 
         for i in range(len(dataset))
     ]
     batches = token_budget_batches(lengths, batch_tokens)
+    # Log-probs from the vocabulary projection of EVAL_CHUNK response tokens at a time: the fp32
+    # logits of a whole batch are never held.
+    chunk_size = 0 if chunking_problem(model) else EVAL_CHUNK
     mine: list[tuple[int, float, float, int, int]] = []
     for batch_rows in batches[rank() :: world_size()]:
         rows = [dataset[i] for i in batch_rows]
-        batch = {k: v.to(device) for k, v in collate(rows).items()}
-        logits = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        ).logits
-        sums, n_tokens = sequence_logps(logits, batch["labels"], average=False)
-        sums, n_tokens, half = sums.tolist(), n_tokens.tolist(), len(rows)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(rows).items()}
+        scores = sequence_scores(model, batch, chunk_size)
+        sums, n_tokens, half = scores.sums.tolist(), scores.counts.tolist(), len(rows)
         for k, i in enumerate(batch_rows):
             mine.append((i, sums[k], sums[half + k], n_tokens[k], n_tokens[half + k]))
     model.train(was_training)

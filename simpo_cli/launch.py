@@ -252,11 +252,17 @@ def model_states_memory(
     return MemoryEstimate(int(gpu), 0, stage, False)
 
 
-def logits_bytes(per_device_batch: int, max_length: int, vocab: int, paired: bool) -> int:
-    """fp32 logits of one micro-batch (log-softmax is taken in fp32): the peak that grows with
-    the vocabulary; a preference batch holds chosen and rejected, twice the rows."""
-    rows = per_device_batch * (2 if paired else 1)
-    return rows * max_length * vocab * 4
+def logits_bytes(
+    per_device_batch: int, max_length: int, vocab: int, paired: bool, chunk_size: int = 0
+) -> int:
+    """fp32 logits held at once (log-softmax is taken in fp32): the peak that grows with the
+    vocabulary. Full logits: every position of a micro-batch at max_length (a preference batch
+    holds chosen and rejected, twice the rows). Chunked (logps_chunk_size): one chunk of trained
+    tokens."""
+    tokens = per_device_batch * (2 if paired else 1) * max_length
+    if chunk_size:
+        tokens = min(tokens, chunk_size)
+    return tokens * vocab * 4
 
 
 def count_parameters(recipe: Recipe) -> tuple[int, int, int] | None:

@@ -15,7 +15,14 @@ import torch
 from transformers import TrainingArguments
 
 from simpo_cli import console, stages
-from simpo_cli.data import add_mismatched_pairs, fingerprint, load_source, load_tokenizer, prepare
+from simpo_cli.data import (
+    add_mismatched_pairs,
+    fingerprint,
+    load_source,
+    load_tokenizer,
+    prepare,
+    with_lengths,
+)
 from simpo_cli.distributed import barrier, is_main_process, say, world_size
 from simpo_cli.errors import UserError
 from simpo_cli.faults import StepGuard
@@ -114,6 +121,8 @@ def run_stage(recipe: Recipe, name: str, output_dir: Path, overwrite: bool = Fal
         )
         if getattr(stage, "loss", None) == "kto":
             datasets_[split] = add_mismatched_pairs(datasets_[split], stage.data.max_length)
+        if split == "train" and stage.training.balanced_batches:
+            datasets_[split] = with_lengths(datasets_[split])
         fingerprints[f"{name}.data.{split}"] = fingerprint(source, raw)
         report_lines += report.lines()
     say("\n".join(["data report:", *("  " + line for line in report_lines)]))

@@ -88,6 +88,12 @@ def _stage_lines(recipe: Recipe, name: StageName, out: Path) -> list[str]:
         f"    batch: {t.per_device_train_batch_size} per device x {world} process(es) x "
         f"{accumulation} accumulation step(s) = {total} per optimizer step",
     ]
+    if t.balanced_batches:
+        lines.append(
+            "    micro-batches: the step's examples grouped by length into micro-batches of "
+            "about equal tokens (balanced_batches), so their sizes vary around the per-device "
+            "batch"
+        )
     if name == "preference":
         lines.append(f"    gamma {section.resolved_gamma:g} (beta {section.beta:g})")
     rows = count_rows(section.data.train)
@@ -127,15 +133,24 @@ def _memory_lines(recipe: Recipe, names: list[StageName], stage: int, offload: b
         if name not in TRAINING_STAGES:
             continue
         section = recipe.stage(name)
+        t = section.training
+        sizes = (t.per_device_train_batch_size, section.data.max_length, vocab)
+        full = launch.logits_bytes(*sizes, paired=name == "preference")
         logits = launch.logits_bytes(
-            section.training.per_device_train_batch_size,
-            section.data.max_length,
-            vocab,
-            paired=name == "preference",
+            *sizes, paired=name == "preference", chunk_size=t.logps_chunk_size
         )
-        lines.append(
-            f"  {name}: fp32 logits of one micro-batch: {_bytes(logits)} (vocabulary {vocab})"
-        )
+        layout = "packed without padding" if t.padding_free else "padded to the longest"
+        if t.logps_chunk_size:
+            lines.append(
+                f"  {name}: fp32 logits held at once: {_bytes(logits)} (chunks of "
+                f"{t.logps_chunk_size} trained tokens, vocabulary {vocab}; full logits of a "
+                f"micro-batch at max_length: {_bytes(full)}); batches {layout}"
+            )
+        else:
+            lines.append(
+                f"  {name}: fp32 logits of one micro-batch at max_length: {_bytes(logits)} "
+                f"(vocabulary {vocab}; logps_chunk_size 0); batches {layout}"
+            )
         peak = estimate.gpu_bytes + logits
         if peak > settings.gpu_memory_gb * launch.GIB:
             lines.append(

@@ -382,6 +382,26 @@ class TrainingSettings(Section):
         "is derived from it, so the same recipe trains the same batch on 8, 4 or 2 GPUs.",
     )
     gradient_checkpointing: bool = False
+    padding_free: bool = Field(
+        True,
+        description="Pack each micro-batch's sequences into one row without padding (attention "
+        "kept within each sequence); false: pad every sequence to the longest.",
+    )
+    balanced_batches: bool = Field(
+        False,
+        description="Group each optimizer step's examples by length into micro-batches of "
+        "about equal token cost, balanced across processes (transformers' batch_rebalance "
+        "sampler): many short pairs or a few long ones per micro-batch. The examples per "
+        "optimizer step stay per_device_train_batch_size x processes x accumulation; the loss "
+        "stays their mean.",
+    )
+    logps_chunk_size: int = Field(
+        256,
+        ge=0,
+        description="Trained tokens per chunk of the vocabulary projection: log-probs are "
+        "computed chunk by chunk (recomputed in backward) for trained tokens only, so the fp32 "
+        "logits of a micro-batch are never held whole; 0: full logits.",
+    )
     bf16: bool = False
     fp16: bool = False
     seed: int = 42

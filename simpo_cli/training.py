@@ -17,6 +17,7 @@ from transformers import (
     set_seed,
 )
 
+from simpo_cli.data import LENGTH_COLUMN
 from simpo_cli.distributed import is_main_process
 from simpo_cli.errors import UserError
 from simpo_cli.outputs import StageDir
@@ -86,6 +87,8 @@ def training_arguments(
         eval_on_start=eval_on_start,
         deepspeed=deepspeed,
         dataloader_num_workers=t.dataloader_num_workers,
+        train_sampling_strategy="batch_rebalance" if t.balanced_batches else "random",
+        length_column_name=LENGTH_COLUMN,
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,  # every parameter takes part in every step
         use_cpu=not torch.cuda.is_available(),
@@ -117,6 +120,17 @@ def load_model(recipe: Recipe, start_from: str | None, seed: int):
             f"model.name_or_path: cannot load '{source}': {str(err).splitlines()[0]}; give a "
             "local model folder or a reachable hub name"
         ) from None
+
+
+class SeededBatches:
+    """Trainer mixin: the balanced_batches sampler shuffles with training.seed (transformers
+    builds it with a fixed seed of 42)."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if hasattr(sampler, "seed"):
+            sampler.seed = self.args.seed
+        return sampler
 
 
 def check_vocab(model, tokenizer) -> None:

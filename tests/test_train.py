@@ -49,7 +49,7 @@ def metrics(stage_dir: Path) -> list[dict]:
 # --------------------------------------------------------------------------- accumulation
 
 
-def _one_sgd_step(stage: str, out: Path, micro: int, accumulation: int) -> dict:
+def _one_sgd_step(stage: str, out: Path, micro: int, accumulation: int, *sets: str) -> dict:
     """One optimizer step of plain SGD (lr 1, no clipping, no warmup) from the seeded tiny
     model: the weight change is exactly minus the gradient of the step's loss."""
     t = f"{stage}.training"
@@ -69,6 +69,7 @@ def _one_sgd_step(stage: str, out: Path, micro: int, accumulation: int) -> dict:
             f"{t}.gradient_accumulation_steps={accumulation}",
             f"{t}.total_batch_size=null",
             f"{t}.logging_steps=1",
+            *sets,
         ],
     )
     stage_dir = run_stage(recipe, stage, out)
@@ -79,17 +80,72 @@ def _one_sgd_step(stage: str, out: Path, micro: int, accumulation: int) -> dict:
 
 
 @pytest.mark.parametrize("stage", ["preference", "sft"])
-def test_gradient_accumulation_invariance(tmp_path, stage):
-    """micro-batch 4 x accumulation 1 and micro-batch 2 x accumulation 2 see the same 4 examples
-    (same seed, same sampler order) and must give the same loss and the same gradients."""
-    whole = _one_sgd_step(stage, tmp_path / "a", micro=4, accumulation=1)
-    split = _one_sgd_step(stage, tmp_path / "b", micro=2, accumulation=2)
+@pytest.mark.parametrize(("micro", "accumulation"), [(2, 4), (3, 3)])
+def test_gradient_accumulation_invariance(tmp_path, stage, micro, accumulation):
+    """One micro-batch of 8 examples, and the same 8 (same seed, same sampler order) split into
+    micro-batches of 2 x 4 accumulation steps, or unevenly into 3 + 3 + 2, give the same loss
+    and the same gradients: the step's loss is the mean over its pairs (preference) or trained
+    tokens (SFT), whatever the micro-batches."""
+    whole = _one_sgd_step(stage, tmp_path / "a", micro=8, accumulation=1)
+    split = _one_sgd_step(stage, tmp_path / "b", micro=micro, accumulation=accumulation)
     assert split["loss"] == pytest.approx(whole["loss"], rel=1e-5)
     moved = 0
     for name, delta in whole["delta"].items():
         torch.testing.assert_close(split["delta"][name], delta, rtol=1e-4, atol=1e-6)
         moved += int(delta.abs().max() > 0)
     assert moved > 0, "the step changed no weight"
+
+
+@pytest.mark.parametrize("stage", ["preference", "sft"])
+def test_packed_chunked_step_equals_padded_full_logits(tmp_path, stage):
+    """The step's loss and gradients with the default packed batches and chunked log-probs
+    (chunks of 16 tokens, so every micro-batch is split) equal those of padded batches with full
+    logits, through the whole stage (collator, trainer, loss scaling)."""
+    t = f"{stage}.training"
+    fast = _one_sgd_step(stage, tmp_path / "a", 4, 2, f"{t}.logps_chunk_size=16")
+    plain = _one_sgd_step(stage, tmp_path / "b", 4, 2,
+                          f"{t}.padding_free=false", f"{t}.logps_chunk_size=0")  # fmt: skip
+    assert fast["loss"] == pytest.approx(plain["loss"], rel=1e-6)
+    for name, delta in plain["delta"].items():
+        torch.testing.assert_close(fast["delta"][name], delta, rtol=0, atol=1e-5)
+
+
+def test_balanced_batches_group_pairs_by_length(tmp_path, monkeypatch):
+    """balanced_batches: the step's 8 pairs are dealt into 4 micro-batches of different sizes by
+    length (short pairs together, long ones with fewer others), and the step's loss and
+    gradients are those of one micro-batch of all 8."""
+    from simpo_cli.stages.preference import PreferenceTrainer
+
+    seen = []
+    compute_loss = PreferenceTrainer.compute_loss
+
+    def spy(self, model, inputs, *args, **kwargs):
+        seen.append((inputs["num_pairs"], inputs["token_index"].numel()))
+        return compute_loss(self, model, inputs, *args, **kwargs)
+
+    # Six pairs on 2 digits, two on 12: lengths the sampler must not mix evenly.
+    rows = []
+    for digits in [[3, 1], [2, 0], [5, 4], [9, 7], [8, 6], [1, 0], [*range(12)][::-1], [4, 9] * 6]:
+        prompt = "Sort: " + " ".join(map(str, digits))
+        answer = " ".join(map(str, sorted(digits)))
+        rows.append({"chosen": [{"role": "user", "content": prompt},
+                                {"role": "assistant", "content": answer}],
+                     "rejected": [{"role": "user", "content": prompt},
+                                  {"role": "assistant", "content": answer[::-1]}]})  # fmt: skip
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = f"preference.data.train.path={pairs}"
+    monkeypatch.setattr(PreferenceTrainer, "compute_loss", spy)
+    balanced = _one_sgd_step("preference", tmp_path / "a", 2, 4, data,
+                             "preference.training.balanced_batches=true")  # fmt: skip
+    monkeypatch.undo()
+    assert len(seen) == 4 and sum(pairs for pairs, _ in seen) == 8
+    # The two long pairs alone, the six short ones three by three (trained tokens: 30, 26, 18).
+    assert sorted(pairs for pairs, _ in seen) == [1, 1, 3, 3], seen
+    whole = _one_sgd_step("preference", tmp_path / "b", 8, 1, data)
+    assert balanced["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+    for name, delta in whole["delta"].items():
+        torch.testing.assert_close(balanced["delta"][name], delta, rtol=1e-4, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- the CLI end to end

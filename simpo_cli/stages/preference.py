@@ -7,6 +7,7 @@ model's log-probs (live, or cached on disk) for the losses that need them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -19,45 +20,50 @@ from simpo_cli.data import PreferenceCollator
 from simpo_cli.distributed import all_gather, barrier, is_main_process, say, world_size
 from simpo_cli.errors import UserError
 from simpo_cli.faults import GuardedTrainer
-from simpo_cli.losses import IGNORE_INDEX, sequence_logps
+from simpo_cli.logps import batch_layout, sequence_scores
 from simpo_cli.objectives import PairScores, preference_objective
 from simpo_cli.recipe import PreferenceStage, Recipe
-from simpo_cli.training import load_model
+from simpo_cli.training import SeededBatches, load_model
 
 SFT_TERM_LOSSES = ("cpo", "orpo", "rrhf", "slic")
 
 
-class PreferenceTrainer(GuardedTrainer):
+class PreferenceTrainer(SeededBatches, GuardedTrainer):
     """Trainer for preference losses on pairs stacked [chosen; rejected] by PreferenceCollator:
     one forward pass of the policy over both. Reference log-probs, for the losses that need
     them, come with the batch (cached pre-pass) or from `ref_model` (live)."""
 
-    def __init__(self, *args, stage: PreferenceStage, ref_model=None, **kwargs):
+    def __init__(
+        self, *args, stage: PreferenceStage, ref_model=None, chunk_size: int = 0, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         self.stage = stage
+        self.chunk_size = chunk_size
         self.ref_model = None if ref_model is None else self._prepare_reference(ref_model)
         self.scoring_reference = False  # prediction_step returns summed log-probs when set
-        # Our loss is a mean over this micro-batch's pairs: Trainer must divide it by the number
-        # of accumulation steps (and must not pass num_items_in_batch, a token count, to it).
+        # The loss of an optimizer step is the mean over all its pairs, on every process and
+        # micro-batch, whatever their sizes: get_batch_samples counts the step's pairs and
+        # compute_loss divides the sum of its pair losses by that count, so Trainer must not
+        # divide again by the accumulation steps (nor pass a token count as the loss kwarg).
         self.model_accepts_loss_kwargs = False
-        self.loss_is_scaled_for_ga = False
+        self.loss_is_scaled_for_ga = True
         # Per-micro-step pair metrics, kept on the device until the next log (one sync there,
         # not one .item() per metric per micro-step).
         self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
 
     def _pair_scores(self, model, inputs) -> tuple[PairScores, torch.Tensor]:
-        logits = model(
-            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
-        ).logits
-        sums, counts = sequence_logps(logits, inputs["labels"], average=False)
+        """The pairs' summed log-probs under `model`, and the mean logit of each sequence."""
+        scores = sequence_scores(model, inputs, self.chunk_size)
+        sums, counts = scores.sums, scores.counts
         if self.stage.loss == "kto":  # [chosen; rejected; mismatched] from the collator
             b = sums.shape[0] // 3
-            scores = PairScores(
+            pairs = PairScores(
                 sums[:b], sums[b : 2 * b], counts[:b], counts[b : 2 * b], sums[2 * b :]
             )
-            return scores, logits
+            return pairs, scores.mean_logits
         half = sums.shape[0] // 2
-        return PairScores(sums[:half], sums[half:], counts[:half], counts[half:]), logits
+        pairs = PairScores(sums[:half], sums[half:], counts[:half], counts[half:])
+        return pairs, scores.mean_logits
 
     def _reference_scores(self, inputs, policy: PairScores) -> PairScores | None:
         if not self.stage.uses_reference:
@@ -80,15 +86,29 @@ class PreferenceTrainer(GuardedTrainer):
             reference = reference._replace(kl_sum=all_gather(reference.kl_sum))
         return preference_objective(self.stage, policy, reference)
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The micro-batches of one optimizer step, and the number of pairs they hold on all
+        processes together (the divisor of compute_loss)."""
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        pairs = torch.tensor(float(sum(b["num_pairs"] for b in batches)), device=device)
+        if world_size() > 1:
+            torch.distributed.all_reduce(pairs)
+        return batches, pairs
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        policy, logits = self._pair_scores(model, inputs)
+        policy, mean_logits = self._pair_scores(model, inputs)
         out = self._objective(policy, self._reference_scores(inputs, policy))
-        loss = out.losses.mean()
-        self._store_pair_metrics(out, policy, logits, inputs["labels"])
-        return (loss, {"logits": logits}) if return_outputs else loss
+        if num_items_in_batch is None:  # outside training steps: this micro-batch's mean
+            loss = out.losses.mean()
+        else:
+            # Sum over this micro-batch / pairs of the whole step; the processes' gradients are
+            # averaged (DDP, DeepSpeed), hence the factor world_size.
+            loss = out.losses.sum() * (world_size() / num_items_in_batch)
+        self._store_pair_metrics(out, policy, mean_logits)
+        return (loss, {"mean_logits": mean_logits}) if return_outputs else loss
 
     @torch.no_grad()
-    def _store_pair_metrics(self, out, policy: PairScores, logits, labels):
+    def _store_pair_metrics(self, out, policy: PairScores, mean_logits: torch.Tensor):
         margins = out.chosen_rewards - out.rejected_rewards
         self._store("rewards/chosen", out.chosen_rewards.mean())
         self._store("rewards/rejected", out.rejected_rewards.mean())
@@ -100,10 +120,8 @@ class PreferenceTrainer(GuardedTrainer):
             self._store("sft_loss", -policy.chosen_avg.mean())
         # Mean raw logit over response positions (the ones that predict a trained token).
         half = policy.chosen_sum.shape[0]
-        mask = (labels[:, 1:] != IGNORE_INDEX).unsqueeze(-1)
-        per_row = (logits[:, :-1] * mask).sum((1, 2)) / (mask.sum((1, 2)) * logits.shape[-1])
-        self._store("logits/chosen", per_row[:half].mean())
-        self._store("logits/rejected", per_row[half:].mean())
+        self._store("logits/chosen", mean_logits[:half].mean())
+        self._store("logits/rejected", mean_logits[half : 2 * half].mean())
 
     def _store(self, name: str, value: torch.Tensor) -> None:
         self._metrics[name].append(value.detach().float())
@@ -194,11 +212,15 @@ def build_trainer(
     """The stage's PreferenceTrainer; with a cached reference, also the callback that scores the
     pairs under the reference model before the first step."""
     tokenizer = common["processing_class"]
+    layout = batch_layout(common["model"], stage.training, name)
     trainer = PreferenceTrainer(
-        data_collator=PreferenceCollator(tokenizer.pad_token_id),
+        data_collator=PreferenceCollator(
+            tokenizer.pad_token_id, layout.padding_free, layout.one_row
+        ),
         compute_metrics=preference_metrics,
         stage=stage,
         ref_model=_live_reference(recipe, stage, start_from),
+        chunk_size=layout.chunk_size,
         **common,
     )
     if stage.uses_reference and stage.reference.mode == "cached":
@@ -265,12 +287,20 @@ class CachedReference(TrainerCallback):
                 self.todo.append((attr, first, path))
         trainer.data_collator.reference = self.table
         if stage.reference.model and self.todo:
+            model = load_model(recipe, source, stage.training.seed)
+            layout = batch_layout(model, stage.training, "reference")
             scorer = PreferenceTrainer(
-                model=load_model(recipe, source, stage.training.seed),
+                model=model,
                 args=trainer.args,
-                data_collator=trainer.data_collator,
+                # The policy's collator (it holds the reference table), laid out for this model.
+                data_collator=dataclasses.replace(
+                    trainer.data_collator,
+                    padding_free=layout.padding_free,
+                    one_row=layout.one_row,
+                ),
                 processing_class=trainer.processing_class,
                 stage=stage,
+                chunk_size=layout.chunk_size,
             )
             self._score(scorer)
 
