@@ -220,10 +220,12 @@ def _launch(recipe: Recipe, child_args: list[str]) -> int:
     import torch
 
     from simpo_cli import launch
+    from simpo_cli.adapters import check_combination
     from simpo_cli.redact import redact_args
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     launch.preflight(recipe.launch, gpus)
+    check_combination(recipe)
     command = launch.launch_command(recipe, child_args)
     from simpo_cli.pipeline import LAUNCH_ID
 

@@ -265,9 +265,10 @@ def logits_bytes(
     return tokens * vocab * 4
 
 
-def count_parameters(recipe: Recipe) -> tuple[int, int, int] | None:
-    """(parameters, largest layer, vocabulary) of the recipe's model, from its config alone:
-    built on the meta device, no weights read. None when the config cannot be read here."""
+def count_parameters(recipe: Recipe) -> tuple[int, int, int, int] | None:
+    """(parameters, largest layer, vocabulary, trainable parameters) of the recipe's model,
+    from its config alone: built on the meta device, no weights read. Trainable: all of them, or
+    with model.lora the adapters'. None when the config cannot be read here."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -288,4 +289,21 @@ def count_parameters(recipe: Recipe) -> tuple[int, int, int] | None:
         return None
     sizes = {id(p): p.numel() for p in model.parameters()}  # tied weights count once
     vocab = model.get_input_embeddings().weight.shape[0]
-    return sum(sizes.values()), max(sizes.values()), vocab
+    total = sum(sizes.values())
+    trainable = total if settings.lora is None else lora_parameters(model, settings.lora)
+    return total, max(sizes.values()), vocab, trainable
+
+
+def lora_parameters(model, lora) -> int:
+    """Parameters of the LoRA adapters peft would add: r x (in + out) per targeted linear
+    layer (all-linear: every one but the output head)."""
+    import torch
+
+    head = model.get_output_embeddings()
+    count = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or module is head:
+            continue
+        if lora.target_modules == "all-linear" or name.split(".")[-1] in lora.target_modules:
+            count += lora.r * (module.in_features + module.out_features)
+    return count

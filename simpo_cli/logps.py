@@ -45,6 +45,8 @@ def packing_problem(model) -> str | None:
     """Why the model cannot take packed sequences (None: it can): position_ids are what keeps
     packed sequences apart, so a model without them (ALiBi) or with positions of another shape
     (multimodal rotary) would let them attend to each other."""
+    if hasattr(model, "get_base_model"):  # peft: its forward passes position_ids on
+        model = model.get_base_model()
     config = model.config
     if "position_ids" not in inspect.signature(model.forward).parameters:
         return f"{type(model).__name__} takes no position_ids"
@@ -99,7 +101,7 @@ def _is_flash(model) -> bool:
 def sequence_scores(model, batch: dict[str, Any], chunk_size: int) -> SequenceScores:
     """Summed log-probs of the batch's sequences under `model` (a transformers causal LM, or
     the DDP / DeepSpeed wrapper around one). chunk_size 0: full logits."""
-    core = _unwrap(model)
+    core = unwrap(model)
     inputs: dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
     if "position_ids" in batch:  # packed
         inputs["position_ids"] = batch["position_ids"]
@@ -180,7 +182,7 @@ def _chunked_token_logps(model, core, inputs, index, targets, chunk_size: int) -
     return out.logits.reshape(-1, 2)
 
 
-def _unwrap(model):
+def unwrap(model):
     """The transformers model inside a DDP or DeepSpeed wrapper."""
     while hasattr(model, "module"):
         model = model.module

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-from simpo_cli import console, stages
+from simpo_cli import adapters, console, stages
 from simpo_cli.data import (
     add_mismatched_pairs,
     fingerprint,
@@ -89,6 +89,7 @@ def run_stage(recipe: Recipe, name: str, output_dir: Path, overwrite: bool = Fal
     if name not in TRAINING_STAGES:
         return _run_data_stage(recipe, name, stage_dir, start_from, output_dir, overwrite)
     prepare_trackers(recipe)
+    adapters.check_combination(recipe)
     kind = "sft" if isinstance(stage, SFTStage) else "preference"
     checkpoint = None if overwrite else stage_dir.last_checkpoint()
     has_eval = stage.data.eval is not None
@@ -129,8 +130,14 @@ def run_stage(recipe: Recipe, name: str, output_dir: Path, overwrite: bool = Fal
     if is_main_process():
         (stage_dir.path / "data_report.txt").write_text("\n".join(report_lines) + "\n")
 
-    model = load_model(recipe, start_from, stage.training.seed)
+    model = load_model(recipe, start_from, stage.training.seed, quantized=True)
     check_vocab(model, tokenizer)
+    if recipe.model.lora is not None:
+        t = stage.training
+        model = adapters.add_adapters(model, recipe.model, t.gradient_checkpointing, t.seed)
+        trainable, frozen = adapters.trainable_parameters(model)
+        say(f"[{name}] LoRA r={recipe.model.lora.r}: {trainable:,} trainable adapter "
+            f"parameters on {frozen:,} frozen ({trainable / frozen:.2%})")  # fmt: skip
     common = {
         "model": model,
         "args": args,
@@ -178,9 +185,16 @@ def run_stage(recipe: Recipe, name: str, output_dir: Path, overwrite: bool = Fal
         if after is not None:
             summary["greedy_eval"] = after
             _print_greedy(name, _read_json(stage_dir.path / "greedy_before.json"), after)
-    # Under ZeRO-3 every process takes part in gathering the sharded weights; Trainer writes
-    # the consolidated 16-bit state dict from the main process only.
-    trainer.save_model(str(stage_dir.path))
+    if adapters.is_adapted(trainer.model):
+        if is_main_process():
+            adapters.save(
+                trainer.model, stage_dir.path, tokenizer,
+                lambda: load_model(recipe, start_from, stage.training.seed),
+            )  # fmt: skip
+    else:
+        # Under ZeRO-3 every process takes part in gathering the sharded weights; Trainer
+        # writes the consolidated 16-bit state dict from the main process only.
+        trainer.save_model(str(stage_dir.path))
     if is_main_process():
         tokenizer.save_pretrained(str(stage_dir.path))
         record = reproducibility_record(

@@ -3,6 +3,7 @@ launch command, the batch arithmetic, optimizer steps, and per-GPU memory for mo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shlex
@@ -116,17 +117,41 @@ def _memory_lines(recipe: Recipe, names: list[StageName], stage: int, offload: b
     counted = launch.count_parameters(recipe)
     if counted is None:
         return ["memory: unknown (the model's config cannot be read here)"]
-    n_params, largest, vocab = counted
+    n_params, largest, vocab, trainable = counted
     settings = recipe.launch
-    estimate = launch.model_states_memory(
-        n_params, largest, stage, offload, settings.num_processes, settings.num_machines
-    )
     where = f"ZeRO-{stage}" + (" with CPU offload" if offload else "") if stage else "no ZeRO"
-    lines = [
-        f"memory per GPU for model states ({where}, {settings.world_size} GPU(s)): "
-        f"{_bytes(estimate.gpu_bytes)} for {_count(n_params)} parameters (largest layer "
-        f"{_count(largest)}); activations not included"
-    ]
+    if recipe.model.lora is None:
+        estimate = launch.model_states_memory(
+            n_params, largest, stage, offload, settings.num_processes, settings.num_machines
+        )
+        lines = [
+            f"memory per GPU for model states ({where}, {settings.world_size} GPU(s)): "
+            f"{_bytes(estimate.gpu_bytes)} for {_count(n_params)} parameters (largest layer "
+            f"{_count(largest)}); activations not included"
+        ]
+    else:
+        # Frozen weights, whole on every GPU (no ZeRO-3 with LoRA), in their loaded precision;
+        # gradients and Adam for the adapters only.
+        estimate = launch.model_states_memory(
+            trainable, largest, stage, offload, settings.num_processes, settings.num_machines
+        )
+        quantized = recipe.model.quantization
+        per_weight = {"4bit": 0.5, "8bit": 1}.get(quantized or "", 0) or (
+            4 if recipe.model.dtype == "float32" else 2
+        )
+        frozen = int(n_params * per_weight)
+        lora = recipe.model.lora
+        targets = lora.target_modules
+        targets = targets if isinstance(targets, str) else ", ".join(targets)
+        lines = [
+            f"LoRA r={lora.r} ({targets}): {_count(trainable)} trainable adapter parameters on "
+            f"{_count(n_params)} frozen ({trainable / n_params:.2%})",
+            f"memory per GPU for model states ({where}, {settings.world_size} GPU(s)): "
+            f"{_bytes(frozen + estimate.gpu_bytes)}: frozen weights {_bytes(frozen)} "
+            f"({quantized or recipe.model.dtype}), adapters with gradients and Adam "
+            f"{_bytes(estimate.gpu_bytes)}; activations not included",
+        ]
+        estimate = dataclasses.replace(estimate, gpu_bytes=frozen + estimate.gpu_bytes)
     if estimate.cpu_bytes:
         lines.append(f"  CPU memory per machine: {_bytes(estimate.cpu_bytes)}")
     for name in names:

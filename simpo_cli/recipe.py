@@ -52,6 +52,19 @@ PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 
 
+class LoraSettings(Section):
+    """LoRA adapters (peft) trained in place of the full weights, in every training stage."""
+
+    r: PositiveInt = Field(16, description="Rank of the adapters.")
+    alpha: PositiveFloat = Field(32.0, description="Scale numerator (lora_alpha); scale alpha/r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapters' input.")
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear",
+        description="Layers that get adapters: every linear layer but the output head, or a "
+        "list of module names (e.g. [q_proj, v_proj]).",
+    )
+
+
 class ModelSettings(Section):
     """The policy model the first stage starts from, and how to load it."""
 
@@ -79,9 +92,22 @@ class ModelSettings(Section):
         None, description="Chat template override: a .jinja file or the template text itself."
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub repository.")
+    lora: LoraSettings | None = Field(
+        None,
+        description="Train LoRA adapters instead of every weight; each stage saves the adapter "
+        "(adapter/) and the merged model.",
+    )
+    quantization: Literal["4bit", "8bit"] | None = Field(
+        None, description="Load the frozen base weights quantized (bitsandbytes, GPU): QLoRA."
+    )
 
     @model_validator(mode="after")
     def _check_init(self) -> ModelSettings:
+        if self.quantization and self.lora is None:
+            raise ValueError(
+                f"quantization {self.quantization} needs lora: quantized weights cannot be "
+                "trained, only adapters on them; add lora: {r: 16} or remove quantization"
+            )
         if self.init == "pretrained" and not self.name_or_path:
             raise ValueError(
                 "name_or_path is required when init is 'pretrained'; set model.name_or_path "

@@ -17,6 +17,7 @@ from transformers import (
     set_seed,
 )
 
+from simpo_cli import adapters
 from simpo_cli.data import LENGTH_COLUMN
 from simpo_cli.distributed import is_main_process
 from simpo_cli.errors import UserError
@@ -95,9 +96,10 @@ def training_arguments(
     )
 
 
-def load_model(recipe: Recipe, start_from: str | None, seed: int):
+def load_model(recipe: Recipe, start_from: str | None, seed: int, quantized: bool = False):
     """The stage's starting model: a previous stage's output, the recipe's pretrained model, or
-    a fresh model built from model.config (seeded, so every run builds the same weights)."""
+    a fresh model built from model.config (seeded, so every run builds the same weights).
+    quantized: as model.quantization says (the base weights of QLoRA)."""
     settings = recipe.model
     dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16}.get(
         settings.dtype, torch.float16
@@ -105,7 +107,14 @@ def load_model(recipe: Recipe, start_from: str | None, seed: int):
     kwargs: dict[str, Any] = {"trust_remote_code": settings.trust_remote_code}
     if settings.attn_implementation:
         kwargs["attn_implementation"] = settings.attn_implementation
+    if quantized and (config := adapters.quantization_config(settings)) is not None:
+        kwargs["quantization_config"] = config
     if start_from is None and settings.init == "from_config":
+        if "quantization_config" in kwargs:
+            raise UserError(
+                "model.quantization: a model built from model.config has no pretrained weights "
+                "to quantize; remove quantization or use init: pretrained"
+            )
         set_seed(seed)
         config = dict(settings.config or {})
         model_type = config.pop("model_type")

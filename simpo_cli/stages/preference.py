@@ -20,7 +20,7 @@ from simpo_cli.data import PreferenceCollator
 from simpo_cli.distributed import all_gather, barrier, is_main_process, say, world_size
 from simpo_cli.errors import UserError
 from simpo_cli.faults import GuardedTrainer
-from simpo_cli.logps import batch_layout, sequence_scores
+from simpo_cli.logps import batch_layout, sequence_scores, unwrap
 from simpo_cli.objectives import PairScores, preference_objective
 from simpo_cli.recipe import PreferenceStage, Recipe
 from simpo_cli.training import SeededBatches, load_model
@@ -65,7 +65,7 @@ class PreferenceTrainer(SeededBatches, GuardedTrainer):
         pairs = PairScores(sums[:half], sums[half:], counts[:half], counts[half:])
         return pairs, scores.mean_logits
 
-    def _reference_scores(self, inputs, policy: PairScores) -> PairScores | None:
+    def _reference_scores(self, model, inputs, policy: PairScores) -> PairScores | None:
         if not self.stage.uses_reference:
             return None
         if "ref_chosen_logps" in inputs:
@@ -75,7 +75,11 @@ class PreferenceTrainer(SeededBatches, GuardedTrainer):
                 kl_sum=inputs.get("ref_kl_logps"),
             )
         with torch.no_grad():
-            reference, _ = self._pair_scores(self.ref_model, inputs)
+            if self.ref_model is not None:
+                reference, _ = self._pair_scores(self.ref_model, inputs)
+            else:  # LoRA: the policy with its adapters switched off, no second model
+                with unwrap(model).disable_adapter():
+                    reference, _ = self._pair_scores(model, inputs)
         return reference
 
     def _objective(self, policy: PairScores, reference: PairScores | None):
@@ -97,7 +101,7 @@ class PreferenceTrainer(SeededBatches, GuardedTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         policy, mean_logits = self._pair_scores(model, inputs)
-        out = self._objective(policy, self._reference_scores(inputs, policy))
+        out = self._objective(policy, self._reference_scores(model, inputs, policy))
         if num_items_in_batch is None:  # outside training steps: this micro-batch's mean
             loss = out.losses.mean()
         else:
@@ -148,7 +152,7 @@ class PreferenceTrainer(SeededBatches, GuardedTrainer):
                 sums = [policy.chosen_sum, policy.rejected_sum, policy.kl_sum]
                 scores = torch.stack([x for x in sums if x is not None], dim=1)
             else:
-                out = self._objective(policy, self._reference_scores(inputs, policy))
+                out = self._objective(policy, self._reference_scores(model, inputs, policy))
                 scores = torch.stack(
                     [out.losses, out.chosen_rewards, out.rejected_rewards,
                      policy.chosen_avg, policy.rejected_avg], dim=1,
@@ -243,7 +247,11 @@ def _reference_source(recipe: Recipe, stage: PreferenceStage, start_from: str | 
 
 
 def _live_reference(recipe: Recipe, stage: PreferenceStage, start_from: str | None):
+    """The live reference model; None when there is none, or when it is the LoRA policy's own
+    base (its adapters switched off)."""
     if not stage.uses_reference or stage.reference.mode != "live":
+        return None
+    if recipe.model.lora is not None and not stage.reference.model:
         return None
     source = _reference_source(recipe, stage, start_from)
     return load_model(recipe, source, stage.training.seed)
