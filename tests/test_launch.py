@@ -360,17 +360,14 @@ def _trained_weights(checkpoint: Path, deepspeed: str | None) -> dict:
 
 
 @pytest.mark.slow
-def test_zero3_resume_after_a_stop(tmp_path, start_model):
+def test_zero3_resume_after_a_stop(tmp_path, start_model, single):
     """Kill a 2-process ZeRO-3 run (launcher and workers) after its first checkpoint; the
-    same command resumes it from there and ends with the weights of a run never stopped."""
+    same command resumes it from there and ends with the weights of the 1-process run."""
     from safetensors.torch import load_file
 
-    extra = [
-        "--num-processes", "2", "--deepspeed", "zero3",
-        "--set", "preference.training.per_device_train_batch_size=2",
-        "--set", "preference.data.train.max_rows=640",
-        "--set", "preference.data.eval=null",
-    ]  # fmt: skip
+    # 4 pairs per micro-batch x 2 processes x 2 accumulation steps: 20 steps, a checkpoint at 10.
+    extra = ["--num-processes", "2", "--deepspeed", "zero3",
+             "--set", "preference.training.per_device_train_batch_size=4"]  # fmt: skip
     stopped = tmp_path / "stopped"
     sets = [*BASE_SETS, f"model.name_or_path={start_model}"]
     args = [sys.executable, "-m", "simpo_cli.cli", "preference", "tiny", "-o", str(stopped)]
@@ -396,18 +393,15 @@ def test_zero3_resume_after_a_stop(tmp_path, start_model):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout
     done = json.loads((stopped / "preference" / "stage_complete.json").read_text())
-    assert done["global_step"] == 40
+    assert done["global_step"] == 20
     logs = (stopped / "preference" / "metrics.jsonl").read_text().splitlines()
     steps = [json.loads(x)["step"] for x in logs if '"loss"' in x]
     assert steps == sorted(set(steps)), "a step was logged twice or the run restarted"
-
-    straight = tmp_path / "straight"
-    result = _train(straight, start_model, *extra)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # As test_two_processes_match_one: float32 rounding of another summation order, no more.
     a = load_file(stopped / "preference" / "model.safetensors")
-    b = load_file(straight / "preference" / "model.safetensors")
+    b = load_file(single / "preference" / "model.safetensors")
     for name in a:
-        assert (a[name] - b[name]).abs().max() < 1e-5, name
+        assert (a[name] - b[name]).abs().max() < 1e-4, name
 
 
 @pytest.mark.slow
@@ -483,7 +477,8 @@ def test_reference_pre_pass_under_zero(tmp_path, start_model, zero):
     """DPO under 2-process ZeRO-3: the cached reference pre-pass (run inside the
     training engine) and a live reference model (its own inference engine) train identically,
     and the first step's loss is log 2 (policy == reference)."""
-    dpo = ["--set", "preference.loss=dpo", "--set", "preference.gamma_beta_ratio=null"]
+    dpo = ["--set", "preference.loss=dpo", "--set", "preference.gamma_beta_ratio=null",
+           "--set", "preference.data.train.max_rows=160"]  # fmt: skip
     common = [*dpo, "--num-processes", "2", "--deepspeed", zero,
               "--set", "preference.training.per_device_train_batch_size=8"]  # fmt: skip
     runs = {}

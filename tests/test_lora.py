@@ -2,6 +2,7 @@
 model scores like the adapted one, and the combinations this machine or this tool cannot run
 are one-line errors before anything starts."""
 
+import json
 import os
 import subprocess
 import sys
@@ -165,7 +166,7 @@ def test_lora_resume_after_a_stop_equals_a_run_never_stopped(tmp_path):
     from test_faults import ONE_PROCESS, command, run, stop_with
 
     start = save_tiny_model(tmp_path / "start")
-    lora = ["model.lora.r=8", *ONE_PROCESS]
+    lora = ["model.lora.r=8", "preference.data.train.max_rows=120", *ONE_PROCESS]  # 15 steps
     straight = tmp_path / "straight"
     assert run(command(straight, start, lora)).returncode == 0
 
@@ -181,3 +182,50 @@ def test_lora_resume_after_a_stop_equals_a_run_never_stopped(tmp_path):
         assert got.keys() == expected.keys()
         for key, tensor in expected.items():
             assert torch.equal(got[key], tensor), f"{name}: {key}"
+
+
+# 10 steps of 8 pairs. No adapter dropout: its random masks differ between 1 and 2 processes.
+DISTRIBUTED_SETS = ["model.lora.r=8", "model.lora.dropout=0", "preference.data.train.max_rows=80"]
+
+
+@pytest.fixture(scope="module")
+def lora_single(tmp_path_factory):
+    """(start model, a 1-process LoRA run of 10 steps)."""
+    from conftest import save_tiny_model
+    from test_faults import command, run
+
+    start = save_tiny_model(tmp_path_factory.mktemp("start") / "model")
+    one = tmp_path_factory.mktemp("one") / "out"
+    sets = [*DISTRIBUTED_SETS, "preference.training.per_device_train_batch_size=8"]
+    result = run(command(one, start, sets))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return start, one
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("deepspeed", [None, "zero2"])
+def test_lora_on_two_processes_matches_one(tmp_path, lora_single, deepspeed):
+    """Adapters under 2-process data parallel and ZeRO-2 train like 1 process at the same total
+    batch: the same losses and the same merged weights after 10 steps."""
+    from test_faults import command, run
+
+    from simpo_cli.launch import free_port
+
+    start, one = lora_single
+    two = tmp_path / "two"
+    flags = ["--num-processes", "2", "--main-process-port", str(free_port())]
+    flags += ["--deepspeed", deepspeed] if deepspeed else []
+    per_device = "preference.training.per_device_train_batch_size=4"
+    result = run(command(two, start, [*DISTRIBUTED_SETS, per_device], *flags))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def losses(out):
+        lines = (out / "preference" / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(x)["loss"] for x in lines if '"loss"' in x]
+
+    assert len(losses(one)) == 10
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5)
+    a = load_file(two / "preference" / "model.safetensors")
+    b = load_file(one / "preference" / "model.safetensors")
+    for name, tensor in b.items():
+        torch.testing.assert_close(a[name], tensor, rtol=0, atol=1e-5)
