@@ -20,12 +20,9 @@ ADAPTER_DIR = "adapter"
 def check_combination(recipe) -> None:
     """Refuse, before anything starts, what adapters are not built for here: ZeRO-3 (the
     adapters' weights would be partitioned and the merge needs them whole)."""
-    if recipe.model.lora is None or recipe.launch.deepspeed is None:
-        return
-    from simpo_cli.launch import read_deepspeed_config
+    from simpo_cli.launch import zero_stage
 
-    zero = read_deepspeed_config(recipe.launch.deepspeed).get("zero_optimization", {})
-    if int(zero.get("stage", 0)) == 3:
+    if recipe.model.lora is not None and zero_stage(recipe) == 3:
         raise UserError(
             f"model.lora with launch.deepspeed {recipe.launch.deepspeed} (ZeRO-3) is not "
             "supported; adapters are small enough for --deepspeed zero2 or plain data parallel "

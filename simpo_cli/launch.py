@@ -168,6 +168,14 @@ def run_exit_code(codes: list[int], stopping: bool) -> int | None:
     return None
 
 
+def zero_stage(recipe: Recipe) -> int:
+    """The ZeRO stage of the recipe's DeepSpeed config; 0 without DeepSpeed."""
+    if recipe.launch.deepspeed is None:
+        return 0
+    config = read_deepspeed_config(recipe.launch.deepspeed)
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
 def preflight(launch: LaunchSettings, gpus: int) -> None:
     """Checks that turn a hang or a deep stack trace into one line: DeepSpeed missing, more
     processes than GPUs, a busy rendezvous port."""

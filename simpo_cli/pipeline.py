@@ -26,6 +26,7 @@ from simpo_cli.data import (
 from simpo_cli.distributed import barrier, is_main_process, say, world_size
 from simpo_cli.errors import UserError
 from simpo_cli.faults import StepGuard
+from simpo_cli.launch import zero_stage
 from simpo_cli.outputs import StageDir, reproducibility_record
 from simpo_cli.recipe import TRAINING_STAGES, Recipe, SFTStage, settings_table, stage_identity
 from simpo_cli.redact import redact
@@ -265,19 +266,10 @@ def _greedy_check(recipe: Recipe, trainer, tokenizer, output_dir: Path) -> dict 
 
     if recipe.annotate is None or not recipe.annotate.greedy_eval:
         return None
-    if getattr(trainer, "is_deepspeed_enabled", False) and _zero3(recipe):
+    if getattr(trainer, "is_deepspeed_enabled", False) and zero_stage(recipe) == 3:
         say("[preference] annotate.greedy_eval: skipped under ZeRO-3 (the weights are sharded)")
         return None
     return greedy_check(recipe, trainer.model, tokenizer, output_dir)
-
-
-def _zero3(recipe: Recipe) -> bool:
-    from simpo_cli.launch import read_deepspeed_config
-
-    if recipe.launch.deepspeed is None:
-        return False
-    config = read_deepspeed_config(recipe.launch.deepspeed)
-    return int(config.get("zero_optimization", {}).get("stage", 0)) == 3
 
 
 def start_process_group() -> None:
