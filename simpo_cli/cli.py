@@ -141,7 +141,7 @@ def _run(
     if dry_run:
         from simpo_cli.plan import print_plan
 
-        print_plan(recipe, names, out, child_args if relaunch else None)
+        print_plan(recipe, names, out, child_args if relaunch else None, overwrite)
         return
     if not launch.inside_launch() and len(names) > 1 and _vllm_generate(recipe, names):
         # A vLLM engine keeps its GPUs and its own process group until its process ends: the
@@ -678,10 +678,18 @@ def _eval_settings(
 
 def _eval_pairs(model_dir: str, settings, output: str | None) -> None:
     """One checkpoint's pairs, printed on one line (and written to --output)."""
+    from simpo_cli.adapters import full_model_folder, scratch_folder
     from simpo_cli.distributed import say
     from simpo_cli.eval import evaluate_pairs
 
-    result = evaluate_pairs(model_dir, settings, output, settings.reference)
+    # An adapter folder is scored as its merged model, written for the while beside --output.
+    near = Path(output).parent if output else None
+    reference = settings.reference
+    with (
+        full_model_folder(model_dir, scratch_folder("model", near)) as model_dir,
+        full_model_folder(reference, scratch_folder("reference", near)) as reference,
+    ):
+        result = evaluate_pairs(model_dir, settings, output, reference)
     s = result["summary"]
     line = (
         f"pairs {s['pairs']}: reward accuracy {s['reward_accuracy']:.4f}, mean margin "
@@ -730,6 +738,7 @@ def _command_line_again(ctx: typer.Context) -> list[str]:
 def _launch_eval(launch_settings, child_args: list[str]) -> int:
     """Re-run `simpo eval` on every process through `accelerate launch`; wait for them."""
     import shlex
+    import uuid
 
     import torch
 
@@ -738,6 +747,9 @@ def _launch_eval(launch_settings, child_args: list[str]) -> int:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     launch.preflight(launch_settings, gpus)
     command = launch.accelerate_command(launch_settings, "no", child_args)
+    from simpo_cli.pipeline import LAUNCH_ID
+
+    os.environ[LAUNCH_ID] = uuid.uuid4().hex  # one scratch folder name for every process
     print("launching: " + shlex.join(command), flush=True)
     if gpus == 0:
         print(f"no GPU here: running {launch_settings.world_size} processes on the CPU", flush=True)

@@ -11,6 +11,7 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from simpo_cli.errors import (
     EXIT_ABORTED,
@@ -273,10 +274,17 @@ def logits_bytes(
     return tokens * vocab * 4
 
 
-def count_parameters(recipe: Recipe) -> tuple[int, int, int, int] | None:
-    """(parameters, largest layer, vocabulary, trainable parameters) of the recipe's model,
-    from its config alone: built on the meta device, no weights read. Trainable: all of them, or
-    with model.lora the adapters'. None when the config cannot be read here."""
+class ParameterCount(NamedTuple):
+    total: int
+    largest: int  # the largest layer's
+    vocab: int
+    trainable: int  # all of them, or with model.lora the adapters'
+    linear: int  # in linear layers but the output head: what bitsandbytes quantizes
+
+
+def count_parameters(recipe: Recipe) -> ParameterCount | None:
+    """The parameters of the recipe's model, from its config alone: built on the meta device,
+    no weights read. None when the config cannot be read here."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -299,7 +307,13 @@ def count_parameters(recipe: Recipe) -> tuple[int, int, int, int] | None:
     vocab = model.get_input_embeddings().weight.shape[0]
     total = sum(sizes.values())
     trainable = total if settings.lora is None else lora_parameters(model, settings.lora)
-    return total, max(sizes.values()), vocab, trainable
+    head = model.get_output_embeddings()
+    linear = sum(
+        module.weight.numel()
+        for module in model.modules()
+        if isinstance(module, torch.nn.Linear) and module is not head
+    )
+    return ParameterCount(total, max(sizes.values()), vocab, trainable, linear)
 
 
 def lora_parameters(model, lora) -> int:

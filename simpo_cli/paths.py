@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from simpo_cli.adapters import adapter_folder, has_model
 from simpo_cli.errors import UserError
 from simpo_cli.recipe import TRAINING_STAGES, Recipe, StageName
 
@@ -92,9 +93,12 @@ def data_problems(value: str, role: str, where: str = "") -> list[str]:
     ]
 
 
-def model_folder_problems(value: str, role: str, hub_ok: bool = True) -> list[str]:
-    """A model: a local folder must hold config.json and weights; a missing local-looking
-    path (or any missing path when `hub_ok` is false) is an error."""
+def model_folder_problems(
+    value: str, role: str, hub_ok: bool = True, adapter_ok: bool = True
+) -> list[str]:
+    """A model: a local folder must hold config.json and weights, or (`adapter_ok`) a LoRA
+    adapter, read as its merged model; a missing local-looking path (or any missing path when
+    `hub_ok` is false) is an error."""
     path = _exists(value)
     if path is None:
         if hub_ok and not looks_local(value):
@@ -103,6 +107,8 @@ def model_folder_problems(value: str, role: str, hub_ok: bool = True) -> list[st
         return [f"{value}: {role}: no such model folder; {fix}"]
     if not path.is_dir():
         return [f"{value}: {role}: is a file, not a model folder; give the folder holding it"]
+    if adapter_ok and adapter_folder(path) is not None and not (path / "config.json").is_file():
+        return []
     missing = []
     if not (path / "config.json").is_file():
         missing.append("config.json")
@@ -222,7 +228,7 @@ def check_paths(
 
 def _reward_problems(reward, model_key: str, function_key: str, where: str) -> list[str]:
     if reward.model is not None:
-        return model_folder_problems(reward.model, model_key)
+        return model_folder_problems(reward.model, model_key, adapter_ok=False)
     target, _, _ = reward.function.rpartition(":")
     if target.endswith(".py") and not Path(target).is_file():
         return [
@@ -291,13 +297,14 @@ def check_evaluate_paths(models: list[str], settings, output: str | None, output
     problems = []
     for model in models:
         folder = Path(model)
-        run_folder = folder.is_dir() and not (folder / "config.json").is_file()
-        if run_folder and any((folder / s / "config.json").is_file() for s in TRAINING_STAGES):
+        run_folder = folder.is_dir() and not has_model(folder)
+        if run_folder and any(has_model(folder / s) for s in TRAINING_STAGES):
             continue  # a run folder: its stages' models (stages/evaluate.py)
         if run_folder:
             problems.append(
-                f"{model}: MODEL_DIR: neither a model folder (no config.json) nor a run folder "
-                "(no sft/ or preference/ model); give e.g. outputs/tiny/preference or outputs/tiny"
+                f"{model}: MODEL_DIR: neither a model folder (no config.json), nor an adapter "
+                "(no adapter_config.json), nor a run folder (no sft/ or preference/ model); give "
+                "e.g. outputs/tiny/preference or outputs/tiny"
             )
             continue
         problems += model_folder_problems(model, "MODEL_DIR", hub_ok=False)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,13 @@ from simpo_cli.launch import zero_stage
 from simpo_cli.outputs import StageDir, reproducibility_record
 from simpo_cli.recipe import TRAINING_STAGES, Recipe, SFTStage, settings_table, stage_identity
 from simpo_cli.redact import redact
-from simpo_cli.training import MetricsFile, check_vocab, load_model, training_arguments
+from simpo_cli.training import (
+    MetricsFile,
+    check_vocab,
+    load_model,
+    load_model_from,
+    training_arguments,
+)
 
 LAUNCH_ID = "SIMPO_LAUNCH_ID"  # one value per `simpo` command, inherited by its processes
 
@@ -131,14 +139,8 @@ def run_stage(recipe: Recipe, name: str, output_dir: Path, overwrite: bool = Fal
     if is_main_process():
         (stage_dir.path / "data_report.txt").write_text("\n".join(report_lines) + "\n")
 
-    model = load_model(recipe, start_from, stage.training.seed, quantized=True)
+    model, base, load_base = _starting_model(recipe, name, start_from, stage_dir)
     check_vocab(model, tokenizer)
-    if recipe.model.lora is not None:
-        t = stage.training
-        model = adapters.add_adapters(model, recipe.model, t.gradient_checkpointing, t.seed)
-        trainable, frozen = adapters.trainable_parameters(model)
-        say(f"[{name}] LoRA r={recipe.model.lora.r}: {trainable:,} trainable adapter "
-            f"parameters on {frozen:,} frozen ({trainable / frozen:.2%})")  # fmt: skip
     common = {
         "model": model,
         "args": args,
@@ -187,11 +189,11 @@ def run_stage(recipe: Recipe, name: str, output_dir: Path, overwrite: bool = Fal
             summary["greedy_eval"] = after
             _print_greedy(name, _read_json(stage_dir.path / "greedy_before.json"), after)
     if adapters.is_adapted(trainer.model):
-        if is_main_process():
-            adapters.save(
-                trainer.model, stage_dir.path, tokenizer,
-                lambda: load_model(recipe, start_from, stage.training.seed),
-            )  # fmt: skip
+        merge = adapters.writes_merged(recipe, name)
+        adapters.save(trainer.model, stage_dir.path, tokenizer, base, merge, load_base)
+        if not merge:
+            say(f"[{name}] adapter only (model.lora.merge): the next stage, generate and "
+                f"evaluate merge it into its base as they load it")  # fmt: skip
     else:
         # Under ZeRO-3 every process takes part in gathering the sharded weights; Trainer
         # writes the consolidated 16-bit state dict from the main process only.
@@ -209,6 +211,54 @@ def run_stage(recipe: Recipe, name: str, output_dir: Path, overwrite: bool = Fal
     barrier()
     say(f"[{name}] finished: model in {stage_dir.path}")
     return stage_dir.path
+
+
+def _starting_model(recipe: Recipe, name: str, start_from: str | None, stage_dir: StageDir):
+    """(model, base record, base loader) of a training stage: the model it trains and, with
+    LoRA, the base record of its adapter and how to load that base whole in full precision
+    (for the merge at the end). Fresh adapters on the starting model, or
+    (model.lora.continue_adapter) the previous stage's adapter, trainable, on its own base."""
+    t = recipe.stage(name).training
+    lora = recipe.model.lora
+    previous = adapters.adapter_folder(start_from)
+    if lora is not None and lora.continue_adapter and previous is not None:
+        recorded, base_from, seed = adapters.read_base(previous)
+        settings = recipe.model.model_copy(
+            update={"name_or_path": recorded.name_or_path, "init": recorded.init,
+                    "config": recorded.config, "tokenizer": recorded.tokenizer}
+        )  # fmt: skip
+        model = load_model_from(settings, base_from, seed, quantized=True)
+        model = adapters.continue_adapters(model, previous, recipe.model, t.gradient_checkpointing)
+        record = previous / adapters.BASE_RECORD
+        base = (
+            json.loads(record.read_text())
+            if record.is_file()
+            else adapters.base_record(settings, base_from, None, seed)
+        )
+        say(f"[{name}] LoRA: continuing the adapter of {previous}")
+        load_base = partial(load_model_from, settings, base_from, seed)
+    else:
+        # An adapter-only start is merged into files first where the weights are read from
+        # files as they are loaded: to be quantized, or partitioned by ZeRO-3.
+        source = nullcontext(start_from)
+        from_files = recipe.model.quantization is not None or zero_stage(recipe) == 3
+        if from_files and adapters.adapter_only(start_from):
+            scratch = stage_dir.path / "start_model"
+            merge = partial(load_model, recipe, start_from, t.seed)
+            source = adapters.full_model_folder(start_from, scratch, merge)
+        with source as folder:
+            model = load_model(recipe, folder, t.seed, quantized=True)
+        if lora is None:
+            return model, None, None
+        model = adapters.add_adapters(model, recipe.model, t.gradient_checkpointing, t.seed)
+        base = adapters.base_record(
+            recipe.model, start_from, recipe.model_stage_before(name), t.seed
+        )
+        load_base = partial(load_model, recipe, start_from, t.seed)
+    trainable, frozen = adapters.trainable_parameters(model)
+    say(f"[{name}] LoRA r={lora.r}: {trainable:,} trainable adapter "
+        f"parameters on {frozen:,} frozen ({trainable / frozen:.2%})")  # fmt: skip
+    return model, base, load_base
 
 
 def _run_data_stage(

@@ -10,12 +10,19 @@ import shlex
 from pathlib import Path
 
 from simpo_cli import launch
+from simpo_cli.errors import UserError
 from simpo_cli.outputs import StageDir
-from simpo_cli.recipe import TRAINING_STAGES, DataSource, Recipe, StageName
-from simpo_cli.redact import redact_args
+from simpo_cli.recipe import TRAINING_STAGES, DataSource, Recipe, StageName, stage_identity
+from simpo_cli.redact import redact, redact_args
 
 
-def print_plan(recipe: Recipe, names: list[StageName], out: Path, child: list[str] | None) -> None:
+def print_plan(
+    recipe: Recipe,
+    names: list[StageName],
+    out: Path,
+    child: list[str] | None,
+    overwrite: bool = False,
+) -> None:
     print(recipe.to_yaml().rstrip())
     lines = ["", "launch:"]
     settings = recipe.launch
@@ -38,7 +45,7 @@ def print_plan(recipe: Recipe, names: list[StageName], out: Path, child: list[st
 
     lines += ["", "stages:"]
     for name in names:
-        lines += _stage_lines(recipe, name, out)
+        lines += _stage_lines(recipe, name, out, overwrite)
     lines += ["", *_memory_lines(recipe, names, stage, offload)]
     print("\n".join(lines))
 
@@ -50,10 +57,19 @@ def _offloads(zero: dict) -> bool:
     )
 
 
-def _stage_lines(recipe: Recipe, name: StageName, out: Path) -> list[str]:
+def _stage_lines(recipe: Recipe, name: StageName, out: Path, overwrite: bool) -> list[str]:
     stage_dir = StageDir(out / name)
     checkpoint = stage_dir.last_checkpoint()
-    if stage_dir.is_complete():
+    try:
+        stage_dir.check(stage_identity(redact(recipe.dump()), name), name)
+        other_recipe = None
+    except UserError as err:
+        other_recipe = str(err)
+    if overwrite and (stage_dir.path / "resolved_recipe.yaml").is_file():
+        state = "starts over: --overwrite"
+    elif other_recipe is not None:
+        state = f"stops: {other_recipe}"
+    elif stage_dir.is_complete():
         state = "finished, will be skipped; --overwrite reruns it"
     elif checkpoint is not None:
         state = f"resumes from {checkpoint.name}"
@@ -97,6 +113,8 @@ def _stage_lines(recipe: Recipe, name: StageName, out: Path) -> list[str]:
         )
     if name == "preference":
         lines.append(f"    gamma {section.resolved_gamma:g} (beta {section.beta:g})")
+    if recipe.model.lora is not None:
+        lines.append(_adapter_line(recipe, name))
     rows = count_rows(section.data.train)
     if rows is None and recipe.origin((name, "data", "train")) == "annotate stage":
         lines.append(f"    data: the annotate stage's pairs ({section.data.train.path})")
@@ -113,11 +131,24 @@ def _stage_lines(recipe: Recipe, name: StageName, out: Path) -> list[str]:
     return lines
 
 
+def _adapter_line(recipe: Recipe, name: StageName) -> str:
+    from simpo_cli.adapters import writes_merged
+
+    previous = recipe.model_stage_before(name)
+    if previous is not None and recipe.model.lora.continue_adapter:
+        start = f"trains {previous}'s adapter further"
+    else:
+        start = "fresh adapters"
+    if writes_merged(recipe, name):
+        return f"    LoRA: {start}; saves adapter/ and the merged model"
+    return f"    LoRA: {start}; saves adapter/ only (model.lora.merge), merged as it is read"
+
+
 def _memory_lines(recipe: Recipe, names: list[StageName], stage: int, offload: bool) -> list[str]:
     counted = launch.count_parameters(recipe)
     if counted is None:
         return ["memory: unknown (the model's config cannot be read here)"]
-    n_params, largest, vocab, trainable = counted
+    n_params, largest, vocab, trainable, linear = counted
     settings = recipe.launch
     where = f"ZeRO-{stage}" + (" with CPU offload" if offload else "") if stage else "no ZeRO"
     if recipe.model.lora is None:
@@ -130,16 +161,27 @@ def _memory_lines(recipe: Recipe, names: list[StageName], stage: int, offload: b
             f"{_count(largest)}); activations not included"
         ]
     else:
-        # Frozen weights, whole on every GPU (no ZeRO-3 with LoRA), in their loaded precision;
-        # gradients and Adam for the adapters only.
+        # Frozen weights in their loaded precision, whole on every GPU or (ZeRO-3) split over
+        # them, on the CPU with offload; gradients and Adam for the adapters only.
         estimate = launch.model_states_memory(
             trainable, largest, stage, offload, settings.num_processes, settings.num_machines
         )
         quantized = recipe.model.quantization
-        per_weight = {"4bit": 0.5, "8bit": 1}.get(quantized or "", 0) or (
-            4 if recipe.model.dtype == "float32" else 2
-        )
-        frozen = int(n_params * per_weight)
+        per_weight = 4 if recipe.model.dtype == "float32" else 2
+        frozen = n_params * per_weight
+        if quantized:
+            # bitsandbytes quantizes the linear layers but the output head. The rest (embeddings,
+            # norms, the head) peft's k-bit preparation casts to fp32. NF4 with double
+            # quantization: 4 bits and about 0.127 bits of constants per weight (Dettmers et
+            # al. 2023); int8: 8 bits and one fp32 scale per row (left out).
+            bits = 4 + 0.127 if quantized == "4bit" else 8
+            frozen = (n_params - linear) * 4 + int(linear * bits / 8)
+        split = ""
+        if stage == 3 and offload:
+            estimate = dataclasses.replace(estimate, cpu_bytes=estimate.cpu_bytes + frozen)
+            frozen, split = 0, ", on the CPU"
+        elif stage == 3:
+            frozen, split = frozen // settings.world_size, f", split over {settings.world_size}"
         lora = recipe.model.lora
         targets = lora.target_modules
         targets = targets if isinstance(targets, str) else ", ".join(targets)
@@ -148,8 +190,9 @@ def _memory_lines(recipe: Recipe, names: list[StageName], stage: int, offload: b
             f"{_count(n_params)} frozen ({trainable / n_params:.2%})",
             f"memory per GPU for model states ({where}, {settings.world_size} GPU(s)): "
             f"{_bytes(frozen + estimate.gpu_bytes)}: frozen weights {_bytes(frozen)} "
-            f"({quantized or recipe.model.dtype}), adapters with gradients and Adam "
-            f"{_bytes(estimate.gpu_bytes)}; activations not included",
+            f"({quantized or recipe.model.dtype}{split}), adapters with gradients and Adam"
+            f"{' and the gathered layer' if stage == 3 else ''} {_bytes(estimate.gpu_bytes)}; "
+            "activations not included",
         ]
         estimate = dataclasses.replace(estimate, gpu_bytes=frozen + estimate.gpu_bytes)
     if estimate.cpu_bytes:

@@ -63,6 +63,17 @@ class LoraSettings(Section):
         description="Layers that get adapters: every linear layer but the output head, or a "
         "list of module names (e.g. [q_proj, v_proj]).",
     )
+    merge: bool | None = Field(
+        None,
+        description="Also write the merged model beside the adapter. Default: where a model "
+        "leaves training (the pipeline's last training stage, and the stage generate samples "
+        "from); false: adapters only (the next stage, generate and evaluate merge as they load).",
+    )
+    continue_adapter: bool = Field(
+        False,
+        description="The next training stage trains the previous stage's adapter further, on "
+        "the same base, instead of fresh adapters on the previous stage's merged model.",
+    )
 
 
 class ModelSettings(Section):
@@ -712,12 +723,31 @@ class Recipe(Section):
             )
         if "evaluate" in self.pipeline:
             self._check_evaluate()
+        self._check_continued_adapter()
         problems = [
             p for name in TRAINING_STAGES if getattr(self, name) for p in self._batch_problems(name)
         ]
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def _check_continued_adapter(self) -> None:
+        """A continued adapter switched off is the first stage's base, not the preference
+        stage's start: no live reference from it."""
+        lora = self.model.lora
+        stage = self.preference
+        if lora is None or not lora.continue_adapter or stage is None:
+            return
+        if "preference" not in self.pipeline or self.model_stage_before("preference") is None:
+            return
+        if stage.uses_reference and stage.reference.mode == "live" and not stage.reference.model:
+            raise ValueError(
+                "preference.reference.mode: live with model.lora.continue_adapter would score the "
+                f"reference as the adapters switched off, which is the model before "
+                f"{self.model_stage_before('preference')}, not this stage's start; use "
+                "reference.mode: cached (the start's log-probs, computed once) or set "
+                "reference.model"
+            )
 
     def _check_evaluate(self) -> None:
         stage = self.evaluate
@@ -950,11 +980,18 @@ def recipe_summary(recipe: Recipe) -> tuple[str, str, str]:
         elif isinstance(stage, AnnotateStage):
             methods.append("annotate")
             shown.append(f"reward={stage.reward.model or stage.reward.function}")
+        elif isinstance(stage, EvaluateStage):
+            methods.append("evaluate")
         else:
             methods.append("sft")
         if name in TRAINING_STAGES:
             shown.append(f"lr={stage.training.learning_rate:g}")
-        settings.append(" ".join(shown))
+        if shown:
+            settings.append(" ".join(shown))
+    lora = recipe.model.lora
+    if lora is not None:
+        quantized = f" {recipe.model.quantization}" if recipe.model.quantization else ""
+        settings.append(f"lora r={lora.r}{quantized}")
     return model, " -> ".join(methods), "; ".join(settings)
 
 

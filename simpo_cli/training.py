@@ -22,7 +22,7 @@ from simpo_cli.data import LENGTH_COLUMN
 from simpo_cli.distributed import is_main_process
 from simpo_cli.errors import UserError
 from simpo_cli.outputs import StageDir
-from simpo_cli.recipe import Recipe
+from simpo_cli.recipe import ModelSettings, Recipe
 
 
 @contextmanager
@@ -100,7 +100,36 @@ def load_model(recipe: Recipe, start_from: str | None, seed: int, quantized: boo
     """The stage's starting model: a previous stage's output, the recipe's pretrained model, or
     a fresh model built from model.config (seeded, so every run builds the same weights).
     quantized: as model.quantization says (the base weights of QLoRA)."""
-    settings = recipe.model
+    return load_model_from(recipe.model, start_from, seed, quantized)
+
+
+def load_model_from(
+    settings: ModelSettings | None, start_from: str | None, seed: int, quantized: bool = False
+):
+    """load_model for model settings. A folder holding only an adapter (a stage's, or a bare
+    peft one) loads as its base, loaded the same way, with the adapter merged in. Settings None:
+    a folder's own dtype, or an adapter's recorded base settings."""
+    source = start_from
+    if source is None and settings is not None and settings.init == "pretrained":
+        source = settings.name_or_path
+    adapter = adapters.adapter_only(source)
+    if adapter is not None:
+        if quantized and settings is not None and settings.quantization:
+            # the caller writes the merged model first (adapters.full_model_folder)
+            raise ValueError(f"{source}: an adapter-only folder cannot be loaded quantized")
+        recorded, base, base_seed = adapters.read_base(adapter)
+        how = settings or recorded
+        base_settings = recorded.model_copy(
+            update={
+                "dtype": how.dtype,
+                "attn_implementation": how.attn_implementation,
+                "trust_remote_code": how.trust_remote_code,
+            }
+        )
+        with whole_weights():  # merged whole, even where ZeRO-3 would partition the base
+            return adapters.merged(adapter, load_model_from(base_settings, base, base_seed))
+    if settings is None:
+        settings = ModelSettings(name_or_path=source)
     dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16}.get(
         settings.dtype, torch.float16
     )
@@ -109,7 +138,7 @@ def load_model(recipe: Recipe, start_from: str | None, seed: int, quantized: boo
         kwargs["attn_implementation"] = settings.attn_implementation
     if quantized and (config := adapters.quantization_config(settings)) is not None:
         kwargs["quantization_config"] = config
-    if start_from is None and settings.init == "from_config":
+    if source is None:  # init: from_config
         if "quantization_config" in kwargs:
             raise UserError(
                 "model.quantization: a model built from model.config has no pretrained weights "
@@ -121,7 +150,6 @@ def load_model(recipe: Recipe, start_from: str | None, seed: int, quantized: boo
         model_config = AutoConfig.for_model(model_type, **config)
         model = AutoModelForCausalLM.from_config(model_config, **kwargs)
         return model.to(dtype) if isinstance(dtype, torch.dtype) else model
-    source = start_from or settings.name_or_path
     try:
         return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except OSError as err:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +15,9 @@ from safetensors.torch import load_file
 from simpo_cli.data import PreferenceCollator, load_source, load_tokenizer, prepare
 from simpo_cli.logps import sequence_scores
 from simpo_cli.recipe import load_recipe
-from simpo_cli.training import load_model
+from simpo_cli.training import load_model, load_model_from
 
+ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -47,26 +49,36 @@ def lora_run(tmp_path_factory):
     return load_recipe("tiny", LORA_SETS), out
 
 
-def test_each_stage_saves_its_adapter_and_the_merged_model(lora_run):
+def test_the_last_stage_writes_the_merged_model_the_sft_stage_its_adapter_only(lora_run):
+    """model.lora.merge by default: only the last training stage writes the merged model; the
+    SFT stage keeps its adapter and base record, and the preference stage and the evaluate
+    stage merge it as they load it (in memory, and in a scratch folder removed afterwards)."""
     _, out = lora_run
     for stage in ("sft", "preference"):
         assert (out / stage / "adapter" / "adapter_model.safetensors").is_file()
         assert (out / stage / "adapter" / "adapter_config.json").is_file()
-        saved = load_file(out / stage / "model.safetensors")
-        assert not any("lora" in name for name in saved), "the merged model holds no adapters"
+    assert not (out / "sft" / "config.json").exists()
+    assert not list((out / "sft").glob("*.safetensors"))
+    base = json.loads((out / "sft" / "adapter" / "base.json").read_text())
+    assert base["start_from"] is None and base["model"]["init"] == "from_config"
+    assert base["seed"] == 42
+    on_sft = json.loads((out / "preference" / "adapter" / "base.json").read_text())
+    assert on_sft["stage"] == "sft" and on_sft["start_from"] == str((out / "sft").resolve())
+    saved = load_file(out / "preference" / "model.safetensors")
+    assert not any("lora" in name for name in saved), "the merged model holds no adapters"
     table = (out / "evaluate" / "comparison.md").read_text()
     assert "| tiny-sft |" in table and "| tiny-preference |" in table
+    assert not (out / "evaluate" / "checkpoints" / "tiny-sft" / "merged_model").exists()
 
 
 def test_lora_trains_the_adapters_only(lora_run):
     """The adapter saved beside the merged model holds the trained LoRA matrices; the base
     weights under it are bitwise those of the starting model, and every adapted layer moved."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     _, out = lora_run
     stage = out / "preference"
-    start = AutoModelForCausalLM.from_pretrained(out / "sft")  # the stage's start: merged SFT
+    start = load_model_from(None, str(out / "sft"), 0)  # the stage's start: SFT's adapter merged
     before = {k: v.clone() for k, v in start.state_dict().items()}
     adapted = PeftModel.from_pretrained(start, stage / "adapter")
     lora_b = 0
@@ -87,7 +99,7 @@ def test_merged_model_scores_like_the_adapted_one(lora_run):
     recipe, out = lora_run
     stage = out / "preference"
     merged = AutoModelForCausalLM.from_pretrained(stage).eval()
-    start = AutoModelForCausalLM.from_pretrained(out / "sft")
+    start = load_model_from(None, str(out / "sft"), 0)
     adapted = PeftModel.from_pretrained(start, stage / "adapter").eval()
     tokenizer = load_tokenizer(recipe.model)
     source = recipe.preference.data.train.model_copy(update={"max_rows": 8})
@@ -96,9 +108,204 @@ def test_merged_model_scores_like_the_adapted_one(lora_run):
     with torch.no_grad():
         a = sequence_scores(adapted, batch, chunk_size=16).sums
         m = sequence_scores(merged, batch, chunk_size=16).sums
-        base = sequence_scores(AutoModelForCausalLM.from_pretrained(out / "sft"), batch, 16).sums
+        base = sequence_scores(load_model_from(None, str(out / "sft"), 0), batch, 16).sums
     torch.testing.assert_close(m, a, rtol=0, atol=1e-5)
     assert (a - base).abs().max() > 1e-2, "training moved nothing"
+
+
+def test_merge_default_is_where_a_model_leaves_training():
+    from simpo_cli.adapters import writes_merged
+
+    tiny = load_recipe("tiny", ["model.lora.r=8"])  # sft, preference, evaluate
+    assert [writes_merged(tiny, s) for s in ("sft", "preference")] == [False, True]
+    onpolicy = load_recipe("tiny-onpolicy", ["model.lora.r=8"])  # generate samples from sft
+    assert [writes_merged(onpolicy, s) for s in ("sft", "preference")] == [True, True]
+    for value in (True, False):
+        recipe = load_recipe("tiny", ["model.lora.r=8", f"model.lora.merge={str(value).lower()}"])
+        assert [writes_merged(recipe, s) for s in ("sft", "preference")] == [value, value]
+
+
+def _scores(model, recipe, rows=None):
+    tokenizer = load_tokenizer(recipe.model)
+    source = recipe.preference.data.eval.model_copy(update={"max_rows": rows})
+    pairs, _ = prepare(load_source(source, "t"), tokenizer, "preference", "t", 64, 40)
+    batch = PreferenceCollator(tokenizer.pad_token_id, padding_free=True)(list(pairs))
+    with torch.no_grad():
+        return sequence_scores(model.eval(), batch, chunk_size=16).sums[: len(pairs)]  # chosen
+
+
+@pytest.fixture(scope="module")
+def continued(lora_run, tmp_path_factory):
+    """The preference stage of lora_run again, continuing the SFT adapter (no fresh adapters)
+    and keeping the adapter only (model.lora.merge false)."""
+    import shutil
+
+    recipe, out = lora_run
+    again = tmp_path_factory.mktemp("continued") / "out"
+    shutil.copytree(out, again)
+    sets = [*LORA_SETS, "model.lora.continue_adapter=true", "model.lora.merge=false"]
+    args = [arg for s in sets for arg in ("--set", s)]
+    result = subprocess.run(
+        [sys.executable, "-m", "simpo_cli.cli", "preference", "tiny", "-o", str(again),
+         "--overwrite", *args],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return load_recipe("tiny", sets), out, again, result.stdout
+
+
+def test_continue_adapter_trains_the_sft_adapter_on_from_the_sft_model(continued):
+    """model.lora.continue_adapter: the preference stage loads the SFT adapter, trainable, on
+    the SFT stage's base: it starts as the SFT model (the held-out numbers before training
+    equal those of fresh adapters on the merged SFT model) and its adapter keeps SFT's base."""
+    from peft import PeftModel
+
+    recipe, out, again, stdout = continued
+    assert f"[preference] LoRA: continuing the adapter of {again / 'sft' / 'adapter'}" in stdout
+    assert "[preference] adapter only (model.lora.merge)" in stdout
+    stage = again / "preference"
+    assert not (stage / "config.json").exists()
+    assert (stage / "adapter" / "base.json").read_text() == (
+        out / "sft" / "adapter" / "base.json"
+    ).read_text()
+    before = json.loads((stage / "eval_before.json").read_text())
+    fresh = json.loads((out / "preference" / "eval_before.json").read_text())
+    assert before["eval_loss"] == pytest.approx(fresh["eval_loss"], abs=1e-5)
+    sft = load_file(again / "sft" / "adapter" / "adapter_model.safetensors")
+    trained = load_file(stage / "adapter" / "adapter_model.safetensors")
+    assert sft.keys() == trained.keys()
+    assert max((trained[k] - sft[k]).abs().max() for k in sft) > 1e-3, "the adapter moved"
+    # One adapter on the from_config base (seeded) scores like the stage's adapter-only folder.
+    adapted = PeftModel.from_pretrained(load_model(recipe, None, 42), stage / "adapter")
+    torch.testing.assert_close(
+        _scores(load_model_from(None, str(stage), 0), recipe),
+        _scores(adapted, recipe), rtol=0, atol=1e-5,
+    )  # fmt: skip
+
+
+def test_simpo_eval_reads_an_adapter_folder_as_its_merged_model(continued, tmp_path, cli):
+    """`simpo eval` of a stage's adapter/ (adapter only, its base built from model.config) and
+    of a bare peft adapter (base_model_name_or_path) scores the merged model, with no merged
+    copy left behind."""
+    from peft import PeftModel
+
+    recipe, _, again, _ = continued
+    pairs = str(recipe.preference.data.eval.path)
+    out = tmp_path / "scores.json"
+    result = cli("eval", again / "preference" / "adapter", "--pairs", pairs, "--output", out)
+    assert result.code == 0, result.stderr[-2000:]
+    got = json.loads(out.read_text())
+    adapted = PeftModel.from_pretrained(
+        load_model(recipe, None, 42), again / "preference" / "adapter"
+    )
+    expected = _scores(adapted, recipe)
+    assert got["summary"]["beta"] == recipe.preference.beta  # the stage's recipe was read
+    sums = [p["chosen_logps_sum"] for p in got["pairs"]]
+    assert sums == pytest.approx(expected.tolist(), abs=1e-4)
+
+    # A bare peft adapter: a seeded random adapter on a saved model folder.
+    from conftest import save_tiny_model
+
+    base = save_tiny_model(tmp_path / "base")
+    bare = adapters_on(base, recipe, tmp_path / "bare")
+    lengths = ["--max-length", "64", "--max-prompt-length", "40"]  # the tiny recipe's
+    result = cli("eval", bare, "--pairs", pairs, *lengths, "--output", out)
+    assert result.code == 0, result.stderr[-2000:]
+    from transformers import AutoModelForCausalLM
+
+    expected = _scores(
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), bare), recipe
+    )
+    sums = [p["chosen_logps_sum"] for p in json.loads(out.read_text())["pairs"]]
+    assert sums == pytest.approx(expected.tolist(), abs=1e-4)
+    assert not list(tmp_path.glob(".simpo-merged-*")), "the merged copies are removed"
+
+
+def adapters_on(base, recipe, folder):
+    """A peft adapter with random (non-zero) B saved alone, naming `base` as its base model."""
+    from transformers import AutoModelForCausalLM
+
+    from simpo_cli import adapters
+
+    model = adapters.add_adapters(
+        AutoModelForCausalLM.from_pretrained(base), recipe.model, False, 0
+    )
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_vllm_generation_from_an_adapter_only_stage_is_one_line(continued):
+    from simpo_cli.errors import UserError
+    from simpo_cli.stages.generate import _vllm_backend
+
+    recipe, _, again, _ = continued
+    recipe = load_recipe("tiny-onpolicy", ["model.lora.r=8"])
+    with pytest.raises(UserError) as err:
+        _vllm_backend(recipe, recipe.generate, str(again / "preference"), None, {})
+    assert str(err.value) == (
+        f"generate.backend: vllm loads a whole model, but {again / 'preference'} holds only a "
+        "LoRA adapter (model.lora.merge: false); remove merge: false (that stage then writes its "
+        "merged model) or set generate.backend: transformers"
+    )
+
+
+def test_continued_adapter_refuses_a_live_dpo_reference(tmp_path, cli):
+    sets = ["model.lora.r=8", "model.lora.continue_adapter=true", "preference.loss=dpo",
+            "preference.gamma_beta_ratio=null", "preference.reference.mode=live"]  # fmt: skip
+    result = cli("train", "tiny", "-o", tmp_path, "--dry-run",
+                 *[arg for s in sets for arg in ("--set", s)])  # fmt: skip
+    assert result.code == 2
+    assert result.errors()[-1].endswith(
+        "preference.reference.mode: live with model.lora.continue_adapter would score the "
+        "reference as the adapters switched off, which is the model before sft, not this "
+        "stage's start; use reference.mode: cached (the start's log-probs, computed once) or "
+        "set reference.model"
+    ), result.errors()
+
+
+def test_dry_run_says_what_each_stage_saves_and_which_run_it_would_stop(lora_run, cli):
+    _, out = lora_run
+    sets = [arg for s in LORA_SETS for arg in ("--set", s)]
+    result = cli("train", "tiny", "-o", out, "--dry-run", *sets)
+    assert result.code == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert f"  sft -> {out / 'sft'} (finished, will be skipped; --overwrite reruns it)" in lines
+    assert (
+        "    LoRA: fresh adapters; saves adapter/ only (model.lora.merge), merged as it is read"
+        in lines
+    )
+    assert "    LoRA: fresh adapters; saves adapter/ and the merged model" in lines
+    # The same folder without LoRA: the run would stop there; the dry run says so.
+    result = cli("train", "tiny", "-o", out, "--dry-run")
+    assert (
+        f"  sft -> {out / 'sft'} (stops: {out / 'sft'}: holds a 'sft' run made with a "
+        "different recipe; pass --overwrite to start it over, or choose another --output-dir)"
+    ) in result.stdout.splitlines()
+    result = cli("train", "tiny", "-o", out, "--dry-run", "--overwrite")
+    assert f"  sft -> {out / 'sft'} (starts over: --overwrite)" in result.stdout.splitlines()
+
+
+def test_dry_run_counts_quantized_weights_by_hand(tmp_path, cli):
+    """The tiny model: embeddings 320 x 64 = 20,480 (tied head), norms 5 x 64 = 320, linear
+    layers 2 x (q 4,096 + k 2,048 + v 2,048 + o 4,096 + 3 x 12,288) = 98,304; 119,104 in all.
+    4bit: the 20,800 others in fp32 (83,200 B) and NF4 at 4.127 bits (50,712 B): 133,912 B =
+    130.8 KiB. Adapters: r 8 x (in + out) = 19,456 parameters x 16 B (weight, gradient, Adam's
+    two moments, fp32) = 311,296 B = 304.0 KiB."""
+    result = cli("train", "tiny", "-o", tmp_path, "--dry-run", "--set", "model.lora.r=8",
+                 "--set", "model.quantization=4bit")  # fmt: skip
+    assert result.code == 0, result.stderr[-2000:]
+    assert (
+        "LoRA r=8 (all-linear): 19.5k trainable adapter parameters on 119k frozen (16.34%)"
+        in result.stdout
+    )
+    assert (
+        "memory per GPU for model states (no ZeRO, 1 GPU(s)): 434.8 KiB: frozen weights "
+        "130.8 KiB (4bit), adapters with gradients and Adam 304.0 KiB" in result.stdout
+    )
 
 
 def test_quantization_on_the_cpu_is_one_line(tmp_path, cli):
@@ -111,14 +318,16 @@ def test_quantization_on_the_cpu_is_one_line(tmp_path, cli):
     ]
 
 
-def test_lora_under_zero3_is_refused_before_launch(tmp_path, cli):
-    sets = ["--set", "pipeline=[preference]", "--set", "model.lora.r=8"]
+def test_quantization_under_zero3_is_refused_before_launch(tmp_path, cli):
+    sets = ["--set", "pipeline=[preference]", "--set", "model.lora.r=8",
+            "--set", "model.quantization=4bit"]  # fmt: skip
     result = cli("preference", "tiny", "-o", tmp_path, *sets,
                  "--deepspeed", "zero3", "--num-processes", "2")  # fmt: skip
     assert result.code == 2
     assert result.errors() == [
-        "error: model.lora with launch.deepspeed zero3 (ZeRO-3) is not supported; adapters are "
-        "small enough for --deepspeed zero2 or plain data parallel (no --deepspeed)"
+        "error: model.quantization 4bit with launch.deepspeed zero3 (ZeRO-3) is not supported; "
+        "quantized weights fit whole on each GPU: use --deepspeed zero2 or plain data parallel "
+        "(no --deepspeed)"
     ]
     assert "launching" not in result.stdout
 
@@ -156,34 +365,6 @@ def test_dpo_reference_is_the_base_model_with_the_adapters_off(tmp_path):
     assert (policy.chosen_sum - base.chosen_sum).abs().max() > 1e-2
 
 
-@pytest.mark.slow
-def test_lora_resume_after_a_stop_equals_a_run_never_stopped(tmp_path):
-    """SIGTERM mid-run saves a checkpoint (the adapters and their optimizer state); the rerun
-    resumes from it and ends with the adapters and merged weights of a run never stopped."""
-    import signal
-
-    from conftest import save_tiny_model
-    from test_faults import ONE_PROCESS, command, run, stop_with
-
-    start = save_tiny_model(tmp_path / "start")
-    lora = ["model.lora.r=8", "preference.data.train.max_rows=120", *ONE_PROCESS]  # 15 steps
-    straight = tmp_path / "straight"
-    assert run(command(straight, start, lora)).returncode == 0
-
-    out = tmp_path / "out"
-    code, stderr = stop_with(signal.SIGTERM, command(out, start, lora), out / "preference")
-    assert code == 75, stderr[-3000:]
-    result = run(command(out, start, lora))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "resuming from" in result.stdout
-    for name in ("adapter/adapter_model.safetensors", "model.safetensors"):
-        got = load_file(out / "preference" / name)
-        expected = load_file(straight / "preference" / name)
-        assert got.keys() == expected.keys()
-        for key, tensor in expected.items():
-            assert torch.equal(got[key], tensor), f"{name}: {key}"
-
-
 # 10 steps of 8 pairs. No adapter dropout: its random masks differ between 1 and 2 processes.
 DISTRIBUTED_SETS = ["model.lora.r=8", "model.lora.dropout=0", "preference.data.train.max_rows=80"]
 
@@ -203,10 +384,9 @@ def lora_single(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("deepspeed", [None, "zero2"])
-def test_lora_on_two_processes_matches_one(tmp_path, lora_single, deepspeed):
-    """Adapters under 2-process data parallel and ZeRO-2 train like 1 process at the same total
-    batch: the same losses and the same merged weights after 10 steps."""
+def test_lora_on_two_processes_matches_one(tmp_path, lora_single):
+    """Adapters under 2-process data parallel train like 1 process at the same total batch:
+    the same losses and the same merged weights after 10 steps."""
     from test_faults import command, run
 
     from simpo_cli.launch import free_port
@@ -214,18 +394,58 @@ def test_lora_on_two_processes_matches_one(tmp_path, lora_single, deepspeed):
     start, one = lora_single
     two = tmp_path / "two"
     flags = ["--num-processes", "2", "--main-process-port", str(free_port())]
-    flags += ["--deepspeed", deepspeed] if deepspeed else []
     per_device = "preference.training.per_device_train_batch_size=4"
     result = run(command(two, start, [*DISTRIBUTED_SETS, per_device], *flags))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert len(_losses(one)) == 10
+    assert _losses(two) == pytest.approx(_losses(one), rel=1e-5)
+    _assert_same_merged(two, one)
 
-    def losses(out):
-        lines = (out / "preference" / "metrics.jsonl").read_text().splitlines()
-        return [json.loads(x)["loss"] for x in lines if '"loss"' in x]
 
-    assert len(losses(one)) == 10
-    assert losses(two) == pytest.approx(losses(one), rel=1e-5)
-    a = load_file(two / "preference" / "model.safetensors")
-    b = load_file(one / "preference" / "model.safetensors")
+@pytest.mark.slow
+def test_lora_under_zero3_stopped_and_resumed_matches_one_process(tmp_path, lora_single):
+    """ZeRO-3 with every weight partitioned, the adapters' too (no persistence threshold):
+    SIGTERM after step 3 saves a checkpoint, the rerun resumes from it, and the run ends with
+    the losses, adapter and merged model (merged into a whole copy of the base) of 1 process."""
+    import signal
+
+    from test_faults import command, run, stop_with
+
+    from simpo_cli.launch import free_port
+
+    start, one = lora_single
+    config = json.loads((ROOT / "configs" / "deepspeed" / "zero3.json").read_text())
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "zero3.json").write_text(json.dumps(config))
+    out = tmp_path / "two"
+    sets = [*DISTRIBUTED_SETS, "preference.training.per_device_train_batch_size=4"]
+
+    def args():
+        flags = ["--num-processes", "2", "--main-process-port", str(free_port())]
+        return command(out, start, sets, *flags, "--deepspeed", str(tmp_path / "zero3.json"))
+
+    code, stderr = stop_with(signal.SIGTERM, args(), out / "preference")
+    assert code == 75, stderr[-3000:]
+    result = run(args())
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from" in result.stdout
+    assert _losses(out) == pytest.approx(_losses(one), rel=1e-5)
+    _assert_same_merged(out, one)
+    a = load_file(out / "preference" / "adapter" / "adapter_model.safetensors")
+    b = load_file(one / "preference" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and len(b) == 28  # lora_A and lora_B of 14 layers
+    for name, tensor in b.items():
+        torch.testing.assert_close(a[name], tensor, rtol=0, atol=1e-5)
+
+
+def _losses(out):
+    lines = (out / "preference" / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x)["loss"] for x in lines if '"loss"' in x]
+
+
+def _assert_same_merged(out, expected):
+    a = load_file(out / "preference" / "model.safetensors")
+    b = load_file(expected / "preference" / "model.safetensors")
+    assert a.keys() == b.keys()
     for name, tensor in b.items():
         torch.testing.assert_close(a[name], tensor, rtol=0, atol=1e-5)

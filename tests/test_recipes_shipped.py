@@ -375,7 +375,13 @@ def test_recipes_list_does_not_import_torch():
         "lr=8e-07",
     ]
     assert rows[SFT].split()[1:] == ["meta-llama/Meta-Llama-3-8B", "sft", "lr=2e-05"]
-    assert " sft -> simpo " in rows["tiny"] and "from_config (llama)" in rows["tiny"]
+    assert rows["tiny"].split()[1:] == [
+        "from_config", "(llama)", "sft", "->", "simpo", "->", "evaluate",
+        "lr=0.003;", "beta=2", "gamma/beta=0.5", "lr=0.001",
+    ]  # fmt: skip
+    assert rows["llama3-instruct-simpo-qlora"].split()[2:] == [
+        "simpo", "beta=2.5", "gamma/beta=0.55", "lr=5e-06;", "lora", "r=128", "4bit",
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", ["tiny", "llama3-instruct-simpo", "gemma2-9b-it-dpo"])

@@ -25,10 +25,13 @@ across the processes; the main process writes the files.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from simpo_cli import adapters
+from simpo_cli.adapters import ADAPTER_DIR, has_model
 from simpo_cli.distributed import barrier, is_main_process, say
 from simpo_cli.errors import UserError
 from simpo_cli.outputs import StageDir
@@ -50,7 +53,7 @@ def run_folder_checkpoints(folder: Path) -> list[Checkpoint]:
     found = []
     for stage in TRAINING_STAGES:
         stage_dir = StageDir(folder / stage)
-        if stage_dir.is_complete() and (stage_dir.path / "config.json").is_file():
+        if stage_dir.is_complete() and has_model(stage_dir.path):
             found.append(Checkpoint(f"{folder.resolve().name}-{stage}", str(stage_dir.path)))
     return found
 
@@ -62,7 +65,7 @@ def resolve_checkpoints(paths: list[str], label: str | None = None) -> list[Chec
     checkpoints: list[Checkpoint] = []
     for path in paths:
         folder = Path(path)
-        if folder.is_dir() and not (folder / "config.json").is_file():
+        if folder.is_dir() and not has_model(folder):
             inside = run_folder_checkpoints(folder)
             if not inside:
                 raise UserError(
@@ -72,7 +75,10 @@ def resolve_checkpoints(paths: list[str], label: str | None = None) -> list[Chec
                 )
             checkpoints += inside
         else:
-            checkpoints.append(Checkpoint(folder.resolve().name, path))
+            named = folder.resolve()
+            if named.name == ADAPTER_DIR and (named.parent / "stage_complete.json").is_file():
+                named = named.parent  # a stage's adapter/ is labelled like its stage
+            checkpoints.append(Checkpoint(named.name, path))
     if label is not None:
         if len(checkpoints) != 1:
             raise UserError(
@@ -107,17 +113,25 @@ def evaluate_checkpoints(
     for checkpoint in checkpoints:
         work = output_dir / "checkpoints" / checkpoint.label
         entry: dict[str, Any] = {"path": checkpoint.path}
-        if settings.pairs is not None:
-            say(f"[evaluate] {checkpoint.label}: scoring pairs of {settings.pairs.path}")
-            entry["pairs"] = _pairs(checkpoint, settings, work, reference)
-        for bench in settings.benchmarks:
-            say(f"[evaluate] {checkpoint.label}: answering {bench.name}")
-            entry.setdefault("benchmarks", {})[bench.name] = _answers(
-                checkpoint, bench, questions[bench.name], settings, output_dir, work
-            )
-        if settings.lm_eval is not None:
-            say(f"[evaluate] {checkpoint.label}: lm-eval {', '.join(settings.lm_eval.tasks)}")
-            entry["lm_eval"] = _lm_eval(checkpoint, settings, work)
+        if adapters.adapter_only(checkpoint.path) is not None:
+            say(f"[evaluate] {checkpoint.label}: merging its adapter into its base")
+        # An adapter-only checkpoint is read as its merged model, written for the while.
+        with (
+            adapters.full_model_folder(checkpoint.path, work / "merged_model") as path,
+            _reference_folder(reference, checkpoint, work) as reference_path,
+        ):
+            model = replace(checkpoint, path=path)
+            if settings.pairs is not None:
+                say(f"[evaluate] {checkpoint.label}: scoring pairs of {settings.pairs.path}")
+                entry["pairs"] = _pairs(model, settings, work, reference_path)
+            for bench in settings.benchmarks:
+                say(f"[evaluate] {checkpoint.label}: answering {bench.name}")
+                entry.setdefault("benchmarks", {})[bench.name] = _answers(
+                    model, bench, questions[bench.name], settings, output_dir, work
+                )
+            if settings.lm_eval is not None:
+                say(f"[evaluate] {checkpoint.label}: lm-eval {', '.join(settings.lm_eval.tasks)}")
+                entry["lm_eval"] = _lm_eval(model, settings, work)
         results[checkpoint.label] = entry
     for bench in settings.benchmarks:
         if bench.against is not None:
@@ -158,6 +172,14 @@ def _inputs(checkpoints, settings, against_key: str):
     return questions, opponents
 
 
+def _reference_folder(reference: str | None, checkpoint: Checkpoint, work: Path):
+    """The pairs' reference model as a folder (None when there is none, or when it is the
+    checkpoint itself: a model's implicit reward against itself is 0 for every pair)."""
+    if reference is None or Path(reference).resolve() == Path(checkpoint.path).resolve():
+        return nullcontext(None)
+    return adapters.full_model_folder(reference, work / "merged_reference")
+
+
 def _reward_keys(against_key: str) -> tuple[str, str]:
     """How the user named the reward function and model: flags, or recipe keys."""
     if against_key.startswith("--"):
@@ -168,8 +190,6 @@ def _reward_keys(against_key: str) -> tuple[str, str]:
 def _pairs(checkpoint, settings, work: Path, reference: str | None) -> dict[str, Any]:
     from simpo_cli.eval import evaluate_pairs
 
-    if reference is not None and Path(reference).resolve() == Path(checkpoint.path).resolve():
-        reference = None  # a model's implicit reward against itself is 0 for every pair
     result = evaluate_pairs(checkpoint.path, settings, str(work / "pairs.json"), reference)
     # The scatter of the comparison plot: every response's length and average log-prob.
     points = {

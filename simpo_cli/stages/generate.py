@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from simpo_cli import adapters
 from simpo_cli.data import load_tokenizer
 from simpo_cli.distributed import barrier, rank, say, world_size
 from simpo_cli.errors import UserError
@@ -148,6 +149,12 @@ def _vllm_backend(
         raise UserError(
             "generate.backend: vllm loads a saved model; model.init from_config has none: train "
             "a stage before generate, or set generate.backend: transformers"
+        )
+    if adapters.adapter_only(start_from) is not None:
+        raise UserError(
+            f"generate.backend: vllm loads a whole model, but {start_from} holds only a LoRA "
+            "adapter (model.lora.merge: false); remove merge: false (that stage then writes its "
+            "merged model) or set generate.backend: transformers"
         )
     tp = stage.tensor_parallel_size
     local = int(os.environ.get("LOCAL_RANK", "0"))

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from simpo_cli import adapters
 from simpo_cli.data import PreferenceCollator
 from simpo_cli.distributed import all_gather, barrier, is_main_process, say, world_size
 from simpo_cli.errors import UserError
@@ -340,10 +341,12 @@ def _model_identity(source: str | None, recipe: Recipe) -> dict[str, Any]:
     folder = Path(source)
     if not folder.is_dir():
         return {"name": source}
+    adapter = adapters.adapter_folder(folder)
     files = sorted(
-        (p.name, p.stat().st_size, p.stat().st_mtime_ns)
-        for p in folder.iterdir()
-        if p.suffix in (".safetensors", ".bin") or p.name == "config.json"
+        (str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+        for where in [folder] + ([adapter] if adapter not in (None, folder) else [])
+        for p in where.iterdir()
+        if p.suffix in (".safetensors", ".bin") or p.name in ("config.json", "base.json")
     )
     return {"folder": str(folder.resolve()), "files": files}
 
