@@ -330,6 +330,9 @@ def save(
             model, "is_loaded_in_8bit", False
         )
         if quantized or _partitioned(model):
+            why = "quantized" if quantized else "partitioned by ZeRO-3"
+            print(f"merging the adapter into the base reloaded whole in full precision (the "
+                  f"trained weights are {why})", flush=True)  # fmt: skip
             with whole_weights():
                 merged(adapter, full_precision_base()).save_pretrained(folder)
         else:

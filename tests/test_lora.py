@@ -13,7 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from simpo_cli.data import PreferenceCollator, load_source, load_tokenizer, prepare
+from simpo_cli.errors import EXIT_PREEMPTED
 from simpo_cli.logps import sequence_scores
+from simpo_cli.outputs import CHECKPOINT_DONE
 from simpo_cli.recipe import load_recipe
 from simpo_cli.training import load_model, load_model_from
 
@@ -404,9 +406,11 @@ def test_lora_on_two_processes_matches_one(tmp_path, lora_single):
 
 @pytest.mark.slow
 def test_lora_under_zero3_stopped_and_resumed_matches_one_process(tmp_path, lora_single):
-    """ZeRO-3 with every weight partitioned, the adapters' too (no persistence threshold):
-    SIGTERM after step 3 saves a checkpoint, the rerun resumes from it, and the run ends with
-    the losses, adapter and merged model (merged into a whole copy of the base) of 1 process."""
+    """ZeRO-3 with every weight partitioned, the adapters' too (no persistence threshold).
+    SIGTERM to the `simpo` command only, as a user or a container runtime sends it: the
+    launcher passes it on, both processes agree on the step, save their shards and exit 75.
+    The rerun resumes from that checkpoint and ends with the losses, adapter and merged model
+    (merged into a whole copy of the base) of 1 process."""
     import signal
 
     from test_faults import command, run, stop_with
@@ -424,11 +428,21 @@ def test_lora_under_zero3_stopped_and_resumed_matches_one_process(tmp_path, lora
         flags = ["--num-processes", "2", "--main-process-port", str(free_port())]
         return command(out, start, sets, *flags, "--deepspeed", str(tmp_path / "zero3.json"))
 
-    code, stderr = stop_with(signal.SIGTERM, args(), out / "preference")
-    assert code == 75, stderr[-3000:]
+    stage = out / "preference"
+    code, stderr = stop_with(signal.SIGTERM, args(), stage)
+    assert code == EXIT_PREEMPTED, stderr[-3000:]
+    assert stderr.count("[preference] stopped by SIGTERM after step") == 1, "rank 0 says it"
+    note = json.loads((stage / "stopped.json").read_text())
+    checkpoint = stage / note["checkpoint"]
+    assert (checkpoint / CHECKPOINT_DONE).is_file()
+    assert {p.name for p in checkpoint.glob("rng_state_*.pth")} == {
+        "rng_state_0.pth",
+        "rng_state_1.pth",
+    }
+    assert len(list(checkpoint.glob("global_step*/*optim_states.pt"))) == 2, "both ranks' shards"
     result = run(args())
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "resuming from" in result.stdout
+    assert f"resuming from {checkpoint} (step {note['step']})" in result.stdout
     assert _losses(out) == pytest.approx(_losses(one), rel=1e-5)
     _assert_same_merged(out, one)
     a = load_file(out / "preference" / "adapter" / "adapter_model.safetensors")
