@@ -65,6 +65,20 @@ def simpo(model, inputs) -> torch.Tensor:
     return simpo_loss(avg[:2], avg[2:], beta=2.0, gamma=1.0).losses.mean()
 
 
+def train(model, inputs, steps: int) -> list[float]:
+    """AdamW steps on the adapters on one fixed batch; the losses."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = simpo(model, inputs)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def check(ok: bool, line: str, failures: list[str]) -> None:
     print(("ok    " if ok else "FAIL  ") + line, flush=True)
     if not ok:
@@ -113,15 +127,7 @@ def main() -> int:
         model = adapters.add_adapters(model, s4, gradient_checkpointing=True, seed=0)
         quantized = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
         lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        model.train()
-        losses = []
-        for _ in range(8):
-            loss = simpo(model, inputs)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
+        losses = train(model, inputs, steps=8)
         check(all(map(torch.isfinite, map(torch.tensor, losses))) and losses[-1] < losses[0],
               f"4bit + gradient checkpointing: SimPO loss {losses[0]:.4f} -> {losses[-1]:.4f}",
               failures)  # fmt: skip
@@ -167,15 +173,7 @@ def main() -> int:
         n8 = sum(type(m) is bnb.nn.Linear8bitLt for m in model.modules())
         check(n8 == 28, f"8bit: {n8} Linear8bitLt layers (expected 28)", failures)
         model = adapters.add_adapters(model, s8, gradient_checkpointing=True, seed=0)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        model.train()
-        losses = []
-        for _ in range(3):
-            loss = simpo(model, inputs)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
+        losses = train(model, inputs, steps=3)
         check(all(map(torch.isfinite, map(torch.tensor, losses))),
               f"8bit: finite SimPO losses {', '.join(f'{x:.4f}' for x in losses)}",
               failures)  # fmt: skip

@@ -271,7 +271,7 @@ def test_changed_recipe_does_not_reuse_a_stage(tiny_run):
 RESUME_SETS = [
     "--set", "pipeline=[preference]",
     "--set", "preference.data.eval=null",
-    "--set", "preference.data.train.max_rows=1200",
+    "--set", "preference.data.train.max_rows=480",
     "--set", "preference.training.per_device_train_batch_size=2",
     "--set", "preference.training.total_batch_size=null",
     "--set", "preference.training.save_steps=20",
@@ -302,7 +302,7 @@ def test_resume_after_a_stop_continues(tmp_path):
     steps = [m["step"] for m in metrics(stopped / "preference") if "loss" in m]
     assert steps == sorted(set(steps)), "a step was logged twice or the run restarted"
     done = json.loads((stopped / "preference" / "stage_complete.json").read_text())
-    assert done["global_step"] == 600
+    assert done["global_step"] == 240
 
     straight = tmp_path / "straight"
     result = simpo("preference", "tiny", "-o", str(straight), *RESUME_SETS)
