@@ -451,8 +451,8 @@ def evaluate(
     models: Annotated[
         list[str],
         typer.Argument(
-            help="Model folders (e.g. outputs/tiny/preference) or run folders (outputs/tiny: "
-            "each finished stage's model)."
+            help="Model folders (e.g. outputs/tiny/preference), LoRA adapter folders (read as "
+            "the merged model) or run folders (outputs/tiny: each finished stage's model)."
         ),
     ],
     pairs: Annotated[
