@@ -684,12 +684,12 @@ def _eval_pairs(model_dir: str, settings, output: str | None) -> None:
 
     # An adapter folder is scored as its merged model, written for the while beside --output.
     near = Path(output).parent if output else None
-    reference = settings.reference
+    named = (model_dir, settings.reference)
     with (
-        full_model_folder(model_dir, scratch_folder("model", near)) as model_dir,
-        full_model_folder(reference, scratch_folder("reference", near)) as reference,
+        full_model_folder(model_dir, scratch_folder("model", near)) as folder,
+        full_model_folder(settings.reference, scratch_folder("reference", near)) as reference,
     ):
-        result = evaluate_pairs(model_dir, settings, output, reference)
+        result = evaluate_pairs(folder, settings, output, reference, named)
     s = result["summary"]
     line = (
         f"pairs {s['pairs']}: reward accuracy {s['reward_accuracy']:.4f}, mean margin "

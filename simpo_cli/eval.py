@@ -230,9 +230,12 @@ def evaluate_model_dir(
     tokenization: str | None = None,
     dtype: str = "auto",
     reference: str | None = None,
+    named: tuple[str, str | None] | None = None,
 ) -> dict[str, Any]:
     """Score every pair of `pairs` (a path or hub name read at `split`, or a data source with
     its own split and max_rows) under the model in `model_dir` (and `reference`, when given).
+    `named`: the (model, reference) the summary names, when those folders are merged copies of
+    adapters.
 
     beta, gamma, the max lengths and the tokenization come from the flags, else from the
     resolved_recipe.yaml the preference stage wrote beside the model (a model trained with the
@@ -270,9 +273,9 @@ def evaluate_model_dir(
     summary |= {
         "tokenization": data.tokenization,
         "dropped": dict(report.dropped),
-        "model": model_dir,
+        "model": named[0] if named else model_dir,
         "data": stage.data.train.path,
-        "reference": reference,
+        "reference": named[1] if named else reference,
         "dtype": str(resolve_dtype(dtype)).removeprefix("torch."),
         "processes": world_size(),
     }
@@ -289,7 +292,11 @@ def evaluate_model_dir(
 
 
 def evaluate_pairs(
-    model_dir: str, settings: EvaluateStage, output: str | None, reference: str | None
+    model_dir: str,
+    settings: EvaluateStage,
+    output: str | None,
+    reference: str | None,
+    named: tuple[str, str | None] | None = None,
 ) -> dict[str, Any]:
     """`evaluate_model_dir` on settings.pairs with the evaluate stage's (or the flags') pair
     settings."""
@@ -306,6 +313,7 @@ def evaluate_pairs(
         tokenization=settings.tokenization,
         dtype=settings.dtype,
         reference=reference,
+        named=named,
     )
 
 

@@ -202,6 +202,7 @@ def test_simpo_eval_reads_an_adapter_folder_as_its_merged_model(continued, tmp_p
     )
     expected = _scores(adapted, recipe)
     assert got["summary"]["beta"] == recipe.preference.beta  # the stage's recipe was read
+    assert got["summary"]["model"] == str(again / "preference" / "adapter")  # not the copy
     sums = [p["chosen_logps_sum"] for p in got["pairs"]]
     assert sums == pytest.approx(expected.tolist(), abs=1e-4)
 

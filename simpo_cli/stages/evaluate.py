@@ -118,12 +118,13 @@ def evaluate_checkpoints(
         # An adapter-only checkpoint is read as its merged model, written for the while.
         with (
             adapters.full_model_folder(checkpoint.path, work / "merged_model") as path,
-            _reference_folder(reference, checkpoint, work) as reference_path,
+            _reference_folder(reference, checkpoint, settings, work) as reference_path,
         ):
             model = replace(checkpoint, path=path)
             if settings.pairs is not None:
                 say(f"[evaluate] {checkpoint.label}: scoring pairs of {settings.pairs.path}")
-                entry["pairs"] = _pairs(model, settings, work, reference_path)
+                named = (checkpoint.path, reference if reference_path else None)
+                entry["pairs"] = _pairs(model, settings, work, reference_path, named)
             for bench in settings.benchmarks:
                 say(f"[evaluate] {checkpoint.label}: answering {bench.name}")
                 entry.setdefault("benchmarks", {})[bench.name] = _answers(
@@ -172,10 +173,13 @@ def _inputs(checkpoints, settings, against_key: str):
     return questions, opponents
 
 
-def _reference_folder(reference: str | None, checkpoint: Checkpoint, work: Path):
-    """The pairs' reference model as a folder (None when there is none, or when it is the
-    checkpoint itself: a model's implicit reward against itself is 0 for every pair)."""
-    if reference is None or Path(reference).resolve() == Path(checkpoint.path).resolve():
+def _reference_folder(reference: str | None, checkpoint: Checkpoint, settings, work: Path):
+    """The pairs' reference model as a folder (None when there is none, when no pairs are
+    scored, or when it is the checkpoint itself: a model's implicit reward against itself is 0
+    for every pair)."""
+    if reference is None or settings.pairs is None:
+        return nullcontext(None)
+    if Path(reference).resolve() == Path(checkpoint.path).resolve():
         return nullcontext(None)
     return adapters.full_model_folder(reference, work / "merged_reference")
 
@@ -187,10 +191,11 @@ def _reward_keys(against_key: str) -> tuple[str, str]:
     return "evaluate.reward.function", "evaluate.reward.model"
 
 
-def _pairs(checkpoint, settings, work: Path, reference: str | None) -> dict[str, Any]:
+def _pairs(checkpoint, settings, work: Path, reference: str | None, named) -> dict[str, Any]:
     from simpo_cli.eval import evaluate_pairs
 
-    result = evaluate_pairs(checkpoint.path, settings, str(work / "pairs.json"), reference)
+    output = str(work / "pairs.json")
+    result = evaluate_pairs(checkpoint.path, settings, output, reference, named)
     # The scatter of the comparison plot: every response's length and average log-prob.
     points = {
         "tokens": [p[f"{s}_tokens"] for s in ("chosen", "rejected") for p in result["pairs"]],
