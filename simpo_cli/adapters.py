@@ -251,7 +251,9 @@ def scratch_folder(tag: str, near: Path | None = None) -> Path:
     import os
     import tempfile
 
-    command = os.environ.get("SIMPO_LAUNCH_ID") or str(os.getpid())
+    from simpo_cli.pipeline import LAUNCH_ID
+
+    command = os.environ.get(LAUNCH_ID) or str(os.getpid())
     return (near or Path(tempfile.gettempdir())) / f".simpo-merged-{tag}-{command}"
 
 

@@ -306,26 +306,22 @@ def count_parameters(recipe: Recipe) -> ParameterCount | None:
     sizes = {id(p): p.numel() for p in model.parameters()}  # tied weights count once
     vocab = model.get_input_embeddings().weight.shape[0]
     total = sum(sizes.values())
-    trainable = total if settings.lora is None else lora_parameters(model, settings.lora)
     head = model.get_output_embeddings()
-    linear = sum(
-        module.weight.numel()
-        for module in model.modules()
+    linears = [
+        (name, module)
+        for name, module in model.named_modules()
         if isinstance(module, torch.nn.Linear) and module is not head
-    )
+    ]
+    trainable = total if settings.lora is None else lora_parameters(linears, settings.lora)
+    linear = sum(module.weight.numel() for _, module in linears)
     return ParameterCount(total, max(sizes.values()), vocab, trainable, linear)
 
 
-def lora_parameters(model, lora) -> int:
-    """Parameters of the LoRA adapters peft would add: r x (in + out) per targeted linear
-    layer (all-linear: every one but the output head)."""
-    import torch
-
-    head = model.get_output_embeddings()
-    count = 0
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or module is head:
-            continue
-        if lora.target_modules == "all-linear" or name.split(".")[-1] in lora.target_modules:
-            count += lora.r * (module.in_features + module.out_features)
-    return count
+def lora_parameters(linears, lora) -> int:
+    """Parameters of the LoRA adapters peft would add on the (name, linear layer) pairs of a
+    model but its output head: r x (in + out) per targeted layer (all-linear: every one)."""
+    return sum(
+        lora.r * (module.in_features + module.out_features)
+        for name, module in linears
+        if lora.target_modules == "all-linear" or name.split(".")[-1] in lora.target_modules
+    )

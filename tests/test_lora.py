@@ -71,6 +71,7 @@ def test_the_last_stage_writes_the_merged_model_the_sft_stage_its_adapter_only(l
     table = (out / "evaluate" / "comparison.md").read_text()
     assert "| tiny-sft |" in table and "| tiny-preference |" in table
     assert not (out / "evaluate" / "checkpoints" / "tiny-sft" / "merged_model").exists()
+    assert not (out / "evaluate" / "merged_reference").exists()  # the reference: sft, merged
 
 
 def test_lora_trains_the_adapters_only(lora_run):

@@ -25,7 +25,6 @@ across the processes; the main process writes the files.
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -110,30 +109,17 @@ def evaluate_checkpoints(
 
     questions, opponents = _inputs(checkpoints, settings, against_key)
     results: dict[str, dict[str, Any]] = {}
-    for checkpoint in checkpoints:
-        work = output_dir / "checkpoints" / checkpoint.label
-        entry: dict[str, Any] = {"path": checkpoint.path}
-        if adapters.adapter_only(checkpoint.path) is not None:
-            say(f"[evaluate] {checkpoint.label}: merging its adapter into its base")
-        # An adapter-only checkpoint is read as its merged model, written for the while.
-        with (
-            adapters.full_model_folder(checkpoint.path, work / "merged_model") as path,
-            _reference_folder(reference, checkpoint, settings, work) as reference_path,
-        ):
-            model = replace(checkpoint, path=path)
-            if settings.pairs is not None:
-                say(f"[evaluate] {checkpoint.label}: scoring pairs of {settings.pairs.path}")
-                named = (checkpoint.path, reference if reference_path else None)
-                entry["pairs"] = _pairs(model, settings, work, reference_path, named)
-            for bench in settings.benchmarks:
-                say(f"[evaluate] {checkpoint.label}: answering {bench.name}")
-                entry.setdefault("benchmarks", {})[bench.name] = _answers(
-                    model, bench, questions[bench.name], settings, output_dir, work
-                )
-            if settings.lm_eval is not None:
-                say(f"[evaluate] {checkpoint.label}: lm-eval {', '.join(settings.lm_eval.tasks)}")
-                entry["lm_eval"] = _lm_eval(model, settings, work)
-        results[checkpoint.label] = entry
+    # An adapter-only checkpoint or reference is read as its merged model, written for the
+    # while (the reference once, for every checkpoint's pairs).
+    reference_scratch = output_dir / "merged_reference"
+    with adapters.full_model_folder(
+        reference if settings.pairs is not None else None, reference_scratch
+    ) as reference_folder:
+        for checkpoint in checkpoints:
+            results[checkpoint.label] = _evaluate_one(
+                checkpoint, settings, questions, output_dir, reference, reference_folder
+            )
+
     for bench in settings.benchmarks:
         if bench.against is not None:
             opponent = opponents.get(bench.name) or _checkpoint_opponent(
@@ -173,15 +159,31 @@ def _inputs(checkpoints, settings, against_key: str):
     return questions, opponents
 
 
-def _reference_folder(reference: str | None, checkpoint: Checkpoint, settings, work: Path):
-    """The pairs' reference model as a folder (None when there is none, when no pairs are
-    scored, or when it is the checkpoint itself: a model's implicit reward against itself is 0
-    for every pair)."""
-    if reference is None or settings.pairs is None:
-        return nullcontext(None)
-    if Path(reference).resolve() == Path(checkpoint.path).resolve():
-        return nullcontext(None)
-    return adapters.full_model_folder(reference, work / "merged_reference")
+def _evaluate_one(checkpoint, settings, questions, output_dir, reference, reference_folder):
+    """One checkpoint's pairs, benchmark answers and lm-eval tasks. `reference_folder` holds
+    the model `reference` names (its merged copy for an adapter)."""
+    work = output_dir / "checkpoints" / checkpoint.label
+    entry: dict[str, Any] = {"path": checkpoint.path}
+    if adapters.adapter_only(checkpoint.path) is not None:
+        say(f"[evaluate] {checkpoint.label}: merging its adapter into its base")
+    with adapters.full_model_folder(checkpoint.path, work / "merged_model") as path:
+        model = replace(checkpoint, path=path)
+        if settings.pairs is not None:
+            say(f"[evaluate] {checkpoint.label}: scoring pairs of {settings.pairs.path}")
+            itself = Path(checkpoint.path).resolve()
+            if reference is not None and Path(reference).resolve() == itself:
+                reference = reference_folder = None  # the implicit reward against itself is 0
+            named = (checkpoint.path, reference)
+            entry["pairs"] = _pairs(model, settings, work, reference_folder, named)
+        for bench in settings.benchmarks:
+            say(f"[evaluate] {checkpoint.label}: answering {bench.name}")
+            entry.setdefault("benchmarks", {})[bench.name] = _answers(
+                model, bench, questions[bench.name], settings, output_dir, work
+            )
+        if settings.lm_eval is not None:
+            say(f"[evaluate] {checkpoint.label}: lm-eval {', '.join(settings.lm_eval.tasks)}")
+            entry["lm_eval"] = _lm_eval(model, settings, work)
+    return entry
 
 
 def _reward_keys(against_key: str) -> tuple[str, str]:
