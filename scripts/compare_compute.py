@@ -46,7 +46,7 @@ CHILD = """
 import json, shutil, sys
 from pathlib import Path
 from simpo_cli.recipe import load_recipe
-from simpo_cli.pipeline import run_stage
+from simpo_cli.run.pipeline import run_stage
 
 def status(key):
     for line in Path("/proc/self/status").read_text().splitlines():

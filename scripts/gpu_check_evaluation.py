@@ -27,8 +27,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from simpo_cli.benchmarks import load_questions, read_back  # noqa: E402
 from simpo_cli.data import load_tokenizer  # noqa: E402
+from simpo_cli.evaluate.benchmarks import load_questions, read_back  # noqa: E402
 from simpo_cli.recipe import RECIPES_DIR, ModelSettings, load_recipe  # noqa: E402
 
 SKIPPED = 77
@@ -37,7 +37,7 @@ QUESTIONS = RECIPES_DIR / "tiny" / "benchmarks" / "alpaca_eval.json"
 
 def tiny_model(folder: Path) -> Path:
     """The tiny recipe's seeded model and tokenizer, saved as a checkpoint folder."""
-    from simpo_cli.training import load_model
+    from simpo_cli.model.load import load_model
 
     load_model(load_recipe("tiny"), None, 42).save_pretrained(folder)
     tokenizer = load_tokenizer(ModelSettings(name_or_path=str(RECIPES_DIR / "tiny" / "tokenizer")))

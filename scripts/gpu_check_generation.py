@@ -29,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from simpo_cli.data import load_tokenizer  # noqa: E402
 from simpo_cli.errors import UserError  # noqa: E402
-from simpo_cli.generation import (  # noqa: E402
+from simpo_cli.onpolicy.sampling import (  # noqa: E402
     SamplingSettings,
     VLLMBackend,
     generate_samples,
@@ -47,7 +47,7 @@ SKIPPED = 77
 
 def tiny_model(folder: Path) -> Path:
     """The tiny recipe's seeded model and tokenizer, saved where vLLM can load them."""
-    from simpo_cli.training import load_model
+    from simpo_cli.model.load import load_model
 
     load_model(load_recipe("tiny"), None, 42).save_pretrained(folder)
     tokenizer = load_tokenizer(ModelSettings(name_or_path=str(RECIPES_DIR / "tiny" / "tokenizer")))

@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from simpo_cli import adapters
 from simpo_cli.data import collate_sequences, load_tokenizer
-from simpo_cli.logps import sequence_scores
 from simpo_cli.losses import IGNORE_INDEX, simpo_loss
+from simpo_cli.model import adapters
+from simpo_cli.model.load import load_model_from
 from simpo_cli.recipe import LoraSettings, ModelSettings, load_recipe
-from simpo_cli.training import load_model_from
+from simpo_cli.train.logps import sequence_scores
 
 SKIPPED = 77
 VOCAB = 32000

@@ -5,7 +5,7 @@ float32 only).
 
 On a Llama-architecture model built from a config (seeded; no network), for a batch of eight
 sequences of different lengths it compares the per-sequence summed log-probs and the gradients
-of the packed, chunked path (simpo_cli.logps) against padded full logits on sdpa:
+of the packed, chunked path (simpo_cli.train.logps) against padded full logits on sdpa:
   1. float32 on sdpa: within 1e-4 (the CPU tests hold 1e-5; GPU kernels sum in other orders);
   2. bfloat16 on sdpa, and on flash_attention_2 when flash-attn is installed (the packed row is
      handed to its variable-length kernel with cu_seq_lens): per-token mean log-probs within
@@ -23,8 +23,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from simpo_cli.data import collate_sequences
-from simpo_cli.logps import sequence_scores
 from simpo_cli.losses import IGNORE_INDEX
+from simpo_cli.train.logps import sequence_scores
 
 SKIPPED = 77
 VOCAB = 32000

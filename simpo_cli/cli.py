@@ -126,7 +126,7 @@ def _run(
     for name in names:
         recipe.stage(name)  # a missing section is an error before anything starts
     from simpo_cli import launch
-    from simpo_cli.paths import check_paths
+    from simpo_cli.run.paths import check_paths
 
     # Every path, before a process is launched or a folder created.
     check_paths(recipe, out, names, "--output-dir" if output_dir is not None else "output_dir")
@@ -139,7 +139,7 @@ def _run(
     child_args += ["--overwrite"] if overwrite else []
     relaunch = launch.needs_launch(recipe.launch) and not launch.inside_launch()
     if dry_run:
-        from simpo_cli.plan import print_plan
+        from simpo_cli.run.plan import print_plan
 
         print_plan(recipe, names, out, child_args if relaunch else None, overwrite)
         return
@@ -158,7 +158,7 @@ def _run(
     watch_signals()  # SIGTERM, SIGUSR1, Ctrl-C: save a checkpoint after this step and exit 75
     from simpo_cli.distributed import say, shutdown
     from simpo_cli.errors import NonFiniteError
-    from simpo_cli.pipeline import run_stage
+    from simpo_cli.run.pipeline import run_stage
 
     folders = {}
     try:
@@ -179,7 +179,7 @@ def _run(
 
 def _vllm_generate(recipe: Recipe, names: list[str]) -> bool:
     """Whether a stage to run samples with vLLM: generate, or evaluate's benchmark answers."""
-    from simpo_cli.generation import resolve_backend
+    from simpo_cli.onpolicy.sampling import resolve_backend
 
     if "generate" in names and recipe.generate is not None:
         if resolve_backend(recipe.generate.backend) == "vllm":
@@ -207,7 +207,7 @@ def _plot_when_possible(out: Path) -> None:
     from simpo_cli.distributed import is_main_process
 
     if is_main_process() and importlib.util.find_spec("matplotlib") is not None:
-        from simpo_cli.plot import plot_run
+        from simpo_cli.run.curves import plot_run
 
         print(f"training curves: {plot_run(out)}")
 
@@ -220,14 +220,14 @@ def _launch(recipe: Recipe, child_args: list[str]) -> int:
     import torch
 
     from simpo_cli import launch
-    from simpo_cli.adapters import check_combination
+    from simpo_cli.model.adapters import check_combination
     from simpo_cli.redact import redact_args
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     launch.preflight(recipe.launch, gpus)
     check_combination(recipe)
     command = launch.launch_command(recipe, child_args)
-    from simpo_cli.pipeline import LAUNCH_ID
+    from simpo_cli.launch import LAUNCH_ID
 
     os.environ[LAUNCH_ID] = uuid.uuid4().hex  # names this launch's marker files
     print("launching: " + shlex.join(redact_args(command)), flush=True)
@@ -430,7 +430,7 @@ def recipes_copy(
     dest: Annotated[Path, typer.Argument(help="Folder to copy into (created if missing).")],
 ) -> None:
     """Copy a shipped recipe's files into DEST to edit them; never overwrites a file."""
-    from simpo_cli.paths import check_copy_destination
+    from simpo_cli.run.paths import check_copy_destination
 
     check_copy_destination(dest)
     for target, origin in copy_recipe(name, dest):
@@ -579,10 +579,10 @@ def evaluate(
         backend, against, reward_model, reward_function, lm_eval, lm_eval_include_path,
         lm_eval_limit, lm_eval_num_fewshot, lm_eval_no_chat_template, dtype,
     )  # fmt: skip
-    from simpo_cli.paths import check_evaluate_paths
+    from simpo_cli.run.paths import check_evaluate_paths
 
     check_evaluate_paths(models, settings, output, output_dir)
-    from simpo_cli.stages.evaluate import evaluate_checkpoints, resolve_checkpoints
+    from simpo_cli.evaluate.checkpoints import evaluate_checkpoints, resolve_checkpoints
 
     checkpoints = resolve_checkpoints(models, model_id)  # a run folder: each stage's model
     single = len(checkpoints) == 1
@@ -597,7 +597,7 @@ def evaluate(
     if launch.needs_launch(launch_settings) and not launch.inside_launch():
         sys.exit(_launch_eval(launch_settings, ["eval", *_command_line_again(ctx)]))
     from simpo_cli.distributed import say, shutdown
-    from simpo_cli.pipeline import start_process_group
+    from simpo_cli.run.pipeline import start_process_group
 
     start_process_group()
     if output_dir is None:  # one checkpoint's pairs: one line
@@ -608,7 +608,7 @@ def evaluate(
     result = evaluate_checkpoints(checkpoints, settings, output_dir, reference)
     if output is not None and settings.pairs is not None:
         _copy_pairs(output_dir, checkpoints[0].label, output)
-    from simpo_cli.compare import comparison_rows, markdown_table
+    from simpo_cli.evaluate.compare import comparison_rows, markdown_table
 
     say(markdown_table(*comparison_rows(result["checkpoints"])).rstrip())
     for path in result["files"]:
@@ -635,7 +635,7 @@ def _eval_settings(
     lm_eval_limit, lm_eval_num_fewshot, lm_eval_no_chat_template, dtype,
 ):  # fmt: skip
     """The evaluate stage's settings (recipe.EvaluateStage) from the flags."""
-    from simpo_cli.benchmarks import check_benchmark
+    from simpo_cli.evaluate.benchmarks import check_benchmark
     from simpo_cli.recipe import EvaluateStage
 
     if benchmark is not None:
@@ -678,9 +678,9 @@ def _eval_settings(
 
 def _eval_pairs(model_dir: str, settings, output: str | None) -> None:
     """One checkpoint's pairs, printed on one line (and written to --output)."""
-    from simpo_cli.adapters import full_model_folder, scratch_folder
     from simpo_cli.distributed import say
-    from simpo_cli.eval import evaluate_pairs
+    from simpo_cli.evaluate.pairs import evaluate_pairs
+    from simpo_cli.model.load import full_model_folder, scratch_folder
 
     # An adapter folder is scored as its merged model, written for the while beside --output.
     near = Path(output).parent if output else None
@@ -747,7 +747,7 @@ def _launch_eval(launch_settings, child_args: list[str]) -> int:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     launch.preflight(launch_settings, gpus)
     command = launch.accelerate_command(launch_settings, "no", child_args)
-    from simpo_cli.pipeline import LAUNCH_ID
+    from simpo_cli.launch import LAUNCH_ID
 
     os.environ[LAUNCH_ID] = uuid.uuid4().hex  # one scratch folder name for every process
     print("launching: " + shlex.join(command), flush=True)
@@ -765,8 +765,8 @@ def plot(
 ) -> None:
     """Draw the training curves of a run (loss, reward accuracy, margin; training and held-out)
     into a PNG. Needs matplotlib."""
-    from simpo_cli.paths import check_plot_paths
-    from simpo_cli.plot import plot_run
+    from simpo_cli.run.curves import plot_run
+    from simpo_cli.run.paths import check_plot_paths
 
     check_plot_paths(run_dir, output)
     print(f"wrote {plot_run(run_dir, output)}")

@@ -7,6 +7,8 @@ DeepSpeed on CPU, accelerate has reported one process while torch.distributed ha
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -61,3 +63,19 @@ def shutdown() -> None:
     an error that one process meets alone: destroying a group others still use can hang."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+@contextmanager
+def whole_weights() -> Iterator[None]:
+    """Load models whole in every process, even after a ZeRO-3 training stage in this process:
+    its TrainingArguments registered the DeepSpeed config with transformers, whose from_pretrained
+    would then partition the new model's weights across the processes (zero.Init), leaving each
+    process a model it cannot run alone (generation, evaluation, reward scoring)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref  # no public getter of the object
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = registered

@@ -68,6 +68,7 @@ def read_deepspeed_config(value: str) -> dict:
 
 
 LAUNCHED_ENV = "SIMPO_LAUNCHED"
+LAUNCH_ID = "SIMPO_LAUNCH_ID"  # one value per `simpo` command, inherited by its processes
 # Exit codes with which training processes end after saying why (errors.py).
 EXPLAINED_EXITS = (EXIT_USER_ERROR, EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_ABORTED)
 

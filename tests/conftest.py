@@ -31,8 +31,8 @@ def fresh_tok():
 
 def save_tiny_model(folder):
     """The tiny recipe's seeded model and its tokenizer, saved as a checkpoint folder."""
+    from simpo_cli.model.load import load_model
     from simpo_cli.recipe import load_recipe
-    from simpo_cli.training import load_model
 
     recipe = load_recipe("tiny")
     load_model(recipe, None, 42).save_pretrained(folder)

@@ -93,7 +93,7 @@ def set_values(args: list[str]) -> list[str]:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
     """An output folder holding a finished preference stage (RUN_SETS); copy it to change it."""
-    from simpo_cli.pipeline import run_stage
+    from simpo_cli.run.pipeline import run_stage
 
     out = tmp_path_factory.mktemp("finished") / "out"
     run_stage(load_recipe("tiny", RUN_SETS), "preference", out)
@@ -209,8 +209,8 @@ def test_reference_logps_are_recomputed_when_model_template_or_data_change(tmp_p
     file; the unchanged run reuses the old one. Whether computed or reused, the cached
     reference must be the policy's starting model on these pairs, so the first DPO loss is
     exactly log 2; log-probs reused from another model, template or data would move it."""
-    from simpo_cli.pipeline import run_stage
-    from simpo_cli.training import load_model
+    from simpo_cli.model.load import load_model
+    from simpo_cli.run.pipeline import run_stage
 
     rows = (TINY_DATA / "pref_train.jsonl").read_text().splitlines()[:8]
     pairs = tmp_path / "pairs.jsonl"
@@ -382,7 +382,7 @@ def test_data_inspect_row_out_of_range_is_one_line_exit_2(cli, stage, rows):
 def test_mixed_precision_reaches_every_stage_and_the_children(
     cli, monkeypatch, tmp_path, flag, recipe_sets, bf16, fp16
 ):
-    from simpo_cli.training import training_arguments
+    from simpo_cli.train.trainer import training_arguments
 
     out = tmp_path / "out"
     args = ["train", "tiny", "-o", out, "--mixed-precision", flag, *as_args(recipe_sets)]

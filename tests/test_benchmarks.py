@@ -1,12 +1,13 @@
 """Benchmark answer files: read back the way the official evaluators read them.
 
-The readers below are written independently of simpo_cli.benchmarks, from the field accesses the
-official code makes (../shared/reference/evaluation.md): AlpacaEval loads the JSON list and joins
-outputs to the reference on `instruction`; Arena-Hard v0.1 keys answers by file name and
-`question_id` and reads `choices[0]["turns"][0]["content"]` and `token_len`; the current
-Arena-Hard reads `messages[-1]["content"]["answer"]` keyed by `uid`; FastChat's llm_judge reads
-`choices[0]["turns"]` (one string per turn) keyed by `question_id`. Question files are the tiny
-ones shipped under recipes/tiny/benchmarks. No network, no model: replies are made up.
+The readers below are written independently of simpo_cli.evaluate.benchmarks, from the field
+accesses the official code makes (../shared/reference/evaluation.md): AlpacaEval loads the JSON
+list and joins outputs to the reference on `instruction`; Arena-Hard v0.1 keys answers by file
+name and `question_id` and reads `choices[0]["turns"][0]["content"]` and `token_len`; the
+current Arena-Hard reads `messages[-1]["content"]["answer"]` keyed by `uid`; FastChat's
+llm_judge reads `choices[0]["turns"]` (one string per turn) keyed by `question_id`. Question
+files are the tiny ones shipped under recipes/tiny/benchmarks. No network, no model: replies
+are made up.
 """
 
 import json
@@ -14,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from simpo_cli.benchmarks import (
+from simpo_cli.errors import DataError, UserError
+from simpo_cli.evaluate.benchmarks import (
     conversation,
     decoding_defaults,
     group_by_temperature,
@@ -25,8 +27,7 @@ from simpo_cli.benchmarks import (
     turn_prompts,
     write_answers,
 )
-from simpo_cli.errors import DataError, UserError
-from simpo_cli.generation import render_prompt_ids
+from simpo_cli.onpolicy.sampling import render_prompt_ids
 
 SHIPPED = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "benchmarks"
 MODEL = "tiny-simpo"

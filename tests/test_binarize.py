@@ -8,9 +8,9 @@ import math
 import datasets
 import pytest
 
-from simpo_cli.binarize import binarize, check_records, split_rows, write_dataset
 from simpo_cli.data import load_source, prepare
 from simpo_cli.errors import DataError, UserError
+from simpo_cli.onpolicy.binarize import binarize, check_records, split_rows, write_dataset
 from simpo_cli.recipe import DataSource
 
 
@@ -281,8 +281,8 @@ def test_generation_records_are_what_binarize_reads(tok):
     it passes check_records unchanged."""
     from dataclasses import asdict
 
-    from simpo_cli.binarize import check_records
-    from simpo_cli.generation import Sample
+    from simpo_cli.onpolicy.binarize import check_records
+    from simpo_cli.onpolicy.sampling import Sample
 
     samples = [asdict(Sample(seed=s, text=t, finish_reason="stop", tokens=3)) for s, t in
                ((13, "1 2"), (21, "2 1"))]  # fmt: skip

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from simpo_cli.console import format_log
+from simpo_cli.train.console import format_log
 
 SHORT_RUN = [
     "--set", "pipeline=[preference]",

@@ -121,7 +121,7 @@ def _dataset(rows: list[dict]):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tok):
     """The tiny recipe's seeded model, saved as a model folder (config, weights, tokenizer)."""
-    from simpo_cli.training import load_model
+    from simpo_cli.model.load import load_model
 
     recipe = load_recipe("tiny")
     folder = tmp_path_factory.mktemp("model")
@@ -156,7 +156,7 @@ def test_eval_of_multi_turn_pairs_matches_plain_transformers(
     the final reply alone (the shared history is not counted), as computed here."""
     from transformers import AutoModelForCausalLM
 
-    from simpo_cli.eval import evaluate_model_dir
+    from simpo_cli.evaluate.pairs import evaluate_model_dir
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     for layout, (history, row) in MULTI_TURN.items():
@@ -179,7 +179,7 @@ def test_eval_of_multi_turn_pairs_matches_plain_transformers(
 def test_eval_uses_the_tokenization_the_stage_was_trained_with(tmp_path, tok):
     """A preference stage trained with data.tokenization: authors is scored with it by
     `simpo eval` (and says so); --tokenization overrides it."""
-    from simpo_cli.pipeline import run_stage
+    from simpo_cli.run.pipeline import run_stage
 
     recipe = load_recipe(
         "tiny",

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from simpo_cli.eval import implicit_reward_summary, spearman, token_budget_batches
+from simpo_cli.evaluate.pairs import implicit_reward_summary, spearman, token_budget_batches
 from simpo_cli.recipe import RECIPES_DIR
 
 TINY = RECIPES_DIR / "tiny"
@@ -130,7 +130,8 @@ def test_implicit_reward_by_hand():
 def test_pair_numbers_do_not_depend_on_the_batches(run_dir, pairs, tok):
     """One pair per forward pass or all of them at once: the same log-probs (fp32)."""
     from simpo_cli.data import load_source, prepare
-    from simpo_cli.eval import load_checkpoint, score_pairs
+    from simpo_cli.evaluate.pairs import score_pairs
+    from simpo_cli.model.load import load_checkpoint
     from simpo_cli.recipe import DataSource
 
     model = load_checkpoint(str(run_dir / "sft"))

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from simpo_cli import generation
 from simpo_cli.errors import DataError, UserError
-from simpo_cli.generation import (
+from simpo_cli.onpolicy import sampling as generation
+from simpo_cli.onpolicy.sampling import (
     Prompt,
     SamplingSettings,
     TransformersBackend,
@@ -47,7 +47,7 @@ SETTINGS = SamplingSettings(seeds=(13, 21), max_new_tokens=8, stop_token_ids=(EO
 
 @pytest.fixture(scope="module")
 def model():
-    from simpo_cli.training import load_model
+    from simpo_cli.model.load import load_model
 
     return load_model(load_recipe("tiny"), None, 42)
 
@@ -205,7 +205,7 @@ def test_greedy_equals_transformers_generate(model, tok, prompts):
     generate (an independent implementation), for every prompt."""
     import torch
 
-    from simpo_cli.generation import Request, render_prompt_ids
+    from simpo_cli.onpolicy.sampling import Request, render_prompt_ids
 
     settings = SamplingSettings((0,), 0.0, 1.0, 10, (EOT,))
     backend = TransformersBackend(model, tok)
@@ -229,7 +229,7 @@ def test_top_p_keeps_the_smallest_set_reaching_it():
 
     import torch
 
-    from simpo_cli.generation import pick_token
+    from simpo_cli.onpolicy.sampling import pick_token
 
     logits = torch.tensor([math.log(p) for p in (0.5, 0.3, 0.15, 0.05)])
     generator = torch.Generator().manual_seed(0)
@@ -303,7 +303,7 @@ import sys, time
 from pathlib import Path
 from transformers import AutoModelForCausalLM
 from simpo_cli.data import load_tokenizer
-from simpo_cli.generation import (
+from simpo_cli.onpolicy.sampling import (
     SamplingSettings, TransformersBackend, generate_samples, read_prompts
 )
 from simpo_cli.recipe import RECIPES_DIR, DataSource, ModelSettings

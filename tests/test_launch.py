@@ -263,7 +263,7 @@ def start_model(tmp_path_factory):
     these weights (a from_config model created sharded under ZeRO-3 draws other random
     numbers)."""
     from simpo_cli.data import load_tokenizer
-    from simpo_cli.training import load_model
+    from simpo_cli.model.load import load_model
 
     folder = tmp_path_factory.mktemp("start") / "model"
     recipe = load_recipe("tiny")

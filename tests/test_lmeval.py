@@ -1,4 +1,4 @@
-"""The lm-evaluation-harness bridge (simpo_cli/lmeval.py) on the tiny model, offline.
+"""The lm-evaluation-harness bridge (simpo_cli/evaluate/lmeval.py) on the tiny model, offline.
 
 The task is tests/assets/lm_eval_task/tiny_sort.yaml: ten multiple-choice questions in the tiny
 recipe's domain ("Sort: 2 6 0 1" -> four orderings, one sorted). The numbers lm-eval reports are
@@ -16,7 +16,7 @@ import pytest
 from conftest import save_tiny_model
 
 from simpo_cli.errors import UserError
-from simpo_cli.lmeval import INSTALL_HINT, flatten_results, run_lm_eval
+from simpo_cli.evaluate.lmeval import INSTALL_HINT, flatten_results, run_lm_eval
 
 TASK_DIR = Path(__file__).parent / "assets" / "lm_eval_task"
 
@@ -139,7 +139,7 @@ def test_lm_eval_scores_the_prompt_we_render_with_one_bos(tiny_dir):
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    from simpo_cli.lmeval import check_single_bos
+    from simpo_cli.evaluate.lmeval import check_single_bos
 
     lm = HFLM(pretrained=str(tiny_dir), device="cpu", dtype="float32")
     bos = lm.tokenizer.bos_token_id
@@ -169,7 +169,7 @@ def test_a_template_that_puts_whitespace_before_bos_is_refused(tiny_dir, tmp_pat
     pytest.importorskip("lm_eval")
     from lm_eval.models.huggingface import HFLM
 
-    from simpo_cli.lmeval import check_single_bos
+    from simpo_cli.evaluate.lmeval import check_single_bos
 
     template = "\n" + (tiny_dir / "chat_template.jinja").read_text()
     folder = copy_with_template(tiny_dir, tmp_path / "newline", template)
@@ -209,7 +209,10 @@ def test_without_lm_eval_installed_the_error_says_how_to_install(tiny_dir, tmp_p
 
 
 def test_importing_the_module_imports_neither_lm_eval_nor_torch():
-    code = "import sys, simpo_cli.lmeval; print(sorted({'lm_eval', 'torch'} & set(sys.modules)))"
+    code = (
+        "import sys, simpo_cli.evaluate.lmeval; "
+        "print(sorted({'lm_eval', 'torch'} & set(sys.modules)))"
+    )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )

@@ -12,8 +12,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from simpo_cli.data import collate_sequences
-from simpo_cli.logps import chunking_problem, packing_problem, sequence_scores
 from simpo_cli.losses import IGNORE_INDEX, sequence_logps
+from simpo_cli.train.logps import chunking_problem, packing_problem, sequence_scores
 
 VOCAB = 61
 # Four sequences: prompt tokens untrained (-100), response tokens trained; the third has one

@@ -1,5 +1,5 @@
-"""LoRA (model.lora, simpo_cli/adapters.py) on the tiny model: only the adapters train, the merged
-model scores like the adapted one, and the combinations this machine or this tool cannot run
+"""LoRA (model.lora, simpo_cli/model/adapters.py) on the tiny model: only the adapters train, the
+merged model scores like the adapted one, and the combinations this machine or this tool cannot run
 are one-line errors before anything starts."""
 
 import json
@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 
 from simpo_cli.data import PreferenceCollator, load_source, load_tokenizer, prepare
 from simpo_cli.errors import EXIT_PREEMPTED
-from simpo_cli.logps import sequence_scores
+from simpo_cli.model.load import load_model, load_model_from
 from simpo_cli.outputs import CHECKPOINT_DONE
 from simpo_cli.recipe import load_recipe
-from simpo_cli.training import load_model, load_model_from
+from simpo_cli.train.logps import sequence_scores
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -117,7 +117,7 @@ def test_merged_model_scores_like_the_adapted_one(lora_run):
 
 
 def test_merge_default_is_where_a_model_leaves_training():
-    from simpo_cli.adapters import writes_merged
+    from simpo_cli.model.adapters import writes_merged
 
     tiny = load_recipe("tiny", ["model.lora.r=8"])  # sft, preference, evaluate
     assert [writes_merged(tiny, s) for s in ("sft", "preference")] == [False, True]
@@ -229,7 +229,7 @@ def adapters_on(base, recipe, folder):
     """A peft adapter with random (non-zero) B saved alone, naming `base` as its base model."""
     from transformers import AutoModelForCausalLM
 
-    from simpo_cli import adapters
+    from simpo_cli.model import adapters
 
     model = adapters.add_adapters(
         AutoModelForCausalLM.from_pretrained(base), recipe.model, False, 0
@@ -244,7 +244,7 @@ def adapters_on(base, recipe, folder):
 
 def test_vllm_generation_from_an_adapter_only_stage_is_one_line(continued):
     from simpo_cli.errors import UserError
-    from simpo_cli.stages.generate import _vllm_backend
+    from simpo_cli.onpolicy.generate import _vllm_backend
 
     recipe, _, again, _ = continued
     recipe = load_recipe("tiny-onpolicy", ["model.lora.r=8"])
@@ -341,8 +341,8 @@ def test_dpo_reference_is_the_base_model_with_the_adapters_off(tmp_path):
     switched off, which scores exactly like a separately loaded base model."""
     from transformers import TrainingArguments
 
-    from simpo_cli import adapters
-    from simpo_cli.stages.preference import PreferenceTrainer, _live_reference
+    from simpo_cli.model import adapters
+    from simpo_cli.train.preference import PreferenceTrainer, _live_reference
 
     recipe = load_recipe("tiny", ["pipeline=[preference]", "model.lora.r=8",
                                   "preference.loss=dpo", "preference.gamma_beta_ratio=null",

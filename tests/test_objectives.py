@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from simpo_cli.errors import RecipeError
-from simpo_cli.objectives import PairScores, preference_objective
 from simpo_cli.recipe import LOSS_DEFAULTS, PreferenceStage, load_recipe
+from simpo_cli.train.objectives import PairScores, preference_objective
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -158,7 +158,7 @@ LOSS_SETS = {
 
 
 def _run(loss: str, out: Path, *extra: str, overwrite: bool = False):
-    from simpo_cli.pipeline import run_stage
+    from simpo_cli.run.pipeline import run_stage
 
     sets = [
         "pipeline=[preference]",

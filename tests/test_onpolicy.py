@@ -246,7 +246,7 @@ def _reward_model(folder: Path, num_labels: int = 1, auto_map: bool = False) -> 
 def test_annotate_with_a_reward_model_through_the_real_loading_path(onpolicy_run, tmp_path):
     """A sequence-classification model with a scalar head, saved to a folder, scores every
     sample; the chosen reply is the one it scores highest."""
-    from simpo_cli.rewards import RewardModelScorer, ScoreItem
+    from simpo_cli.onpolicy.rewards import RewardModelScorer, ScoreItem
 
     out, _ = onpolicy_run
     rm = _reward_model(tmp_path / "rm")
@@ -444,8 +444,8 @@ def test_generate_stage_on_vllm_at_its_api_boundary(onpolicy_run, tmp_path, monk
     import torch
     from test_generation import FakeVLLM
 
-    from simpo_cli.pipeline import run_stage
-    from simpo_cli.stages.generate import _all_done
+    from simpo_cli.onpolicy.generate import _all_done
+    from simpo_cli.run.pipeline import run_stage
 
     out, _ = onpolicy_run
     run = tmp_path / "run"
@@ -490,8 +490,9 @@ def test_generate_stage_on_vllm_at_its_api_boundary(onpolicy_run, tmp_path, monk
     assert sorted(p.name for p in markers.iterdir()) == ["done-rank0-of2", "done-rank1-of2"]
 
     # ... and the other processes wait for the stage folder through a file named by the launch.
+    from simpo_cli.launch import LAUNCH_ID
     from simpo_cli.outputs import StageDir
-    from simpo_cli.pipeline import LAUNCH_ID, _folder_ready
+    from simpo_cli.run.pipeline import _folder_ready
 
     monkeypatch.setenv(LAUNCH_ID, "abc")
     folder = StageDir(tmp_path / "stage")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from simpo_cli.paths import folder_problems, looks_local
+from simpo_cli.run.paths import folder_problems, looks_local
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 

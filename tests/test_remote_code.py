@@ -10,10 +10,10 @@ import pytest
 import transformers
 
 from simpo_cli.data import load_tokenizer
-from simpo_cli.eval import evaluate_model_dir
+from simpo_cli.evaluate.pairs import evaluate_model_dir
 from simpo_cli.launch import count_parameters
+from simpo_cli.model.load import load_model
 from simpo_cli.recipe import RECIPES_DIR, load_recipe
-from simpo_cli.training import load_model
 
 
 class Loaded(Exception):

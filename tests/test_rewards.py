@@ -13,8 +13,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
 from simpo_cli.errors import UserError
-from simpo_cli.recipe import RECIPES_DIR
-from simpo_cli.rewards import (
+from simpo_cli.onpolicy.rewards import (
     FunctionScorer,
     RewardModelScorer,
     ScoreItem,
@@ -22,6 +21,7 @@ from simpo_cli.rewards import (
     score_records,
     split_for_rank,
 )
+from simpo_cli.recipe import RECIPES_DIR
 
 # A template unlike the policy's (the tiny Llama-3-style one): scoring must render with the
 # reward model's own template, so the rendered text shows which template was used.

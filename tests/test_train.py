@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from simpo_cli.pipeline import run_stage
+from simpo_cli.model.load import load_model
 from simpo_cli.recipe import RECIPES_DIR, load_recipe
-from simpo_cli.training import load_model
+from simpo_cli.run.pipeline import run_stage
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -114,7 +114,7 @@ def test_balanced_batches_group_pairs_by_length(tmp_path, monkeypatch):
     """balanced_batches: the step's 8 pairs are dealt into 4 micro-batches of different sizes by
     length (short pairs together, long ones with fewer others), and the step's loss and
     gradients are those of one micro-batch of all 8."""
-    from simpo_cli.stages.preference import PreferenceTrainer
+    from simpo_cli.train.preference import PreferenceTrainer
 
     seen = []
     compute_loss = PreferenceTrainer.compute_loss
@@ -202,7 +202,7 @@ def test_tiny_pipeline_ends_with_the_evaluate_stage(tiny_run):
     preference model are those the preference stage's own evaluation computed at the end (same
     pairs, beta and gamma, another code path); the answer files are the official layout; the
     table and the plot are written."""
-    from simpo_cli.benchmarks import load_questions, read_back
+    from simpo_cli.evaluate.benchmarks import load_questions, read_back
 
     out, result = tiny_run
     assert result.returncode == 0, result.stderr[-3000:]
@@ -435,7 +435,7 @@ def test_simpo_compute_loss_matches_separate_passes(tmp_path, monkeypatch, sft_w
 
     from simpo_cli.data import PreferenceCollator, load_source, load_tokenizer, prepare
     from simpo_cli.losses import sequence_logps
-    from simpo_cli.stages.preference import PreferenceTrainer
+    from simpo_cli.train.preference import PreferenceTrainer
 
     recipe = load_recipe("tiny", ["pipeline=[preference]", f"preference.sft_weight={sft_weight}"])
     stage = recipe.preference

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from simpo_cli.benchmarks import load_questions, write_answers
 from simpo_cli.errors import DataError, UserError
-from simpo_cli.rewards import FunctionScorer, score_records
-from simpo_cli.winrate import (
+from simpo_cli.evaluate.benchmarks import load_questions, write_answers
+from simpo_cli.evaluate.winrate import (
     NOTE,
     opponent_replies,
     read_replies,
@@ -23,6 +22,7 @@ from simpo_cli.winrate import (
     summary_lines,
     win_rate_records,
 )
+from simpo_cli.onpolicy.rewards import FunctionScorer, score_records
 
 SHIPPED = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "benchmarks"
 

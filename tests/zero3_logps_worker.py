@@ -15,7 +15,7 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 from test_logps import WEIGHTS, _model, _reference, _sequences  # noqa: E402
 
 from simpo_cli.data import collate_sequences  # noqa: E402
-from simpo_cli.logps import sequence_scores  # noqa: E402
+from simpo_cli.train.logps import sequence_scores  # noqa: E402
 
 CONFIG = {
     "train_micro_batch_size_per_gpu": 1,

@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from simpo_cli.data import LOCATION_COLUMN, Message, load_source, read_json_rows, row_location
 from simpo_cli.errors import DataError, UserError
-from simpo_cli.generation import Prompt
+from simpo_cli.onpolicy.sampling import Prompt
 from simpo_cli.recipe import DataSource
 
 BENCHMARKS: tuple[str, ...] = ("alpaca_eval", "arena_hard", "mt_bench")

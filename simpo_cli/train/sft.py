@@ -9,9 +9,9 @@ from typing import Any
 from simpo_cli.data import SFTCollator
 from simpo_cli.distributed import world_size
 from simpo_cli.faults import GuardedTrainer
-from simpo_cli.logps import batch_layout, sequence_scores
 from simpo_cli.recipe import Recipe, SFTStage
-from simpo_cli.training import SeededBatches
+from simpo_cli.train.logps import batch_layout, sequence_scores
+from simpo_cli.train.trainer import SeededBatches
 
 
 class SFTTrainer(SeededBatches, GuardedTrainer):

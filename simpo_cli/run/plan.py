@@ -132,7 +132,7 @@ def _stage_lines(recipe: Recipe, name: StageName, out: Path, overwrite: bool) ->
 
 
 def _adapter_line(recipe: Recipe, name: StageName) -> str:
-    from simpo_cli.adapters import writes_merged
+    from simpo_cli.model.adapters import writes_merged
 
     previous = recipe.model_stage_before(name)
     if previous is not None and recipe.model.lora.continue_adapter:

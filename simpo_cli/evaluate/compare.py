@@ -125,7 +125,7 @@ def write_comparison(results: dict[str, dict[str, Any]], output_dir: Path) -> li
 
 
 def _has_benchmarks(rows: list[dict]) -> bool:
-    from simpo_cli.benchmarks import BENCHMARKS
+    from simpo_cli.evaluate.benchmarks import BENCHMARKS
 
     return any(column.split("/")[0] in BENCHMARKS for row in rows for column in row)
 

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-from simpo_cli import adapters, console, stages
 from simpo_cli.data import (
     add_mismatched_pairs,
     fingerprint,
@@ -28,19 +27,15 @@ from simpo_cli.data import (
 from simpo_cli.distributed import barrier, is_main_process, say, world_size
 from simpo_cli.errors import UserError
 from simpo_cli.faults import StepGuard
-from simpo_cli.launch import zero_stage
+from simpo_cli.launch import LAUNCH_ID, zero_stage
+from simpo_cli.model import adapters
+from simpo_cli.model.load import check_vocab, full_model_folder, load_model, load_model_from
 from simpo_cli.outputs import StageDir, reproducibility_record
 from simpo_cli.recipe import TRAINING_STAGES, Recipe, SFTStage, settings_table, stage_identity
 from simpo_cli.redact import redact
-from simpo_cli.training import (
-    MetricsFile,
-    check_vocab,
-    load_model,
-    load_model_from,
-    training_arguments,
-)
-
-LAUNCH_ID = "SIMPO_LAUNCH_ID"  # one value per `simpo` command, inherited by its processes
+from simpo_cli.run import stages
+from simpo_cli.train import console
+from simpo_cli.train.trainer import MetricsFile, training_arguments
 
 
 def stage_start(recipe: Recipe, name: str, output_dir: Path) -> str | None:
@@ -245,7 +240,7 @@ def _starting_model(recipe: Recipe, name: str, start_from: str | None, stage_dir
         if from_files and adapters.adapter_only(start_from):
             scratch = stage_dir.path / "start_model"
             merge = partial(load_model, recipe, start_from, t.seed)
-            source = adapters.full_model_folder(start_from, scratch, merge)
+            source = full_model_folder(start_from, scratch, merge)
         with source as folder:
             model = load_model(recipe, folder, t.seed, quantized=True)
         if lora is None:
@@ -312,7 +307,7 @@ def _folder_ready(stage_dir: StageDir) -> None:
 
 
 def _greedy_check(recipe: Recipe, trainer, tokenizer, output_dir: Path) -> dict | None:
-    from simpo_cli.stages.annotate import greedy_check
+    from simpo_cli.onpolicy.annotate import greedy_check
 
     if recipe.annotate is None or not recipe.annotate.greedy_eval:
         return None

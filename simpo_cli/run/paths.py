@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from simpo_cli.adapters import adapter_folder, has_model
 from simpo_cli.errors import UserError
+from simpo_cli.model.adapters import adapter_folder, has_model
 from simpo_cli.recipe import TRAINING_STAGES, Recipe, StageName
 
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet")

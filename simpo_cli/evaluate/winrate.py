@@ -31,10 +31,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from simpo_cli import benchmarks
-from simpo_cli.benchmarks import Question
 from simpo_cli.data import read_json_rows
 from simpo_cli.errors import DataError, UserError
+from simpo_cli.evaluate import benchmarks
+from simpo_cli.evaluate.benchmarks import Question
 
 NOTE = "reward-model proxy, not the benchmark's GPT-4 judge"
 SIDES = ("model", "opponent")

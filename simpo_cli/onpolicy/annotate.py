@@ -15,20 +15,20 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from simpo_cli.binarize import binarize, write_dataset
 from simpo_cli.distributed import gather_lists, is_main_process, rank, say, world_size
 from simpo_cli.errors import DataError
 from simpo_cli.faults import stop_now, stop_requested
-from simpo_cli.outputs import StageDir
-from simpo_cli.recipe import AnnotateStage, Recipe, RewardSettings
-from simpo_cli.rewards import (
+from simpo_cli.onpolicy.binarize import binarize, write_dataset
+from simpo_cli.onpolicy.generate import samples_file
+from simpo_cli.onpolicy.rewards import (
     FunctionScorer,
     RewardModelScorer,
     Scorer,
     score_records,
     split_for_rank,
 )
-from simpo_cli.stages.generate import samples_file
+from simpo_cli.outputs import StageDir
+from simpo_cli.recipe import AnnotateStage, Recipe, RewardSettings
 
 
 def dataset_folder(stage_dir: Path) -> Path:
@@ -43,7 +43,7 @@ def make_scorer(
     """The scorer of `reward`; the keys name its settings (or flags) in error messages."""
     if reward.function is not None:
         return FunctionScorer.from_spec(reward.function, function_key)
-    from simpo_cli.eval import eval_device
+    from simpo_cli.model.load import eval_device
 
     assert reward.model is not None
     return RewardModelScorer(
@@ -138,7 +138,8 @@ def greedy_check(recipe: Recipe, model, tokenizer, output_dir: Path) -> dict[str
     scoring at least that. Every process decodes its share; returns the numbers on every
     process, or None when the recipe does not ask for it (annotate.greedy_eval)."""
 
-    from simpo_cli.generation import (
+    from simpo_cli.onpolicy.rewards import ScoreItem
+    from simpo_cli.onpolicy.sampling import (
         Request,
         SamplingSettings,
         TransformersBackend,
@@ -147,7 +148,6 @@ def greedy_check(recipe: Recipe, model, tokenizer, output_dir: Path) -> dict[str
         split_prompts,
         stop_token_ids,
     )
-    from simpo_cli.rewards import ScoreItem
 
     generate, annotate = recipe.generate, recipe.annotate
     if annotate is None or generate is None or not annotate.greedy_eval:

@@ -16,7 +16,6 @@ peft and bitsandbytes are optional extras, imported here only.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -245,65 +244,6 @@ def continue_adapters(base, adapter: Path, settings: ModelSettings, gradient_che
     return peft.PeftModel.from_pretrained(base, adapter, is_trainable=True)
 
 
-def scratch_folder(tag: str, near: Path | None = None) -> Path:
-    """A folder name for a merged model written for the while: in `near` or the system's
-    temporary folder, the same for every process of one command."""
-    import os
-    import tempfile
-
-    from simpo_cli.pipeline import LAUNCH_ID
-
-    command = os.environ.get(LAUNCH_ID) or str(os.getpid())
-    return (near or Path(tempfile.gettempdir())) / f".simpo-merged-{tag}-{command}"
-
-
-@contextmanager
-def full_model_folder(
-    path: str | None, scratch: Path, load: Callable[[], Any] | None = None
-) -> Iterator[str | None]:
-    """A folder holding path's whole model: path itself, or for an adapter-only folder its
-    merged model written into `scratch` (with the tokenizer) and removed afterwards. Every
-    process of a launch enters; the main one writes. `load` builds the merged model (default:
-    as recorded in base.json, in its own dtype)."""
-    from simpo_cli.distributed import barrier, is_main_process
-
-    adapter = adapter_only(path)
-    if adapter is None:  # a model folder, a hub name or None
-        yield path
-        return
-    if is_main_process():
-        from transformers import AutoTokenizer
-
-        from simpo_cli.training import load_model_from, whole_weights
-
-        shutil.rmtree(scratch, ignore_errors=True)
-        with whole_weights():
-            model = load() if load is not None else load_model_from(None, path, 0)
-        model.save_pretrained(scratch)
-        settings, base, _ = read_base(adapter)
-        for source in (path, adapter, base, settings.tokenizer, settings.name_or_path):
-            if source is None:
-                continue
-            try:
-                AutoTokenizer.from_pretrained(source).save_pretrained(scratch)
-                break
-            except Exception:  # noqa: BLE001 - a bare adapter may carry none: its base's
-                continue
-        # The stage's settings (evaluation reads its beta, gamma and tokenization there).
-        for stage_folder in (Path(path), adapter.parent):
-            if (stage_folder / RECIPE_FILE).is_file():
-                shutil.copy(stage_folder / RECIPE_FILE, scratch / RECIPE_FILE)
-                break
-        del model
-    barrier()
-    try:
-        yield str(scratch)
-    finally:
-        barrier()
-        if is_main_process():
-            shutil.rmtree(scratch, ignore_errors=True)
-
-
 def save(
     model,
     folder: Path,
@@ -317,8 +257,7 @@ def save(
     are merged into the model's own weights, in place (call this last), or into
     `full_precision_base()` when those are quantized (merging into 4- or 8-bit weights would
     round) or partitioned by ZeRO-3 (a whole copy is loaded on the CPU of the main process)."""
-    from simpo_cli.distributed import barrier, is_main_process
-    from simpo_cli.training import whole_weights
+    from simpo_cli.distributed import barrier, is_main_process, whole_weights
 
     adapter = folder / ADAPTER_DIR
     with _whole_adapters(model):

@@ -16,15 +16,16 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from simpo_cli import adapters
 from simpo_cli.data import PreferenceCollator
 from simpo_cli.distributed import all_gather, barrier, is_main_process, say, world_size
 from simpo_cli.errors import UserError
 from simpo_cli.faults import GuardedTrainer
-from simpo_cli.logps import batch_layout, sequence_scores, unwrap
-from simpo_cli.objectives import PairScores, preference_objective
+from simpo_cli.model import adapters
+from simpo_cli.model.load import load_model
 from simpo_cli.recipe import PreferenceStage, Recipe
-from simpo_cli.training import SeededBatches, load_model
+from simpo_cli.train.logps import batch_layout, sequence_scores, unwrap
+from simpo_cli.train.objectives import PairScores, preference_objective
+from simpo_cli.train.trainer import SeededBatches
 
 SFT_TERM_LOSSES = ("cpo", "orpo", "rrhf", "slic")
 

@@ -17,12 +17,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from simpo_cli import benchmarks
 from simpo_cli.data import load_tokenizer
 from simpo_cli.distributed import barrier, is_main_process, rank, world_size
 from simpo_cli.errors import UserError
-from simpo_cli.eval import load_checkpoint
-from simpo_cli.generation import (
+from simpo_cli.evaluate import benchmarks
+from simpo_cli.model.load import load_checkpoint
+from simpo_cli.onpolicy.sampling import (
     SamplingSettings,
     TransformersBackend,
     VLLMBackend,

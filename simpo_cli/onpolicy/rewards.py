@@ -220,7 +220,7 @@ class RewardModelScorer:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from simpo_cli.training import whole_weights
+        from simpo_cli.distributed import whole_weights
 
         self.path, self.key, self.batch_size, self.max_length = path, key, batch_size, max_length
         self.cut = 0

@@ -29,10 +29,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from simpo_cli import adapters
-from simpo_cli.adapters import ADAPTER_DIR, has_model
 from simpo_cli.distributed import barrier, is_main_process, say
 from simpo_cli.errors import UserError
+from simpo_cli.model import adapters
+from simpo_cli.model.adapters import ADAPTER_DIR, has_model
+from simpo_cli.model.load import full_model_folder
 from simpo_cli.outputs import StageDir
 from simpo_cli.recipe import TRAINING_STAGES, EvaluateStage
 
@@ -105,14 +106,14 @@ def evaluate_checkpoints(
     """Evaluate every checkpoint; returns {"checkpoints": {label: results}, "files": [...]}
     and writes the comparison into output_dir (main process). `reference` is the reference
     model's folder (settings.reference resolved by the caller)."""
-    from simpo_cli import compare
+    from simpo_cli.evaluate import compare
 
     questions, opponents = _inputs(checkpoints, settings, against_key)
     results: dict[str, dict[str, Any]] = {}
     # An adapter-only checkpoint or reference is read as its merged model, written for the
     # while (the reference once, for every checkpoint's pairs).
     reference_scratch = output_dir / "merged_reference"
-    with adapters.full_model_folder(
+    with full_model_folder(
         reference if settings.pairs is not None else None, reference_scratch
     ) as reference_folder:
         for checkpoint in checkpoints:
@@ -138,9 +139,9 @@ def _inputs(checkpoints, settings, against_key: str):
     """What can be wrong in the inputs, found before any model loads: each benchmark's questions
     (returned), Arena-Hard's tiktoken, the opponents that are not checkpoints evaluated here
     (returned), the reward function."""
-    from simpo_cli import benchmarks, winrate
-    from simpo_cli.answers import check_chat_template
-    from simpo_cli.rewards import load_reward_function
+    from simpo_cli.evaluate import benchmarks, winrate
+    from simpo_cli.evaluate.answers import check_chat_template
+    from simpo_cli.onpolicy.rewards import load_reward_function
 
     labels = {c.label for c in checkpoints}
     questions, opponents = {}, {}
@@ -166,7 +167,7 @@ def _evaluate_one(checkpoint, settings, questions, output_dir, reference, refere
     entry: dict[str, Any] = {"path": checkpoint.path}
     if adapters.adapter_only(checkpoint.path) is not None:
         say(f"[evaluate] {checkpoint.label}: merging its adapter into its base")
-    with adapters.full_model_folder(checkpoint.path, work / "merged_model") as path:
+    with full_model_folder(checkpoint.path, work / "merged_model") as path:
         model = replace(checkpoint, path=path)
         if settings.pairs is not None:
             say(f"[evaluate] {checkpoint.label}: scoring pairs of {settings.pairs.path}")
@@ -194,7 +195,7 @@ def _reward_keys(against_key: str) -> tuple[str, str]:
 
 
 def _pairs(checkpoint, settings, work: Path, reference: str | None, named) -> dict[str, Any]:
-    from simpo_cli.eval import evaluate_pairs
+    from simpo_cli.evaluate.pairs import evaluate_pairs
 
     output = str(work / "pairs.json")
     result = evaluate_pairs(checkpoint.path, settings, output, reference, named)
@@ -216,7 +217,7 @@ def answers_dir(output_dir: Path, benchmark: str, label: str) -> Path:
 
 
 def _answers(checkpoint, bench, questions, settings, output_dir, work) -> dict[str, Any]:
-    from simpo_cli.answers import answer_benchmark
+    from simpo_cli.evaluate.answers import answer_benchmark
 
     summary = answer_benchmark(
         checkpoint.path,
@@ -242,7 +243,7 @@ def _answers(checkpoint, bench, questions, settings, output_dir, work) -> dict[s
 
 
 def _lm_eval(checkpoint, settings, work: Path) -> dict[str, Any]:
-    from simpo_cli.lmeval import run_lm_eval
+    from simpo_cli.evaluate.lmeval import run_lm_eval
 
     lm = settings.lm_eval
     return run_lm_eval(
@@ -260,7 +261,7 @@ def _lm_eval(checkpoint, settings, work: Path) -> dict[str, Any]:
 
 def _checkpoint_opponent(bench, questions, output_dir: Path, key: str):
     """Another checkpoint evaluated here, as the opponent: its answer file, just written."""
-    from simpo_cli import benchmarks, winrate
+    from simpo_cli.evaluate import benchmarks, winrate
 
     folder = answers_dir(output_dir, bench.name, bench.against)
     path = benchmarks.answer_path(bench.name, folder, bench.against)
@@ -270,8 +271,8 @@ def _checkpoint_opponent(bench, questions, output_dir: Path, key: str):
 def _win_rates(checkpoints, bench, questions, opponent, settings, output_dir, results, key):
     """Score each checkpoint's answers and the opponent's (opponent: (name, replies)) with
     settings.reward; the scores are split over the processes."""
-    from simpo_cli import benchmarks, winrate
-    from simpo_cli.stages.annotate import gather_scores, make_scorer
+    from simpo_cli.evaluate import benchmarks, winrate
+    from simpo_cli.onpolicy.annotate import gather_scores, make_scorer
 
     opponent_name, replies_against = opponent
     scorer = make_scorer(settings.reward, *_reward_keys(key))
@@ -297,7 +298,7 @@ def run(recipe, stage: EvaluateStage, stage_dir: StageDir, output_dir: Path) -> 
     """The evaluate stage: the recipe's checkpoints (its training stages' folders in output_dir,
     labelled <recipe>-<stage>, or model folders) into the stage folder; returns the comparison
     rows for stage_complete.json."""
-    from simpo_cli import compare
+    from simpo_cli.evaluate import compare
 
     def folder(entry: str | None) -> str | None:
         return str(output_dir / entry) if entry in TRAINING_STAGES else entry

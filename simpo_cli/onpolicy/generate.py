@@ -21,12 +21,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from simpo_cli import adapters
 from simpo_cli.data import load_tokenizer
 from simpo_cli.distributed import barrier, rank, say, world_size
 from simpo_cli.errors import UserError
 from simpo_cli.faults import stop_now, stop_requested
-from simpo_cli.generation import (
+from simpo_cli.model import adapters
+from simpo_cli.onpolicy.sampling import (
     Prompt,
     SamplingSettings,
     TransformersBackend,
@@ -125,7 +125,8 @@ def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
 def _transformers_backend(recipe: Recipe, start_from: str | None, tokenizer) -> TransformersBackend:
     import torch
 
-    from simpo_cli.training import load_model, whole_weights
+    from simpo_cli.distributed import whole_weights
+    from simpo_cli.model.load import load_model
 
     with whole_weights():  # after a ZeRO-3 stage in this process: one whole model per process
         model = load_model(recipe, start_from, recipe.first_stage_seed())

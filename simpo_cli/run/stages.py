@@ -11,9 +11,11 @@ from typing import Any, Protocol
 
 from transformers import Trainer
 
+from simpo_cli.evaluate import checkpoints as evaluate
+from simpo_cli.onpolicy import annotate, generate
 from simpo_cli.outputs import StageDir
 from simpo_cli.recipe import Recipe
-from simpo_cli.stages import annotate, evaluate, generate, preference, sft
+from simpo_cli.train import preference, sft
 
 
 class TrainerBuilder(Protocol):
@@ -71,6 +73,6 @@ RUNNERS: dict[str, StageRunner] = {
 
 def generate_backend(stage: Any) -> str:
     """The backend a generate stage will use: "vllm" or "transformers"."""
-    from simpo_cli.generation import resolve_backend
+    from simpo_cli.onpolicy.sampling import resolve_backend
 
     return resolve_backend(stage.backend)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -29,41 +28,10 @@ import torch
 from simpo_cli.data import PreferenceCollator, load_source, load_tokenizer, prepare
 from simpo_cli.distributed import gather_lists, rank, world_size
 from simpo_cli.errors import UserError
-from simpo_cli.logps import chunking_problem, sequence_scores
 from simpo_cli.losses import simpo_loss
+from simpo_cli.model.load import load_checkpoint, resolve_dtype
 from simpo_cli.recipe import DataSource, EvaluateStage, ModelSettings, PreferenceStage
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def eval_device() -> torch.device:
-    """This process's GPU under a launch (LOCAL_RANK), else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
-def resolve_dtype(dtype: str) -> torch.dtype:
-    """auto: bfloat16 on a GPU, float32 on the CPU."""
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
-    if dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return getattr(torch, dtype)
-
-
-def load_checkpoint(model_dir: str, dtype: str = "auto"):
-    """A model folder on this process's device, in eval mode; one line when it cannot load."""
-    from transformers import AutoModelForCausalLM
-
-    from simpo_cli.training import whole_weights
-
-    try:
-        with whole_weights():  # after a ZeRO-3 stage in this process (the evaluate stage)
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(dtype))
-    except OSError as err:
-        raise UserError(f"{model_dir}: cannot load a model: {str(err).splitlines()[0]}") from None
-    return model.to(eval_device()).eval()
+from simpo_cli.train.logps import chunking_problem, sequence_scores
 
 
 def token_budget_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:

@@ -49,7 +49,7 @@ def run_lm_eval(
     lm_eval = _import_lm_eval()
     from lm_eval.models.huggingface import HFLM
 
-    from simpo_cli.eval import eval_device, resolve_dtype
+    from simpo_cli.model.load import eval_device, resolve_dtype
 
     if not tasks:
         raise UserError("--lm-eval: name at least one task (list them with `lm-eval ls tasks`)")

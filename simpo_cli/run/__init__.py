@@ -1,0 +1,3 @@
+"""The orchestrator: a recipe's pipeline as stage instances run in order, each in its folder
+(pipeline), the registry of stage kinds (stages), the dry run (plan), every user path checked
+before work starts (paths) and the training curves of a run (curves)."""
