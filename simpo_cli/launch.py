@@ -5,9 +5,11 @@ effects; `preflight` only checks the machine; `run` starts the processes.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,8 +124,6 @@ def run(command: list[str]) -> int:
     and return the run's exit code. When one process fails, torchrun's agent stops the others.
     SIGTERM, SIGUSR1 and Ctrl-C sent to this process reach the training processes, which save a
     checkpoint and exit 75 (faults.forwarding_stop_signals)."""
-    import subprocess
-
     from accelerate.commands.launch import launch_command as accelerate_launch
     from accelerate.commands.launch import launch_command_parser
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -181,8 +181,6 @@ def zero_stage(recipe: Recipe) -> int:
 def preflight(launch: LaunchSettings, gpus: int) -> None:
     """Checks that turn a hang or a deep stack trace into one line: DeepSpeed missing, more
     processes than GPUs, a busy rendezvous port."""
-    import importlib.util
-
     try:
         has_deepspeed = importlib.util.find_spec("deepspeed") is not None
     except ValueError:  # present in sys.modules as None: imports of it fail

@@ -31,9 +31,15 @@ from typing import Any
 
 from simpo_cli.distributed import barrier, is_main_process, say
 from simpo_cli.errors import UserError
+from simpo_cli.evaluate import benchmarks, compare, winrate
+from simpo_cli.evaluate.answers import answer_benchmark, check_chat_template
+from simpo_cli.evaluate.lmeval import run_lm_eval
+from simpo_cli.evaluate.pairs import evaluate_pairs
 from simpo_cli.model import adapters
 from simpo_cli.model.adapters import ADAPTER_DIR, has_model
 from simpo_cli.model.load import full_model_folder
+from simpo_cli.onpolicy.annotate import gather_scores, make_scorer
+from simpo_cli.onpolicy.rewards import load_reward_function
 from simpo_cli.outputs import StageDir
 from simpo_cli.recipe import TRAINING_STAGES, EvaluateStage
 
@@ -106,8 +112,6 @@ def evaluate_checkpoints(
     """Evaluate every checkpoint; returns {"checkpoints": {label: results}, "files": [...]}
     and writes the comparison into output_dir (main process). `reference` is the reference
     model's folder (settings.reference resolved by the caller)."""
-    from simpo_cli.evaluate import compare
-
     questions, opponents = _inputs(checkpoints, settings, against_key)
     results: dict[str, dict[str, Any]] = {}
     # An adapter-only checkpoint or reference is read as its merged model, written for the
@@ -139,10 +143,6 @@ def _inputs(checkpoints, settings, against_key: str):
     """What can be wrong in the inputs, found before any model loads: each benchmark's questions
     (returned), Arena-Hard's tiktoken, the opponents that are not checkpoints evaluated here
     (returned), the reward function."""
-    from simpo_cli.evaluate import benchmarks, winrate
-    from simpo_cli.evaluate.answers import check_chat_template
-    from simpo_cli.onpolicy.rewards import load_reward_function
-
     labels = {c.label for c in checkpoints}
     questions, opponents = {}, {}
     for checkpoint in checkpoints if settings.benchmarks else []:
@@ -195,8 +195,6 @@ def _reward_keys(against_key: str) -> tuple[str, str]:
 
 
 def _pairs(checkpoint, settings, work: Path, reference: str | None, named) -> dict[str, Any]:
-    from simpo_cli.evaluate.pairs import evaluate_pairs
-
     output = str(work / "pairs.json")
     result = evaluate_pairs(checkpoint.path, settings, output, reference, named)
     # The scatter of the comparison plot: every response's length and average log-prob.
@@ -217,8 +215,6 @@ def answers_dir(output_dir: Path, benchmark: str, label: str) -> Path:
 
 
 def _answers(checkpoint, bench, questions, settings, output_dir, work) -> dict[str, Any]:
-    from simpo_cli.evaluate.answers import answer_benchmark
-
     summary = answer_benchmark(
         checkpoint.path,
         bench.name,
@@ -243,8 +239,6 @@ def _answers(checkpoint, bench, questions, settings, output_dir, work) -> dict[s
 
 
 def _lm_eval(checkpoint, settings, work: Path) -> dict[str, Any]:
-    from simpo_cli.evaluate.lmeval import run_lm_eval
-
     lm = settings.lm_eval
     return run_lm_eval(
         checkpoint.path,
@@ -261,8 +255,6 @@ def _lm_eval(checkpoint, settings, work: Path) -> dict[str, Any]:
 
 def _checkpoint_opponent(bench, questions, output_dir: Path, key: str):
     """Another checkpoint evaluated here, as the opponent: its answer file, just written."""
-    from simpo_cli.evaluate import benchmarks, winrate
-
     folder = answers_dir(output_dir, bench.name, bench.against)
     path = benchmarks.answer_path(bench.name, folder, bench.against)
     return winrate.opponent_replies(bench.name, questions, str(path), key)
@@ -271,9 +263,6 @@ def _checkpoint_opponent(bench, questions, output_dir: Path, key: str):
 def _win_rates(checkpoints, bench, questions, opponent, settings, output_dir, results, key):
     """Score each checkpoint's answers and the opponent's (opponent: (name, replies)) with
     settings.reward; the scores are split over the processes."""
-    from simpo_cli.evaluate import benchmarks, winrate
-    from simpo_cli.onpolicy.annotate import gather_scores, make_scorer
-
     opponent_name, replies_against = opponent
     scorer = make_scorer(settings.reward, *_reward_keys(key))
     for checkpoint in checkpoints:
@@ -298,7 +287,6 @@ def run(recipe, stage: EvaluateStage, stage_dir: StageDir, output_dir: Path) -> 
     """The evaluate stage: the recipe's checkpoints (its training stages' folders in output_dir,
     labelled <recipe>-<stage>, or model folders) into the stage folder; returns the comparison
     rows for stage_complete.json."""
-    from simpo_cli.evaluate import compare
 
     def folder(entry: str | None) -> str | None:
         return str(output_dir / entry) if entry in TRAINING_STAGES else entry

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from simpo_cli.data import PreferenceCollator, load_source, load_tokenizer, prepare
 from simpo_cli.distributed import gather_lists, rank, world_size
@@ -289,8 +290,6 @@ def _stage_settings(
     model_dir, pairs, split, beta, gamma, max_length, max_prompt_length, tokenization
 ):
     """A PreferenceStage for evaluation: flags over the stage's saved recipe over defaults."""
-    import yaml
-
     saved: dict[str, Any] = {}
     recipe_file = model_dir / "resolved_recipe.yaml"
     if recipe_file.is_file():

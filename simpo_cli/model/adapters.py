@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from simpo_cli.errors import UserError
+from simpo_cli.launch import zero_stage
 from simpo_cli.recipe import TRAINING_STAGES, ModelSettings
 
 ADAPTER_DIR = "adapter"
@@ -33,8 +34,6 @@ def check_combination(recipe) -> None:
     """Refuse, before anything starts, what adapters are not built for here: quantized weights
     under ZeRO-3 (bitsandbytes' packed 4-bit storage would be partitioned as if it were
     bf16)."""
-    from simpo_cli.launch import zero_stage
-
     settings = recipe.model
     if settings.lora is not None and settings.quantization and zero_stage(recipe) == 3:
         raise UserError(

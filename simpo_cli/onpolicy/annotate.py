@@ -18,14 +18,25 @@ from typing import Any
 from simpo_cli.distributed import gather_lists, is_main_process, rank, say, world_size
 from simpo_cli.errors import DataError
 from simpo_cli.faults import stop_now, stop_requested
+from simpo_cli.model.load import eval_device
 from simpo_cli.onpolicy.binarize import binarize, write_dataset
 from simpo_cli.onpolicy.generate import samples_file
 from simpo_cli.onpolicy.rewards import (
     FunctionScorer,
     RewardModelScorer,
+    ScoreItem,
     Scorer,
     score_records,
     split_for_rank,
+)
+from simpo_cli.onpolicy.sampling import (
+    Request,
+    SamplingSettings,
+    TransformersBackend,
+    read_prompts,
+    render_prompt_ids,
+    split_prompts,
+    stop_token_ids,
 )
 from simpo_cli.outputs import StageDir
 from simpo_cli.recipe import AnnotateStage, Recipe, RewardSettings
@@ -43,8 +54,6 @@ def make_scorer(
     """The scorer of `reward`; the keys name its settings (or flags) in error messages."""
     if reward.function is not None:
         return FunctionScorer.from_spec(reward.function, function_key)
-    from simpo_cli.model.load import eval_device
-
     assert reward.model is not None
     return RewardModelScorer(
         reward.model,
@@ -137,17 +146,6 @@ def greedy_check(recipe: Recipe, model, tokenizer, output_dir: Path) -> dict[str
     annotate stage's reward: their mean, and with annotate.success_reward the share of replies
     scoring at least that. Every process decodes its share; returns the numbers on every
     process, or None when the recipe does not ask for it (annotate.greedy_eval)."""
-
-    from simpo_cli.onpolicy.rewards import ScoreItem
-    from simpo_cli.onpolicy.sampling import (
-        Request,
-        SamplingSettings,
-        TransformersBackend,
-        read_prompts,
-        render_prompt_ids,
-        split_prompts,
-        stop_token_ids,
-    )
 
     generate, annotate = recipe.generate, recipe.annotate
     if annotate is None or generate is None or not annotate.greedy_eval:

@@ -21,11 +21,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import AutoConfig
+
 from simpo_cli.data import load_tokenizer
-from simpo_cli.distributed import barrier, rank, say, world_size
+from simpo_cli.distributed import barrier, rank, say, whole_weights, world_size
 from simpo_cli.errors import UserError
 from simpo_cli.faults import stop_now, stop_requested
 from simpo_cli.model import adapters
+from simpo_cli.model.load import load_model
 from simpo_cli.onpolicy.sampling import (
     Prompt,
     SamplingSettings,
@@ -123,11 +127,6 @@ def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
 
 
 def _transformers_backend(recipe: Recipe, start_from: str | None, tokenizer) -> TransformersBackend:
-    import torch
-
-    from simpo_cli.distributed import whole_weights
-    from simpo_cli.model.load import load_model
-
     with whole_weights():  # after a ZeRO-3 stage in this process: one whole model per process
         model = load_model(recipe, start_from, recipe.first_stage_seed())
     if torch.cuda.is_available():
@@ -143,8 +142,6 @@ def _vllm_backend(
     prompts: dict[str, list[Prompt]],
 ) -> VLLMBackend:
     """One engine on this process's GPUs: LOCAL_RANK's block of tensor_parallel_size devices."""
-    import torch
-
     model = start_from or recipe.model.name_or_path
     if model is None or (start_from is None and recipe.model.init == "from_config"):
         raise UserError(
@@ -198,8 +195,6 @@ LAUNCH_VARIABLES = (
 
 
 def _context_length(model: str, trust_remote_code: bool) -> int | None:
-    from transformers import AutoConfig
-
     try:
         config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
     except Exception:

@@ -26,6 +26,7 @@ Guarantees, and why:
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import inspect
 import json
 import os
@@ -33,6 +34,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
+
+import torch
 
 from simpo_cli.data import (
     LOCATION_COLUMN,
@@ -267,10 +270,6 @@ def resolve_backend(name: Literal["auto", "vllm", "transformers"]) -> str:
 
 def _vllm_problem() -> str:
     """Why vLLM cannot run here, or "" when it can."""
-    import importlib.util
-
-    import torch
-
     try:
         installed = importlib.util.find_spec("vllm") is not None
     except ValueError:  # sys.modules["vllm"] is None (tests block the import this way)
@@ -312,8 +311,6 @@ class TransformersBackend:
         return samples
 
     def _sample(self, group: list[Request], settings: SamplingSettings) -> list[Sample]:
-        import torch
-
         device = next(self.model.parameters()).device
         was_training = self.model.training
         self.model.eval()
@@ -363,8 +360,6 @@ def pick_token(logits, settings: SamplingSettings, generator) -> int:
     """One token from a row of logits: the argmax at temperature 0, else a draw from the
     temperature-scaled distribution cut to its top_p nucleus (the most probable tokens whose
     probabilities, added in order, first reach top_p)."""
-    import torch
-
     if settings.temperature <= 0:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits / settings.temperature, dim=-1)

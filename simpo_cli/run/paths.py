@@ -13,9 +13,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from simpo_cli import launch  # no torch at import
 from simpo_cli.errors import UserError
 from simpo_cli.model.adapters import adapter_folder, has_model
-from simpo_cli.recipe import TRAINING_STAGES, Recipe, StageName
+from simpo_cli.recipe import TRAINING_STAGES, Recipe, StageName, shipped_deepspeed_configs
 
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
 
@@ -142,9 +143,6 @@ def _tokenizer_problems(value: str, role: str) -> list[str]:
 
 
 def _deepspeed_problems(value: str) -> list[str]:
-    from simpo_cli import launch  # no torch at import
-    from simpo_cli.recipe import shipped_deepspeed_configs
-
     path = Path(value).expanduser()
     if value.endswith(".json") and not path.is_file():
         what = "is a folder, not a JSON file" if path.is_dir() else "no such DeepSpeed config file"

@@ -5,6 +5,7 @@ the trainer; this module does what every stage shares around it.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import time
@@ -30,6 +31,7 @@ from simpo_cli.faults import StepGuard
 from simpo_cli.launch import LAUNCH_ID, zero_stage
 from simpo_cli.model import adapters
 from simpo_cli.model.load import check_vocab, full_model_folder, load_model, load_model_from
+from simpo_cli.onpolicy.annotate import greedy_check
 from simpo_cli.outputs import StageDir, reproducibility_record
 from simpo_cli.recipe import TRAINING_STAGES, Recipe, SFTStage, settings_table, stage_identity
 from simpo_cli.redact import redact
@@ -307,8 +309,6 @@ def _folder_ready(stage_dir: StageDir) -> None:
 
 
 def _greedy_check(recipe: Recipe, trainer, tokenizer, output_dir: Path) -> dict | None:
-    from simpo_cli.onpolicy.annotate import greedy_check
-
     if recipe.annotate is None or not recipe.annotate.greedy_eval:
         return None
     if getattr(trainer, "is_deepspeed_enabled", False) and zero_stage(recipe) == 3:
@@ -367,8 +367,6 @@ def prepare_trackers(recipe: Recipe) -> None:
 
 
 def _require(module: str, extra: str) -> None:
-    import importlib.util
-
     if importlib.util.find_spec(module) is None:
         raise UserError(
             f"logging.report_to: {extra} is not installed; pip install 'simpo-cli[{extra}]' or "

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from simpo_cli import launch
 from simpo_cli.errors import UserError
+from simpo_cli.model.adapters import writes_merged
 from simpo_cli.outputs import StageDir
 from simpo_cli.recipe import TRAINING_STAGES, DataSource, Recipe, StageName, stage_identity
 from simpo_cli.redact import redact, redact_args
@@ -132,8 +133,6 @@ def _stage_lines(recipe: Recipe, name: StageName, out: Path, overwrite: bool) ->
 
 
 def _adapter_line(recipe: Recipe, name: StageName) -> str:
-    from simpo_cli.model.adapters import writes_merged
-
     previous = recipe.model_stage_before(name)
     if previous is not None and recipe.model.lora.continue_adapter:
         start = f"trains {previous}'s adapter further"

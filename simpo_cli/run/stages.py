@@ -13,6 +13,7 @@ from transformers import Trainer
 
 from simpo_cli.evaluate import checkpoints as evaluate
 from simpo_cli.onpolicy import annotate, generate
+from simpo_cli.onpolicy.sampling import resolve_backend
 from simpo_cli.outputs import StageDir
 from simpo_cli.recipe import Recipe
 from simpo_cli.train import preference, sft
@@ -73,6 +74,4 @@ RUNNERS: dict[str, StageRunner] = {
 
 def generate_backend(stage: Any) -> str:
     """The backend a generate stage will use: "vllm" or "transformers"."""
-    from simpo_cli.onpolicy.sampling import resolve_backend
-
     return resolve_backend(stage.backend)

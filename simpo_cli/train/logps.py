@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from simpo_cli.distributed import say
+
 # Config keys of models that rescale the logits after lm_head in ways the chunked projection
 # does not reproduce (Cohere's logit_scale, Granite's logits_scaling): these use full logits.
 UNCHUNKED_LOGIT_KEYS = ("logit_scale", "logits_scaling")
@@ -81,8 +83,6 @@ class Layout(NamedTuple):
 def batch_layout(model, training, stage: str) -> Layout:
     """The Layout of a stage's model: the recipe's settings, each turned off with a printed
     reason where the model cannot take it."""
-    from simpo_cli.distributed import say
-
     padding_free, chunk_size = training.padding_free, training.logps_chunk_size
     if padding_free and (reason := packing_problem(model)):
         say(f"[{stage}] padding_free off: {reason}, so packed sequences would attend to each "

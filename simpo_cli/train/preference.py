@@ -7,7 +7,9 @@ model's log-probs (live, or cached on disk) for the losses that need them.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import hashlib
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -179,8 +181,6 @@ class PreferenceTrainer(SeededBatches, GuardedTrainer):
         ref_model.eval().requires_grad_(False)
         if not self.is_deepspeed_enabled:
             return ref_model.to(self.args.device)
-        import copy
-
         import deepspeed
 
         config = copy.deepcopy(self.accelerator.state.deepspeed_plugin.deepspeed_config)
@@ -355,8 +355,6 @@ def _model_identity(source: str | None, recipe: Recipe) -> dict[str, Any]:
 def _reference_key(identity: dict[str, Any], dataset, tokenizer) -> str:
     """sha256 of the model identity, the chat template and every pair's token ids (which fix
     the data, the truncation and the tokenization)."""
-    import hashlib
-
     import numpy as np
 
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())

@@ -13,6 +13,7 @@ from transformers import (
 
 from simpo_cli.data import LENGTH_COLUMN
 from simpo_cli.distributed import is_main_process
+from simpo_cli.launch import read_deepspeed_config
 from simpo_cli.outputs import StageDir
 from simpo_cli.recipe import Recipe
 
@@ -28,8 +29,6 @@ def training_arguments(
     report_to = list(recipe.logging.report_to) or "none"
     deepspeed = None
     if recipe.launch.deepspeed is not None:
-        from simpo_cli.launch import read_deepspeed_config
-
         deepspeed = read_deepspeed_config(recipe.launch.deepspeed)
     return TrainingArguments(
         output_dir=str(out),
