@@ -25,9 +25,10 @@ test: install  ## the whole test suite (what CI runs)
 test-fast: install  ## everything but the end-to-end CLI runs
 	$(BIN)/python -m pytest -q -m "not slow"
 
-lint: install
+lint: install  ## formatting, lint, and the package's layer order (scripts/check_layers.py)
 	$(BIN)/ruff format --check simpo_cli tests scripts
 	$(BIN)/ruff check simpo_cli tests scripts
+	$(BIN)/python scripts/check_layers.py
 
 format: install
 	$(BIN)/ruff format simpo_cli tests scripts

@@ -1,6 +1,6 @@
 """A checkpoint's answers to a benchmark's questions, in the files the official evaluators read
-(benchmarks.py), generated with generation.py's backends (`simpo eval --benchmark`, the evaluate
-stage).
+(benchmarks.py), generated with onpolicy/sampling.py's backends (`simpo eval --benchmark`, the
+evaluate stage).
 
 Each generation pass (MT-Bench: two turns, each at its categories' temperatures) samples into
 its own folder under WORK_DIR/generation/, one request per question, seeded by the question id:

@@ -1,6 +1,6 @@
 """Evaluate checkpoints: `simpo eval` and the evaluate stage both call `evaluate_checkpoints`.
 
-For each checkpoint, in order: its held-out pair numbers (eval.py), its answers to each
+For each checkpoint, in order: its held-out pair numbers (pairs.py), its answers to each
 benchmark in the official evaluators' files (answers.py) with judge-free proxies, and its
 lm-evaluation-harness tasks (lmeval.py). Then the reward-model win rates of each benchmark's
 answers against the chosen opponent (winrate.py; the opponent may be another checkpoint, so

@@ -1,7 +1,7 @@
 """One comparison of evaluated checkpoints: a table (markdown, CSV, JSON) and plots.
 
 Rows are checkpoints, in the order given; columns are the numbers each evaluation produced
-(stages/evaluate.py): pair metrics, per-benchmark judge-free proxies and reward-model win rates,
+(checkpoints.py): pair metrics, per-benchmark judge-free proxies and reward-model win rates,
 lm-eval task metrics. A column a checkpoint lacks is left empty. The plots (matplotlib, optional):
 reward accuracy and margin per checkpoint, the length / average log-prob scatter of every
 response with its Spearman value, and each benchmark's win rate against answer length.

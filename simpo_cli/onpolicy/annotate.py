@@ -4,8 +4,8 @@ pairs into DIR/annotate/dataset/ (save_to_disk folder plus JSONL, in the publish
 a report. The preference stage reads them when its own data is not given.
 
 Every process scores its share of the prompts; the main process gathers the scores, selects and
-writes. Also here: the greedy check of the policy on held-out prompts before and after the
-preference stage, scored with the same reward (`annotate.greedy_eval`).
+writes. Also here: the greedy check of a policy on held-out prompts, scored with the same reward
+(`annotate.greedy_eval`), which the preference stage runs before and after training.
 """
 
 from __future__ import annotations
@@ -87,11 +87,10 @@ def gather_scores(records: list[dict[str, Any]], scorer: Scorer) -> list[list[fl
 
 
 def run(
-    recipe: Recipe, stage: AnnotateStage, stage_dir: StageDir, output_dir: Path
+    recipe: Recipe, stage: AnnotateStage, stage_dir: StageDir, generate_dir: Path
 ) -> dict[str, Any]:
-    """Score, select and write the pairs; returns the stage summary (rows per split and the
-    selection report)."""
-    generate_dir = output_dir / "generate"
+    """Score, select and write the pairs of the samples in generate_dir (the generate stage's
+    folder); returns the stage summary (rows per split and the selection report)."""
     splits = {"train": samples_file(generate_dir, "train")}
     if samples_file(generate_dir, "test").is_file():
         splits["test"] = samples_file(generate_dir, "test")
@@ -141,12 +140,11 @@ def run(
 # --------------------------------------------------------------------------- greedy check
 
 
-def greedy_check(recipe: Recipe, model, tokenizer, output_dir: Path) -> dict[str, float] | None:
+def greedy_check(recipe: Recipe, model, tokenizer) -> dict[str, float] | None:
     """Greedy replies of `model` to the held-out prompts (generate.eval_prompts), scored with the
     annotate stage's reward: their mean, and with annotate.success_reward the share of replies
     scoring at least that. Every process decodes its share; returns the numbers on every
     process, or None when the recipe does not ask for it (annotate.greedy_eval)."""
-
     generate, annotate = recipe.generate, recipe.annotate
     if annotate is None or generate is None or not annotate.greedy_eval:
         return None

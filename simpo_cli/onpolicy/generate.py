@@ -1,7 +1,7 @@
 """The generate stage: sample replies to the prompts from the policy (the model of the training
 stage before, else the recipe's model), into DIR/generate/samples/<split>/.
 
-Every process samples its share of the prompts into its own append-only shard (generation.py),
+Every process samples its share of the prompts into its own append-only shard (sampling.py),
 so a re-run resumes where a kill left off, on any number of processes; the main process then
 merges the shards, checks that every prompt has all its samples exactly once, and writes
 samples/<split>.jsonl for the annotate stage.

@@ -297,7 +297,7 @@ def check_evaluate_paths(models: list[str], settings, output: str | None, output
         folder = Path(model)
         run_folder = folder.is_dir() and not has_model(folder)
         if run_folder and any(has_model(folder / s) for s in TRAINING_STAGES):
-            continue  # a run folder: its stages' models (stages/evaluate.py)
+            continue  # a run folder: its stages' models (evaluate/checkpoints.py)
         if run_folder:
             problems.append(
                 f"{model}: MODEL_DIR: neither a model folder (no config.json), nor an adapter "

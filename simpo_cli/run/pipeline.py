@@ -1,6 +1,7 @@
-"""Runs a recipe's stages: each into its own folder under the output directory, resuming from
-its last complete checkpoint, skipping it when it has finished. The stage kinds (stages/) build
-the trainer; this module does what every stage shares around it.
+"""Runs stage instances (stages.py): each into its own folder under the output directory,
+resuming from its last complete checkpoint, skipping it when it has finished. The stage kinds
+build the trainer, or make their data, and add their own work before and after training; this
+module does what every stage shares around them and knows nothing of any one kind.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import torch
 from transformers import TrainingArguments
 
 from simpo_cli.data import (
-    add_mismatched_pairs,
     fingerprint,
     load_source,
     load_tokenizer,
@@ -31,79 +31,66 @@ from simpo_cli.faults import StepGuard
 from simpo_cli.launch import LAUNCH_ID, zero_stage
 from simpo_cli.model import adapters
 from simpo_cli.model.load import check_vocab, full_model_folder, load_model, load_model_from
-from simpo_cli.onpolicy.annotate import greedy_check
 from simpo_cli.outputs import StageDir, reproducibility_record
-from simpo_cli.recipe import TRAINING_STAGES, Recipe, SFTStage, settings_table, stage_identity
+from simpo_cli.recipe import Recipe, settings_table, stage_identity
 from simpo_cli.redact import redact
 from simpo_cli.run import stages
+from simpo_cli.run.stages import StageInstance
 from simpo_cli.train import console
 from simpo_cli.train.trainer import MetricsFile, training_arguments
 
 
-def stage_start(recipe: Recipe, name: str, output_dir: Path) -> str | None:
-    """Where a stage's model starts (or, for generate, what it samples from): the output folder
-    of the nearest training stage before it in the pipeline, or None for the recipe's model.
-    Also checks that every stage this one reads from has finished: the training stage whose
-    model it takes, the generate stage's samples for annotate, the annotate stage's pairs for a
-    preference stage without data of its own."""
-    needs = []
-    model_stage = recipe.model_stage_before(name)
-    if model_stage is not None and name not in ("annotate", "evaluate"):
-        needs.append(model_stage)
-    if name == "annotate":
-        needs.append("generate")
-    if name == "preference" and recipe.origin(("preference", "data", "train")) == "annotate stage":
-        needs.append("annotate")
-    if name == "evaluate":
-        stage = recipe.stage("evaluate")
-        entries = [entry for _, entry in recipe.evaluate_checkpoints()] + [stage.reference]
-        needs += [entry for entry in entries if entry in TRAINING_STAGES]
-        if (
-            stage.pairs is None
-            and recipe.origin(("preference", "data", "eval")) == "annotate stage"
-        ):
-            needs.append("annotate")
-    for previous in needs:
-        previous_dir = StageDir(output_dir / previous)
+def stage_start(instance: StageInstance, output_dir: Path) -> str | None:
+    """Where an instance's model starts (or, for generate, what it samples from): the folder of
+    the training instance it follows, or None for the recipe's model. Also checks that every
+    instance it needs has finished: the one whose model it takes, and those whose outputs it
+    reads (generate's samples for annotate, annotate's pairs for a preference stage without
+    data of its own, the checkpoints an evaluate stage scores)."""
+    for kind, folder in instance.requires():
+        previous_dir = StageDir(output_dir / folder)
         if not previous_dir.is_complete():
-            what = {"generate": "samples", "annotate": "pairs"}.get(previous, "model")
+            what = {"generate": "samples", "annotate": "pairs"}.get(kind, "model")
+            command = folder if kind == "model" else kind
             raise UserError(
-                f"stage '{name}' starts from the '{previous}' stage's {what}, which is not "
-                f"finished in {previous_dir.path}; run `simpo train` (all stages) or "
-                f"`simpo {previous}` first"
+                f"stage '{instance.folder}' starts from the '{folder}' stage's {what}, which is "
+                f"not finished in {previous_dir.path}; run `simpo train` (all stages) or "
+                f"`simpo {command}` first"
             )
-    if model_stage is None or name in ("annotate", "evaluate"):
+    if instance.model_from is None:
         return None
-    return str(StageDir(output_dir / model_stage).path)
+    return str(StageDir(output_dir / instance.model_from).path)
 
 
 def run_stage(recipe: Recipe, name: str, output_dir: Path, overwrite: bool = False) -> Path:
-    """Run one stage into output_dir/<name>: resume it if a checkpoint is there, skip it if it
-    has finished. Every process of a launch runs this; only the main process writes files.
-    Returns the stage folder, which holds the trained model."""
-    stage = recipe.stage(name)
-    stage_dir = StageDir(output_dir / name)
+    """Run the recipe's stage `name` (its instance in DIR/<name>); see run_instance."""
+    return run_instance(stages.instance(recipe, name), output_dir, overwrite)
+
+
+def run_instance(instance: StageInstance, output_dir: Path, overwrite: bool = False) -> Path:
+    """Run one stage instance into its folder under output_dir: resume it if a checkpoint is
+    there, skip it if it has finished. Every process of a launch runs this; only the main process
+    writes files. Returns the stage folder, which holds the trained model."""
+    recipe, name, kind = instance.recipe, instance.folder, instance.kind
+    stage = instance.settings
+    stage_dir = StageDir(output_dir / instance.folder)
     # resolved_recipe.yaml is written redacted; compare like with like.
-    identity = stage_identity(redact(recipe.dump()), name)
+    identity = stage_identity(redact(recipe.dump()), kind)
     if stage_dir.is_complete() and not overwrite:
-        stage_dir.check(identity, name)
+        stage_dir.check(identity, kind)
         say(f"[{name}] already finished in {stage_dir.path}; skipping (--overwrite reruns it)")
         return stage_dir.path
-    start_from = stage_start(recipe, name, output_dir)
+    start_from = stage_start(instance, output_dir)
     if not overwrite:
-        stage_dir.check(identity, name)
-    if name not in TRAINING_STAGES:
-        return _run_data_stage(recipe, name, stage_dir, start_from, output_dir, overwrite)
+        stage_dir.check(identity, kind)
+    how = stages.KINDS[kind]
+    if isinstance(how, stages.DataKind):
+        return _run_data_stage(instance, how, stage_dir, start_from, output_dir, overwrite)
     prepare_trackers(recipe)
     adapters.check_combination(recipe)
-    kind = "sft" if isinstance(stage, SFTStage) else "preference"
     checkpoint = None if overwrite else stage_dir.last_checkpoint()
     has_eval = stage.data.eval is not None
     args = training_arguments(
-        recipe,
-        name,
-        stage_dir.path,
-        eval_on_start=kind == "preference" and has_eval and not checkpoint,
+        recipe, kind, stage_dir.path, eval_on_start=how.eval_before and has_eval and not checkpoint
     )
     _start_processes(args, recipe)
     if is_main_process():
@@ -111,7 +98,7 @@ def run_stage(recipe: Recipe, name: str, output_dir: Path, overwrite: bool = Fal
         stage_dir.stopped_file.unlink(missing_ok=True)  # this run's own stop, if any, is next
     barrier()
     if is_main_process():
-        _print_settings(recipe, name, start_from)
+        _print_settings(instance, start_from)
 
     tokenizer = load_tokenizer(recipe.model, start_from)
     max_prompt = getattr(stage.data, "max_prompt_length", 0)
@@ -121,22 +108,22 @@ def run_stage(recipe: Recipe, name: str, output_dir: Path, overwrite: bool = Fal
         source = getattr(stage.data, split)
         if source is None:
             continue
-        role = f"{name}.data.{split} ({source.path})"
+        role = f"{kind}.data.{split} ({source.path})"
         raw = load_source(source, role)
         datasets_[split], report = prepare(
             raw, tokenizer, kind, role, stage.data.max_length, max_prompt, tokenization
         )
-        if getattr(stage, "loss", None) == "kto":
-            datasets_[split] = add_mismatched_pairs(datasets_[split], stage.data.max_length)
+        if how.rows is not None:
+            datasets_[split] = how.rows(stage, datasets_[split])
         if split == "train" and stage.training.balanced_batches:
             datasets_[split] = with_lengths(datasets_[split])
-        fingerprints[f"{name}.data.{split}"] = fingerprint(source, raw)
+        fingerprints[f"{kind}.data.{split}"] = fingerprint(source, raw)
         report_lines += report.lines()
     say("\n".join(["data report:", *("  " + line for line in report_lines)]))
     if is_main_process():
         (stage_dir.path / "data_report.txt").write_text("\n".join(report_lines) + "\n")
 
-    model, base, load_base = _starting_model(recipe, name, start_from, stage_dir)
+    model, base, load_base = _starting_model(instance, start_from, stage_dir)
     check_vocab(model, tokenizer)
     common = {
         "model": model,
@@ -146,17 +133,13 @@ def run_stage(recipe: Recipe, name: str, output_dir: Path, overwrite: bool = Fal
         "processing_class": tokenizer,
         "callbacks": [MetricsFile(stage_dir)],
     }
-    trainer = stages.BUILDERS[kind](recipe, name, stage, common, start_from, output_dir, checkpoint)
+    trainer = how.build_trainer(recipe, kind, stage, common, start_from, output_dir, checkpoint)
     console.install(trainer, name)  # one line of numbers per log, not Trainer's dicts
     # Signals and non-finite steps: stop after the step (or skip it) on every process at once.
     guard = StepGuard(trainer, name, stage.training.on_nonfinite, str(stage.data.train.path))
     trainer.add_callback(guard)
-
-    greedy_before = None
-    if kind == "preference" and not checkpoint:
-        greedy_before = _greedy_check(recipe, trainer, tokenizer, output_dir)
-        if greedy_before is not None and is_main_process():
-            stage_dir.write_json("greedy_before.json", greedy_before)
+    if how.before_training is not None:
+        how.before_training(recipe, name, trainer, tokenizer, stage_dir, checkpoint is not None)
 
     for line in [] if overwrite else stage_dir.skipped_checkpoints():
         say(f"[{name}] {line}")
@@ -173,20 +156,10 @@ def run_stage(recipe: Recipe, name: str, output_dir: Path, overwrite: bool = Fal
     summary: dict[str, Any] = {"global_step": trainer.state.global_step}
     if has_eval:
         summary["eval"] = trainer.evaluate()
-        if kind == "preference":
-            _print_before_after(
-                name,
-                stage.loss if stage.loss != "simpo" else "SimPO",
-                _read_json(stage_dir.path / "eval_before.json"),
-                summary["eval"],
-            )
-    if kind == "preference":
-        after = _greedy_check(recipe, trainer, tokenizer, output_dir)
-        if after is not None:
-            summary["greedy_eval"] = after
-            _print_greedy(name, _read_json(stage_dir.path / "greedy_before.json"), after)
+    if how.after_training is not None:
+        how.after_training(recipe, name, trainer, tokenizer, stage_dir, summary)
     if adapters.is_adapted(trainer.model):
-        merge = adapters.writes_merged(recipe, name)
+        merge = adapters.writes_merged(recipe, kind)
         adapters.save(trainer.model, stage_dir.path, tokenizer, base, merge, load_base)
         if not merge:
             say(f"[{name}] adapter only (model.lora.merge): the next stage, generate and "
@@ -210,12 +183,13 @@ def run_stage(recipe: Recipe, name: str, output_dir: Path, overwrite: bool = Fal
     return stage_dir.path
 
 
-def _starting_model(recipe: Recipe, name: str, start_from: str | None, stage_dir: StageDir):
+def _starting_model(instance: StageInstance, start_from: str | None, stage_dir: StageDir):
     """(model, base record, base loader) of a training stage: the model it trains and, with
     LoRA, the base record of its adapter and how to load that base whole in full precision
     (for the merge at the end). Fresh adapters on the starting model, or
     (model.lora.continue_adapter) the previous stage's adapter, trainable, on its own base."""
-    t = recipe.stage(name).training
+    recipe, name = instance.recipe, instance.folder
+    t = instance.settings.training
     lora = recipe.model.lora
     previous = adapters.adapter_folder(start_from)
     if lora is not None and lora.continue_adapter and previous is not None:
@@ -248,9 +222,7 @@ def _starting_model(recipe: Recipe, name: str, start_from: str | None, stage_dir
         if lora is None:
             return model, None, None
         model = adapters.add_adapters(model, recipe.model, t.gradient_checkpointing, t.seed)
-        base = adapters.base_record(
-            recipe.model, start_from, recipe.model_stage_before(name), t.seed
-        )
+        base = adapters.base_record(recipe.model, start_from, instance.model_from, t.seed)
         load_base = partial(load_model, recipe, start_from, t.seed)
     trainable, frozen = adapters.trainable_parameters(model)
     say(f"[{name}] LoRA r={lora.r}: {trainable:,} trainable adapter "
@@ -259,30 +231,30 @@ def _starting_model(recipe: Recipe, name: str, start_from: str | None, stage_dir
 
 
 def _run_data_stage(
-    recipe: Recipe,
-    name: str,
+    instance: StageInstance,
+    kind: stages.DataKind,
     stage_dir: StageDir,
     start_from: str | None,
     output_dir: Path,
     overwrite: bool,
 ) -> Path:
-    """A stage that makes data rather than a model (generate, annotate): the same folder, resume
-    and completion rules as a training stage, without a Trainer."""
-    stage = recipe.stage(name)
-    vllm = name == "generate" and stages.generate_backend(stage) == "vllm"
-    if not vllm:  # a vLLM engine starts its own process group (stages/generate.py)
+    """A stage that makes data rather than a model (generate, annotate, evaluate): the same
+    folder, resume and completion rules as a training stage, without a Trainer."""
+    recipe, name = instance.recipe, instance.folder
+    own_processes = kind.own_processes(instance.settings)
+    if not own_processes:  # a vLLM engine starts its own process group (onpolicy/generate.py)
         start_process_group()
         _check_world(recipe)
     if is_main_process():
         stage_dir.create(recipe.to_yaml(), overwrite)
         stage_dir.stopped_file.unlink(missing_ok=True)
-    if not vllm:
+    if not own_processes:
         barrier()
     else:
         _folder_ready(stage_dir)
     if is_main_process():
-        _print_settings(recipe, name, start_from)
-    summary = stages.RUNNERS[name](recipe, name, stage, stage_dir, start_from, output_dir)
+        _print_settings(instance, start_from)
+    summary = kind.run(instance, stage_dir, start_from, output_dir)
     if is_main_process():
         record = reproducibility_record(
             recipe.first_stage_seed(), {}, recipe.launch.world_size,
@@ -290,7 +262,7 @@ def _run_data_stage(
         )  # fmt: skip
         stage_dir.write_json("reproducibility.json", record)
         stage_dir.mark_complete(summary)
-    if not vllm:
+    if not own_processes:
         barrier()
     say(f"[{name}] finished: output in {stage_dir.path}")
     return stage_dir.path
@@ -306,15 +278,6 @@ def _folder_ready(stage_dir: StageDir) -> None:
         return
     while not ready.exists():
         time.sleep(1)
-
-
-def _greedy_check(recipe: Recipe, trainer, tokenizer, output_dir: Path) -> dict | None:
-    if recipe.annotate is None or not recipe.annotate.greedy_eval:
-        return None
-    if getattr(trainer, "is_deepspeed_enabled", False) and zero_stage(recipe) == 3:
-        say("[preference] annotate.greedy_eval: skipped under ZeRO-3 (the weights are sharded)")
-        return None
-    return greedy_check(recipe, trainer.model, tokenizer, output_dir)
 
 
 def start_process_group() -> None:
@@ -377,41 +340,15 @@ def _require(module: str, extra: str) -> None:
 # --------------------------------------------------------------------------- reporting
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _print_settings(recipe: Recipe, name: str, start_from: str | None) -> None:
+def _print_settings(instance: StageInstance, start_from: str | None) -> None:
+    recipe, name, kind = instance.recipe, instance.folder, instance.kind
     seed = recipe.first_stage_seed()
     start = start_from or (
         f"new {recipe.model.config.get('model_type')} model from model.config (seed {seed})"
         if recipe.model.init == "from_config"
         else recipe.model.name_or_path
     )
-    if name not in ("annotate", "evaluate"):
-        print(f"[{name}] {'samples from' if name == 'generate' else 'start model'}: {start}")
+    if kind not in ("annotate", "evaluate"):
+        print(f"[{name}] {'samples from' if kind == 'generate' else 'start model'}: {start}")
     print(f"[{name}] settings (value, then where it came from):")
-    print("\n".join(settings_table(recipe, name)))
-
-
-def _print_greedy(name: str, before: dict | None, after: dict) -> None:
-    rows = [("mean reward", "mean_reward")]
-    if "success" in after:
-        rows.append(("success rate", "success"))
-    lines = [
-        f"[{name}] held-out prompts, greedy    before     after   ({after['prompts']} prompts)"
-    ]
-    for label, key in rows:
-        first = f"{before[key]:>8.4f}" if before else "       -"
-        lines.append(f"[{name}]   {label:<24} {first}  {after[key]:>8.4f}")
-    say("\n".join(lines))
-
-
-def _print_before_after(name: str, loss: str, before: dict | None, after: dict) -> None:
-    if not before:
-        return
-    lines = [f"[{name}] held-out pairs        before     after"]
-    rows = (("reward accuracy", "eval_rewards/accuracies"), (f"{loss} loss", "eval_loss"))
-    for label, key in rows:
-        lines.append(f"[{name}]   {label:<18} {before[key]:>8.4f}  {after[key]:>8.4f}")
-    say("\n".join(lines))
+    print("\n".join(settings_table(recipe, kind)))

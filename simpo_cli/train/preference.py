@@ -1,8 +1,9 @@
 """The preference stage: SimPO and the baseline losses on pairs, with transformers' Trainer.
 
 Trainer runs the loop, checkpointing, resume and DeepSpeed; this module adds what is
-SimPO-specific: the paired forward pass, the loss, the authors' metric names, and the reference
-model's log-probs (live, or cached on disk) for the losses that need them.
+SimPO-specific: the paired forward pass, the loss, the authors' metric names, the reference
+model's log-probs (live, or cached on disk) for the losses that need them, and the numbers
+printed before and after training (held-out pairs; the greedy check of annotate.greedy_eval).
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from simpo_cli.data import PreferenceCollator
+from simpo_cli.data import PreferenceCollator, add_mismatched_pairs
 from simpo_cli.distributed import all_gather, barrier, is_main_process, say, world_size
 from simpo_cli.errors import UserError
 from simpo_cli.faults import GuardedTrainer
+from simpo_cli.launch import zero_stage
 from simpo_cli.model import adapters
 from simpo_cli.model.load import load_model
+from simpo_cli.onpolicy.annotate import greedy_check
+from simpo_cli.outputs import StageDir
 from simpo_cli.recipe import PreferenceStage, Recipe
 from simpo_cli.train.logps import batch_layout, sequence_scores, unwrap
 from simpo_cli.train.objectives import PairScores, preference_objective
@@ -234,6 +238,79 @@ def build_trainer(
             CachedReference(trainer, recipe, stage, start_from, output_dir, checkpoint is not None)
         )
     return trainer
+
+
+def training_rows(stage: PreferenceStage, dataset):
+    """The tokenized pairs as the loss reads them: KTO also scores mismatched pairs."""
+    if stage.loss == "kto":
+        return add_mismatched_pairs(dataset, stage.data.max_length)
+    return dataset
+
+
+# --------------------------------------------------------------------------- before and after
+
+
+def before_training(recipe: Recipe, name: str, trainer, tokenizer, stage_dir: StageDir, resuming):
+    """The greedy check of the start model (annotate.greedy_eval), kept in greedy_before.json
+    for the comparison after training; a resumed run has it already."""
+    if resuming:
+        return
+    before = _greedy_check(recipe, name, trainer, tokenizer)
+    if before is not None and is_main_process():
+        stage_dir.write_json("greedy_before.json", before)
+
+
+def after_training(recipe: Recipe, name: str, trainer, tokenizer, stage_dir: StageDir, summary):
+    """Held-out pairs and the greedy check, before and after training, side by side; the
+    greedy numbers go into the stage summary."""
+    stage = recipe.stage("preference")
+    if "eval" in summary:
+        _print_before_after(
+            name,
+            stage.loss if stage.loss != "simpo" else "SimPO",
+            _read_json(stage_dir.path / "eval_before.json"),
+            summary["eval"],
+        )
+    after = _greedy_check(recipe, name, trainer, tokenizer)
+    if after is not None:
+        summary["greedy_eval"] = after
+        _print_greedy(name, _read_json(stage_dir.path / "greedy_before.json"), after)
+
+
+def _greedy_check(recipe: Recipe, name: str, trainer, tokenizer) -> dict | None:
+    if recipe.annotate is None or not recipe.annotate.greedy_eval:
+        return None
+    if getattr(trainer, "is_deepspeed_enabled", False) and zero_stage(recipe) == 3:
+        say(f"[{name}] annotate.greedy_eval: skipped under ZeRO-3 (the weights are sharded)")
+        return None
+    return greedy_check(recipe, trainer.model, tokenizer)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _print_greedy(name: str, before: dict | None, after: dict) -> None:
+    rows = [("mean reward", "mean_reward")]
+    if "success" in after:
+        rows.append(("success rate", "success"))
+    lines = [
+        f"[{name}] held-out prompts, greedy    before     after   ({after['prompts']} prompts)"
+    ]
+    for label, key in rows:
+        first = f"{before[key]:>8.4f}" if before else "       -"
+        lines.append(f"[{name}]   {label:<24} {first}  {after[key]:>8.4f}")
+    say("\n".join(lines))
+
+
+def _print_before_after(name: str, loss: str, before: dict | None, after: dict) -> None:
+    if not before:
+        return
+    lines = [f"[{name}] held-out pairs        before     after"]
+    rows = (("reward accuracy", "eval_rewards/accuracies"), (f"{loss} loss", "eval_loss"))
+    for label, key in rows:
+        lines.append(f"[{name}]   {label:<18} {before[key]:>8.4f}  {after[key]:>8.4f}")
+    say("\n".join(lines))
 
 
 # --------------------------------------------------------------------------- reference model
