@@ -1,0 +1,115 @@
+"""The recipe: one typed schema for the YAML file, its loading, `--set` overrides and errors.
+
+Everything after `load_recipe` works on a validated `Recipe`; no other module reads raw YAML.
+This package must not import torch: `simpo validate` and `simpo config show` answer from it alone.
+
+Other modules import from here. The modules inside import each other directly, each only from
+those before it in this order: shipped, common, train, onpolicy, evaluate, schema, problems, load,
+table, catalogue.
+"""
+
+from simpo_cli.recipe.catalogue import copy_recipe, recipe_summary
+from simpo_cli.recipe.common import (
+    STAGES,
+    TRAINING_STAGES,
+    DataSource,
+    LaunchSettings,
+    LoggingSettings,
+    LoraSettings,
+    ModelSettings,
+    PositiveFloat,
+    PositiveInt,
+    Section,
+    StageName,
+)
+from simpo_cli.recipe.evaluate import BenchmarkSettings, EvaluateStage, LmEvalSettings
+from simpo_cli.recipe.load import (
+    apply_overrides,
+    data_sources,
+    find_recipe,
+    load_recipe,
+    parse_override,
+    read_yaml,
+    resolve_paths,
+)
+from simpo_cli.recipe.onpolicy import (
+    AUTHORS_SEEDS,
+    AnnotateStage,
+    GenerateStage,
+    PromptSource,
+    RewardSettings,
+    seeds_problem,
+)
+from simpo_cli.recipe.problems import format_errors
+from simpo_cli.recipe.schema import Recipe, stage_identity
+from simpo_cli.recipe.shipped import (
+    DEEPSPEED_DIR,
+    RECIPES_DIR,
+    shipped_deepspeed_configs,
+    shipped_recipe_dir,
+    shipped_recipes,
+)
+from simpo_cli.recipe.table import settings_table
+from simpo_cli.recipe.train import (
+    LOSS_DEFAULTS,
+    LOSS_PARAMETERS,
+    LossName,
+    PreferenceData,
+    PreferenceStage,
+    ReferenceSettings,
+    SFTData,
+    SFTStage,
+    SFTTraining,
+    TrainingSettings,
+)
+
+__all__ = [
+    "AUTHORS_SEEDS",
+    "DEEPSPEED_DIR",
+    "LOSS_DEFAULTS",
+    "LOSS_PARAMETERS",
+    "RECIPES_DIR",
+    "STAGES",
+    "TRAINING_STAGES",
+    "AnnotateStage",
+    "BenchmarkSettings",
+    "DataSource",
+    "EvaluateStage",
+    "GenerateStage",
+    "LaunchSettings",
+    "LmEvalSettings",
+    "LoggingSettings",
+    "LoraSettings",
+    "LossName",
+    "ModelSettings",
+    "PositiveFloat",
+    "PositiveInt",
+    "PreferenceData",
+    "PreferenceStage",
+    "PromptSource",
+    "Recipe",
+    "ReferenceSettings",
+    "RewardSettings",
+    "SFTData",
+    "SFTStage",
+    "SFTTraining",
+    "Section",
+    "StageName",
+    "TrainingSettings",
+    "apply_overrides",
+    "copy_recipe",
+    "data_sources",
+    "find_recipe",
+    "format_errors",
+    "load_recipe",
+    "parse_override",
+    "read_yaml",
+    "recipe_summary",
+    "resolve_paths",
+    "seeds_problem",
+    "settings_table",
+    "shipped_deepspeed_configs",
+    "shipped_recipe_dir",
+    "shipped_recipes",
+    "stage_identity",
+]

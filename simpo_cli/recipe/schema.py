@@ -1,0 +1,284 @@
+"""The whole recipe: the `Recipe` model, which checks that its stages fit together, and the part
+of a recipe that decides each stage's result (stage_identity)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, PrivateAttr, model_validator
+
+from simpo_cli.errors import RecipeError
+from simpo_cli.recipe.common import (
+    STAGES,
+    TRAINING_STAGES,
+    DataSource,
+    LaunchSettings,
+    LoggingSettings,
+    ModelSettings,
+    Section,
+    StageName,
+)
+from simpo_cli.recipe.evaluate import EvaluateStage
+from simpo_cli.recipe.onpolicy import AnnotateStage, GenerateStage
+from simpo_cli.recipe.train import PreferenceStage, SFTStage
+from simpo_cli.redact import redact
+
+
+class Recipe(Section):
+    name: str = Field("recipe", description="Recipe name; default: the file's name.")
+    description: str | None = None
+    output_dir: str | None = Field(None, description="Where stages write; default outputs/<name>.")
+    model: ModelSettings
+    pipeline: list[StageName] = Field(
+        default_factory=lambda: ["sft", "preference"], description="Stages run by `simpo train`."
+    )
+    sft: SFTStage | None = None
+    generate: GenerateStage | None = None
+    annotate: AnnotateStage | None = None
+    preference: PreferenceStage | None = None
+    evaluate: EvaluateStage | None = None
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    launch: LaunchSettings = Field(default_factory=LaunchSettings)
+    # Where each key path's value came from ("recipe" or "--set"); absent keys are defaults.
+    _origins: dict[tuple[str, ...], str] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_pipeline(self) -> Recipe:
+        if not self.pipeline:
+            raise ValueError("pipeline is empty; list the stages to run, e.g. [sft, preference]")
+        if len(set(self.pipeline)) != len(self.pipeline):
+            raise ValueError(f"pipeline {self.pipeline} repeats a stage; list each once")
+        if self.pipeline != sorted(self.pipeline, key=STAGES.index):
+            raise ValueError(
+                f"pipeline {self.pipeline} is out of order; stages run in the order "
+                f"{', '.join(STAGES)}"
+            )
+        for stage in self.pipeline:
+            if getattr(self, stage) is None:
+                raise ValueError(f"pipeline runs '{stage}' but the recipe has no {stage}: section")
+        if "annotate" in self.pipeline and "generate" not in self.pipeline:
+            raise ValueError(
+                "pipeline runs annotate without generate; add generate before it (annotate "
+                "scores the generate stage's samples)"
+            )
+        if (
+            self.preference is not None
+            and self.preference.data.train is None
+            and "annotate" not in self.pipeline
+        ):
+            raise ValueError(
+                "preference.data.train: required key is missing; add it, or run an annotate "
+                "stage before preference (pipeline: [generate, annotate, preference])"
+            )
+        if (
+            self.annotate is not None
+            and self.annotate.greedy_eval
+            and (self.generate is None or self.generate.eval_prompts is None)
+        ):
+            raise ValueError(
+                "annotate.greedy_eval: needs held-out prompts; set generate.eval_prompts"
+            )
+        if "evaluate" in self.pipeline:
+            self._check_evaluate()
+        self._check_continued_adapter()
+        problems = [
+            p for name in TRAINING_STAGES if getattr(self, name) for p in self._batch_problems(name)
+        ]
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def _check_continued_adapter(self) -> None:
+        """A continued adapter switched off is the first stage's base, not the preference
+        stage's start: no live reference from it."""
+        lora = self.model.lora
+        stage = self.preference
+        if lora is None or not lora.continue_adapter or stage is None:
+            return
+        if "preference" not in self.pipeline or self.model_stage_before("preference") is None:
+            return
+        if stage.uses_reference and stage.reference.mode == "live" and not stage.reference.model:
+            raise ValueError(
+                "preference.reference.mode: live with model.lora.continue_adapter would score the "
+                f"reference as the adapters switched off, which is the model before "
+                f"{self.model_stage_before('preference')}, not this stage's start; use "
+                "reference.mode: cached (the start's log-probs, computed once) or set "
+                "reference.model"
+            )
+
+    def _check_evaluate(self) -> None:
+        stage = self.evaluate
+        assert stage is not None
+        if not self.evaluate_checkpoints():
+            raise ValueError(
+                "evaluate: no checkpoints to evaluate; run a training stage before it, or list "
+                "model folders in evaluate.checkpoints"
+            )
+        if self.evaluate_pairs() is None and not stage.benchmarks and stage.lm_eval is None:
+            raise ValueError(
+                "evaluate: nothing to evaluate; set evaluate.pairs (or preference.data.eval), "
+                "evaluate.benchmarks or evaluate.lm_eval"
+            )
+        labels = [label for label, _ in self.evaluate_checkpoints()]
+        for i, bench in enumerate(stage.benchmarks):
+            against = bench.against
+            if against in TRAINING_STAGES and against not in labels:
+                raise ValueError(
+                    f"evaluate.benchmarks.{i}.against: '{against}' is not among the checkpoints "
+                    f"evaluated ({', '.join(labels)}); add it to evaluate.checkpoints"
+                )
+
+    def evaluate_checkpoints(self) -> list[tuple[str, str]]:
+        """(label, stage name or model folder) of each checkpoint the evaluate stage compares:
+        evaluate.checkpoints, else every training stage before it. A training stage's name
+        stands for its folder in the output directory (pipeline.stage_folder)."""
+        stage = self.evaluate
+        if stage is None:
+            return []
+        if stage.checkpoints is not None:
+            return [
+                (entry if entry in TRAINING_STAGES else Path(entry).name, entry)
+                for entry in stage.checkpoints
+            ]
+        before = (
+            self.pipeline[: self.pipeline.index("evaluate")] if "evaluate" in self.pipeline else []
+        )
+        return [(name, name) for name in before if name in TRAINING_STAGES]
+
+    def evaluate_pairs(self) -> DataSource | None:
+        """The pairs the evaluate stage scores: its own, else the preference stage's held-out
+        pairs."""
+        if self.evaluate is None:
+            return None
+        if self.evaluate.pairs is not None:
+            return self.evaluate.pairs
+        return self.preference.data.eval if self.preference is not None else None
+
+    def _batch_problems(self, name: StageName) -> list[str]:
+        t = self.stage(name).training
+        if t.total_batch_size is None:
+            return []
+        world = self.launch.world_size
+        per_step = t.per_device_train_batch_size * world
+        where = f"{name}.training.total_batch_size: {t.total_batch_size}"
+        if t.total_batch_size % per_step:
+            fits = [
+                b for b in range(1, t.total_batch_size + 1) if t.total_batch_size % (b * world) == 0
+            ]
+            fix = (
+                f"with {world} processes, per_device_train_batch_size "
+                f"{_or_list(fits[:8])} would work"
+                if fits
+                else f"no per-device batch divides it over {world} processes; use a "
+                f"total_batch_size that is a multiple of {world}"
+            )
+            return [
+                f"{where} is not a multiple of per_device_train_batch_size "
+                f"{t.per_device_train_batch_size} x {world} processes = {per_step}; {fix}"
+            ]
+        derived = t.total_batch_size // per_step
+        if t.gradient_accumulation_steps not in (None, derived):
+            return [
+                f"{where} needs gradient_accumulation_steps {derived} with {world} processes x "
+                f"per_device_train_batch_size {t.per_device_train_batch_size}, but "
+                f"{t.gradient_accumulation_steps} is set; remove one of the two"
+            ]
+        return []
+
+    def accumulation_steps(self, name: StageName) -> int:
+        """Gradient accumulation of a stage: given, derived from total_batch_size, or 1."""
+        t = self.stage(name).training
+        if t.total_batch_size is not None:
+            return t.total_batch_size // (t.per_device_train_batch_size * self.launch.world_size)
+        return t.gradient_accumulation_steps or 1
+
+    def total_batch(self, name: StageName) -> int:
+        t = self.stage(name).training
+        return (
+            t.per_device_train_batch_size * self.launch.world_size * self.accumulation_steps(name)
+        )
+
+    def stage(self, name: StageName) -> Any:
+        """The section of a stage: SFTStage, GenerateStage, AnnotateStage, PreferenceStage or
+        EvaluateStage."""
+        if name not in STAGES:
+            raise RecipeError([f"{name}: no such stage; the stages are {', '.join(STAGES)}"])
+        section = getattr(self, name)
+        if section is None:
+            raise RecipeError([f"recipe '{self.name}' has no {name}: section; add one to run it"])
+        return section
+
+    def first_stage_seed(self) -> int:
+        """The seed a model built from model.config is initialised with: the first training
+        stage's (a generate stage before it samples from the same model)."""
+        for name in self.pipeline:
+            if name in TRAINING_STAGES:
+                return self.stage(name).training.seed
+        return 42
+
+    def origin(self, key: tuple[str, ...]) -> str:
+        """Where a key's value came from: "recipe", "--set", "annotate stage" or "default"."""
+        return self._origins.get(key, "default")
+
+    def model_stage_before(self, name: StageName) -> StageName | None:
+        """The training stage whose model `name` starts from or samples from: the nearest one
+        before it in the pipeline, or None for the recipe's model."""
+        if name not in self.pipeline:
+            return None
+        before = self.pipeline[: self.pipeline.index(name)]
+        return next((s for s in reversed(before) if s in TRAINING_STAGES), None)
+
+    def connect_stages(self, output_dir: Path) -> None:
+        """Point a preference stage without data at the annotate stage's pairs in output_dir
+        (its train split, and its test split when annotate holds pairs out)."""
+        stage = self.preference
+        if stage is None or stage.data.train is not None or self.annotate is None:
+            return
+        if "annotate" not in self.pipeline:
+            return
+        folder = str((output_dir / "annotate" / "dataset").resolve())
+        stage.data.train = DataSource(path=folder, split="train")
+        held_out = self.annotate.eval_fraction > 0 or (
+            self.generate is not None and self.generate.eval_prompts is not None
+        )
+        if stage.data.eval is None and held_out:
+            stage.data.eval = DataSource(path=folder, split="test")
+        for split in ("train", "eval"):
+            key = ("preference", "data", split)
+            if getattr(stage.data, split) is not None and key not in self._origins:
+                self._origins[key] = "annotate stage"
+
+    def dump(self) -> dict[str, Any]:
+        """The recipe as YAML keys (aliases such as `lambda`), defaults filled."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+    def to_yaml(self) -> str:
+        """The recipe as YAML, secrets redacted (see redact.py): what resolved_recipe.yaml,
+        `config show` and `--dry-run` show."""
+        return yaml.safe_dump(
+            redact(self.dump()), sort_keys=False, default_flow_style=None, width=100
+        )
+
+
+def _or_list(values: list[int]) -> str:
+    text = [str(v) for v in values]
+    return text[0] if len(text) == 1 else ", ".join(text[:-1]) + " or " + text[-1]
+
+
+def stage_identity(recipe: dict[str, Any], stage: str) -> dict[str, Any]:
+    """The part of a (dumped) recipe that decides a stage's result: the model and the sections of
+    this stage and every stage before it. Names, output folders and logging do not count, nor
+    training.on_nonfinite: a run stopped on a bad step may switch to skip and resume."""
+    pipeline = list(recipe.get("pipeline") or [])
+    before = pipeline[: pipeline.index(stage) + 1] if stage in pipeline else [stage]
+    sections = {name: _without_on_nonfinite(recipe.get(name)) for name in before}
+    return {"model": recipe.get("model"), **sections}
+
+
+def _without_on_nonfinite(section: Any) -> Any:
+    if not isinstance(section, dict) or not isinstance(section.get("training"), dict):
+        return section
+    training = {k: v for k, v in section["training"].items() if k != "on_nonfinite"}
+    return {**section, "training": training}
