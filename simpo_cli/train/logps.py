@@ -1,7 +1,7 @@
 """Per-sequence log-probs of a training batch under the model, without the [tokens, V] logits.
 
-The batch comes from collate_sequences (data.py): packed into one row (padding-free) or padded,
-with the trained positions of the flattened batch listed (token_index, token_targets,
+The batch comes from collate_sequences (data/collate.py): packed into one row (padding-free) or
+padded, with the trained positions of the flattened batch listed (token_index, token_targets,
 token_seq). Two savings, each turned off by its own recipe key:
 
 - training.padding_free: the packed row holds only real tokens. Attention stays within each
