@@ -152,11 +152,6 @@ def _evaluate(instance, stage_dir, start_from, output_dir):
     return checkpoints.run(instance.recipe, instance.settings, stage_dir, output_dir)
 
 
-def generate_backend(stage: Any) -> str:
-    """The backend a generate stage will use: "vllm" or "transformers"."""
-    return resolve_backend(stage.backend)
-
-
 KINDS: dict[str, TrainingKind | DataKind] = {
     "sft": TrainingKind(sft.build_trainer),
     "preference": TrainingKind(
@@ -166,7 +161,7 @@ KINDS: dict[str, TrainingKind | DataKind] = {
         before_training=preference.before_training,
         after_training=preference.after_training,
     ),
-    "generate": DataKind(_generate, lambda stage: generate_backend(stage) == "vllm"),
+    "generate": DataKind(_generate, lambda stage: resolve_backend(stage.backend) == "vllm"),
     "annotate": DataKind(_annotate),
     "evaluate": DataKind(_evaluate),
 }
