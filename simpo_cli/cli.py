@@ -8,23 +8,28 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 
 from simpo_cli.errors import EXIT_ABORTED, Preempted, UserError
 from simpo_cli.recipe import (
     TRAINING_STAGES,
-    Recipe,
+    EvaluateStage,
+    LaunchSettings,
     copy_recipe,
     load_recipe,
     recipe_summary,
     shipped_recipe_dir,
     shipped_recipes,
 )
+from simpo_cli.run.command import LaunchFlags, output_folder, run_stages
+from simpo_cli.run.curves import plot_run
+from simpo_cli.run.evaluation import evaluate_models
+from simpo_cli.run.paths import check_copy_destination, check_plot_paths
 
 app = typer.Typer(
     help="Align language models with SimPO from YAML recipes.",
@@ -56,12 +61,6 @@ Overwrite = Annotated[
 ]
 
 
-def _output_dir(recipe: Recipe, flag: Path | None) -> Path:
-    if flag is not None:
-        return flag
-    return Path(recipe.output_dir or f"outputs/{recipe.name}")
-
-
 class Tokenization(str, Enum):
     default = "default"
     authors = "authors"
@@ -71,169 +70,6 @@ class Precision(str, Enum):
     no = "no"
     bf16 = "bf16"
     fp16 = "fp16"
-
-
-@dataclass
-class LaunchFlags:
-    """Launch flags; each is the `--set launch.KEY=VALUE` it stands for."""
-
-    num_processes: int | None = None
-    num_machines: int | None = None
-    machine_rank: int | None = None
-    main_process_ip: str | None = None
-    main_process_port: int | None = None
-    deepspeed: str | None = None
-    mixed_precision: str | None = None
-
-    def launch_sets(self) -> list[str]:
-        return [
-            f"launch.{key}={value}"
-            for key, value in vars(self).items()
-            if value is not None and key != "mixed_precision"
-        ]
-
-    def precision_sets(self, recipe: Recipe) -> list[str]:
-        """One precision for every stage, so the launcher, the Trainer and DeepSpeed's "auto"
-        values cannot disagree."""
-        if self.mixed_precision is None:
-            return []
-        return [
-            f"{name}.training.{key}={self.mixed_precision == key}"
-            for name in TRAINING_STAGES
-            if getattr(recipe, name) is not None
-            for key in ("bf16", "fp16")
-        ]
-
-
-def _run(
-    command: str,
-    recipe_ref: str,
-    stages: list[str] | None,
-    output_dir: Path | None,
-    sets: list[str] | None,
-    flags: LaunchFlags,
-    dry_run: bool,
-    overwrite: bool,
-) -> None:
-    sets = list(sets or []) + flags.launch_sets()
-    recipe = load_recipe(recipe_ref, sets)
-    if flags.mixed_precision is not None:
-        sets += flags.precision_sets(recipe)
-        recipe = load_recipe(recipe_ref, sets)
-    out = _output_dir(recipe, output_dir)
-    recipe.connect_stages(out)  # a preference stage without data reads the annotate stage's
-    names = list(recipe.pipeline) if stages is None else stages
-    for name in names:
-        recipe.stage(name)  # a missing section is an error before anything starts
-    from simpo_cli import launch
-    from simpo_cli.run.paths import check_paths
-
-    # Every path, before a process is launched or a folder created.
-    check_paths(recipe, out, names, "--output-dir" if output_dir is not None else "output_dir")
-
-    child_args = [command, recipe_ref, "--output-dir", str(out)]
-    # The launcher, not the training processes, needs the machine's rank: leaving it out keeps
-    # one command line for every machine but --machine_rank.
-    child_sets = [s for s in sets if not s.startswith("launch.machine_rank=")]
-    child_args += [arg for s in child_sets for arg in ("--set", s)]
-    child_args += ["--overwrite"] if overwrite else []
-    relaunch = launch.needs_launch(recipe.launch) and not launch.inside_launch()
-    if dry_run:
-        from simpo_cli.run.plan import print_plan
-
-        print_plan(recipe, names, out, child_args if relaunch else None, overwrite)
-        return
-    if not launch.inside_launch() and len(names) > 1 and _vllm_generate(recipe, names):
-        # A vLLM engine keeps its GPUs and its own process group until its process ends: the
-        # stages run one command each (see stages/generate.py).
-        for name in names:
-            code = _run_alone(recipe, name, child_args, relaunch)
-            if code != 0:
-                sys.exit(code)
-        return
-    if relaunch:
-        sys.exit(_launch(recipe, child_args))
-    from simpo_cli.faults import watch_signals
-
-    watch_signals()  # SIGTERM, SIGUSR1, Ctrl-C: save a checkpoint after this step and exit 75
-    from simpo_cli.distributed import say, shutdown
-    from simpo_cli.errors import NonFiniteError
-    from simpo_cli.run.pipeline import run_stage
-
-    folders = {}
-    try:
-        for name in names:
-            folders[name] = run_stage(recipe, name, out, overwrite)
-    except (Preempted, NonFiniteError):
-        shutdown()  # every process stopped after the same step, together
-        raise
-    trained = [name for name in names if name in TRAINING_STAGES]
-    if trained:
-        say(f"final model: {folders[trained[-1]]}")
-    if names and names[-1] not in TRAINING_STAGES:
-        say(f"{'evaluation' if names[-1] == 'evaluate' else 'output'}: {folders[names[-1]]}")
-    shutdown()
-    if trained:
-        _plot_when_possible(out)
-
-
-def _vllm_generate(recipe: Recipe, names: list[str]) -> bool:
-    """Whether a stage to run samples with vLLM: generate, or evaluate's benchmark answers."""
-    from simpo_cli.onpolicy.sampling import resolve_backend
-
-    if "generate" in names and recipe.generate is not None:
-        if resolve_backend(recipe.generate.backend) == "vllm":
-            return True
-    evaluate = recipe.evaluate
-    if "evaluate" in names and evaluate is not None and evaluate.benchmarks:
-        return resolve_backend(evaluate.backend) == "vllm"
-    return False
-
-
-def _run_alone(recipe: Recipe, name: str, child_args: list[str], launched: bool) -> int:
-    """Run one stage as its own command (through the launcher when `launched`)."""
-    import subprocess
-
-    args = [name, *child_args[1:]]
-    if launched:
-        return _launch(recipe, args)
-    return subprocess.run([sys.executable, "-m", "simpo_cli.cli", *args]).returncode
-
-
-def _plot_when_possible(out: Path) -> None:
-    """Leave a picture of the run beside it when matplotlib is installed."""
-    import importlib.util
-
-    from simpo_cli.distributed import is_main_process
-
-    if is_main_process() and importlib.util.find_spec("matplotlib") is not None:
-        from simpo_cli.run.curves import plot_run
-
-        print(f"training curves: {plot_run(out)}")
-
-
-def _launch(recipe: Recipe, child_args: list[str]) -> int:
-    """Re-run this command on every process through `accelerate launch`; wait for them."""
-    import shlex
-    import uuid
-
-    import torch
-
-    from simpo_cli import launch
-    from simpo_cli.model.adapters import check_combination
-    from simpo_cli.redact import redact_args
-
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    launch.preflight(recipe.launch, gpus)
-    check_combination(recipe)
-    command = launch.launch_command(recipe, child_args)
-    from simpo_cli.launch import LAUNCH_ID
-
-    os.environ[LAUNCH_ID] = uuid.uuid4().hex  # names this launch's marker files
-    print("launching: " + shlex.join(redact_args(command)), flush=True)
-    if gpus == 0:
-        print(f"no GPU here: running {recipe.launch.world_size} processes on the CPU", flush=True)
-    return launch.run(command)
 
 
 def _run_command(name: str, stages: list[str] | None, doc: str):
@@ -277,7 +113,7 @@ def _run_command(name: str, stages: list[str] | None, doc: str):
             num_processes, num_machines, machine_rank, main_process_ip, main_process_port,
             deepspeed, mixed_precision.value if mixed_precision else None,
         )  # fmt: skip
-        _run(name, recipe, stages, output_dir, set_, flags, dry_run, overwrite)
+        run_stages(name, recipe, stages, output_dir, set_, flags, dry_run, overwrite)
 
     command.__doc__ = doc
     return command
@@ -394,7 +230,7 @@ def data_inspect(
         raise UserError(
             f"--stage {stage}: no training data to show; use one of {', '.join(TRAINING_STAGES)}"
         )
-    loaded.connect_stages(_output_dir(loaded, None))
+    loaded.connect_stages(output_folder(loaded, None))
     use_color = sys.stdout.isatty() if color is None else color
     print(inspect_row(loaded, stage, row, use_color))
 
@@ -430,8 +266,6 @@ def recipes_copy(
     dest: Annotated[Path, typer.Argument(help="Folder to copy into (created if missing).")],
 ) -> None:
     """Copy a shipped recipe's files into DEST to edit them; never overwrites a file."""
-    from simpo_cli.run.paths import check_copy_destination
-
     check_copy_destination(dest)
     for target, origin in copy_recipe(name, dest):
         print(f"wrote {target}" + (f" (from {origin}; recipe.yaml points at it)" if origin else ""))
@@ -565,8 +399,6 @@ def evaluate(
             "simpo eval: give --pairs (score pairs), --benchmark (write answers) or --lm-eval "
             "(run tasks)"
         )
-    from simpo_cli.recipe import LaunchSettings
-
     launch_keys = {
         "num_processes": num_processes, "num_machines": num_machines,
         "machine_rank": machine_rank, "main_process_ip": main_process_ip,
@@ -579,47 +411,14 @@ def evaluate(
         backend, against, reward_model, reward_function, lm_eval, lm_eval_include_path,
         lm_eval_limit, lm_eval_num_fewshot, lm_eval_no_chat_template, dtype,
     )  # fmt: skip
-    from simpo_cli.run.paths import check_evaluate_paths
-
-    check_evaluate_paths(models, settings, output, output_dir)
-    from simpo_cli.evaluate.checkpoints import evaluate_checkpoints, resolve_checkpoints
-
-    checkpoints = resolve_checkpoints(models, model_id)  # a run folder: each stage's model
-    single = len(checkpoints) == 1
-    if output is not None and not single:
-        raise UserError("--output: writes one checkpoint's pairs; use --output-dir for several")
-    if output_dir is None and not (single and benchmark is None and lm_eval is None):
-        raise UserError(
-            "simpo eval: give --output-dir DIR: where the answer files and the comparison table go"
-        )
-    from simpo_cli import launch
-
-    if launch.needs_launch(launch_settings) and not launch.inside_launch():
-        sys.exit(_launch_eval(launch_settings, ["eval", *_command_line_again(ctx)]))
-    from simpo_cli.distributed import say, shutdown
-    from simpo_cli.run.pipeline import start_process_group
-
-    start_process_group()
-    if output_dir is None:  # one checkpoint's pairs: one line
-        _eval_pairs(checkpoints[0].path, settings, output)
-        shutdown()
-        return
-    assert output_dir is not None
-    result = evaluate_checkpoints(checkpoints, settings, output_dir, reference)
-    if output is not None and settings.pairs is not None:
-        _copy_pairs(output_dir, checkpoints[0].label, output)
-    from simpo_cli.evaluate.compare import comparison_rows, markdown_table
-
-    say(markdown_table(*comparison_rows(result["checkpoints"])).rstrip())
-    for path in result["files"]:
-        say(f"wrote {path}")
-    shutdown()
+    child_args = ["eval", *_command_line_again(ctx)]
+    evaluate_models(
+        models, settings, launch_settings, output, output_dir, model_id, reference, child_args
+    )
 
 
 def _settings(kind, values: dict):
     """A schema section from flag values; a value out of range is one line naming the flag."""
-    from pydantic import ValidationError
-
     try:
         return kind(**values)
     except ValidationError as err:
@@ -636,7 +435,6 @@ def _eval_settings(
 ):  # fmt: skip
     """The evaluate stage's settings (recipe.EvaluateStage) from the flags."""
     from simpo_cli.evaluate.benchmarks import check_benchmark
-    from simpo_cli.recipe import EvaluateStage
 
     if benchmark is not None:
         check_benchmark(benchmark)
@@ -676,46 +474,6 @@ def _eval_settings(
     return settings
 
 
-def _eval_pairs(model_dir: str, settings, output: str | None) -> None:
-    """One checkpoint's pairs, printed on one line (and written to --output)."""
-    from simpo_cli.distributed import say
-    from simpo_cli.evaluate.pairs import evaluate_pairs
-    from simpo_cli.model.load import full_model_folder, scratch_folder
-
-    # An adapter folder is scored as its merged model, written for the while beside --output.
-    near = Path(output).parent if output else None
-    named = (model_dir, settings.reference)
-    with (
-        full_model_folder(model_dir, scratch_folder("model", near)) as folder,
-        full_model_folder(settings.reference, scratch_folder("reference", near)) as reference,
-    ):
-        result = evaluate_pairs(folder, settings, output, reference, named)
-    s = result["summary"]
-    line = (
-        f"pairs {s['pairs']}: reward accuracy {s['reward_accuracy']:.4f}, mean margin "
-        f"{s['reward_margin']:.4f}, SimPO loss {s['loss']:.4f} (beta {s['beta']:g}, "
-        f"gamma {s['gamma']:g}; tokenization {s['tokenization']}); Spearman(length, avg "
-        f"log-prob) {s['spearman_length_logp']:.4f}"
-    )
-    if "implicit_reward_accuracy" in s:
-        line += (
-            f"; DPO implicit reward accuracy {s['implicit_reward_accuracy']:.4f}, disagrees "
-            f"with the likelihood on {s['implicit_likelihood_disagreement']:.1%} of pairs"
-        )
-    say(line)
-    if output:
-        say(f"wrote {output}")
-
-
-def _copy_pairs(output_dir: Path, label: str, output: str) -> None:
-    from simpo_cli.distributed import is_main_process
-
-    if is_main_process():
-        source = output_dir / "checkpoints" / label / "pairs.json"
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(source.read_text())
-
-
 def _command_line_again(ctx: typer.Context) -> list[str]:
     """The command's arguments as given, rebuilt from the parsed values for the launched
     processes, less --machine-rank (the launcher's alone)."""
@@ -735,27 +493,6 @@ def _command_line_again(ctx: typer.Context) -> list[str]:
     return args
 
 
-def _launch_eval(launch_settings, child_args: list[str]) -> int:
-    """Re-run `simpo eval` on every process through `accelerate launch`; wait for them."""
-    import shlex
-    import uuid
-
-    import torch
-
-    from simpo_cli import launch
-
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    launch.preflight(launch_settings, gpus)
-    command = launch.accelerate_command(launch_settings, "no", child_args)
-    from simpo_cli.launch import LAUNCH_ID
-
-    os.environ[LAUNCH_ID] = uuid.uuid4().hex  # one scratch folder name for every process
-    print("launching: " + shlex.join(command), flush=True)
-    if gpus == 0:
-        print(f"no GPU here: running {launch_settings.world_size} processes on the CPU", flush=True)
-    return launch.run(command)
-
-
 @app.command()
 def plot(
     run_dir: Annotated[Path, typer.Argument(help="A run folder (e.g. outputs/tiny) or a stage's.")],
@@ -765,9 +502,6 @@ def plot(
 ) -> None:
     """Draw the training curves of a run (loss, reward accuracy, margin; training and held-out)
     into a PNG. Needs matplotlib."""
-    from simpo_cli.run.curves import plot_run
-    from simpo_cli.run.paths import check_plot_paths
-
     check_plot_paths(run_dir, output)
     print(f"wrote {plot_run(run_dir, output)}")
 
