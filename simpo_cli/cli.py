@@ -8,14 +8,22 @@ from __future__ import annotations
 
 import os
 import sys
-from enum import Enum
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
-from pydantic import ValidationError
 
 from simpo_cli.errors import EXIT_ABORTED, Preempted, UserError
+from simpo_cli.flags import (
+    As,
+    check_choices,
+    command_line_again,
+    option_values,
+    schema_options,
+    validated,
+    with_options,
+)
 from simpo_cli.recipe import (
     TRAINING_STAGES,
     EvaluateStage,
@@ -26,7 +34,7 @@ from simpo_cli.recipe import (
     shipped_recipe_dir,
     shipped_recipes,
 )
-from simpo_cli.run.command import LaunchFlags, output_folder, run_stages
+from simpo_cli.run.command import output_folder, run_stages
 from simpo_cli.run.curves import plot_run
 from simpo_cli.run.evaluation import evaluate_models
 from simpo_cli.run.paths import check_copy_destination, check_plot_paths
@@ -61,118 +69,76 @@ Overwrite = Annotated[
 ]
 
 
-class Tokenization(str, Enum):
-    default = "default"
-    authors = "authors"
+# Each given launch option is the `--set launch.KEY=VALUE` it stands for.
+LAUNCH = schema_options(
+    LaunchSettings, skip=("rdzv_backend", "gpu_memory_gb"), panel="Launch", optional=True
+)
 
 
-class Precision(str, Enum):
-    no = "no"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
-def _run_command(name: str, stages: list[str] | None, doc: str):
+def _run_command(name: str, stages: list[str] | None, doc: str) -> Callable[..., None]:
     """A command that runs `stages` (None: the whole pipeline) with the shared options."""
 
+    @with_options("recipe", "output_dir", "set_", "dry_run", "overwrite", LAUNCH, "mixed_precision")
     def command(
         recipe: RecipeArg,
         output_dir: OutputDir = None,
         set_: SetOption = None,
         dry_run: DryRun = False,
         overwrite: Overwrite = False,
-        num_processes: Annotated[
-            int | None,
-            typer.Option(min=1, help="Processes (GPUs) per machine.", rich_help_panel="Launch"),
-        ] = None,
-        num_machines: Annotated[
-            int | None, typer.Option(min=1, help="Machines in the run.", rich_help_panel="Launch")
-        ] = None,
-        machine_rank: Annotated[
-            int | None, typer.Option(min=0, help="This machine's rank.", rich_help_panel="Launch")
-        ] = None,
-        main_process_ip: Annotated[
-            str | None, typer.Option(help="Address of machine 0.", rich_help_panel="Launch")
-        ] = None,
-        main_process_port: Annotated[
-            int | None,
-            typer.Option(min=1, max=65535, help="Rendezvous port.", rich_help_panel="Launch"),
-        ] = None,
-        deepspeed: Annotated[
-            str | None,
-            typer.Option(
-                help="zero1, zero2, zero3, zero3_offload or a JSON path.", rich_help_panel="Launch"
-            ),
-        ] = None,
         mixed_precision: Annotated[
-            Precision | None,
+            Literal["no", "bf16", "fp16"] | None,
             typer.Option(help="Precision of every stage.", rich_help_panel="Launch"),
         ] = None,
+        **launch: Any,
     ) -> None:
-        flags = LaunchFlags(
-            num_processes, num_machines, machine_rank, main_process_ip, main_process_port,
-            deepspeed, mixed_precision.value if mixed_precision else None,
-        )  # fmt: skip
-        run_stages(name, recipe, stages, output_dir, set_, flags, dry_run, overwrite)
+        given = option_values(LAUNCH, launch).items()
+        sets = [*(set_ or []), *(f"launch.{k}={v}" for k, v in given if v is not None)]
+        run_stages(name, recipe, stages, output_dir, sets, mixed_precision, dry_run, overwrite)
 
     command.__doc__ = doc
     return command
 
 
-app.command("train")(
-    _run_command(
-        "train",
+STAGE_COMMANDS = {
+    "train": (
         None,
         "Run every stage of the recipe's pipeline in order (e.g. SFT then SimPO).\n\n"
         "Each stage writes DIR/<stage>/ and the next starts from its model. Running the same "
         "command again resumes from the last checkpoint and skips finished stages. More than "
         "one process, or DeepSpeed, re-launches through `accelerate launch`.",
-    )
-)
-app.command("sft")(
-    _run_command(
-        "sft",
+    ),
+    "sft": (
         ["sft"],
         "Run only the SFT stage: causal-LM loss on every assistant turn, into DIR/sft/.",
-    )
-)
-app.command("generate")(
-    _run_command(
-        "generate",
+    ),
+    "generate": (
         ["generate"],
         "Run only the generate stage: sample replies to generate.prompts, into DIR/generate/.\n\n"
         "Samples from the model of the training stage before it (else the recipe's model), one "
         "reply per seed per prompt, on vLLM (GPUs) or transformers. Results are written as they "
         "come: the same command resumes after a kill.",
-    )
-)
-app.command("annotate")(
-    _run_command(
-        "annotate",
+    ),
+    "annotate": (
         ["annotate"],
         "Run only the annotate stage: score the generate stage's samples with annotate.reward "
         "(a reward model or a Python function) and write best-vs-worst pairs into "
         "DIR/annotate/dataset/ (save_to_disk folder and JSONL) with a report.",
-    )
-)
-app.command("preference")(
-    _run_command(
-        "preference",
+    ),
+    "preference": (
         ["preference"],
         "Run only the preference (SimPO) stage into DIR/preference/.\n\n"
         "It starts from the model of the training stage before it (e.g. SFT), and trains on the "
         "annotate stage's pairs when preference.data.train is not given.",
-    )
-)
-app.command("evaluate")(
-    _run_command(
-        "evaluate",
+    ),
+    "evaluate": (
         ["evaluate"],
         "Run only the evaluate stage: compare the recipe's checkpoints (its training stages' "
         "models, or evaluate.checkpoints) on held-out pairs, benchmark answer files and lm-eval "
         "tasks, into DIR/evaluate/ (comparison.md/.csv/.json and comparison.png).",
-    )
-)
+    ),
+}
+for _name, (_stages, _doc) in STAGE_COMMANDS.items():
+    app.command(_name)(_run_command(_name, _stages, _doc))
 
 
 @app.command()
@@ -272,14 +238,49 @@ def recipes_copy(
     print(f"edit {dest / 'recipe.yaml'}, then: simpo train {dest}")
 
 
-Panel = "Benchmarks"
-
-
-def _opt(help_: str, panel: str | None = None, **kwargs):
-    return typer.Option(help=help_, rich_help_panel=panel, **kwargs)
+# simpo eval's options, generated from recipe.EvaluateStage: the schema gives each its name,
+# type, default, bounds and help. `As` renames an option, words its help for the command line
+# where the recipe's speaks of stages, or places it in another help panel.
+EVAL_PAIRS = schema_options(
+    EvaluateStage, "pairs", only=("path", "split"), panel="Pairs",
+    fields={"path": As("pairs", "Preference pairs to score: file, saved folder or hub name.")},
+)  # fmt: skip
+EVAL_TOP = schema_options(
+    EvaluateStage, skip=("checkpoints",), panel="Pairs",  # checkpoints: the MODELS argument
+    fields={
+        "reference": As(help="Reference model folder: DPO's implicit reward accuracy on --pairs."),
+        "tokenization": As(choices="parse"),
+        "dtype": As(panel=None),
+        "backend": As(panel="Benchmarks"),
+    },
+)  # fmt: skip
+EVAL_BENCHMARK = schema_options(
+    EvaluateStage, "benchmarks", panel="Benchmarks",
+    fields={
+        "name": As("benchmark", "The benchmark whose answer file to write.", choices="schema"),
+        "family": As(choices="schema"),
+        "against": As(
+            help="Reward-model win rate of the answers against: reference (AlpacaEval's "
+            "reference outputs), an answer file or folder, or another checkpoint's name."
+        ),
+    },
+)  # fmt: skip
+EVAL_REWARD = schema_options(
+    EvaluateStage, "reward", prefix="reward-", only=("model", "function"), panel="Benchmarks"
+)
+EVAL_LM_EVAL = schema_options(
+    EvaluateStage, "lm_eval", prefix="lm-eval-", skip=("batch_size", "apply_chat_template"),
+    panel="lm-eval", fields={"tasks": As("lm-eval")},
+)  # fmt: skip
+EVAL = EVAL_PAIRS + EVAL_TOP + EVAL_BENCHMARK + EVAL_REWARD + EVAL_LM_EVAL
+EVAL_LAUNCH = [option for option in LAUNCH if option.field != "deepspeed"]
 
 
 @app.command("eval")
+@with_options(
+    "ctx", "models", EVAL_PAIRS, "output", EVAL_TOP, "output_dir", EVAL_BENCHMARK, "model_id",
+    EVAL_REWARD, EVAL_LM_EVAL, "lm_eval_no_chat_template", EVAL_LAUNCH,
+)  # fmt: skip
 def evaluate(
     ctx: typer.Context,
     models: Annotated[
@@ -289,86 +290,22 @@ def evaluate(
             "the merged model) or run folders (outputs/tiny: each finished stage's model)."
         ),
     ],
-    pairs: Annotated[
-        str | None, _opt("Preference pairs to score: file, saved folder or hub name.", "Pairs")
-    ] = None,
-    split: Annotated[str, _opt("Split of --pairs to read.", "Pairs")] = "train",
     output: Annotated[
-        str | None, _opt("One checkpoint: write its per-pair results as JSON here.", "Pairs")
-    ] = None,
-    beta: Annotated[float | None, _opt("Default: the stage's recipe, else 2.0.", "Pairs")] = None,
-    gamma: Annotated[float | None, _opt("Absolute margin; default: the recipe's.", "Pairs")] = None,
-    max_length: Annotated[int | None, _opt("Tokens of prompt + response.", "Pairs", min=1)] = None,
-    max_prompt_length: Annotated[int | None, _opt("Prompt tokens kept.", "Pairs", min=1)] = None,
-    batch_tokens: Annotated[
-        int, _opt("Padded tokens per forward pass when scoring pairs.", "Pairs", min=1)
-    ] = 8192,
-    tokenization: Annotated[
-        Tokenization | None,
-        _opt("default or authors; default: the stage's recipe, else default.", "Pairs"),
-    ] = None,
-    reference: Annotated[
         str | None,
-        _opt("Reference model folder: DPO's implicit reward accuracy on --pairs.", "Pairs"),
-    ] = None,
-    benchmark: Annotated[
-        str | None, _opt("alpaca_eval, arena_hard or mt_bench: write its answer file.", Panel)
-    ] = None,
-    questions: Annotated[
-        str | None,
-        _opt("The benchmark's questions: a file in its official format (or hub name).", Panel),
+        typer.Option(
+            help="One checkpoint: write its per-pair results as JSON here.", rich_help_panel="Pairs"
+        ),
     ] = None,
     output_dir: Annotated[
         Path | None,
         typer.Option("--output-dir", "-o", help="Where the answer files and the comparison go."),
     ] = None,
     model_id: Annotated[
-        str | None, _opt("One checkpoint's name in the answer files; default: the folder's.", Panel)
-    ] = None,
-    family: Annotated[
-        str,
-        _opt(
-            "The SimPO authors' AlpacaEval decoding for: llama3, mistral-base, "
-            "mistral-instruct, gemma2.",
-            Panel,
-        ),
-    ] = "llama3",
-    arena_layout: Annotated[
-        str, _opt("Arena-Hard answer layout: v0.1 (the paper's) or current.", Panel)
-    ] = "v0.1",
-    temperature: Annotated[
-        float | None, _opt("Override the benchmark's temperature(s).", Panel, min=0)
-    ] = None,
-    max_new_tokens: Annotated[
-        int | None, _opt("Override the benchmark's answer length cap.", Panel, min=1)
-    ] = None,
-    backend: Annotated[str, _opt("auto, vllm or transformers.", Panel)] = "auto",
-    against: Annotated[
         str | None,
-        _opt(
-            "Reward-model win rate of the answers against: reference (AlpacaEval's reference "
-            "outputs), an answer file or folder, or another checkpoint's name.",
-            Panel,
+        typer.Option(
+            help="One checkpoint's name in the answer files; default: the folder's.",
+            rich_help_panel="Benchmarks",
         ),
-    ] = None,
-    reward_model: Annotated[
-        str | None, _opt("Reward model (folder or hub name) for --against.", Panel)
-    ] = None,
-    reward_function: Annotated[
-        str | None, _opt("Or a reward function 'file.py:name' for --against.", Panel)
-    ] = None,
-    lm_eval: Annotated[
-        str | None,
-        _opt("lm-evaluation-harness tasks, comma-separated (extra: lm-eval).", "lm-eval"),
-    ] = None,
-    lm_eval_include_path: Annotated[
-        str | None, _opt("Folder of extra lm-eval task YAML files.", "lm-eval")
-    ] = None,
-    lm_eval_limit: Annotated[
-        int | None, _opt("Examples per lm-eval task.", "lm-eval", min=1)
-    ] = None,
-    lm_eval_num_fewshot: Annotated[
-        int | None, _opt("Few-shot examples per lm-eval question.", "lm-eval", min=0)
     ] = None,
     lm_eval_no_chat_template: Annotated[
         bool,
@@ -378,119 +315,44 @@ def evaluate(
             rich_help_panel="lm-eval",
         ),
     ] = False,
-    dtype: Annotated[str, typer.Option(help="auto (bf16 on GPU), float32, bfloat16.")] = "auto",
-    num_processes: Annotated[
-        int | None, _opt("Processes (GPUs) per machine.", "Launch", min=1)
-    ] = None,
-    num_machines: Annotated[int | None, _opt("Machines in the run.", "Launch", min=1)] = None,
-    machine_rank: Annotated[int | None, _opt("This machine's rank.", "Launch", min=0)] = None,
-    main_process_ip: Annotated[str | None, _opt("Address of machine 0.", "Launch")] = None,
-    main_process_port: Annotated[
-        int | None, _opt("Rendezvous port.", "Launch", min=1, max=65535)
-    ] = None,
+    **given: Any,
 ) -> None:
     """Evaluate checkpoints: score preference pairs (--pairs: reward accuracy, margin, SimPO
     loss, the length / log-prob Spearman, with --reference DPO's implicit reward), write their
     answers to a benchmark (--benchmark: the files AlpacaEval 2, Arena-Hard or MT-Bench's judges
     read, judge-free proxies, --against: reward-model win rates) and run lm-eval tasks
     (--lm-eval). Several checkpoints give one comparison table and plots in --output-dir."""
-    if pairs is None and benchmark is None and lm_eval is None:
+    if given["pairs"] is None and given["benchmark"] is None and given["lm_eval"] is None:
         raise UserError(
             "simpo eval: give --pairs (score pairs), --benchmark (write answers) or --lm-eval "
             "(run tasks)"
         )
-    launch_keys = {
-        "num_processes": num_processes, "num_machines": num_machines,
-        "machine_rank": machine_rank, "main_process_ip": main_process_ip,
-        "main_process_port": main_process_port,
-    }  # fmt: skip
-    launch_settings = _settings(LaunchSettings, {k: v for k, v in launch_keys.items() if v})
-    settings = _eval_settings(
-        pairs, split, beta, gamma, max_length, max_prompt_length, batch_tokens, tokenization,
-        reference, benchmark, questions, family, arena_layout, temperature, max_new_tokens,
-        backend, against, reward_model, reward_function, lm_eval, lm_eval_include_path,
-        lm_eval_limit, lm_eval_num_fewshot, lm_eval_no_chat_template, dtype,
-    )  # fmt: skip
-    child_args = ["eval", *_command_line_again(ctx)]
-    evaluate_models(
-        models, settings, launch_settings, output, output_dir, model_id, reference, child_args
-    )
+    launch = {key: value for key, value in option_values(EVAL_LAUNCH, given).items() if value}
+    launch_settings = validated(LaunchSettings, launch, "simpo eval")
+    settings = _eval_settings(given, lm_eval_no_chat_template)
+    child_args = ["eval", *command_line_again(ctx)]
+    evaluate_models(models, settings, launch_settings, output, output_dir, model_id, child_args)
 
 
-def _settings(kind, values: dict):
-    """A schema section from flag values; a value out of range is one line naming the flag."""
-    try:
-        return kind(**values)
-    except ValidationError as err:
-        first = err.errors()[0]
-        flag = "--" + "-".join(str(p) for p in first["loc"]).replace("_", "-")
-        raise UserError(f"simpo eval: {flag}: {first['msg']}") from None
+def _eval_settings(given: dict[str, Any], no_chat_template: bool) -> EvaluateStage:
+    """The evaluate stage's settings (recipe.EvaluateStage) from simpo eval's options."""
+    if given["benchmark"] is not None:
+        from simpo_cli.evaluate.benchmarks import check_benchmark
 
-
-def _eval_settings(
-    pairs, split, beta, gamma, max_length, max_prompt_length, batch_tokens, tokenization,
-    reference, benchmark, questions, family, arena_layout, temperature, max_new_tokens,
-    backend, against, reward_model, reward_function, lm_eval, lm_eval_include_path,
-    lm_eval_limit, lm_eval_num_fewshot, lm_eval_no_chat_template, dtype,
-):  # fmt: skip
-    """The evaluate stage's settings (recipe.EvaluateStage) from the flags."""
-    from simpo_cli.evaluate.benchmarks import check_benchmark
-
-    if benchmark is not None:
-        check_benchmark(benchmark)
-    for flag, value, allowed in (
-        ("--backend", backend, ("auto", "vllm", "transformers")),
-        ("--dtype", dtype, ("auto", "float32", "bfloat16", "float16")),
-        ("--arena-layout", arena_layout, ("v0.1", "current")),
-    ):
-        if value not in allowed:
-            raise UserError(f"{flag} {value}: use one of {', '.join(allowed)}")
-    if (against is None) != (reward_model is None and reward_function is None):
+        check_benchmark(given["benchmark"])
+    check_choices(EVAL, given)
+    against, scorers = given["against"], (given["reward_model"], given["reward_function"])
+    if (against is None) != (scorers == (None, None)):
         raise UserError(
             "--against needs a scorer: --reward-model FOLDER or --reward-function "
             "file.py:name (and a scorer needs --against)"
         )
-    if against is not None and benchmark is None:
+    if against is not None and given["benchmark"] is None:
         raise UserError("--against: scores benchmark answers; add --benchmark")
-    values: dict[str, Any] = {"batch_tokens": batch_tokens, "dtype": dtype, "backend": backend}
-    values |= {"beta": beta, "gamma": gamma, "reference": reference}
-    values |= {"max_length": max_length, "max_prompt_length": max_prompt_length}
-    values["tokenization"] = tokenization.value if tokenization else None
-    if pairs is not None:
-        values["pairs"] = {"path": pairs, "split": split}
-    if benchmark is not None:
-        bench = {"name": benchmark, "questions": questions, "family": family}
-        bench |= {"arena_layout": arena_layout, "temperature": temperature}
-        bench |= {"max_new_tokens": max_new_tokens, "against": against}
-        values["benchmarks"] = [bench]
-    if reward_model is not None or reward_function is not None:
-        values["reward"] = {"model": reward_model, "function": reward_function}
-    if lm_eval is not None:
-        tasks = [t.strip() for t in lm_eval.split(",") if t.strip()]
-        values["lm_eval"] = {"tasks": tasks, "include_path": lm_eval_include_path}
-        values["lm_eval"] |= {"limit": lm_eval_limit, "num_fewshot": lm_eval_num_fewshot}
-        values["lm_eval"]["apply_chat_template"] = not lm_eval_no_chat_template
-    settings = _settings(EvaluateStage, values)
-    return settings
-
-
-def _command_line_again(ctx: typer.Context) -> list[str]:
-    """The command's arguments as given, rebuilt from the parsed values for the launched
-    processes, less --machine-rank (the launcher's alone)."""
-    args: list[str] = []
-    for param in ctx.command.params:
-        value = ctx.params.get(param.name)
-        if param.param_type_name == "argument":
-            args += [str(v) for v in value]
-            continue
-        if value is None or value == param.default or param.name == "machine_rank":
-            continue
-        if getattr(param, "is_flag", False):
-            args.append(param.opts[0])  # a flag given (its value differs from the default)
-            continue
-        value = value.value if isinstance(value, Enum) else value
-        args += [param.opts[0], str(value)]
-    return args
+    values = option_values(EVAL, given)
+    if "lm_eval" in values:
+        values["lm_eval"]["apply_chat_template"] = not no_chat_template
+    return validated(EvaluateStage, values, "simpo eval")
 
 
 @app.command()

@@ -13,7 +13,6 @@ import shlex
 import subprocess
 import sys
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 from simpo_cli import launch
@@ -34,36 +33,15 @@ def output_folder(recipe: Recipe, flag: Path | None) -> Path:
     return Path(recipe.output_dir or f"outputs/{recipe.name}")
 
 
-@dataclass
-class LaunchFlags:
-    """Launch flags; each is the `--set launch.KEY=VALUE` it stands for."""
-
-    num_processes: int | None = None
-    num_machines: int | None = None
-    machine_rank: int | None = None
-    main_process_ip: str | None = None
-    main_process_port: int | None = None
-    deepspeed: str | None = None
-    mixed_precision: str | None = None
-
-    def launch_sets(self) -> list[str]:
-        return [
-            f"launch.{key}={value}"
-            for key, value in vars(self).items()
-            if value is not None and key != "mixed_precision"
-        ]
-
-    def precision_sets(self, recipe: Recipe) -> list[str]:
-        """One precision for every stage, so the launcher, the Trainer and DeepSpeed's "auto"
-        values cannot disagree."""
-        if self.mixed_precision is None:
-            return []
-        return [
-            f"{name}.training.{key}={self.mixed_precision == key}"
-            for name in TRAINING_STAGES
-            if getattr(recipe, name) is not None
-            for key in ("bf16", "fp16")
-        ]
+def precision_sets(recipe: Recipe, precision: str) -> list[str]:
+    """One precision for every stage, so the launcher, the Trainer and DeepSpeed's "auto"
+    values cannot disagree."""
+    return [
+        f"{name}.training.{key}={precision == key}"
+        for name in TRAINING_STAGES
+        if getattr(recipe, name) is not None
+        for key in ("bf16", "fp16")
+    ]
 
 
 def run_stages(
@@ -71,16 +49,17 @@ def run_stages(
     recipe_ref: str,
     stages: list[str] | None,
     output_dir: Path | None,
-    sets: list[str] | None,
-    flags: LaunchFlags,
+    sets: list[str],
+    mixed_precision: str | None,
     dry_run: bool,
     overwrite: bool,
 ) -> None:
-    """Run `stages` of the recipe (None: its whole pipeline) as `simpo COMMAND` does."""
-    sets = list(sets or []) + flags.launch_sets()
+    """Run `stages` of the recipe (None: its whole pipeline) as `simpo COMMAND` does; `sets`:
+    the --set overrides, the launch options' among them."""
+    sets = list(sets)
     recipe = load_recipe(recipe_ref, sets)
-    if flags.mixed_precision is not None:
-        sets += flags.precision_sets(recipe)
+    if mixed_precision is not None:
+        sets += precision_sets(recipe, mixed_precision)
         recipe = load_recipe(recipe_ref, sets)
     out = output_folder(recipe, output_dir)
     recipe.connect_stages(out)  # a preference stage without data reads the annotate stage's

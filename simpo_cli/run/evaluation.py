@@ -28,7 +28,6 @@ def evaluate_models(
     output: str | None,
     output_dir: Path | None,
     model_id: str | None,
-    reference: str | None,
     child_args: list[str],
 ) -> None:
     """Evaluate `models` as `simpo eval` does; `child_args`: the command for launched
@@ -55,7 +54,7 @@ def evaluate_models(
         shutdown()
         return
     assert output_dir is not None
-    result = evaluate_checkpoints(checkpoints, settings, output_dir, reference)
+    result = evaluate_checkpoints(checkpoints, settings, output_dir, settings.reference)
     if output is not None and settings.pairs is not None:
         _copy_pairs(output_dir, checkpoints[0].label, output)
 
