@@ -23,6 +23,7 @@ from pathlib import Path
 PACKAGE = "simpo_cli"
 LAYERS = [
     "cli",
+    "flags",
     "run",
     "evaluate",
     "train",

@@ -8,23 +8,36 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
-from enum import Enum
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 
 from simpo_cli.errors import EXIT_ABORTED, Preempted, UserError
+from simpo_cli.flags import (
+    As,
+    check_choices,
+    command_line_again,
+    option_values,
+    schema_options,
+    validated,
+    with_options,
+)
 from simpo_cli.recipe import (
     TRAINING_STAGES,
-    Recipe,
+    EvaluateStage,
+    LaunchSettings,
     copy_recipe,
     load_recipe,
     recipe_summary,
     shipped_recipe_dir,
     shipped_recipes,
 )
+from simpo_cli.run.command import output_folder, run_stages
+from simpo_cli.run.curves import plot_run
+from simpo_cli.run.evaluation import evaluate_models
+from simpo_cli.run.paths import check_copy_destination, check_plot_paths
 
 app = typer.Typer(
     help="Align language models with SimPO from YAML recipes.",
@@ -56,287 +69,76 @@ Overwrite = Annotated[
 ]
 
 
-def _output_dir(recipe: Recipe, flag: Path | None) -> Path:
-    if flag is not None:
-        return flag
-    return Path(recipe.output_dir or f"outputs/{recipe.name}")
+# Each given launch option is the `--set launch.KEY=VALUE` it stands for.
+LAUNCH = schema_options(
+    LaunchSettings, skip=("rdzv_backend", "gpu_memory_gb"), panel="Launch", optional=True
+)
 
 
-class Tokenization(str, Enum):
-    default = "default"
-    authors = "authors"
-
-
-class Precision(str, Enum):
-    no = "no"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
-@dataclass
-class LaunchFlags:
-    """Launch flags; each is the `--set launch.KEY=VALUE` it stands for."""
-
-    num_processes: int | None = None
-    num_machines: int | None = None
-    machine_rank: int | None = None
-    main_process_ip: str | None = None
-    main_process_port: int | None = None
-    deepspeed: str | None = None
-    mixed_precision: str | None = None
-
-    def launch_sets(self) -> list[str]:
-        return [
-            f"launch.{key}={value}"
-            for key, value in vars(self).items()
-            if value is not None and key != "mixed_precision"
-        ]
-
-    def precision_sets(self, recipe: Recipe) -> list[str]:
-        """One precision for every stage, so the launcher, the Trainer and DeepSpeed's "auto"
-        values cannot disagree."""
-        if self.mixed_precision is None:
-            return []
-        return [
-            f"{name}.training.{key}={self.mixed_precision == key}"
-            for name in TRAINING_STAGES
-            if getattr(recipe, name) is not None
-            for key in ("bf16", "fp16")
-        ]
-
-
-def _run(
-    command: str,
-    recipe_ref: str,
-    stages: list[str] | None,
-    output_dir: Path | None,
-    sets: list[str] | None,
-    flags: LaunchFlags,
-    dry_run: bool,
-    overwrite: bool,
-) -> None:
-    sets = list(sets or []) + flags.launch_sets()
-    recipe = load_recipe(recipe_ref, sets)
-    if flags.mixed_precision is not None:
-        sets += flags.precision_sets(recipe)
-        recipe = load_recipe(recipe_ref, sets)
-    out = _output_dir(recipe, output_dir)
-    recipe.connect_stages(out)  # a preference stage without data reads the annotate stage's
-    names = list(recipe.pipeline) if stages is None else stages
-    for name in names:
-        recipe.stage(name)  # a missing section is an error before anything starts
-    from simpo_cli import launch
-    from simpo_cli.run.paths import check_paths
-
-    # Every path, before a process is launched or a folder created.
-    check_paths(recipe, out, names, "--output-dir" if output_dir is not None else "output_dir")
-
-    child_args = [command, recipe_ref, "--output-dir", str(out)]
-    # The launcher, not the training processes, needs the machine's rank: leaving it out keeps
-    # one command line for every machine but --machine_rank.
-    child_sets = [s for s in sets if not s.startswith("launch.machine_rank=")]
-    child_args += [arg for s in child_sets for arg in ("--set", s)]
-    child_args += ["--overwrite"] if overwrite else []
-    relaunch = launch.needs_launch(recipe.launch) and not launch.inside_launch()
-    if dry_run:
-        from simpo_cli.run.plan import print_plan
-
-        print_plan(recipe, names, out, child_args if relaunch else None, overwrite)
-        return
-    if not launch.inside_launch() and len(names) > 1 and _vllm_generate(recipe, names):
-        # A vLLM engine keeps its GPUs and its own process group until its process ends: the
-        # stages run one command each (see stages/generate.py).
-        for name in names:
-            code = _run_alone(recipe, name, child_args, relaunch)
-            if code != 0:
-                sys.exit(code)
-        return
-    if relaunch:
-        sys.exit(_launch(recipe, child_args))
-    from simpo_cli.faults import watch_signals
-
-    watch_signals()  # SIGTERM, SIGUSR1, Ctrl-C: save a checkpoint after this step and exit 75
-    from simpo_cli.distributed import say, shutdown
-    from simpo_cli.errors import NonFiniteError
-    from simpo_cli.run.pipeline import run_stage
-
-    folders = {}
-    try:
-        for name in names:
-            folders[name] = run_stage(recipe, name, out, overwrite)
-    except (Preempted, NonFiniteError):
-        shutdown()  # every process stopped after the same step, together
-        raise
-    trained = [name for name in names if name in TRAINING_STAGES]
-    if trained:
-        say(f"final model: {folders[trained[-1]]}")
-    if names and names[-1] not in TRAINING_STAGES:
-        say(f"{'evaluation' if names[-1] == 'evaluate' else 'output'}: {folders[names[-1]]}")
-    shutdown()
-    if trained:
-        _plot_when_possible(out)
-
-
-def _vllm_generate(recipe: Recipe, names: list[str]) -> bool:
-    """Whether a stage to run samples with vLLM: generate, or evaluate's benchmark answers."""
-    from simpo_cli.onpolicy.sampling import resolve_backend
-
-    if "generate" in names and recipe.generate is not None:
-        if resolve_backend(recipe.generate.backend) == "vllm":
-            return True
-    evaluate = recipe.evaluate
-    if "evaluate" in names and evaluate is not None and evaluate.benchmarks:
-        return resolve_backend(evaluate.backend) == "vllm"
-    return False
-
-
-def _run_alone(recipe: Recipe, name: str, child_args: list[str], launched: bool) -> int:
-    """Run one stage as its own command (through the launcher when `launched`)."""
-    import subprocess
-
-    args = [name, *child_args[1:]]
-    if launched:
-        return _launch(recipe, args)
-    return subprocess.run([sys.executable, "-m", "simpo_cli.cli", *args]).returncode
-
-
-def _plot_when_possible(out: Path) -> None:
-    """Leave a picture of the run beside it when matplotlib is installed."""
-    import importlib.util
-
-    from simpo_cli.distributed import is_main_process
-
-    if is_main_process() and importlib.util.find_spec("matplotlib") is not None:
-        from simpo_cli.run.curves import plot_run
-
-        print(f"training curves: {plot_run(out)}")
-
-
-def _launch(recipe: Recipe, child_args: list[str]) -> int:
-    """Re-run this command on every process through `accelerate launch`; wait for them."""
-    import shlex
-    import uuid
-
-    import torch
-
-    from simpo_cli import launch
-    from simpo_cli.model.adapters import check_combination
-    from simpo_cli.redact import redact_args
-
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    launch.preflight(recipe.launch, gpus)
-    check_combination(recipe)
-    command = launch.launch_command(recipe, child_args)
-    from simpo_cli.launch import LAUNCH_ID
-
-    os.environ[LAUNCH_ID] = uuid.uuid4().hex  # names this launch's marker files
-    print("launching: " + shlex.join(redact_args(command)), flush=True)
-    if gpus == 0:
-        print(f"no GPU here: running {recipe.launch.world_size} processes on the CPU", flush=True)
-    return launch.run(command)
-
-
-def _run_command(name: str, stages: list[str] | None, doc: str):
+def _run_command(name: str, stages: list[str] | None, doc: str) -> Callable[..., None]:
     """A command that runs `stages` (None: the whole pipeline) with the shared options."""
 
+    @with_options("recipe", "output_dir", "set_", "dry_run", "overwrite", LAUNCH, "mixed_precision")
     def command(
         recipe: RecipeArg,
         output_dir: OutputDir = None,
         set_: SetOption = None,
         dry_run: DryRun = False,
         overwrite: Overwrite = False,
-        num_processes: Annotated[
-            int | None,
-            typer.Option(min=1, help="Processes (GPUs) per machine.", rich_help_panel="Launch"),
-        ] = None,
-        num_machines: Annotated[
-            int | None, typer.Option(min=1, help="Machines in the run.", rich_help_panel="Launch")
-        ] = None,
-        machine_rank: Annotated[
-            int | None, typer.Option(min=0, help="This machine's rank.", rich_help_panel="Launch")
-        ] = None,
-        main_process_ip: Annotated[
-            str | None, typer.Option(help="Address of machine 0.", rich_help_panel="Launch")
-        ] = None,
-        main_process_port: Annotated[
-            int | None,
-            typer.Option(min=1, max=65535, help="Rendezvous port.", rich_help_panel="Launch"),
-        ] = None,
-        deepspeed: Annotated[
-            str | None,
-            typer.Option(
-                help="zero1, zero2, zero3, zero3_offload or a JSON path.", rich_help_panel="Launch"
-            ),
-        ] = None,
         mixed_precision: Annotated[
-            Precision | None,
+            Literal["no", "bf16", "fp16"] | None,
             typer.Option(help="Precision of every stage.", rich_help_panel="Launch"),
         ] = None,
+        **launch: Any,
     ) -> None:
-        flags = LaunchFlags(
-            num_processes, num_machines, machine_rank, main_process_ip, main_process_port,
-            deepspeed, mixed_precision.value if mixed_precision else None,
-        )  # fmt: skip
-        _run(name, recipe, stages, output_dir, set_, flags, dry_run, overwrite)
+        given = option_values(LAUNCH, launch).items()
+        sets = [*(set_ or []), *(f"launch.{k}={v}" for k, v in given if v is not None)]
+        run_stages(name, recipe, stages, output_dir, sets, mixed_precision, dry_run, overwrite)
 
     command.__doc__ = doc
     return command
 
 
-app.command("train")(
-    _run_command(
-        "train",
+STAGE_COMMANDS = {
+    "train": (
         None,
         "Run every stage of the recipe's pipeline in order (e.g. SFT then SimPO).\n\n"
         "Each stage writes DIR/<stage>/ and the next starts from its model. Running the same "
         "command again resumes from the last checkpoint and skips finished stages. More than "
         "one process, or DeepSpeed, re-launches through `accelerate launch`.",
-    )
-)
-app.command("sft")(
-    _run_command(
-        "sft",
+    ),
+    "sft": (
         ["sft"],
         "Run only the SFT stage: causal-LM loss on every assistant turn, into DIR/sft/.",
-    )
-)
-app.command("generate")(
-    _run_command(
-        "generate",
+    ),
+    "generate": (
         ["generate"],
         "Run only the generate stage: sample replies to generate.prompts, into DIR/generate/.\n\n"
         "Samples from the model of the training stage before it (else the recipe's model), one "
         "reply per seed per prompt, on vLLM (GPUs) or transformers. Results are written as they "
         "come: the same command resumes after a kill.",
-    )
-)
-app.command("annotate")(
-    _run_command(
-        "annotate",
+    ),
+    "annotate": (
         ["annotate"],
         "Run only the annotate stage: score the generate stage's samples with annotate.reward "
         "(a reward model or a Python function) and write best-vs-worst pairs into "
         "DIR/annotate/dataset/ (save_to_disk folder and JSONL) with a report.",
-    )
-)
-app.command("preference")(
-    _run_command(
-        "preference",
+    ),
+    "preference": (
         ["preference"],
         "Run only the preference (SimPO) stage into DIR/preference/.\n\n"
         "It starts from the model of the training stage before it (e.g. SFT), and trains on the "
         "annotate stage's pairs when preference.data.train is not given.",
-    )
-)
-app.command("evaluate")(
-    _run_command(
-        "evaluate",
+    ),
+    "evaluate": (
         ["evaluate"],
         "Run only the evaluate stage: compare the recipe's checkpoints (its training stages' "
         "models, or evaluate.checkpoints) on held-out pairs, benchmark answer files and lm-eval "
         "tasks, into DIR/evaluate/ (comparison.md/.csv/.json and comparison.png).",
-    )
-)
+    ),
+}
+for _name, (_stages, _doc) in STAGE_COMMANDS.items():
+    app.command(_name)(_run_command(_name, _stages, _doc))
 
 
 @app.command()
@@ -394,7 +196,7 @@ def data_inspect(
         raise UserError(
             f"--stage {stage}: no training data to show; use one of {', '.join(TRAINING_STAGES)}"
         )
-    loaded.connect_stages(_output_dir(loaded, None))
+    loaded.connect_stages(output_folder(loaded, None))
     use_color = sys.stdout.isatty() if color is None else color
     print(inspect_row(loaded, stage, row, use_color))
 
@@ -430,22 +232,55 @@ def recipes_copy(
     dest: Annotated[Path, typer.Argument(help="Folder to copy into (created if missing).")],
 ) -> None:
     """Copy a shipped recipe's files into DEST to edit them; never overwrites a file."""
-    from simpo_cli.run.paths import check_copy_destination
-
     check_copy_destination(dest)
     for target, origin in copy_recipe(name, dest):
         print(f"wrote {target}" + (f" (from {origin}; recipe.yaml points at it)" if origin else ""))
     print(f"edit {dest / 'recipe.yaml'}, then: simpo train {dest}")
 
 
-Panel = "Benchmarks"
-
-
-def _opt(help_: str, panel: str | None = None, **kwargs):
-    return typer.Option(help=help_, rich_help_panel=panel, **kwargs)
+# simpo eval's options, generated from recipe.EvaluateStage: the schema gives each its name,
+# type, default, bounds and help. `As` renames an option, words its help for the command line
+# where the recipe's speaks of stages, or places it in another help panel.
+EVAL_PAIRS = schema_options(
+    EvaluateStage, "pairs", only=("path", "split"), panel="Pairs",
+    fields={"path": As("pairs", "Preference pairs to score: file, saved folder or hub name.")},
+)  # fmt: skip
+EVAL_TOP = schema_options(
+    EvaluateStage, skip=("checkpoints",), panel="Pairs",  # checkpoints: the MODELS argument
+    fields={
+        "reference": As(help="Reference model folder: DPO's implicit reward accuracy on --pairs."),
+        "tokenization": As(choices="parse"),
+        "dtype": As(panel=None),
+        "backend": As(panel="Benchmarks"),
+    },
+)  # fmt: skip
+EVAL_BENCHMARK = schema_options(
+    EvaluateStage, "benchmarks", panel="Benchmarks",
+    fields={
+        "name": As("benchmark", "The benchmark whose answer file to write.", choices="schema"),
+        "family": As(choices="schema"),
+        "against": As(
+            help="Reward-model win rate of the answers against: reference (AlpacaEval's "
+            "reference outputs), an answer file or folder, or another checkpoint's name."
+        ),
+    },
+)  # fmt: skip
+EVAL_REWARD = schema_options(
+    EvaluateStage, "reward", prefix="reward-", only=("model", "function"), panel="Benchmarks"
+)
+EVAL_LM_EVAL = schema_options(
+    EvaluateStage, "lm_eval", prefix="lm-eval-", skip=("batch_size", "apply_chat_template"),
+    panel="lm-eval", fields={"tasks": As("lm-eval")},
+)  # fmt: skip
+EVAL = EVAL_PAIRS + EVAL_TOP + EVAL_BENCHMARK + EVAL_REWARD + EVAL_LM_EVAL
+EVAL_LAUNCH = [option for option in LAUNCH if option.field != "deepspeed"]
 
 
 @app.command("eval")
+@with_options(
+    "ctx", "models", EVAL_PAIRS, "output", EVAL_TOP, "output_dir", EVAL_BENCHMARK, "model_id",
+    EVAL_REWARD, EVAL_LM_EVAL, "lm_eval_no_chat_template", EVAL_LAUNCH,
+)  # fmt: skip
 def evaluate(
     ctx: typer.Context,
     models: Annotated[
@@ -455,86 +290,22 @@ def evaluate(
             "the merged model) or run folders (outputs/tiny: each finished stage's model)."
         ),
     ],
-    pairs: Annotated[
-        str | None, _opt("Preference pairs to score: file, saved folder or hub name.", "Pairs")
-    ] = None,
-    split: Annotated[str, _opt("Split of --pairs to read.", "Pairs")] = "train",
     output: Annotated[
-        str | None, _opt("One checkpoint: write its per-pair results as JSON here.", "Pairs")
-    ] = None,
-    beta: Annotated[float | None, _opt("Default: the stage's recipe, else 2.0.", "Pairs")] = None,
-    gamma: Annotated[float | None, _opt("Absolute margin; default: the recipe's.", "Pairs")] = None,
-    max_length: Annotated[int | None, _opt("Tokens of prompt + response.", "Pairs", min=1)] = None,
-    max_prompt_length: Annotated[int | None, _opt("Prompt tokens kept.", "Pairs", min=1)] = None,
-    batch_tokens: Annotated[
-        int, _opt("Padded tokens per forward pass when scoring pairs.", "Pairs", min=1)
-    ] = 8192,
-    tokenization: Annotated[
-        Tokenization | None,
-        _opt("default or authors; default: the stage's recipe, else default.", "Pairs"),
-    ] = None,
-    reference: Annotated[
         str | None,
-        _opt("Reference model folder: DPO's implicit reward accuracy on --pairs.", "Pairs"),
-    ] = None,
-    benchmark: Annotated[
-        str | None, _opt("alpaca_eval, arena_hard or mt_bench: write its answer file.", Panel)
-    ] = None,
-    questions: Annotated[
-        str | None,
-        _opt("The benchmark's questions: a file in its official format (or hub name).", Panel),
+        typer.Option(
+            help="One checkpoint: write its per-pair results as JSON here.", rich_help_panel="Pairs"
+        ),
     ] = None,
     output_dir: Annotated[
         Path | None,
         typer.Option("--output-dir", "-o", help="Where the answer files and the comparison go."),
     ] = None,
     model_id: Annotated[
-        str | None, _opt("One checkpoint's name in the answer files; default: the folder's.", Panel)
-    ] = None,
-    family: Annotated[
-        str,
-        _opt(
-            "The SimPO authors' AlpacaEval decoding for: llama3, mistral-base, "
-            "mistral-instruct, gemma2.",
-            Panel,
-        ),
-    ] = "llama3",
-    arena_layout: Annotated[
-        str, _opt("Arena-Hard answer layout: v0.1 (the paper's) or current.", Panel)
-    ] = "v0.1",
-    temperature: Annotated[
-        float | None, _opt("Override the benchmark's temperature(s).", Panel, min=0)
-    ] = None,
-    max_new_tokens: Annotated[
-        int | None, _opt("Override the benchmark's answer length cap.", Panel, min=1)
-    ] = None,
-    backend: Annotated[str, _opt("auto, vllm or transformers.", Panel)] = "auto",
-    against: Annotated[
         str | None,
-        _opt(
-            "Reward-model win rate of the answers against: reference (AlpacaEval's reference "
-            "outputs), an answer file or folder, or another checkpoint's name.",
-            Panel,
+        typer.Option(
+            help="One checkpoint's name in the answer files; default: the folder's.",
+            rich_help_panel="Benchmarks",
         ),
-    ] = None,
-    reward_model: Annotated[
-        str | None, _opt("Reward model (folder or hub name) for --against.", Panel)
-    ] = None,
-    reward_function: Annotated[
-        str | None, _opt("Or a reward function 'file.py:name' for --against.", Panel)
-    ] = None,
-    lm_eval: Annotated[
-        str | None,
-        _opt("lm-evaluation-harness tasks, comma-separated (extra: lm-eval).", "lm-eval"),
-    ] = None,
-    lm_eval_include_path: Annotated[
-        str | None, _opt("Folder of extra lm-eval task YAML files.", "lm-eval")
-    ] = None,
-    lm_eval_limit: Annotated[
-        int | None, _opt("Examples per lm-eval task.", "lm-eval", min=1)
-    ] = None,
-    lm_eval_num_fewshot: Annotated[
-        int | None, _opt("Few-shot examples per lm-eval question.", "lm-eval", min=0)
     ] = None,
     lm_eval_no_chat_template: Annotated[
         bool,
@@ -544,216 +315,44 @@ def evaluate(
             rich_help_panel="lm-eval",
         ),
     ] = False,
-    dtype: Annotated[str, typer.Option(help="auto (bf16 on GPU), float32, bfloat16.")] = "auto",
-    num_processes: Annotated[
-        int | None, _opt("Processes (GPUs) per machine.", "Launch", min=1)
-    ] = None,
-    num_machines: Annotated[int | None, _opt("Machines in the run.", "Launch", min=1)] = None,
-    machine_rank: Annotated[int | None, _opt("This machine's rank.", "Launch", min=0)] = None,
-    main_process_ip: Annotated[str | None, _opt("Address of machine 0.", "Launch")] = None,
-    main_process_port: Annotated[
-        int | None, _opt("Rendezvous port.", "Launch", min=1, max=65535)
-    ] = None,
+    **given: Any,
 ) -> None:
     """Evaluate checkpoints: score preference pairs (--pairs: reward accuracy, margin, SimPO
     loss, the length / log-prob Spearman, with --reference DPO's implicit reward), write their
     answers to a benchmark (--benchmark: the files AlpacaEval 2, Arena-Hard or MT-Bench's judges
     read, judge-free proxies, --against: reward-model win rates) and run lm-eval tasks
     (--lm-eval). Several checkpoints give one comparison table and plots in --output-dir."""
-    if pairs is None and benchmark is None and lm_eval is None:
+    if given["pairs"] is None and given["benchmark"] is None and given["lm_eval"] is None:
         raise UserError(
             "simpo eval: give --pairs (score pairs), --benchmark (write answers) or --lm-eval "
             "(run tasks)"
         )
-    from simpo_cli.recipe import LaunchSettings
-
-    launch_keys = {
-        "num_processes": num_processes, "num_machines": num_machines,
-        "machine_rank": machine_rank, "main_process_ip": main_process_ip,
-        "main_process_port": main_process_port,
-    }  # fmt: skip
-    launch_settings = _settings(LaunchSettings, {k: v for k, v in launch_keys.items() if v})
-    settings = _eval_settings(
-        pairs, split, beta, gamma, max_length, max_prompt_length, batch_tokens, tokenization,
-        reference, benchmark, questions, family, arena_layout, temperature, max_new_tokens,
-        backend, against, reward_model, reward_function, lm_eval, lm_eval_include_path,
-        lm_eval_limit, lm_eval_num_fewshot, lm_eval_no_chat_template, dtype,
-    )  # fmt: skip
-    from simpo_cli.run.paths import check_evaluate_paths
-
-    check_evaluate_paths(models, settings, output, output_dir)
-    from simpo_cli.evaluate.checkpoints import evaluate_checkpoints, resolve_checkpoints
-
-    checkpoints = resolve_checkpoints(models, model_id)  # a run folder: each stage's model
-    single = len(checkpoints) == 1
-    if output is not None and not single:
-        raise UserError("--output: writes one checkpoint's pairs; use --output-dir for several")
-    if output_dir is None and not (single and benchmark is None and lm_eval is None):
-        raise UserError(
-            "simpo eval: give --output-dir DIR: where the answer files and the comparison table go"
-        )
-    from simpo_cli import launch
-
-    if launch.needs_launch(launch_settings) and not launch.inside_launch():
-        sys.exit(_launch_eval(launch_settings, ["eval", *_command_line_again(ctx)]))
-    from simpo_cli.distributed import say, shutdown
-    from simpo_cli.run.pipeline import start_process_group
-
-    start_process_group()
-    if output_dir is None:  # one checkpoint's pairs: one line
-        _eval_pairs(checkpoints[0].path, settings, output)
-        shutdown()
-        return
-    assert output_dir is not None
-    result = evaluate_checkpoints(checkpoints, settings, output_dir, reference)
-    if output is not None and settings.pairs is not None:
-        _copy_pairs(output_dir, checkpoints[0].label, output)
-    from simpo_cli.evaluate.compare import comparison_rows, markdown_table
-
-    say(markdown_table(*comparison_rows(result["checkpoints"])).rstrip())
-    for path in result["files"]:
-        say(f"wrote {path}")
-    shutdown()
+    launch = {key: value for key, value in option_values(EVAL_LAUNCH, given).items() if value}
+    launch_settings = validated(LaunchSettings, launch, "simpo eval")
+    settings = _eval_settings(given, lm_eval_no_chat_template)
+    child_args = ["eval", *command_line_again(ctx)]
+    evaluate_models(models, settings, launch_settings, output, output_dir, model_id, child_args)
 
 
-def _settings(kind, values: dict):
-    """A schema section from flag values; a value out of range is one line naming the flag."""
-    from pydantic import ValidationError
+def _eval_settings(given: dict[str, Any], no_chat_template: bool) -> EvaluateStage:
+    """The evaluate stage's settings (recipe.EvaluateStage) from simpo eval's options."""
+    if given["benchmark"] is not None:
+        from simpo_cli.evaluate.benchmarks import check_benchmark
 
-    try:
-        return kind(**values)
-    except ValidationError as err:
-        first = err.errors()[0]
-        flag = "--" + "-".join(str(p) for p in first["loc"]).replace("_", "-")
-        raise UserError(f"simpo eval: {flag}: {first['msg']}") from None
-
-
-def _eval_settings(
-    pairs, split, beta, gamma, max_length, max_prompt_length, batch_tokens, tokenization,
-    reference, benchmark, questions, family, arena_layout, temperature, max_new_tokens,
-    backend, against, reward_model, reward_function, lm_eval, lm_eval_include_path,
-    lm_eval_limit, lm_eval_num_fewshot, lm_eval_no_chat_template, dtype,
-):  # fmt: skip
-    """The evaluate stage's settings (recipe.EvaluateStage) from the flags."""
-    from simpo_cli.evaluate.benchmarks import check_benchmark
-    from simpo_cli.recipe import EvaluateStage
-
-    if benchmark is not None:
-        check_benchmark(benchmark)
-    for flag, value, allowed in (
-        ("--backend", backend, ("auto", "vllm", "transformers")),
-        ("--dtype", dtype, ("auto", "float32", "bfloat16", "float16")),
-        ("--arena-layout", arena_layout, ("v0.1", "current")),
-    ):
-        if value not in allowed:
-            raise UserError(f"{flag} {value}: use one of {', '.join(allowed)}")
-    if (against is None) != (reward_model is None and reward_function is None):
+        check_benchmark(given["benchmark"])
+    check_choices(EVAL, given)
+    against, scorers = given["against"], (given["reward_model"], given["reward_function"])
+    if (against is None) != (scorers == (None, None)):
         raise UserError(
             "--against needs a scorer: --reward-model FOLDER or --reward-function "
             "file.py:name (and a scorer needs --against)"
         )
-    if against is not None and benchmark is None:
+    if against is not None and given["benchmark"] is None:
         raise UserError("--against: scores benchmark answers; add --benchmark")
-    values: dict[str, Any] = {"batch_tokens": batch_tokens, "dtype": dtype, "backend": backend}
-    values |= {"beta": beta, "gamma": gamma, "reference": reference}
-    values |= {"max_length": max_length, "max_prompt_length": max_prompt_length}
-    values["tokenization"] = tokenization.value if tokenization else None
-    if pairs is not None:
-        values["pairs"] = {"path": pairs, "split": split}
-    if benchmark is not None:
-        bench = {"name": benchmark, "questions": questions, "family": family}
-        bench |= {"arena_layout": arena_layout, "temperature": temperature}
-        bench |= {"max_new_tokens": max_new_tokens, "against": against}
-        values["benchmarks"] = [bench]
-    if reward_model is not None or reward_function is not None:
-        values["reward"] = {"model": reward_model, "function": reward_function}
-    if lm_eval is not None:
-        tasks = [t.strip() for t in lm_eval.split(",") if t.strip()]
-        values["lm_eval"] = {"tasks": tasks, "include_path": lm_eval_include_path}
-        values["lm_eval"] |= {"limit": lm_eval_limit, "num_fewshot": lm_eval_num_fewshot}
-        values["lm_eval"]["apply_chat_template"] = not lm_eval_no_chat_template
-    settings = _settings(EvaluateStage, values)
-    return settings
-
-
-def _eval_pairs(model_dir: str, settings, output: str | None) -> None:
-    """One checkpoint's pairs, printed on one line (and written to --output)."""
-    from simpo_cli.distributed import say
-    from simpo_cli.evaluate.pairs import evaluate_pairs
-    from simpo_cli.model.load import full_model_folder, scratch_folder
-
-    # An adapter folder is scored as its merged model, written for the while beside --output.
-    near = Path(output).parent if output else None
-    named = (model_dir, settings.reference)
-    with (
-        full_model_folder(model_dir, scratch_folder("model", near)) as folder,
-        full_model_folder(settings.reference, scratch_folder("reference", near)) as reference,
-    ):
-        result = evaluate_pairs(folder, settings, output, reference, named)
-    s = result["summary"]
-    line = (
-        f"pairs {s['pairs']}: reward accuracy {s['reward_accuracy']:.4f}, mean margin "
-        f"{s['reward_margin']:.4f}, SimPO loss {s['loss']:.4f} (beta {s['beta']:g}, "
-        f"gamma {s['gamma']:g}; tokenization {s['tokenization']}); Spearman(length, avg "
-        f"log-prob) {s['spearman_length_logp']:.4f}"
-    )
-    if "implicit_reward_accuracy" in s:
-        line += (
-            f"; DPO implicit reward accuracy {s['implicit_reward_accuracy']:.4f}, disagrees "
-            f"with the likelihood on {s['implicit_likelihood_disagreement']:.1%} of pairs"
-        )
-    say(line)
-    if output:
-        say(f"wrote {output}")
-
-
-def _copy_pairs(output_dir: Path, label: str, output: str) -> None:
-    from simpo_cli.distributed import is_main_process
-
-    if is_main_process():
-        source = output_dir / "checkpoints" / label / "pairs.json"
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(source.read_text())
-
-
-def _command_line_again(ctx: typer.Context) -> list[str]:
-    """The command's arguments as given, rebuilt from the parsed values for the launched
-    processes, less --machine-rank (the launcher's alone)."""
-    args: list[str] = []
-    for param in ctx.command.params:
-        value = ctx.params.get(param.name)
-        if param.param_type_name == "argument":
-            args += [str(v) for v in value]
-            continue
-        if value is None or value == param.default or param.name == "machine_rank":
-            continue
-        if getattr(param, "is_flag", False):
-            args.append(param.opts[0])  # a flag given (its value differs from the default)
-            continue
-        value = value.value if isinstance(value, Enum) else value
-        args += [param.opts[0], str(value)]
-    return args
-
-
-def _launch_eval(launch_settings, child_args: list[str]) -> int:
-    """Re-run `simpo eval` on every process through `accelerate launch`; wait for them."""
-    import shlex
-    import uuid
-
-    import torch
-
-    from simpo_cli import launch
-
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    launch.preflight(launch_settings, gpus)
-    command = launch.accelerate_command(launch_settings, "no", child_args)
-    from simpo_cli.launch import LAUNCH_ID
-
-    os.environ[LAUNCH_ID] = uuid.uuid4().hex  # one scratch folder name for every process
-    print("launching: " + shlex.join(command), flush=True)
-    if gpus == 0:
-        print(f"no GPU here: running {launch_settings.world_size} processes on the CPU", flush=True)
-    return launch.run(command)
+    values = option_values(EVAL, given)
+    if "lm_eval" in values:
+        values["lm_eval"]["apply_chat_template"] = not no_chat_template
+    return validated(EvaluateStage, values, "simpo eval")
 
 
 @app.command()
@@ -765,9 +364,6 @@ def plot(
 ) -> None:
     """Draw the training curves of a run (loss, reward accuracy, margin; training and held-out)
     into a PNG. Needs matplotlib."""
-    from simpo_cli.run.curves import plot_run
-    from simpo_cli.run.paths import check_plot_paths
-
     check_plot_paths(run_dir, output)
     print(f"wrote {plot_run(run_dir, output)}")
 

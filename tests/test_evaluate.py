@@ -378,7 +378,8 @@ def test_the_launched_processes_get_the_command_line_back():
     given (a flag alone, a value after its option), less --machine-rank (the launcher's)."""
     import typer
 
-    from simpo_cli.cli import _command_line_again, app
+    from simpo_cli.cli import app
+    from simpo_cli.flags import command_line_again as _command_line_again
 
     command = typer.main.get_command(app).get_command(None, "eval")
     given = ["m1", "m2", "--pairs", "p.jsonl", "--lm-eval", "t", "--lm-eval-no-chat-template",

@@ -412,6 +412,7 @@ def test_with_vllm_each_stage_runs_as_its_own_command(onpolicy_run, tmp_path, mo
     from typer.testing import CliRunner
 
     from simpo_cli import cli
+    from simpo_cli.run import command
 
     out, _ = onpolicy_run
     run = tmp_path / "run"
@@ -424,7 +425,7 @@ def test_with_vllm_each_stage_runs_as_its_own_command(onpolicy_run, tmp_path, mo
         commands.append(args[3])  # [python, -m, simpo_cli.cli, STAGE, ...]
         return real(args, *rest, capture_output=True, text=True, **kwargs)
 
-    monkeypatch.setattr(cli, "_vllm_generate", lambda recipe, names: True)
+    monkeypatch.setattr(command, "_vllm_generate", lambda recipe, names: True)
     monkeypatch.setattr(subprocess, "run", recording_run)
     sets = [*SMALL, "--set", "pipeline=[sft, generate, annotate]"]
     result = CliRunner().invoke(cli.app, ["train", "tiny-onpolicy", "-o", str(run), *sets])

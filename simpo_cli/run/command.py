@@ -1,0 +1,158 @@
+"""What the stage commands (`simpo train`, `sft`, `generate`, `annotate`, `preference`,
+`evaluate`) do once their flags are parsed: check every path, then print the plan, run the
+stages in this process, run them one command each, or re-launch through `accelerate launch`.
+
+Loads torch only when it runs or launches a stage: a dry run and the path checks never do.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shlex
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+from simpo_cli import launch
+from simpo_cli.errors import NonFiniteError, Preempted
+from simpo_cli.launch import LAUNCH_ID
+from simpo_cli.model.adapters import check_combination
+from simpo_cli.recipe import TRAINING_STAGES, Recipe, load_recipe
+from simpo_cli.redact import redact_args
+from simpo_cli.run.curves import plot_run
+from simpo_cli.run.paths import check_paths
+from simpo_cli.run.plan import print_plan
+
+
+def output_folder(recipe: Recipe, flag: Path | None) -> Path:
+    """Where the stages write: --output-dir, else the recipe's output_dir, else outputs/NAME."""
+    if flag is not None:
+        return flag
+    return Path(recipe.output_dir or f"outputs/{recipe.name}")
+
+
+def precision_sets(recipe: Recipe, precision: str) -> list[str]:
+    """One precision for every stage, so the launcher, the Trainer and DeepSpeed's "auto"
+    values cannot disagree."""
+    return [
+        f"{name}.training.{key}={precision == key}"
+        for name in TRAINING_STAGES
+        if getattr(recipe, name) is not None
+        for key in ("bf16", "fp16")
+    ]
+
+
+def run_stages(
+    command: str,
+    recipe_ref: str,
+    stages: list[str] | None,
+    output_dir: Path | None,
+    sets: list[str],
+    mixed_precision: str | None,
+    dry_run: bool,
+    overwrite: bool,
+) -> None:
+    """Run `stages` of the recipe (None: its whole pipeline) as `simpo COMMAND` does; `sets`:
+    the --set overrides, the launch options' among them."""
+    sets = list(sets)
+    recipe = load_recipe(recipe_ref, sets)
+    if mixed_precision is not None:
+        sets += precision_sets(recipe, mixed_precision)
+        recipe = load_recipe(recipe_ref, sets)
+    out = output_folder(recipe, output_dir)
+    recipe.connect_stages(out)  # a preference stage without data reads the annotate stage's
+    names = list(recipe.pipeline) if stages is None else stages
+    for name in names:
+        recipe.stage(name)  # a missing section is an error before anything starts
+
+    # Every path, before a process is launched or a folder created.
+    check_paths(recipe, out, names, "--output-dir" if output_dir is not None else "output_dir")
+
+    child_args = [command, recipe_ref, "--output-dir", str(out)]
+    # The launcher, not the training processes, needs the machine's rank: leaving it out keeps
+    # one command line for every machine but --machine_rank.
+    child_sets = [s for s in sets if not s.startswith("launch.machine_rank=")]
+    child_args += [arg for s in child_sets for arg in ("--set", s)]
+    child_args += ["--overwrite"] if overwrite else []
+    relaunch = launch.needs_launch(recipe.launch) and not launch.inside_launch()
+    if dry_run:
+        print_plan(recipe, names, out, child_args if relaunch else None, overwrite)
+        return
+    if not launch.inside_launch() and len(names) > 1 and _vllm_generate(recipe, names):
+        # A vLLM engine keeps its GPUs and its own process group until its process ends: the
+        # stages run one command each (see stages/generate.py).
+        for name in names:
+            code = _run_alone(recipe, name, child_args, relaunch)
+            if code != 0:
+                sys.exit(code)
+        return
+    if relaunch:
+        sys.exit(_launch(recipe, child_args))
+    from simpo_cli.faults import watch_signals
+
+    watch_signals()  # SIGTERM, SIGUSR1, Ctrl-C: save a checkpoint after this step and exit 75
+    from simpo_cli.distributed import say, shutdown
+    from simpo_cli.run.pipeline import run_stage
+
+    folders = {}
+    try:
+        for name in names:
+            folders[name] = run_stage(recipe, name, out, overwrite)
+    except (Preempted, NonFiniteError):
+        shutdown()  # every process stopped after the same step, together
+        raise
+    trained = [name for name in names if name in TRAINING_STAGES]
+    if trained:
+        say(f"final model: {folders[trained[-1]]}")
+    if names and names[-1] not in TRAINING_STAGES:
+        say(f"{'evaluation' if names[-1] == 'evaluate' else 'output'}: {folders[names[-1]]}")
+    shutdown()
+    if trained:
+        _plot_when_possible(out)
+
+
+def _vllm_generate(recipe: Recipe, names: list[str]) -> bool:
+    """Whether a stage to run samples with vLLM: generate, or evaluate's benchmark answers."""
+    from simpo_cli.onpolicy.sampling import resolve_backend
+
+    if "generate" in names and recipe.generate is not None:
+        if resolve_backend(recipe.generate.backend) == "vllm":
+            return True
+    evaluate = recipe.evaluate
+    if "evaluate" in names and evaluate is not None and evaluate.benchmarks:
+        return resolve_backend(evaluate.backend) == "vllm"
+    return False
+
+
+def _run_alone(recipe: Recipe, name: str, child_args: list[str], launched: bool) -> int:
+    """Run one stage as its own command (through the launcher when `launched`)."""
+    args = [name, *child_args[1:]]
+    if launched:
+        return _launch(recipe, args)
+    return subprocess.run([sys.executable, "-m", "simpo_cli.cli", *args]).returncode
+
+
+def _plot_when_possible(out: Path) -> None:
+    """Leave a picture of the run beside it when matplotlib is installed."""
+    from simpo_cli.distributed import is_main_process
+
+    if is_main_process() and importlib.util.find_spec("matplotlib") is not None:
+        print(f"training curves: {plot_run(out)}")
+
+
+def _launch(recipe: Recipe, child_args: list[str]) -> int:
+    """Re-run this command on every process through `accelerate launch`; wait for them."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    launch.preflight(recipe.launch, gpus)
+    check_combination(recipe)
+    command = launch.launch_command(recipe, child_args)
+
+    os.environ[LAUNCH_ID] = uuid.uuid4().hex  # names this launch's marker files
+    print("launching: " + shlex.join(redact_args(command)), flush=True)
+    if gpus == 0:
+        print(f"no GPU here: running {recipe.launch.world_size} processes on the CPU", flush=True)
+    return launch.run(command)
