@@ -1,5 +1,8 @@
 """Secrets kept out of everything simpo writes or prints: resolved_recipe.yaml, the JSON records
-of a stage folder, metrics.jsonl, the settings table and the launch command line.
+of a stage folder, metrics.jsonl, the settings table and the launch command line, and the run
+name handed to TrainingArguments (saved in training_args.bin and sent to the trackers).
+Files that transformers writes from model.config (config.json) cannot be redacted after the
+fact: `secret_keys` finds what the recipe validation refuses there.
 
 Two rules, both replacing the secret with "***":
 - by key: a string under a key named like a secret (`hf_token`, `password`, `api_key`,
@@ -82,6 +85,31 @@ def redact(obj: Any, environ: Mapping[str, str] | None = None) -> Any:
         return value
 
     return walk(obj, False)
+
+
+def secret_keys(obj: Any, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The strings of `obj` that `redact` replaces, by key path (`auth.password`, `urls[0]`),
+    each with why: "is named like a secret" or "holds the value of a secret environment
+    variable"."""
+    values = secret_values(environ)
+    found: dict[str, str] = {}
+
+    def walk(value: Any, path: str, secret: bool) -> None:
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                where = f"{path}.{key}" if path else str(key)
+                walk(item, where, secret or is_secret_name(str(key)))
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                walk(item, f"{path}[{i}]", secret)
+        elif isinstance(value, str) and value:
+            if secret:
+                found[path] = "is named like a secret"
+            elif any(v in value for v in values):
+                found[path] = "holds the value of a secret environment variable"
+
+    walk(obj, "", False)
+    return found
 
 
 def redact_setting(key: str, value: str) -> str:

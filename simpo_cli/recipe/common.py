@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from simpo_cli.recipe.shipped import shipped_deepspeed_configs
+from simpo_cli.redact import secret_keys
 
 StageName = Literal["sft", "generate", "annotate", "preference", "evaluate"]
 # In pipeline order: generate samples from the model before it; annotate scores those samples
@@ -64,7 +65,9 @@ class ModelSettings(Section):
         "model from `config` (seeded by the first stage's training.seed).",
     )
     config: dict[str, Any] | None = Field(
-        None, description="Model config for init 'from_config' (keys of a config.json)."
+        None,
+        description="Model config for init 'from_config' (keys of a config.json; saved with "
+        "every checkpoint, so a secret here is refused).",
     )
     tokenizer: str | None = Field(
         None, description="Tokenizer name or folder; default: the model's."
@@ -87,6 +90,21 @@ class ModelSettings(Section):
     quantization: Literal["4bit", "8bit"] | None = Field(
         None, description="Load the frozen base weights quantized (bitsandbytes, GPU): QLoRA."
     )
+
+    @field_validator("config")
+    @classmethod
+    def _no_secrets_in_config(cls, config: dict[str, Any] | None) -> dict[str, Any] | None:
+        # transformers writes model.config to config.json, with the model and with every
+        # checkpoint, where it cannot be redacted: a secret there is refused, never written.
+        problems = [
+            f"{key} {why}; transformers saves model.config in config.json, with the model and "
+            "in every checkpoint; remove it, and give credentials through environment "
+            "variables (HF_TOKEN, WANDB_API_KEY, ...)"
+            for key, why in secret_keys(config or {}).items()
+        ]
+        if problems:
+            raise ValueError("\n".join(problems))
+        return config
 
     @model_validator(mode="after")
     def _check_init(self) -> ModelSettings:

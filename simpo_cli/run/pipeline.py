@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -33,7 +34,7 @@ from simpo_cli.model import adapters
 from simpo_cli.model.load import check_vocab, full_model_folder, load_model, load_model_from
 from simpo_cli.outputs import StageDir, reproducibility_record
 from simpo_cli.recipe import Recipe, settings_table, stage_identity
-from simpo_cli.redact import redact
+from simpo_cli.redact import redact, redact_args, redact_text
 from simpo_cli.run import stages
 from simpo_cli.run.stages import StageInstance
 from simpo_cli.train import console
@@ -322,7 +323,10 @@ def prepare_trackers(recipe: Recipe) -> None:
         _require("tensorboard", "tensorboard")
     if "wandb" in recipe.logging.report_to:
         _require("wandb", "wandb")
-        os.environ.setdefault("WANDB_PROJECT", recipe.logging.project)
+        os.environ.setdefault("WANDB_PROJECT", redact_text(recipe.logging.project))
+        # wandb saves this process's command line in its run files: give it the command line
+        # as simpo prints it (nothing reads sys.argv once the command has been parsed).
+        sys.argv[1:] = redact_args(sys.argv[1:])
         if not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
             # Never an interactive login prompt in the middle of a launch: log offline.
             os.environ["WANDB_MODE"] = "offline"

@@ -16,6 +16,7 @@ from simpo_cli.distributed import is_main_process
 from simpo_cli.launch import read_deepspeed_config
 from simpo_cli.outputs import StageDir
 from simpo_cli.recipe import Recipe
+from simpo_cli.redact import redact_text
 
 
 def training_arguments(
@@ -32,7 +33,8 @@ def training_arguments(
         deepspeed = read_deepspeed_config(recipe.launch.deepspeed)
     return TrainingArguments(
         output_dir=str(out),
-        run_name=recipe.logging.run_name or f"{recipe.name}-{name}",
+        # Saved in training_args.bin (with every checkpoint) and sent to the trackers.
+        run_name=redact_text(recipe.logging.run_name or f"{recipe.name}-{name}"),
         report_to=report_to,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler_type,
