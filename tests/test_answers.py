@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from simpo_cli.onpolicy.sampling import TransformersBackend
 from simpo_cli.recipe import RECIPES_DIR
 
 QUESTIONS = RECIPES_DIR / "tiny" / "benchmarks"
@@ -99,7 +100,9 @@ def test_mt_bench_temperatures_per_category_and_judge_free_numbers(mt_bench):
     assert 0 < numbers["mean_tokens"] <= 6 and 0 <= numbers["cut_at_max_new_tokens"] <= 1
 
 
-def test_alpaca_eval_keeps_instructions_and_order_and_resumes(cli, model_dir, tmp_path):
+def test_alpaca_eval_keeps_instructions_and_order_and_resumes(
+    cli, model_dir, tmp_path, monkeypatch
+):
     out = tmp_path / "alpaca"
     command = [
         "eval", model_dir, "--benchmark", "alpaca_eval", "--questions",
@@ -114,8 +117,31 @@ def test_alpaca_eval_keeps_instructions_and_order_and_resumes(cli, model_dir, tm
     assert [r["instruction"] for r in rows] == [q["instruction"] for q in source]
     assert all(set(r) == {"instruction", "output", "generator", "dataset"} for r in rows)
     assert {r["generator"] for r in rows} == {"tiny-simpo"}
+
+    # A run stopped after 2 answers leaves them in the generation shard: the rerun answers the
+    # other questions only. (Answering them all again would give the same file, sampling being
+    # seeded per question: the questions asked tell a resume from a restart.)
+    [shard] = out.rglob("samples-rank0.jsonl")
+    header, *records = shard.read_text(encoding="utf-8").split("\n")[:-1]
+    assert len(records) == len(source)
+    shard.write_text("\n".join([header, *records[:2]]) + "\n", encoding="utf-8")
+    asked: list[str] = []
+    draw = TransformersBackend.generate
+
+    def generate(self, requests, settings):
+        asked.extend(request.prompt_id for request in requests)
+        return draw(self, requests, settings)
+
+    monkeypatch.setattr(TransformersBackend, "generate", generate)
+    again = cli(*command)
+    assert again.code == 0, again.stderr[-2000:]
+    assert asked == [json.loads(record)["prompt_id"] for record in records[2:]]
+    assert json.loads(answers.read_text(encoding="utf-8")) == rows
+
+    asked.clear()
     again = cli(*command)  # every answer is there: nothing is generated again
     assert again.code == 0, again.stderr[-2000:]
+    assert asked == []
     assert json.loads(answers.read_text(encoding="utf-8")) == rows
 
 

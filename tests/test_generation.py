@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import STOP_SIGNALS
 
 from simpo_cli.errors import DataError, UserError
 from simpo_cli.onpolicy import sampling as generation
@@ -337,8 +338,9 @@ def start(
 def test_kill_9_then_resume_equals_an_uninterrupted_run(
     model, model_dir, tok, prompts, whole, tmp_path
 ):
-    """A generation process killed (SIGKILL) after 2 of 6 prompts; the same call again finishes
-    the dataset, equal to an uninterrupted run."""
+    """A generation process killed (SIGKILL) after 2 of 6 prompts; the same call again samples
+    only the prompts the killed one had not written, and finishes the dataset, equal to an
+    uninterrupted run."""
     folder = tmp_path / "killed"
     process = start(model_dir, folder, pause=0.4)
     shard, deadline = shard_path(folder, 0), time.time() + 60
@@ -348,9 +350,30 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(
         time.sleep(0.05)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    written = shard.read_text().count("\n") - 1
-    assert 2 <= written < len(prompts), process.stderr.read()[-2000:]
-    assert run(model, tok, prompts, folder) == whole[1]
+    lines = shard.read_text().split("\n")[1:-1]  # complete records, after the header
+    assert 2 <= len(lines) < len(prompts), process.stderr.read()[-2000:]
+    done = {json.loads(line)["prompt_id"] for line in lines}
+
+    backend, asked = counting(TransformersBackend(model, tok))
+    generate_samples(backend, tok, prompts, SETTINGS, folder)
+    # The rerun's work: the other prompts, once per seed; sampling every prompt again would
+    # give the same dataset (sampling is seeded per prompt), so only this count tells.
+    rest = [p.prompt_id for p in prompts if p.prompt_id not in done]
+    assert asked == [prompt_id for prompt_id in rest for _ in SETTINGS.seeds]
+    assert merge_shards(folder, prompts, SETTINGS.seeds) == whole[1]
+
+
+def counting(backend):
+    """`backend` with its generate recording the prompt id of every request it is given."""
+    asked: list[str] = []
+    draw = backend.generate
+
+    def generate(requests, settings):
+        asked.extend(request.prompt_id for request in requests)
+        return draw(requests, settings)
+
+    backend.generate = generate
+    return backend, asked
 
 
 def test_two_processes_lose_and_duplicate_no_prompt(model_dir, prompts, whole, tmp_path):
@@ -473,8 +496,11 @@ def test_vllm_unavailable_is_one_line_with_the_fix(monkeypatch):
 
 
 def test_gpu_check_script_runs_on_the_fake_engine(monkeypatch, capsys):
-    """scripts/gpu_check_generation.py cannot run here for real; against the fake engine it goes
-    through every check (so it does not rot), and without vLLM it says why and exits 77."""
+    """scripts/gpu_check_generation.py cannot run here for real; against the fake engine on one
+    stood-in GPU it goes through every check (so it does not rot), its stages check included:
+    the `simpo train` command it builds runs here in this process (the stand-in engine is not
+    in a child's), its generate and annotate stages each a command of their own, as on a GPU
+    machine. Without vLLM it says why and exits 77."""
     script = str(Path(__file__).parents[1] / "scripts" / "gpu_check_generation.py")
     monkeypatch.setattr(sys, "argv", [script, "--prompts", "4"])
     monkeypatch.setitem(sys.modules, "vllm", None)
@@ -485,10 +511,63 @@ def test_gpu_check_script_runs_on_the_fake_engine(monkeypatch, capsys):
         and "skipped: backend: vllm: not installed" in capsys.readouterr().err
     )
     fake = FakeVLLM()
+
+    def digits(i, prompt_ids, seed):
+        """Replies of digits, which the annotate stage's reward (sorted digits) tells apart."""
+        answer = FakeVLLM.answer(i, prompt_ids, seed)
+        answer.outputs[0].text = " ".join(str(seed)[-4:])
+        return answer
+
+    fake.answer = digits
     monkeypatch.setitem(sys.modules, "vllm", fake)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the generate stage sets it
+    commands = in_process_cli(monkeypatch)
     with pytest.raises(SystemExit) as exit_:
         runpy.run_path(script, run_name="__main__")
-    assert exit_.value.code == 0, capsys.readouterr().err
-    assert "all checks passed" in capsys.readouterr().out
-    assert len(fake.engines) == 1 and len(fake.calls) >= 3
+    output = capsys.readouterr()
+    assert exit_.value.code == 0, output.out[-3000:] + output.err[-3000:]
+    assert "stages through the CLI on 1 GPU(s): exit 0" in output.out
+    assert "all checks passed" in output.out
+    assert [args[:2] for args in commands] == [
+        ["train", "tiny-onpolicy"], ["generate", "tiny-onpolicy"], ["annotate", "tiny-onpolicy"]
+    ]  # fmt: skip
+    # The script's own engine, then the generate stage's, on the script's model.
+    assert len(fake.engines) == 2 and fake.engines[1]["model"] == fake.engines[0]["model"]
+    stage_requests = sum(len(prompts) for prompts, _ in fake.calls[-2:])
+    assert stage_requests == (64 + 100) * 6  # train and held-out prompts x 6 seeds
+
+
+def in_process_cli(monkeypatch) -> list[list[str]]:
+    """Stand in for subprocess.run on `python -m simpo_cli.cli ARGS`: run the CLI in this
+    process, signal handlers and argv put back after; returns the ARGS of every call. Other
+    commands (git, for the reproducibility record) run as they would."""
+    from simpo_cli import launch
+    from simpo_cli.cli import main
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv(launch.LAUNCHED_ENV, raising=False)
+    commands: list[list[str]] = []
+    real = subprocess.run
+
+    def run(command, *args, **kwargs):
+        if list(command[:3]) != [sys.executable, "-m", "simpo_cli.cli"]:
+            return real(command, *args, **kwargs)
+        commands.append(list(command[3:]))
+        argv = sys.argv
+        handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+        sys.argv = ["simpo", *command[3:]]
+        try:
+            main()
+            code = 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+        finally:
+            sys.argv = argv
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+        return subprocess.CompletedProcess(command, code, stdout="", stderr="")
+
+    monkeypatch.setattr(subprocess, "run", run)
+    return commands

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from simpo_cli.errors import RecipeError
+from simpo_cli.onpolicy.sampling import TransformersBackend
 from simpo_cli.recipe import RECIPES_DIR, load_recipe
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -167,9 +168,10 @@ def test_two_processes_give_the_same_samples_and_pairs(onpolicy_run, tmp_path):
         )
 
 
-def test_generate_resumes_after_a_kill(onpolicy_run, tmp_path):
+def test_generate_resumes_after_a_kill(onpolicy_run, tmp_path, cli, monkeypatch):
     """kill -9 in the middle of `simpo generate`, then SIGTERM in the middle of the same command,
-    then the same command again: the same samples as the uninterrupted run, every prompt once."""
+    then the same command again: it samples only the prompts not written yet, and ends with the
+    same samples as the uninterrupted run, every prompt once."""
     import signal
     import time
 
@@ -202,11 +204,92 @@ def test_generate_resumes_after_a_kill(onpolicy_run, tmp_path):
     assert "[generate] stopped by SIGTERM; the samples written so far are kept" in stderr
     assert done + 5 <= len(jsonl(shard)) < 41
 
-    result = simpo("generate", "tiny-onpolicy", "-o", str(run), *SMALL)
-    assert result.returncode == 0, result.stderr[-2000:]
+    # The last run in this process, its sampling counted: sampling every prompt again would
+    # give the same files (each sample is seeded by its prompt), so only the count tells a
+    # resume from a restart.
+    written = {record["prompt_id"] for record in jsonl(shard)[1:]}  # [0]: the settings header
+    asked: list[str] = []
+    draw = TransformersBackend.generate
+
+    def generate(self, requests, settings):
+        asked.extend(request.prompt_id for request in requests)
+        return draw(self, requests, settings)
+
+    monkeypatch.setattr(TransformersBackend, "generate", generate)
+    result = cli("generate", "tiny-onpolicy", "-o", str(run), *SMALL)
+    assert result.code == 0, result.stderr[-2000:]
+    expected = [
+        record["prompt_id"]
+        for split in ("train", "test")  # test: the held-out prompts, not started before
+        for record in jsonl(out / "generate" / "samples" / f"{split}.jsonl")
+        if record["prompt_id"] not in written
+        for _ in range(4)  # generate.num_samples
+    ]
+    assert asked == expected
     for split in ("train", "test"):
         name = f"generate/samples/{split}.jsonl"
         assert jsonl(run / name) == jsonl(out / name)
+
+
+def test_annotate_stops_on_a_signal_and_scores_everything_again(
+    onpolicy_run, tmp_path, cli, monkeypatch
+):
+    """SIGTERM while `simpo annotate` scores: it stops after the batch in hand with exit 75 and
+    writes nothing; the same command then scores every sample again (none of the stopped run's
+    scores is kept), replaces what an unfinished attempt left in annotate/dataset/, and writes
+    the pairs of an uninterrupted run."""
+    import signal
+
+    from simpo_cli import faults
+    from simpo_cli.onpolicy.rewards import FunctionScorer
+
+    out, _ = onpolicy_run
+    scored: list[int] = []  # items per call of the reward function's scorer
+    stop = True  # the first run is stopped
+    score = FunctionScorer.__call__
+
+    def scoring(self, items):
+        scored.append(len(items))
+        if stop and len(scored) == 1:
+            # The signal, sent to this process as a scheduler would: the handler of
+            # `simpo annotate` turns it into a stop request.
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+            os.kill(os.getpid(), signal.SIGTERM)
+        return score(self, items)
+
+    monkeypatch.setattr(FunctionScorer, "__call__", scoring)
+    monkeypatch.setattr(faults, "REQUEST", faults.StopRequest())  # this process's stop state
+    run = tmp_path / "run"
+    result = _annotate_again(out, run, cli=cli)
+    assert result.code == 75, result.stderr[-2000:]
+    assert (
+        "[annotate] stopped by SIGTERM; scoring starts over on the next run (nothing was "
+        "written); run the same command again to go on"
+    ) in result.stderr
+    assert scored == [64]  # the first batch (the reward function's batch_size), then the stop
+    assert not (run / "annotate" / "dataset").exists()
+    assert not (run / "annotate" / "stage_complete.json").exists()
+
+    stop = False
+    scored.clear()
+    monkeypatch.setattr(faults, "REQUEST", faults.StopRequest())  # a new process's
+    leftover = run / "annotate" / "dataset" / "train" / "leftover.arrow"  # a killed attempt's
+    leftover.parent.mkdir(parents=True)
+    leftover.write_text("torn")
+    again = ["--set", "annotate.greedy_eval=false"]  # as _annotate_again
+    result = cli("annotate", "tiny-onpolicy", "-o", str(run), *SMALL, *again)
+    assert result.code == 0, result.stderr[-2000:]
+    samples = sum(
+        len(record["samples"])
+        for split in ("train", "test")
+        for record in jsonl(out / "generate" / "samples" / f"{split}.jsonl")
+    )
+    assert sum(scored) == samples == 40 * 4 + 12 * 4
+    assert not leftover.exists()
+    for name in ("train.jsonl", "test.jsonl"):
+        assert jsonl(run / "annotate" / "dataset" / name) == jsonl(
+            out / "annotate" / "dataset" / name
+        )
 
 
 # --------------------------------------------------------------------------- reward models
@@ -333,14 +416,28 @@ def test_missing_prompts_column_is_one_line_and_nothing_is_written(cli, tmp_path
     assert "has no column 'question'" in line and "pref_train.jsonl" in line
 
 
-def test_vllm_without_a_gpu_is_one_line(cli, tmp_path):
+@pytest.mark.parametrize(
+    "installed, expected",
+    [
+        (True, "needs a CUDA GPU and none is visible; set backend: transformers on CPU"),
+        (False, "not installed; pip install 'simpo-cli[vllm]', or set backend: transformers"),
+    ],
+)
+def test_vllm_without_a_gpu_is_one_line(cli, tmp_path, monkeypatch, installed, expected):
+    """generate.backend: vllm on this CPU machine, with vLLM installed (a stand-in module) or
+    not: one line naming the key, the reason and the fix."""
+    import torch
+    from test_generation import FakeVLLM
+
+    monkeypatch.setitem(sys.modules, "vllm", FakeVLLM() if installed else None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     result = cli(
         "generate", "tiny-onpolicy", "-o", str(tmp_path / "run"), *SMALL,
         "--set", "pipeline=[generate, annotate, preference]", "--set", "generate.backend=vllm",
     )  # fmt: skip
     assert result.code == 2
     [line] = result.errors()
-    assert "generate.backend: vllm:" in line or "backend: vllm:" in line
+    assert line == f"error: generate.backend: vllm: {expected}"
 
 
 def test_annotate_before_generate_names_the_command_to_run(cli, tmp_path):
@@ -407,12 +504,14 @@ def test_copied_recipe_brings_its_shared_files_and_runs_from_there(tmp_path):
 
 def test_with_vllm_each_stage_runs_as_its_own_command(onpolicy_run, tmp_path, monkeypatch):
     """A vLLM engine keeps its GPUs until its process ends, so `simpo train` runs the stages one
-    command each when the generate stage uses vLLM (the choice of backend is forced here; the
-    children then sample with transformers on this CPU machine)."""
+    command each when the generate stage uses vLLM. Here vLLM is stood in (a fake module and a
+    visible GPU, in this process only), so generate.backend auto resolves to vllm in `simpo
+    train`; its children, which have neither, then sample with transformers on this CPU."""
+    import torch
+    from test_generation import FakeVLLM
     from typer.testing import CliRunner
 
     from simpo_cli import cli
-    from simpo_cli.run import command
 
     out, _ = onpolicy_run
     run = tmp_path / "run"
@@ -425,7 +524,9 @@ def test_with_vllm_each_stage_runs_as_its_own_command(onpolicy_run, tmp_path, mo
         commands.append(args[3])  # [python, -m, simpo_cli.cli, STAGE, ...]
         return real(args, *rest, capture_output=True, text=True, **kwargs)
 
-    monkeypatch.setattr(command, "_vllm_generate", lambda recipe, names: True)
+    monkeypatch.setitem(sys.modules, "vllm", FakeVLLM())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert load_recipe("tiny-onpolicy").generate.backend == "auto"
     monkeypatch.setattr(subprocess, "run", recording_run)
     sets = [*SMALL, "--set", "pipeline=[sft, generate, annotate]"]
     result = CliRunner().invoke(cli.app, ["train", "tiny-onpolicy", "-o", str(run), *sets])
@@ -446,6 +547,7 @@ def test_generate_stage_on_vllm_at_its_api_boundary(onpolicy_run, tmp_path, monk
     from test_generation import FakeVLLM
 
     from simpo_cli.onpolicy.generate import _all_done
+    from simpo_cli.onpolicy.sampling import request_seed
     from simpo_cli.run.pipeline import run_stage
 
     out, _ = onpolicy_run
@@ -473,15 +575,63 @@ def test_generate_stage_on_vllm_at_its_api_boundary(onpolicy_run, tmp_path, monk
     run_stage(recipe, "generate", run)
 
     (kwargs,) = fake.engines
-    assert kwargs["model"] == str(run / "sft") and kwargs["tensor_parallel_size"] == 1
+    assert kwargs["model"] == kwargs["tokenizer"] == str(run / "sft")
+    assert kwargs["tensor_parallel_size"] == 1 and kwargs["gpu_memory_utilization"] == 0.9
+    assert kwargs["dtype"] == "float32" and kwargs["seed"] == 42  # model.dtype, sft's seed
     assert kwargs["max_model_len"] <= 128  # the tiny model's context
     assert seen_env == [{"RANK": None, "WORLD_SIZE": None, "LOCAL_RANK": None}]
     assert os.environ["RANK"] == "0" and os.environ["WORLD_SIZE"] == "1"
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"
-    records = jsonl(run / "generate" / "samples" / "train.jsonl")
-    assert len(records) == 40 and all(len(r["samples"]) == 4 for r in records)
+
+    # What the engine was asked, request by request (one call per split: 40 and 12 prompts x 4
+    # seeds), and the files written from its answers: as the transformers run of the fixture
+    # writes them (same prompts, order, keys, seeds, settings header), with the engine's texts.
+    cpu_samples = out / "generate" / "samples"
+    cpu = {split: jsonl(cpu_samples / f"{split}.jsonl") for split in ("train", "test")}
+    [cpu_header] = jsonl(cpu_samples / "train" / "samples-rank0.jsonl")[:1]
+    stops = cpu_header["generation"]["stop_token_ids"]
+    assert stops  # the tiny template's end of turn
+    assert [len(prompts) for prompts, _ in fake.calls] == [160, 48]
+    for (prompts, params), split in zip(fake.calls, ("train", "test"), strict=True):
+        expected = [(r["prompt_id"], seed) for r in cpu[split] for seed in (0, 1, 2, 3)]
+        assert [p.__dict__ for p in params] == [
+            {
+                "n": 1,
+                "seed": request_seed(seed, prompt_id),
+                "temperature": 0.7,  # tiny-onpolicy's generate settings
+                "top_p": 1.0,
+                "max_tokens": 16,  # SMALL's max_new_tokens
+                "stop_token_ids": stops,
+                "skip_special_tokens": True,
+            }
+            for prompt_id, seed in expected
+        ]
+        answers = [
+            fake.answer(i, prompt["prompt_token_ids"], p.seed).outputs[0]
+            for i, (prompt, p) in enumerate(zip(prompts, params, strict=True))
+        ]
+        records = jsonl(run / "generate" / "samples" / f"{split}.jsonl")
+        assert [(r["prompt_id"], r["prompt"]) for r in records] == [
+            (r["prompt_id"], r["prompt"]) for r in cpu[split]
+        ]
+        assert [s for r in records for s in r["samples"]] == [
+            {
+                "seed": seed,
+                "text": answer.text,
+                "finish_reason": answer.finish_reason,
+                "tokens": len(answer.token_ids),
+            }
+            for (_, seed), answer in zip(expected, answers, strict=True)
+        ]
+        assert [set(s) for r in cpu[split] for s in r["samples"]] == [
+            set(s) for r in records for s in r["samples"]
+        ]
+    [header] = jsonl(run / "generate" / "samples" / "train" / "samples-rank0.jsonl")[:1]
+    assert header == {"generation": {**cpu_header["generation"], "model": str(run / "sft")}}
     summary = json.loads((run / "generate" / "stage_complete.json").read_text())
+    cpu_summary = json.loads((out / "generate" / "stage_complete.json").read_text())
     assert summary["backend"] == "vllm" and summary["train"]["prompts"] == 40
+    assert set(summary) == set(cpu_summary) and summary["seeds"] == cpu_summary["seeds"]
 
     # Processes of a vLLM launch meet through marker files: rank 0 waits for rank 1's.
     markers = tmp_path / "markers"

@@ -67,7 +67,7 @@ def run(
             prompts[split] = read_prompts(
                 source, source.column, f"generate.{key}", source.id_column
             )
-    backend_name = resolve_backend(stage.backend)
+    backend_name = resolve_backend(stage.backend, "generate.backend")
     model_name = start_from or recipe.model.name_or_path or "model.config"
     say(
         f"[generate] {', '.join(f'{len(p)} {split} prompts' for split, p in prompts.items())} x "

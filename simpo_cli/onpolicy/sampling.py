@@ -257,14 +257,14 @@ class Backend(Protocol):
 # --------------------------------------------------------------------------- backends
 
 
-def resolve_backend(name: Literal["auto", "vllm", "transformers"]) -> str:
+def resolve_backend(name: Literal["auto", "vllm", "transformers"], key: str = "backend") -> str:
     """ "vllm" or "transformers": auto takes vLLM when it is installed and a GPU is visible.
-    Asking for vLLM without either is a UserError with the fix."""
+    Asking for vLLM without either is a UserError with the fix, naming the setting `key`."""
     if name == "transformers":
         return name
     problem = _vllm_problem()
     if name == "vllm" and problem:
-        raise UserError(f"backend: vllm: {problem}")
+        raise UserError(f"{key}: vllm: {problem}")
     return "transformers" if problem else "vllm"
 
 

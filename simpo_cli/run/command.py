@@ -118,11 +118,11 @@ def _vllm_generate(recipe: Recipe, names: list[str]) -> bool:
     from simpo_cli.onpolicy.sampling import resolve_backend
 
     if "generate" in names and recipe.generate is not None:
-        if resolve_backend(recipe.generate.backend) == "vllm":
+        if resolve_backend(recipe.generate.backend, "generate.backend") == "vllm":
             return True
     evaluate = recipe.evaluate
     if "evaluate" in names and evaluate is not None and evaluate.benchmarks:
-        return resolve_backend(evaluate.backend) == "vllm"
+        return resolve_backend(evaluate.backend, "evaluate.backend") == "vllm"
     return False
 
 

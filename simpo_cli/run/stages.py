@@ -161,7 +161,9 @@ KINDS: dict[str, TrainingKind | DataKind] = {
         before_training=preference.before_training,
         after_training=preference.after_training,
     ),
-    "generate": DataKind(_generate, lambda stage: resolve_backend(stage.backend) == "vllm"),
+    "generate": DataKind(
+        _generate, lambda stage: resolve_backend(stage.backend, "generate.backend") == "vllm"
+    ),
     "annotate": DataKind(_annotate),
     "evaluate": DataKind(_evaluate),
 }
