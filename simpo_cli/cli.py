@@ -386,6 +386,7 @@ def main() -> None:
                 print(f"error: {line}", file=sys.stderr, flush=True)
         sys.exit(err.exit_code)
     except Preempted as err:
+        stops.ignore()
         if speaks:
             print(str(err), file=sys.stderr, flush=True)
         sys.exit(err.exit_code)

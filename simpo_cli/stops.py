@@ -95,6 +95,14 @@ def release() -> None:
         signal.raise_signal(signum)
 
 
+def ignore() -> None:
+    """Stopping is done: more stop signals (a scheduler or script repeating its request) are
+    ignored from now on. Python gives the signals their defaults back while it exits, and a
+    repeat would then kill the process with 138 or 143 instead of letting it exit 75."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def stop_requested() -> bool:
     """A stop signal has reached this process (stages without a Trainer poll this)."""
     return REQUEST.signal != 0

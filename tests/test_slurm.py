@@ -196,13 +196,22 @@ def test_a_stop_at_any_moment_requeues_and_the_job_ends_like_a_run_never_stopped
     for restart in range(5):
         assert started(tmp_path, restart), f"start {restart} is not in the log"
     assert text.count("requeueing job") == 4, text[-5000:]
-    assert "simpo exited with status 0" in text
 
-    # What each start did, from the log: the preference stage stopped after step 21 with a
-    # checkpoint, and the last start resumed from it.
-    stopped = re.findall(r"\[preference\] stopped by SIGUSR1 after step (\d+): saved", text)
-    assert stopped == ["21"], text[-5000:]
-    assert f"resuming from {preference / 'checkpoint-21'} (step 21)" in text
+    # What each start did, from the log.
+    starts = re.split(r"^job \d+, restart \d+: .*$", text, flags=re.M)[1:]
+    assert len(starts) == 5
+    during_dry_run, importing, between, saving, last = starts
+    for one, signal in ((during_dry_run, "USR1"), (importing, "TERM")):
+        assert f"{signal} received" in one and "requeueing job" in one
+        assert "[sft]" not in one and "[preference]" not in one, "no stage started"
+    # SFT ran in start 2 (its plan had it start fresh; start 3 found it finished).
+    assert f"sft -> {sft} (starts fresh)" in between
+    assert re.search(r"\[preference\] stopped by SIGUSR1(;| after step 0: nothing)", between)
+    assert "[sft] already finished" in saving
+    stopped = re.findall(r"\[preference\] stopped by SIGUSR1 after step (\d+): saved", saving)
+    assert stopped == ["21"], saving[-3000:]
+    assert f"resuming from {preference / 'checkpoint-21'} (step 21)" in last
+    assert "simpo exited with status 0" in last
     assert logged_steps(preference) == list(range(1, 31)), "each step logged once"
     # Same data order, optimizer, scheduler and RNG state: the same arithmetic exactly.
     got = load_file(preference / "model.safetensors")
