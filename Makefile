@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_CPU := torch==2.13.0
 
-.PHONY: install demo test test-fast lint format assets clean
+.PHONY: install demo test test-fast test-slurm lint format assets clean
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,14 @@ test: install  ## the whole test suite (what CI runs)
 
 test-fast: install  ## everything but the end-to-end CLI runs
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# A one-node SLURM cluster (slurm-wlm + munge, as root) in $(SLURM_DIR) for the SLURM tests, stopped
+# by its pid files afterwards whatever the tests did.
+SLURM_DIR ?= /tmp/simpo-slurm
+test-slurm: install  ## the SLURM tests, on a one-node cluster started here (root, slurm-wlm, munge)
+	scripts/slurm/local_cluster.sh start $(SLURM_DIR)
+	SIMPO_TEST_SLURM_CONF=$(SLURM_DIR)/slurm.conf $(BIN)/python -m pytest -q -m slurm tests/test_slurm.py; \
+	  status=$$?; scripts/slurm/local_cluster.sh stop $(SLURM_DIR); exit $$status
 
 lint: install  ## formatting, lint, and the package's layer order (scripts/check_layers.py)
 	$(BIN)/ruff format --check simpo_cli tests scripts

@@ -22,6 +22,7 @@ from pathlib import Path
 
 PACKAGE = "simpo_cli"
 LAYERS = [
+    "__main__",
     "cli",
     "flags",
     "run",
@@ -33,6 +34,7 @@ LAYERS = [
     "faults",
     "outputs | data",
     "recipe",
+    "stops",
     "losses | distributed | redact | errors",
 ]
 MAX_LINES = 700

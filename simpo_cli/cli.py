@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 import typer
 
+from simpo_cli import stops
 from simpo_cli.errors import EXIT_ABORTED, Preempted, UserError
 from simpo_cli.flags import (
     As,
@@ -374,6 +375,10 @@ def main() -> None:
     # Every process of a launch meets the same error or stop; one of them says it.
     speaks = os.environ.get("RANK", "0") == "0"
     try:
+        # Stage commands stop well on a signal from the moment they start (stops.py); the
+        # others get the signals' defaults back.
+        if next((a for a in sys.argv[1:] if not a.startswith("-")), None) not in STAGE_COMMANDS:
+            stops.release()
         app()
     except UserError as err:
         if speaks:
@@ -381,6 +386,7 @@ def main() -> None:
                 print(f"error: {line}", file=sys.stderr, flush=True)
         sys.exit(err.exit_code)
     except Preempted as err:
+        stops.ignore()
         if speaks:
             print(str(err), file=sys.stderr, flush=True)
         sys.exit(err.exit_code)

@@ -1,14 +1,11 @@
 """Stopping well: on a signal, on a non-finite step, and (in outputs.py) resuming only from a
 complete checkpoint.
 
-Signals. In a training process, SIGTERM, SIGUSR1 (what SLURM and Kubernetes send before they stop
-a job) and a first Ctrl-C ask to stop: the process finishes the optimizer step it is in, saves a
-checkpoint through Trainer, writes stopped.json into the stage folder and exits 75; the same
-command resumes. A second Ctrl-C exits 130 at once. All processes of a launch stop after the same
-step: at each step they agree, in one all-reduce, on whether any of them was asked to, because a
-ZeRO-3 save is a collective that every process must join. Under our launcher the training
-processes run in sessions of their own and do not see the terminal or a `kill` of the `simpo`
-process, so the launcher passes the request on (`forwarding_stop_signals`).
+Signals (taken in stops.py). In a training process, a stop request makes it finish the optimizer
+step it is in, save a checkpoint through Trainer, write stopped.json into the stage folder and
+exit 75; the same command resumes. All processes of a launch stop after the same step: at each
+step they agree, in one all-reduce, on whether any of them was asked to, because a ZeRO-3 save is
+a collective that every process must join.
 
 Non-finite steps. A step whose loss (in any micro-batch, on any process) or gradient norm is NaN or
 infinite stops the stage with exit code 3, naming the step and the data rows of the micro-batch,
@@ -20,11 +17,8 @@ and keeps the last good checkpoint (no checkpoint of the bad state is written); 
 from __future__ import annotations
 
 import math
-import os
 import signal
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,115 +28,12 @@ from transformers import Trainer, TrainerCallback
 
 from simpo_cli.data import SOURCE_ROW
 from simpo_cli.distributed import barrier, is_main_process
-from simpo_cli.errors import EXIT_ABORTED, NonFiniteError, Preempted
+from simpo_cli.errors import NonFiniteError, Preempted
 from simpo_cli.outputs import StageDir
+from simpo_cli.stops import REQUEST
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-STOP_ENV = "SIMPO_STOP_SIGNAL"  # set by the launcher for training processes it has yet to start
 ROWS = "source_rows"  # the batch key that carries the micro-batch's rows (training batches only)
 SHOWN_ROWS = 10  # rows named in a message; stopped.json holds them all
-
-
-# --------------------------------------------------------------------------- signals
-
-
-@dataclass
-class StopRequest:
-    """What this process's signal handlers have seen."""
-
-    signal: int = 0  # the first stop signal received; 0: none
-    interrupts: int = 0  # Ctrl-Cs received
-
-
-REQUEST = StopRequest()
-
-
-def _stderr(line: str) -> None:
-    # os.write, not print: a handler runs between two bytecodes of the main thread, which may be
-    # halfway through writing to sys.stderr itself (tqdm's bar), and print would then fail.
-    os.write(2, (line + "\n").encode())
-
-
-def _on_signal(signum: int, frame: Any) -> None:
-    if signum == signal.SIGINT:
-        REQUEST.interrupts += 1
-        if REQUEST.interrupts > 1:
-            _stderr("aborted by a second Ctrl-C; nothing more was saved")
-            os._exit(EXIT_ABORTED)
-    if REQUEST.signal:
-        return  # already stopping: a scheduler may signal every process, and the launcher too
-    REQUEST.signal = signum
-    if os.environ.get("RANK", "0") == "0":
-        again = " (Ctrl-C again aborts at once)" if signum == signal.SIGINT else ""
-        _stderr(
-            f"{signal.Signals(signum).name}: finishing this optimizer step, then saving a "
-            f"checkpoint and stopping{again}"
-        )
-
-
-def watch_signals() -> None:
-    """In a training process: a stop signal becomes a request to stop after this step."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, _on_signal)
-    if os.environ.get(STOP_ENV):  # the launcher was asked to stop before it started us
-        REQUEST.signal = signal.Signals[os.environ[STOP_ENV]]
-
-
-def stop_requested() -> bool:
-    """A stop signal has reached this process (stages without a Trainer poll this)."""
-    return REQUEST.signal != 0
-
-
-def stop_now(stage: str, what: str) -> None:
-    """Raise Preempted when a stop signal has arrived: for stages whose work is kept as it is
-    written (generate) or is quick to redo (annotate)."""
-    if REQUEST.signal:
-        name = signal.Signals(REQUEST.signal).name
-        raise Preempted(f"[{stage}] stopped by {name}; {what}; run the same command again to go on")
-
-
-@contextmanager
-def forwarding_stop_signals() -> Iterator[StopRequest]:
-    """In the launcher (`accelerate launch` run in this process): pass SIGTERM and SIGUSR1 on to
-    the training processes, and a first Ctrl-C as SIGTERM (where the terminal also sent them the
-    Ctrl-C, it stays their first); a second Ctrl-C kills them and exits 130. torchrun's agent,
-    left to itself, would forward SIGTERM and SIGINT only and kill the processes 30 s later, which
-    a large checkpoint may not survive: the caller keeps the agent off these signals
-    (PET_SIGNALS_TO_HANDLE) and the agent then sees the processes exit 75 after their save."""
-    import psutil
-
-    seen = StopRequest()
-
-    def handler(signum: int, frame: Any) -> None:
-        if signum == signal.SIGINT:
-            seen.interrupts += 1
-            if seen.interrupts > 1:
-                for process in psutil.Process().children(recursive=True):
-                    _quietly(process.kill)
-                _stderr("aborted by a second Ctrl-C; the training processes were killed")
-                os._exit(EXIT_ABORTED)
-        seen.signal = seen.signal or signum
-        forwarded = signal.Signals(signal.SIGTERM if signum == signal.SIGINT else signum)
-        # Processes not started yet (rendezvous under way) read it from their environment.
-        os.environ[STOP_ENV] = forwarded.name
-        for process in psutil.Process().children():
-            _quietly(process.send_signal, forwarded)
-
-    before = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
-    try:
-        yield seen
-    finally:
-        for signum, previous in before.items():
-            signal.signal(signum, previous)
-
-
-def _quietly(action, *args) -> None:
-    import psutil
-
-    try:
-        action(*args)
-    except psutil.NoSuchProcess:
-        pass
 
 
 # --------------------------------------------------------------------------- processes

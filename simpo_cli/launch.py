@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from simpo_cli import stops
 from simpo_cli.errors import (
     EXIT_ABORTED,
     EXIT_FAILURE,
@@ -116,19 +117,17 @@ def accelerate_command(launch: LaunchSettings, precision: str, simpo_args: list[
         # torchrun-style processes. On a CPU-only machine too: accelerate's --cpu would start
         # a single process; the children select the CPU themselves (TrainingArguments.use_cpu).
         command += ["--multi_gpu"]
-    return command + ["-m", "simpo_cli.cli", *simpo_args]
+    return command + ["-m", "simpo_cli", *simpo_args]
 
 
 def run(command: list[str]) -> int:
     """Run an `accelerate launch ...` command in this process, wait for every training process,
     and return the run's exit code. When one process fails, torchrun's agent stops the others.
     SIGTERM, SIGUSR1 and Ctrl-C sent to this process reach the training processes, which save a
-    checkpoint and exit 75 (faults.forwarding_stop_signals)."""
+    checkpoint and exit 75 (stops.forwarding)."""
     from accelerate.commands.launch import launch_command as accelerate_launch
     from accelerate.commands.launch import launch_command_parser
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
-    from simpo_cli.faults import forwarding_stop_signals
 
     assert command[:2] == ["accelerate", "launch"], command
     os.environ[LAUNCHED_ENV] = "1"  # the children must run in place, not launch again
@@ -136,7 +135,7 @@ def run(command: list[str]) -> int:
     # later, whether or not their checkpoint is written: those signals are ours.
     os.environ["PET_SIGNALS_TO_HANDLE"] = "SIGHUP,SIGQUIT"
     args = launch_command_parser().parse_args(command[2:])
-    with forwarding_stop_signals() as stop:
+    with stops.forwarding() as stop:
         try:
             accelerate_launch(args)
             return 0

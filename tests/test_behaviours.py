@@ -438,7 +438,7 @@ def test_machine_flags_reach_the_launcher_and_the_children(cli, launched, monkey
     assert (parsed.num_processes, parsed.num_machines, parsed.machine_rank) == (2, 2, 1)
     assert (parsed.main_process_ip, parsed.main_process_port) == ("10.0.0.7", port)
     assert parsed.rdzv_backend == "static"
-    assert parsed.module and parsed.training_script == "simpo_cli.cli"
+    assert parsed.module and parsed.training_script == "simpo_cli"
     child = parsed.training_script_args
     assert child[:4] == ["train", "tiny", "--output-dir", str(out)]
     launch_sets = [s for s in set_values(child) if s.startswith("launch.")]

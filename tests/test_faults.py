@@ -1,6 +1,6 @@
-"""Stopping well, through the real CLI on the tiny model: SIGTERM mid-run saves a checkpoint and
-exits 75, and the rerun ends with the weights of a run never stopped (1 process, and 2-process
-ZeRO-3 through our launcher); a second Ctrl-C aborts at once with 130; resume skips a checkpoint
+"""Stopping well, through the real CLI on the tiny model: SIGUSR1, a single Ctrl-C and SIGTERM
+mid-run each save a checkpoint and exit 75, and the reruns resume from that step and end with the
+weights of a run never stopped; a second Ctrl-C aborts at once with 130; resume skips a checkpoint
 left incomplete by a kill; a row whose loss is NaN stops the stage with 3, naming the step and the
 row, or (on_nonfinite: skip) its step is dropped and counted; the SLURM script passes the warning
 signal on and requeues on 75."""
@@ -49,7 +49,7 @@ ZERO3 = ["preference.training.per_device_train_batch_size=2"]  # x 2 processes x
 def command(out: Path, start: Path, sets: list[str], *flags: str) -> list[str]:
     sets = [*SETS, f"model.name_or_path={start}", *sets]
     args = [arg for s in sets for arg in ("--set", s)]
-    return [sys.executable, "-m", "simpo_cli.cli", "preference", "tiny", "-o", str(out), *args,
+    return [sys.executable, "-m", "simpo_cli", "preference", "tiny", "-o", str(out), *args,
             *flags]  # fmt: skip
 
 
@@ -91,11 +91,11 @@ def end(process: subprocess.Popen) -> None:
 
 
 def stop_with(signum: int, args: list[str], stage: Path, after_step: int = 3) -> tuple[int, str]:
-    """Start a run, send it `signum` once step `after_step` is logged, and wait for it to end;
-    (exit code, stderr)."""
-    stderr = stage.parent.parent / f"{stage.parent.name}.stderr"
-    with stderr.open("w") as err:
-        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err)
+    """Start a run, send it `signum` once `after_step` steps are logged in the stage's metrics,
+    and wait for it to end; (exit code, stderr). Its stdout is left in `stdout_of(stage)`."""
+    stdout, stderr = stdout_of(stage), stage.parent.parent / f"{stage.parent.name}.err"
+    with stdout.open("w") as out, stderr.open("w") as err:
+        process = subprocess.Popen(args, stdout=out, stderr=err)
         try:
             wait_until(lambda: len(logged_steps(stage)) >= after_step, process, "logged steps")
             process.send_signal(signum)
@@ -103,6 +103,10 @@ def stop_with(signum: int, args: list[str], stage: Path, after_step: int = 3) ->
         finally:
             end(process)
     return process.returncode, stderr.read_text()
+
+
+def stdout_of(stage: Path) -> Path:
+    return stage.parent.parent / f"{stage.parent.name}.out"
 
 
 def assert_same_weights(got: dict, expected: dict, tolerance: float) -> None:
@@ -135,32 +139,113 @@ def final_weights(stage: Path) -> dict:
 # --------------------------------------------------------------------------- signals
 
 
-def test_sigterm_saves_a_checkpoint_and_the_rerun_ends_like_a_run_never_stopped(
+def test_each_stop_signal_saves_and_the_reruns_end_like_a_run_never_stopped(
     tmp_path, start_model, straight
 ):
+    """SIGUSR1 (what SLURM sends before the time limit), a single Ctrl-C and SIGTERM, one per
+    start, each a few steps after the last: each saves a checkpoint of the step it was in and
+    exits 75; the next start resumes from exactly that step (its log says so, and the metrics
+    hold every step once), and the run ends with the weights of a run never stopped."""
     out = tmp_path / "out"
     stage = out / "preference"
-    code, stderr = stop_with(signal.SIGTERM, command(out, start_model, ONE_PROCESS), stage)
-    assert code == EXIT_PREEMPTED, stderr[-3000:]
-    note = json.loads((stage / "stopped.json").read_text())
-    step = note["step"]
-    assert note["reason"] == "signal" and note["signal"] == "SIGTERM"
-    assert 3 <= step < 30, "stopped after the step it was in, well before the end"
-    assert note["checkpoint"] == f"checkpoint-{step}"
-    assert StageDir(stage).last_checkpoint() == stage / f"checkpoint-{step}"
-    assert not (stage / "stage_complete.json").exists()
-    last = stderr.rstrip().splitlines()[-1]
-    assert last.startswith(f"[preference] stopped by SIGTERM after step {step}: saved ")
-    assert last.endswith(f"run the same command again to resume (why: {stage / 'stopped.json'})")
+    args = command(out, start_model, ONE_PROCESS)
+    previous = None
+    for signum, after in ((signal.SIGUSR1, 3), (signal.SIGINT, 9), (signal.SIGTERM, 15)):
+        code, stderr = stop_with(signum, args, stage, after_step=after)
+        assert code == EXIT_PREEMPTED, stderr[-3000:]
+        if previous is not None:
+            resumed = f"resuming from {stage / f'checkpoint-{previous}'} (step {previous})"
+            assert resumed in stdout_of(stage).read_text()
+        note = json.loads((stage / "stopped.json").read_text())
+        step = note["step"]
+        assert note["reason"] == "signal" and note["signal"] == signum.name
+        assert after <= step < 30, "stopped after the step it was in, well before the end"
+        assert note["checkpoint"] == f"checkpoint-{step}"
+        assert StageDir(stage).last_checkpoint() == stage / f"checkpoint-{step}"
+        assert not (stage / "stage_complete.json").exists()
+        assert [m["step"] for m in logged_steps(stage)] == list(range(1, step + 1))
+        again = " (Ctrl-C again aborts at once)" if signum == signal.SIGINT else ""
+        said = (
+            f"{signum.name}: finishing this optimizer step, then saving a checkpoint and stopping"
+        )
+        assert said + again in stderr
+        last = stderr.rstrip().splitlines()[-1]
+        assert last.startswith(f"[preference] stopped by {signum.name} after step {step}: saved ")
+        assert last.endswith(
+            f"run the same command again to resume (why: {stage / 'stopped.json'})"
+        )
+        previous = step
 
-    result = run(command(out, start_model, ONE_PROCESS))
+    result = run(args)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"resuming from {stage / f'checkpoint-{step}'} (step {step})" in result.stdout
+    assert f"resuming from {stage / f'checkpoint-{previous}'} (step {previous})" in result.stdout
     assert not (stage / "stopped.json").exists(), "the note of the earlier stop is gone"
-    steps = [m["step"] for m in logged_steps(stage)]
-    assert steps == list(range(1, 31)), "each step logged once"
+    assert [m["step"] for m in logged_steps(stage)] == list(range(1, 31)), "each step once"
     # Same data order, optimizer, scheduler and RNG state: the same arithmetic exactly.
     assert_same_weights(final_weights(stage), final_weights(straight), 0.0)
+
+
+def simpo_executable() -> str:
+    """The installed `simpo` command, beside this Python (SIMPO overrides it)."""
+    return os.environ.get("SIMPO") or str(Path(sys.executable).parent / "simpo")
+
+
+def catches(pid: int, signum: int) -> bool:
+    """Whether the process has a handler for `signum` (its SigCgt mask in /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
+
+
+@pytest.mark.parametrize(
+    ("signum", "flags", "said"),
+    [
+        (signal.SIGUSR1, [], "[preference] stopped by SIGUSR1; it was not started"),
+        (signal.SIGTERM, ["--dry-run"], "[dry-run] stopped by SIGTERM; the plan is above"),
+    ],
+)
+def test_a_stop_signal_while_simpo_starts_stops_it_before_anything_starts(
+    tmp_path, start_model, signum, flags, said
+):
+    """The real `simpo` command, signalled the moment its handler is in place (while it imports),
+    stops with 75 and a line that says so; nothing was written."""
+    out = tmp_path / "out"
+    args = [simpo_executable(), *command(out, start_model, ONE_PROCESS)[3:], *flags]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: catches(process.pid, signum), process, "the signals taken", 60)
+        process.send_signal(signum)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        end(process)
+    assert process.returncode == EXIT_PREEMPTED, stderr[-3000:]
+    assert stderr.rstrip().splitlines()[-1] == f"{said}; run the same command again to go on"
+    assert not out.exists()
+    if flags:
+        assert "preference ->" in stdout, "the dry run printed its plan"
+
+
+def test_the_entry_point_takes_the_stop_signals_before_it_imports_anything_else():
+    """What `simpo` runs takes SIGTERM and SIGUSR1 before the first import of the command line's
+    own packages (typer, pydantic, torch): Python's default would end the process at once on a
+    signal sent while they load (exit -15 or -10), and a scheduler may send one then."""
+    watch = """
+import signal, sys
+first = []
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if not first and name.split(".")[0] in ("typer", "pydantic", "torch", "simpo_cli"):
+            if name.removeprefix("simpo_cli.") not in ("simpo_cli", "__main__", "stops", "errors"):
+                first.append((name, *map(signal.getsignal, (signal.SIGTERM, signal.SIGUSR1))))
+sys.meta_path.insert(0, Watch())
+import simpo_cli.__main__
+name, *handlers = first[0]
+print(name, all(callable(h) for h in handlers))
+"""
+    result = subprocess.run([sys.executable, "-c", watch], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["simpo_cli.cli", "True"]
 
 
 def test_a_second_ctrl_c_aborts_at_once(tmp_path, start_model):

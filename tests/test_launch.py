@@ -437,7 +437,7 @@ def _worker_pid(rank: int) -> int | None:
             environ = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"simpo_cli.cli" in cmdline and f"RANK={rank}".encode() in environ:
+        if b"simpo_cli" in cmdline and f"RANK={rank}".encode() in environ:
             if b"LOCAL_RANK=" + str(rank).encode() in environ:
                 return int(entry.name)
     return None

@@ -17,7 +17,6 @@ from typing import Any
 
 from simpo_cli.distributed import gather_lists, is_main_process, rank, say, world_size
 from simpo_cli.errors import DataError
-from simpo_cli.faults import stop_now, stop_requested
 from simpo_cli.model.load import eval_device
 from simpo_cli.onpolicy.binarize import binarize, write_dataset
 from simpo_cli.onpolicy.generate import samples_file
@@ -40,6 +39,7 @@ from simpo_cli.onpolicy.sampling import (
 )
 from simpo_cli.outputs import StageDir
 from simpo_cli.recipe import AnnotateStage, Recipe, RewardSettings
+from simpo_cli.stops import stop_now, stop_requested
 
 
 def dataset_folder(stage_dir: Path) -> Path:

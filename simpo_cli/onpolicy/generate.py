@@ -27,7 +27,6 @@ from transformers import AutoConfig
 from simpo_cli.data import load_tokenizer
 from simpo_cli.distributed import barrier, rank, say, whole_weights, world_size
 from simpo_cli.errors import UserError
-from simpo_cli.faults import stop_now, stop_requested
 from simpo_cli.model import adapters
 from simpo_cli.model.load import load_model
 from simpo_cli.onpolicy.sampling import (
@@ -45,6 +44,7 @@ from simpo_cli.onpolicy.sampling import (
 )
 from simpo_cli.outputs import StageDir
 from simpo_cli.recipe import GenerateStage, Recipe
+from simpo_cli.stops import stop_now, stop_requested
 
 SPLITS = {"train": "prompts", "test": "eval_prompts"}
 

@@ -15,7 +15,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from simpo_cli import launch
+from simpo_cli import launch, stops
 from simpo_cli.errors import NonFiniteError, Preempted
 from simpo_cli.launch import LAUNCH_ID
 from simpo_cli.model.adapters import check_combination
@@ -77,28 +77,37 @@ def run_stages(
     child_args += [arg for s in child_sets for arg in ("--set", s)]
     child_args += ["--overwrite"] if overwrite else []
     relaunch = launch.needs_launch(recipe.launch) and not launch.inside_launch()
+    # A stop signal that came while this process started (stops.py) ends it here, at the
+    # latest: nothing has been started that a rerun would not redo.
     if dry_run:
         print_plan(recipe, names, out, child_args if relaunch else None, overwrite)
+        stops.stop_now("dry-run", "the plan is above")
         return
     if not launch.inside_launch() and len(names) > 1 and _vllm_generate(recipe, names):
         # A vLLM engine keeps its GPUs and its own process group until its process ends: the
         # stages run one command each (see stages/generate.py).
         for name in names:
+            stops.stop_now(name, "it was not started")
             code = _run_alone(recipe, name, child_args, relaunch)
             if code != 0:
                 sys.exit(code)
         return
     if relaunch:
+        stops.stop_now(names[0], "no training process was started")
         sys.exit(_launch(recipe, child_args))
-    from simpo_cli.faults import watch_signals
-
-    watch_signals()  # SIGTERM, SIGUSR1, Ctrl-C: save a checkpoint after this step and exit 75
+    # From here a stop signal finishes the optimizer step in progress, saves a checkpoint and
+    # exits 75 (faults.StepGuard); generate and annotate stop where their work is kept.
+    stops.take("finishing this optimizer step, then saving a checkpoint and stopping")
     from simpo_cli.distributed import say, shutdown
     from simpo_cli.run.pipeline import run_stage
 
     folders = {}
     try:
         for name in names:
+            if not launch.inside_launch():
+                # Between stages (in several processes, the stop is agreed on at the start of
+                # the next training stage instead: they may see the signal at different times).
+                stops.stop_now(name, "it was not started")
             folders[name] = run_stage(recipe, name, out, overwrite)
     except (Preempted, NonFiniteError):
         shutdown()  # every process stopped after the same step, together
@@ -131,7 +140,7 @@ def _run_alone(recipe: Recipe, name: str, child_args: list[str], launched: bool)
     args = [name, *child_args[1:]]
     if launched:
         return _launch(recipe, args)
-    return subprocess.run([sys.executable, "-m", "simpo_cli.cli", *args]).returncode
+    return subprocess.run([sys.executable, "-m", "simpo_cli", *args]).returncode
 
 
 def _plot_when_possible(out: Path) -> None:
