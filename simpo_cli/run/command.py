@@ -25,6 +25,15 @@ from simpo_cli.run.curves import plot_run
 from simpo_cli.run.paths import check_paths
 from simpo_cli.run.plan import print_plan
 
+# What a stop signal does during each kind of stage: training stages stop after the optimizer
+# step in hand (faults.StepGuard); generate and annotate where their work is kept.
+STOPPING = {
+    "training": "finishing this optimizer step, then saving a checkpoint and stopping",
+    "generate": "finishing the prompts in hand, then stopping (the samples written are kept)",
+    "annotate": "finishing the batch in hand, then stopping (scoring starts over on the rerun)",
+    "evaluate": "the evaluation runs to its end first",
+}
+
 
 def output_folder(recipe: Recipe, flag: Path | None) -> Path:
     """Where the stages write: --output-dir, else the recipe's output_dir, else outputs/NAME."""
@@ -95,9 +104,6 @@ def run_stages(
     if relaunch:
         stops.stop_now(names[0], "no training process was started")
         sys.exit(_launch(recipe, child_args))
-    # From here a stop signal finishes the optimizer step in progress, saves a checkpoint and
-    # exits 75 (faults.StepGuard); generate and annotate stop where their work is kept.
-    stops.take("finishing this optimizer step, then saving a checkpoint and stopping")
     from simpo_cli.distributed import say, shutdown
     from simpo_cli.run.pipeline import run_stage
 
@@ -108,6 +114,8 @@ def run_stages(
                 # Between stages (in several processes, the stop is agreed on at the start of
                 # the next training stage instead: they may see the signal at different times).
                 stops.stop_now(name, "it was not started")
+            # What a stop signal does from here, in this stage's words (stops.py).
+            stops.take(STOPPING.get(name, STOPPING["training"]))
             folders[name] = run_stage(recipe, name, out, overwrite)
     except (Preempted, NonFiniteError):
         shutdown()  # every process stopped after the same step, together
