@@ -6,11 +6,14 @@ list and joins outputs to the reference on `instruction`; Arena-Hard v0.1 keys a
 name and `question_id` and reads `choices[0]["turns"][0]["content"]` and `token_len`; the
 current Arena-Hard reads `messages[-1]["content"]["answer"]` keyed by `uid`; FastChat's
 llm_judge reads `choices[0]["turns"]` (one string per turn) keyed by `question_id`. Question
-files are the tiny ones shipped under recipes/tiny/benchmarks. No network, no model: replies
-are made up.
+files are the tiny ones shipped under recipes/tiny/benchmarks. No network; up to the Arena-Hard
+runs of the real CLI at the end (the tiny model), no model: replies are made up.
 """
 
 import json
+import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,7 +37,7 @@ MODEL = "tiny-simpo"
 
 
 def count_words(text: str) -> int:
-    """A stand-in for Arena-Hard's tiktoken count (tiktoken is not a test dependency)."""
+    """A stand-in for Arena-Hard's tiktoken count, whose encoding would be downloaded."""
     return len(text.split())
 
 
@@ -403,3 +406,226 @@ def test_questions_load_from_other_sources_through_load_source(tmp_path):
     # No question file: the hub copy of the official set, which these offline tests cannot reach.
     with pytest.raises(DataError, match="cannot load 'lmarena-ai/arena-hard-auto-v0.1'"):
         load_questions("arena_hard")
+
+
+# --------------------------------------------------------------------------- Arena-Hard via the CLI
+
+# tiktoken's encodings are downloaded on first use. The runs below stand in at that fetch: a
+# byte-level vocabulary (one token per UTF-8 byte, no merges) in place of the cl100k_base file, so
+# token_len is the answer's length in bytes; or no network at all (name resolution fails, as on a
+# compute node), so that tiktoken's own request fails as it does offline.
+BYTE_LEVEL_TIKTOKEN = """
+import base64, sys
+import tiktoken.load
+
+def fetch(blobpath, expected_hash=None):
+    assert blobpath.endswith("/cl100k_base.tiktoken"), blobpath  # gpt-3.5-turbo's encoding
+    return b"".join(base64.b64encode(bytes([b])) + b" %d\\n" % b for b in range(256))
+
+tiktoken.load.read_file_cached = fetch
+from simpo_cli.cli import main
+main()
+"""
+RM_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"
+)
+BASELINE = ["1 3 4", "0 2 7 8", "9"]  # the baseline's answers to the three tiny questions
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """The tiny recipe's seeded model with its tokenizer, saved as a checkpoint folder."""
+    from conftest import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("ckpt") / "tiny-ckpt")
+
+
+@pytest.fixture(scope="module")
+def reward_model(tmp_path_factory):
+    """A 1-layer sequence-classification reward model on the tiny tokenizer, with a chat
+    template of its own; seeded, runs on the CPU."""
+    import torch
+    from conftest import TINY_TOKENIZER
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("rm")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+        bos_token_id=0, eos_token_id=4, num_labels=1,
+    )  # fmt: skip
+    LlamaForSequenceClassification(config).save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
+    tokenizer.chat_template = RM_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def arena_hard(model_dir, reward_model, tmp_path_factory):
+    """`simpo eval MODEL --benchmark arena_hard` with --temperature 0.5 (the benchmark's own is
+    0) and a reward-model win rate against a baseline's answer file (written here by hand in
+    the v0.1 layout), tiktoken's download stood in by BYTE_LEVEL_TIKTOKEN."""
+    base = tmp_path_factory.mktemp("arena")
+    baseline = base / "gpt-4-0314.jsonl"
+    rows = official_jsonl(SHIPPED / "arena_hard_v0.1.jsonl")
+    baseline.write_text(
+        "".join(
+            json.dumps({"question_id": row["question_id"], "model_id": "gpt-4-0314",
+                        "choices": [{"index": 0, "turns": [{"content": text, "token_len": 1}]}]})
+            + "\n"
+            for row, text in zip(rows, BASELINE, strict=True)
+        )
+    )  # fmt: skip
+    out = base / "eval"
+    result = subprocess.run(
+        [sys.executable, "-c", BYTE_LEVEL_TIKTOKEN, "eval", model_dir, "--benchmark",
+         "arena_hard", "--questions", SHIPPED / "arena_hard_v0.1.jsonl", "-o", out,
+         "--max-new-tokens", "6", "--temperature", "0.5", "--against", baseline,
+         "--reward-model", reward_model],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result.stdout
+
+
+def test_arena_hard_through_the_cli_as_arena_hard_auto_reads_it(arena_hard):
+    """The answer file in model_answer/, read as arena-hard-auto's load_model_answers reads it:
+    the model name from the file name, one row per question_id, each turn's content with its
+    token_len (here the content's UTF-8 bytes: the byte-level stand-in for cl100k_base). The
+    contents are the answers the model generated (the generation pass's samples)."""
+    out, stdout = arena_hard
+    raw = official_jsonl(SHIPPED / "arena_hard_v0.1.jsonl")
+    models = official_model_answers(out / "arena_hard" / "model_answer", "question_id")
+    assert list(models) == ["tiny-ckpt"]
+    assert list(models["tiny-ckpt"]) == [r["question_id"] for r in raw]
+    generation = out / "checkpoints" / "tiny-ckpt" / "arena_hard" / "generation"
+    samples = {
+        record["prompt_id"]: record["samples"][0]["text"]
+        for record in official_jsonl(generation / "turn1-temperature0.5" / "samples-rank0.jsonl")
+        if "prompt_id" in record
+    }
+    for question_id, row in models["tiny-ckpt"].items():
+        assert set(row) == {"question_id", "answer_id", "model_id", "choices", "tstamp"}
+        assert row["model_id"] == "tiny-ckpt" and row["choices"][0]["index"] == 0
+        [turn] = row["choices"][0]["turns"]
+        assert turn["content"] == samples[question_id]
+        assert turn["token_len"] == len(turn["content"].encode("utf-8"))
+    assert any(row["choices"][0]["turns"][0]["content"] for row in models["tiny-ckpt"].values())
+    assert f"wrote {out / 'comparison.md'}" in stdout
+
+
+def test_temperature_flag_decides_how_arena_hard_is_sampled(arena_hard):
+    """--temperature 0.5: one generation pass sampled at 0.5 (Arena-Hard's own setting, 0, would
+    decode greedily in a turn1-temperature0 pass), and the settings beside the answers say so."""
+    out, _ = arena_hard
+    work = out / "checkpoints" / "tiny-ckpt" / "arena_hard" / "generation"
+    assert [p.name for p in work.iterdir()] == ["turn1-temperature0.5"]
+    header = official_jsonl(work / "turn1-temperature0.5" / "samples-rank0.jsonl")[0]
+    assert header["generation"]["temperature"] == 0.5
+    written = json.loads(
+        (out / "arena_hard" / "generation_settings" / "tiny-ckpt.json").read_text()
+    )
+    assert written["decoding"]["temperature"] == 0.5
+    assert written["decoding"]["source"] == "--temperature"
+
+
+def test_reward_model_win_rate_through_the_cli(arena_hard, reward_model):
+    """--against the baseline's file --reward-model RM: each answer and the baseline's scored
+    here by the reward model alone (its template, one conversation per forward pass), then
+    counted: a win when the model's reward is higher, a tie (0.5) when equal."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForSequenceClassification
+
+    out, stdout = arena_hard
+    rm = LlamaForSequenceClassification.from_pretrained(reward_model).eval()
+    rm_tokenizer = AutoTokenizer.from_pretrained(reward_model)
+
+    def reward(question: str, reply: str) -> float:
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
+        text = rm_tokenizer.apply_chat_template(messages, tokenize=False)
+        ids = rm_tokenizer(text, add_special_tokens=False)["input_ids"]  # the template's BOS
+        with torch.no_grad():
+            return rm(input_ids=torch.tensor([ids])).logits[0, 0].item()
+
+    questions = official_jsonl(SHIPPED / "arena_hard_v0.1.jsonl")
+    answers = {
+        row["question_id"]: row["choices"][0]["turns"][0]["content"]
+        for row in official_jsonl(out / "arena_hard" / "model_answer" / "tiny-ckpt.jsonl")
+    }
+    margins = [
+        reward(q["turns"][0]["content"], answers[q["question_id"]])
+        - reward(q["turns"][0]["content"], baseline)
+        for q, baseline in zip(questions, BASELINE, strict=True)
+    ]
+    assert min(abs(m) for m in margins) > 1e-4  # no pair so close that rounding decides it
+    got = json.loads((out / "checkpoints/tiny-ckpt/arena_hard/win_rate.json").read_text())
+    assert got["opponent"] == "gpt-4-0314" and got["n"] == 3
+    assert (got["wins"], got["losses"]) == (
+        sum(m > 0 for m in margins),
+        sum(m < 0 for m in margins),
+    )
+    assert got["win_rate"] == sum(m > 0 for m in margins) / 3
+    assert got["soft_win_rate"] == pytest.approx(sum(1 / (1 + math.exp(-m)) for m in margins) / 3)
+    row_margins = [row["model_reward"] - row["opponent_reward"] for row in got["rows"]]
+    assert row_margins == pytest.approx(margins, abs=1e-5)
+    assert "tiny-ckpt vs gpt-4-0314: hard win rate" in stdout
+
+
+def test_arena_hard_without_tiktoken_is_one_line(cli, model_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tiktoken", None)  # `import tiktoken` fails
+    result = cli("eval", model_dir, "--benchmark", "arena_hard", "--questions",
+                 SHIPPED / "arena_hard_v0.1.jsonl", "-o", tmp_path / "out", "--max-new-tokens",
+                 "2")  # fmt: skip
+    assert result.code == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.errors() == [
+        "error: Arena-Hard answers need tiktoken to count token_len: pip install tiktoken"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "layout, questions, encoding",
+    [("v0.1", "arena_hard_v0.1.jsonl", "cl100k_base"), ("current", "arena_hard_v2.0.jsonl",
+     "o200k_base")],
+)  # fmt: skip
+def test_arena_hard_offline_is_one_line_before_any_answer(
+    cli, model_dir, tmp_path, monkeypatch, layout, questions, encoding
+):
+    """No network and an empty tiktoken cache: before any model loads, one line saying how to
+    bring the layout's encoding along in TIKTOKEN_CACHE_DIR; an earlier run's files in -o stay
+    as they were and nothing is added (no generation pass)."""
+    import socket
+
+    import tiktoken.registry
+
+    def offline(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", offline)  # what requests meets on a compute node
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})  # nothing loaded earlier here
+    cache = tmp_path / "tiktoken-cache"
+    cache.mkdir()
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
+    out = tmp_path / "out"
+    earlier = {
+        out / "arena_hard" / "model_answer" / "tiny-ckpt.jsonl": '{"question_id": "earlier"}\n',
+        out / "comparison.md": "| an earlier run |\n",
+    }
+    for path, text in earlier.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+    result = cli("eval", model_dir, "--benchmark", "arena_hard", "--questions", SHIPPED / questions,
+                 "--arena-layout", layout, "-o", out, "--max-new-tokens", "2")  # fmt: skip
+
+    assert result.code == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    [line] = result.errors()
+    assert "Traceback" not in result.stderr
+    assert line.startswith(f"error: Arena-Hard's token_len needs tiktoken's {encoding} encoding")
+    assert f"TIKTOKEN_CACHE_DIR={cache} holds no copy of it" in line
+    assert "on a machine with network run `TIKTOKEN_CACHE_DIR=DIR python -c" in line
+    assert f"tiktoken.get_encoding('{encoding}')" in line and "set TIKTOKEN_CACHE_DIR" in line
+    assert {p: p.read_text() for p in out.rglob("*") if p.is_file()} == earlier
+    assert list(cache.iterdir()) == []

@@ -66,8 +66,8 @@ def compared(run_dir, pairs, tmp_path_factory):
         "eval", run_dir, "--pairs", pairs, "--reference", run_dir / "sft", "-o", out,
         "--batch-tokens", "96",
         "--benchmark", "alpaca_eval", "--questions", TINY / "benchmarks" / "alpaca_eval.json",
-        "--max-new-tokens", "6", "--against", "tiny-sft", "--reward-function",
-        f"{REWARD}:sorted_digits",
+        "--max-new-tokens", "6", "--family", "gemma2", "--backend", "transformers",
+        "--against", "tiny-sft", "--reward-function", f"{REWARD}:sorted_digits",
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out, result.stdout
@@ -161,8 +161,19 @@ def test_comparison_table_over_the_run_folders_checkpoints(compared):
         scored = json.loads((out / "checkpoints" / row["checkpoint"] / "pairs.json").read_text())
         summary, records = scored["summary"], scored["pairs"]
         assert summary["pairs"] == 24
-        for key in ("reward_accuracy", "reward_margin", "spearman_length_logp"):
-            assert row[key] == summary[key] and float(csv_row[key]) == pytest.approx(summary[key])
+        # SimPO's reward is beta x the average log-prob; the loss -log sigmoid(margin - gamma).
+        beta, gamma = summary["beta"], summary["gamma"]
+        margins = [beta * (r["chosen_logps"] - r["rejected_logps"]) for r in records]
+        expected = {
+            "reward_accuracy": sum(m > 0 for m in margins) / 24,
+            "reward_margin": sum(margins) / 24,
+            "loss": sum(math.log1p(math.exp(-(m - gamma))) for m in margins) / 24,
+        }
+        assert 0 < expected["reward_accuracy"] < 1, "the tiny model ranks some pairs each way"
+        for key, value in expected.items():
+            assert row[key] == pytest.approx(value, abs=1e-9)
+            assert summary[key] == pytest.approx(value, abs=1e-9)
+            assert float(csv_row[key]) == pytest.approx(value, abs=1e-6)
         assert f"| {row['checkpoint']} | 24 | {summary['reward_accuracy']:.4f} |" in markdown
         lengths = [r[f"{s}_tokens"] for s in ("chosen", "rejected") for r in records]
         logps = [r[f"{s}_logps"] for s in ("chosen", "rejected") for r in records]
@@ -220,6 +231,22 @@ def test_win_rate_against_another_checkpoint(compared):
     assert "proxy" in stdout
 
 
+def test_family_and_backend_flags_decide_how_answers_are_generated(compared):
+    """--family gemma2: AlpacaEval sampled at the SimPO authors' gemma2 temperature, 0.5 (the
+    default llama3's is 0.9), in one generation pass per checkpoint; --backend transformers:
+    generated with transformers, as the settings beside the answers record."""
+    out, _ = compared
+    for label in ("tiny-sft", "tiny-preference"):
+        work = out / "checkpoints" / label / "alpaca_eval" / "generation"
+        assert [p.name for p in work.iterdir()] == ["turn1-temperature0.5"]
+        lines = (work / "turn1-temperature0.5" / "samples-rank0.jsonl").read_text().splitlines()
+        assert json.loads(lines[0])["generation"]["temperature"] == 0.5
+        written = json.loads((out / "alpaca_eval" / label / "generation_settings.json").read_text())
+        assert written["decoding"]["temperature"] == 0.5
+        assert "for gemma2" in written["decoding"]["source"]
+        assert written["backend"] == "transformers"
+
+
 def test_two_processes_give_the_numbers_of_one(run_dir, pairs, compared, tmp_path):
     """The command of `compared` on 2 processes (each scores every other batch of pairs and
     answers every other question): identical per-pair numbers, answers and table rows."""
@@ -229,8 +256,8 @@ def test_two_processes_give_the_numbers_of_one(run_dir, pairs, compared, tmp_pat
         "eval", run_dir, "--pairs", pairs, "--reference", run_dir / "sft", "-o", two,
         "--batch-tokens", "96", "--num-processes", "2",
         "--benchmark", "alpaca_eval", "--questions", TINY / "benchmarks" / "alpaca_eval.json",
-        "--max-new-tokens", "6", "--against", "tiny-sft", "--reward-function",
-        f"{REWARD}:sorted_digits",
+        "--max-new-tokens", "6", "--family", "gemma2", "--backend", "transformers",
+        "--against", "tiny-sft", "--reward-function", f"{REWARD}:sorted_digits",
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for label in ("tiny-sft", "tiny-preference"):
@@ -259,14 +286,20 @@ def test_two_processes_give_the_numbers_of_one(run_dir, pairs, compared, tmp_pat
         (["SFT", "--pairs", "PAIRS", "--dtype", "float8"], "--dtype float8: use one of"),
         (["EMPTY", "--pairs", "PAIRS", "-o", "x"], "nor a run folder"),
         (["SFT", "--lm-eval", "t", "-o", "x", "--lm-eval-include-path", "nope"], "no such folder"),
+        (
+            ["SFT", "--pairs", "PAIRS", "--benchmark", "alpaca_eval", "--questions", "ALPACA",
+             "-o", "x", "--backend", "vllm"],
+            "backend: vllm: not installed",
+        ),
     ],
-)
+)  # fmt: skip
 def test_bad_input_is_one_line(cli, monkeypatch, run_dir, pairs, tmp_path, args, expected):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # vLLM not installed, whatever this machine has
     (tmp_path / "empty").mkdir()
     monkeypatch.chdir(tmp_path)
     names = {
         "RUN": run_dir, "SFT": run_dir / "sft", "PREF": run_dir / "preference", "PAIRS": pairs,
-        "EMPTY": tmp_path / "empty",
+        "EMPTY": tmp_path / "empty", "ALPACA": TINY / "benchmarks" / "alpaca_eval.json",
     }  # fmt: skip
     result = cli("eval", *[names.get(a, a) for a in args])
     assert result.code == 2, result.stdout[-2000:] + result.stderr[-2000:]
@@ -352,7 +385,24 @@ def test_evaluate_stage_of_a_run_folder_and_its_plan(cli, run_dir, pairs, tmp_pa
     rows = json.loads((tmp_path / "out/evaluate/comparison.json").read_text())["rows"]
     assert [row["checkpoint"] for row in rows] == ["sft", "preference"]
     assert all(row["pairs"] == 6 for row in rows)
-    assert all(0 <= row["alpaca_eval/win_rate vs reference"] <= 1 for row in rows)
+    sys.path.insert(0, str(REWARD.parent))
+    from reward import sorted_digits
+
+    reference = json.loads((TINY / "benchmarks" / "alpaca_eval.json").read_text())
+    for row in rows:
+        answers = tmp_path / "out/evaluate/alpaca_eval" / row["checkpoint"] / "model_outputs.json"
+        outputs = {r["instruction"]: r["output"] for r in json.loads(answers.read_text())}
+        deltas = [
+            sorted_digits(
+                [{"role": "user", "content": r["instruction"]}], outputs[r["instruction"]]
+            )
+            - sorted_digits([{"role": "user", "content": r["instruction"]}], r["output"])
+            for r in reference
+        ]
+        hard = sum(1.0 if d > 0 else 0.5 if d == 0 else 0.0 for d in deltas) / len(deltas)
+        soft = sum(1 / (1 + math.exp(-d)) for d in deltas) / len(deltas)
+        assert row["alpaca_eval/win_rate vs reference"] == pytest.approx(hard)
+        assert row["alpaca_eval/soft_win_rate vs reference"] == pytest.approx(soft)
     again = cli("train", recipe, "-o", tmp_path / "out")
     assert again.code == 0 and "[evaluate] already finished" in again.stdout
 
@@ -368,8 +418,15 @@ def test_lm_eval_tasks_land_in_the_table(run_dir, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     row = json.loads((out / "comparison.json").read_text())["rows"][0]
     record = json.loads((out / "checkpoints/preference/lm_eval/lm_eval.json").read_text())
+    task = Path(__file__).parent / "assets" / "lm_eval_task" / "digits.jsonl"
+    questions = len(task.read_text().splitlines())
     assert row["tiny_sort/acc"] == record["results"]["tiny_sort"]["acc"]
-    assert 0 <= row["tiny_sort/acc"] <= 1 and record["settings"]["limit"] == 6
+    # --lm-eval-limit 6: 6 of the task's questions are answered (not all of them), so the
+    # accuracy counts right answers out of 6.
+    assert questions > 6
+    assert record["samples"]["tiny_sort"] == {"original": questions, "effective": 6}
+    assert 6 * row["tiny_sort/acc"] == pytest.approx(round(6 * row["tiny_sort/acc"]))
+    assert record["settings"]["limit"] == 6
     assert "tiny_sort/acc" in (out / "comparison.md").read_text()
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -490,14 +491,30 @@ def _arena_current_row(question: Question, reply: str, model_id: str, count) -> 
 
 
 def tiktoken_counter(model: str) -> Callable[[str], int]:
-    """Token counts as Arena-Hard computes token_len: tiktoken's encoding for `model`."""
+    """Token counts as Arena-Hard computes token_len: tiktoken's encoding for `model`.
+
+    tiktoken downloads the encoding on first use and keeps it in its cache folder
+    (TIKTOKEN_CACHE_DIR, else the system's temp folder); on a node without network that fetch
+    fails, which is a UserError saying how to bring the cached file along."""
     try:
         import tiktoken
+        import tiktoken.model
     except ImportError:
         raise UserError(
             "Arena-Hard answers need tiktoken to count token_len: pip install tiktoken"
         ) from None
-    encoding = tiktoken.encoding_for_model(model)
+    name = tiktoken.model.encoding_name_for_model(model)  # a table look-up: no download
+    try:
+        encoding = tiktoken.get_encoding(name)
+    except Exception as err:  # offline: requests' ConnectionError; proxies and caches raise others
+        cache = os.environ.get("TIKTOKEN_CACHE_DIR")
+        where = f"TIKTOKEN_CACHE_DIR={cache} holds no copy of it" if cache else "it is not cached"
+        raise UserError(
+            f"Arena-Hard's token_len needs tiktoken's {name} encoding, which could not be "
+            f"downloaded ({type(err).__name__}) and {where}; on a machine with network run "
+            f'`TIKTOKEN_CACHE_DIR=DIR python -c "import tiktoken; '
+            f"tiktoken.get_encoding('{name}')\"`, copy DIR here and set TIKTOKEN_CACHE_DIR to it"
+        ) from None
     # disallowed_special=(): an answer may contain "<|endoftext|>" as text.
     return lambda text: len(encoding.encode(text, disallowed_special=()))
 

@@ -40,6 +40,7 @@ from simpo_cli.model.adapters import ADAPTER_DIR, has_model
 from simpo_cli.model.load import full_model_folder
 from simpo_cli.onpolicy.annotate import gather_scores, make_scorer
 from simpo_cli.onpolicy.rewards import load_reward_function
+from simpo_cli.onpolicy.sampling import resolve_backend
 from simpo_cli.outputs import StageDir
 from simpo_cli.recipe import TRAINING_STAGES, EvaluateStage
 
@@ -140,13 +141,16 @@ def evaluate_checkpoints(
 
 
 def _inputs(checkpoints, settings, against_key: str):
-    """What can be wrong in the inputs, found before any model loads: each benchmark's questions
-    (returned), Arena-Hard's tiktoken, the opponents that are not checkpoints evaluated here
-    (returned), the reward function."""
+    """What can be wrong in the inputs, found before any model loads or any file is written:
+    each benchmark's questions (returned), the generation backend, Arena-Hard's tiktoken and its
+    encoding, the opponents that are not checkpoints evaluated here (returned), the reward
+    function."""
     labels = {c.label for c in checkpoints}
     questions, opponents = {}, {}
     for checkpoint in checkpoints if settings.benchmarks else []:
         check_chat_template(checkpoint.path)
+    if settings.benchmarks:
+        resolve_backend(settings.backend)
     for bench in settings.benchmarks:
         questions[bench.name] = benchmarks.load_questions(bench.name, bench.questions)
         if bench.name == "arena_hard":
