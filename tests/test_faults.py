@@ -458,9 +458,9 @@ def test_launcher_exit_code_from_the_training_processes():
 
 def _fake_cluster(tmp_path: Path) -> dict[str, str]:
     """The script's own logic only, in the default suite (tests/test_slurm.py runs it on a real
-    cluster with the real simpo): stand-ins for scontrol and srun (which starts the task in place, so a signal to it reaches
-    the task as srun's forwarding would) and a `simpo` that exits 75 when signalled, as the real
-    one does after saving."""
+    cluster with the real simpo): stand-ins for scontrol and srun (which starts the task in
+    place, so a signal to it reaches the task as srun's forwarding would) and a `simpo` that
+    exits 75 when signalled, as the real one does after saving."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     log = tmp_path / "log"
