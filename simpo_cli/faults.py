@@ -8,10 +8,11 @@ step they agree, in one all-reduce, on whether any of them was asked to, because
 a collective that every process must join.
 
 Non-finite steps. A step whose loss (in any micro-batch, on any process) or gradient norm is NaN or
-infinite stops the stage with exit code 3, naming the step and the data rows of the micro-batch,
-and keeps the last good checkpoint (no checkpoint of the bad state is written); with
-`training.on_nonfinite: skip` the step's update is dropped instead and counted in the metric
-`nonfinite_skipped`.
+infinite stops the stage with exit code 3, naming the step and the data rows of the micro-batch
+(of the whole step when only the gradient norm was), and keeps the last good checkpoint (no
+checkpoint of the bad state is written); with `training.on_nonfinite: skip` the step's update is
+dropped instead, the learning-rate schedule does not move on, and the step is counted in the
+metric `nonfinite_skipped`.
 """
 
 from __future__ import annotations
@@ -126,6 +127,7 @@ class StepGuard(TrainerCallback):
         self.on_nonfinite = on_nonfinite
         self.data = data  # the training data's path, for messages
         self.stop: dict[str, Any] | None = None  # why training stops; goes into stopped.json
+        self.dropping = False  # this step's update is dropped (on_nonfinite: skip)
         if on_nonfinite == "skip":
             trainer.skipped_steps = 0
 
@@ -139,7 +141,7 @@ class StepGuard(TrainerCallback):
         )
         step = state.global_step + 1
         if bad_loss or bad_grad:
-            what = "loss" if bad_loss else "gradient norm"
+            reason = "non-finite loss" if bad_loss else "non-finite gradient norm"
             rows = self._rows_to_blame(micro)
             if not self.trainer.is_deepspeed_enabled:
                 # With every gradient None, torch's optimizers leave each parameter and its
@@ -147,15 +149,16 @@ class StepGuard(TrainerCallback):
                 # is not finite, in every precision.)
                 model.zero_grad(set_to_none=True)
             if self.on_nonfinite == "skip":
+                self.dropping = True
                 self.trainer.skipped_steps += 1
                 if is_main_process():
                     print(
-                        f"[{self.stage}] step {step}: non-finite {what} ({_rows(rows)} of "
+                        f"[{self.stage}] step {step}: {reason} ({_rows(rows, reason)} of "
                         f"{self.data}); update skipped (training.on_nonfinite: skip)",
                         flush=True,
                     )
             else:
-                self.stop = {"reason": f"non-finite {what}", "step": step, "rows": rows}
+                self.stop = {"reason": reason, "step": step, "rows": rows}
         if signum and self.stop is None:
             self.stop = {"reason": "signal", "signal": signal.Signals(signum).name, "step": step}
 
@@ -183,7 +186,19 @@ class StepGuard(TrainerCallback):
         blamed = blamed or [row for _, every in gathered for row in every]
         return [row for row in blamed if row is not None]
 
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self.dropping and not self.trainer.is_deepspeed_enabled:
+            # Trainer moves the learning-rate schedule on only after an update the optimizer made:
+            # it asks accelerate whether the step was skipped, which fp16's loss scaler answers
+            # on an overflow (DeepSpeed's engine holds its own schedule the same way). A dropped
+            # step is such a step: the schedule goes on from where the last update left it.
+            self.trainer.optimizer._is_overflow = True  # what step_was_skipped reads
+
     def on_step_end(self, args, state, control, **kwargs):
+        if self.dropping:
+            self.dropping = False
+            if not self.trainer.is_deepspeed_enabled:
+                self.trainer.optimizer._is_overflow = False  # without a loss scaler, never reset
         if self.stop is None:
             return
         control.should_training_stop = True
@@ -235,16 +250,20 @@ class StepGuard(TrainerCallback):
             else "no checkpoint was saved before it"
         )
         raise NonFiniteError(
-            f"[{self.stage}] step {stop['step']}: {stop['reason']} ({_rows(stop['rows'])} of "
+            f"[{self.stage}] step {stop['step']}: {stop['reason']} "
+            f"({_rows(stop['rows'], stop['reason'])} of "
             f"{self.data}); {kept}. Check that data, or set "
             f"{self.stage}.training.on_nonfinite=skip to skip such steps{where}"
         )
 
 
-def _rows(rows: list[str]) -> str:
-    """`line 7`, `line 7, line 12`, ... with at most SHOWN_ROWS named."""
+def _rows(rows: list[str], reason: str) -> str:
+    """`micro-batch: line 7`, `the step's rows: line 7, line 12`, ... with at most SHOWN_ROWS
+    named: a non-finite loss blames its micro-batches, a non-finite gradient norm (with every
+    loss finite) the whole step."""
     if not rows:
         return "rows unknown"
     shown = ", ".join(rows[:SHOWN_ROWS])
     more = len(rows) - SHOWN_ROWS
-    return f"micro-batch: {shown}" + (f" and {more} more" if more > 0 else "")
+    whose = "micro-batch" if reason == "non-finite loss" else "the step's rows"
+    return f"{whose}: {shown}" + (f" and {more} more" if more > 0 else "")

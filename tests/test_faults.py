@@ -1,11 +1,16 @@
 """Stopping well, through the real CLI on the tiny model: SIGUSR1, a single Ctrl-C and SIGTERM
 mid-run each save a checkpoint and exit 75, and the reruns resume from that step and end with the
-weights of a run never stopped; a second Ctrl-C aborts at once with 130; resume skips a checkpoint
-left incomplete by a kill; a row whose loss is NaN stops the stage with 3, naming the step and the
-row, or (on_nonfinite: skip) its step is dropped and counted; the SLURM script passes the warning
-signal on and requeues on 75."""
+weights of a run never stopped; a signal while simpo starts stops it before anything starts; a
+second Ctrl-C aborts at once with 130; resume skips a checkpoint left incomplete by a kill; an
+evaluation due at the step a signal stops after is skipped; a row whose loss is NaN stops the
+stage with 3, naming the step and the row, and a rerun with on_nonfinite=skip resumes and ends as
+a run that skipped from the start; a row whose gradient (not loss) is not finite stops naming the
+step's rows; under skip a bad step's update is dropped, the learning rate held, and the step
+counted; the SLURM script passes the warning signal on and requeues on 75 (tests/test_slurm.py
+runs it on a real cluster)."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -341,6 +346,7 @@ def test_a_truncated_newest_checkpoint_is_skipped_on_resume(tmp_path, start_mode
 
 
 BAD_LINE = 10
+STEPS = 8  # of the non-finite runs below
 
 
 @pytest.fixture(scope="module")
@@ -349,7 +355,7 @@ def poisoned(tmp_path_factory, start_model) -> tuple[Path, Path, int]:
     input embedding of that token is NaN (untied from the output layer, so other sequences never
     touch it). (model folder, data file, the token). The seeded data order puts line 10 in step
     5, after good steps."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     folder = tmp_path_factory.mktemp("poisoned")
     lines = (RECIPES_DIR / "tiny" / "data" / "pref_train.jsonl").read_text().splitlines()[:16]
@@ -365,77 +371,245 @@ def poisoned(tmp_path_factory, start_model) -> tuple[Path, Path, int]:
     ids = [tokenizer.apply_chat_template(r["chosen"], tokenize=True)["input_ids"] for r in rows]
     (token,) = tokenizer("~", add_special_tokens=False)["input_ids"]
     assert [token in row_ids for row_ids in ids] == [n == BAD_LINE - 1 for n in range(16)]
-    model = AutoModelForCausalLM.from_pretrained(start_model)
+
+    def nan(embeddings: torch.Tensor) -> None:
+        embeddings[token] = float("nan")
+
+    return save_with_embeddings(start_model, folder / "model", nan), data, token
+
+
+@pytest.fixture(scope="module")
+def exploding(tmp_path_factory, start_model, poisoned) -> Path:
+    """A model whose gradient is not finite on the poisoned row while every loss stays finite: the
+    "~" embedding shrunk 1e15 times, and RMSNorm without its epsilon. RMSNorm scales its input to
+    unit size, so the forward pass (and the loss) is as before; but the derivative of its 1/rms
+    grows as 1/rms^3, which overflows float32 to inf in the backward pass (the epsilon of 1e-6
+    would bound 1/rms at 1e3). Other rows, whose embeddings are of the usual size, train
+    normally; the padding embedding, all zeros (0/0 without the epsilon), is made as large as
+    the others (padding is masked out: its value changes no loss). Same data as `poisoned`."""
+    _, _, token = poisoned
+
+    def shrink(embeddings: torch.Tensor) -> None:
+        embeddings[token] *= 1e-15
+        embeddings[PAD] = embeddings.abs().mean()
+
+    folder = tmp_path_factory.mktemp("exploding") / "model"
+    return save_with_embeddings(start_model, folder, shrink, rms_norm_eps=0.0)
+
+
+PAD = 5  # the tiny recipe's pad_token_id
+
+
+def save_with_embeddings(start: Path, folder: Path, change, **config) -> Path:
+    """The start model, untied, its input embeddings changed in place by `change`, `config`
+    set."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(start, **config)
+    assert model.config.pad_token_id == PAD
     model.config.tie_word_embeddings = False
     model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
     with torch.no_grad():
-        model.get_input_embeddings().weight[token] = float("nan")
-    model.save_pretrained(folder / "model")
-    tokenizer.save_pretrained(folder / "model")
-    return folder / "model", data, token
+        change(model.get_input_embeddings().weight)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(start).save_pretrained(folder)
+    return folder
 
 
 def nonfinite_sets(data: Path, mode: str) -> list[str]:
-    # Micro-batches of one pair, two per step: 8 steps, a checkpoint after each.
+    # Micro-batches of one pair, two per step: 8 steps, a checkpoint after each; a learning rate
+    # that changes at every step (see expected_learning_rates).
     return [f"preference.data.train={data}", "preference.training.per_device_train_batch_size=1",
             "preference.training.total_batch_size=null",
             "preference.training.gradient_accumulation_steps=2",
             "preference.training.save_steps=1", "preference.training.save_total_limit=null",
+            "preference.training.learning_rate=1e-3",
+            "preference.training.lr_scheduler_type=linear",
+            "preference.training.warmup_ratio=0.25",
             f"preference.training.on_nonfinite={mode}"]  # fmt: skip
 
 
-def test_a_nonfinite_loss_stops_naming_the_step_and_the_row(tmp_path, poisoned):
-    model, data, _ = poisoned
-    out = tmp_path / "out"
-    stage = out / "preference"
-    result = run(command(out, model, nonfinite_sets(data, "stop")))
+def expected_learning_rates(skipped: list[int]) -> list[float]:
+    """The learning rate of each of the 8 steps of nonfinite_sets, worked out by hand: a linear
+    schedule with ceil(0.25 * 8) = 2 warmup steps from 0 to 1e-3, then down to 0 at step 8. Update
+    u (counting from 0) uses 1e-3 * u / 2 while u < 2, else 1e-3 * (8 - u) / 6. A skipped step is
+    no update, so the schedule does not move on: with step 5 skipped the steps use
+    0, 0.5, 1, 5/6, 4/6, 4/6, 3/6, 2/6 (x 1e-3), where a schedule that moved on would give
+    0, 0.5, 1, 5/6, 4/6, 3/6, 2/6, 1/6."""
+    rates = []
+    for step in range(1, STEPS + 1):
+        update = step - 1 - sum(1 for s in skipped if s < step)
+        rates.append(1e-3 * update / 2 if update < 2 else 1e-3 * (STEPS - update) / 6)
+    return rates
+
+
+def assert_learning_rates(logs: list[dict], skipped: list[int]) -> None:
+    assert len(skipped) == 1 and skipped[0] < STEPS, "a later step shows whether the rate moved"
+    got = [m["learning_rate"] for m in logs]
+    assert got == pytest.approx(expected_learning_rates(skipped), rel=1e-6, abs=0)
+
+
+def checkpoint_weights(stage: Path, step: int) -> dict:
+    return load_file(stage / f"checkpoint-{step}" / "model.safetensors")
+
+
+def assert_equal_weights(got: dict, expected: dict) -> None:
+    """Bitwise, the poisoned embedding's NaNs included."""
+    assert got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=0, equal_nan=True)
+
+
+def assert_skipped_update(stage: Path, step: int) -> None:
+    """The checkpoint after the skipped step holds the weights, optimizer state and learning-rate
+    schedule of the one before; the next step changes the weights again."""
+    before, after = stage / f"checkpoint-{step - 1}", stage / f"checkpoint-{step}"
+    assert_equal_weights(checkpoint_weights(stage, step), checkpoint_weights(stage, step - 1))
+    assert_equal_weights(optimizer_state(after), optimizer_state(before))
+    assert scheduler_state(after) == scheduler_state(before)
+    later, weights = checkpoint_weights(stage, step + 1), checkpoint_weights(stage, step)
+    assert any(not torch.equal(later[name], weights[name]) for name in weights)
+
+
+def optimizer_state(checkpoint: Path) -> dict:
+    state = torch.load(checkpoint / "optimizer.pt", weights_only=True)["state"]
+    return {f"{param}.{key}": value for param, kept in state.items() for key, value in kept.items()}
+
+
+def scheduler_state(checkpoint: Path) -> dict:
+    return torch.load(checkpoint / "scheduler.pt", weights_only=True)
+
+
+def stopped_by_a_bad_step(result: subprocess.CompletedProcess, stage: Path) -> tuple[dict, str]:
+    """Exit 3 with one error line and no checkpoint of the bad step: (stopped.json, the line)."""
     assert result.returncode == EXIT_NONFINITE, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and result.stderr.rstrip().endswith(errors[0])
     note = json.loads((stage / "stopped.json").read_text())
     step = note["step"]
-    assert note["reason"] == "non-finite loss" and note["rows"] == [f"line {BAD_LINE}"]
     assert step > 1, f"the seeded data order puts line {BAD_LINE} after the first step"
-    assert f"step {step}: non-finite loss (micro-batch: line {BAD_LINE} of {data}); the last " \
-        f"good checkpoint, checkpoint-{step - 1}, is kept" in errors[0]  # fmt: skip
     assert "on_nonfinite=skip" in errors[0]
     assert StageDir(stage).last_checkpoint() == stage / f"checkpoint-{step - 1}"
     assert not (stage / f"checkpoint-{step}").exists(), "no checkpoint of the bad state"
     assert not (stage / "stage_complete.json").exists()
+    return note, errors[0]
 
 
-def test_skip_drops_the_update_of_a_nonfinite_step_and_counts_it(tmp_path, poisoned):
-    model, data, token = poisoned
-    out = tmp_path / "out"
-    stage = out / "preference"
+def resumed_with_skip(result: subprocess.CompletedProcess, stage: Path, step: int) -> list[dict]:
+    """The rerun with on_nonfinite=skip went on from the last good checkpoint to the end, the bad
+    step skipped and counted; its logs."""
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from {stage / f'checkpoint-{step - 1}'} (step {step - 1})" in result.stdout
+    assert not (stage / "stopped.json").exists()
+    assert (stage / "stage_complete.json").exists()
+    logs = logged_steps(stage)
+    assert [m["step"] for m in logs] == list(range(1, STEPS + 1)), "each step logged once"
+    assert [m["step"] for m in logs if m.get("nonfinite_skipped")] == [step]
+    assert sum(m.get("nonfinite_skipped", 0) for m in logs) == 1
+    return logs
+
+
+@pytest.fixture(scope="module")
+def skipped(tmp_path_factory, poisoned) -> tuple[Path, str]:
+    """The stage folder and stdout of a run with on_nonfinite: skip from the start."""
+    model, data, _ = poisoned
+    out = tmp_path_factory.mktemp("skipped") / "out"
     result = run(command(out, model, nonfinite_sets(data, "skip")))
     assert result.returncode == 0, result.stderr[-3000:]
+    return out / "preference", result.stdout
+
+
+def test_skip_drops_the_update_of_a_nonfinite_step_and_holds_the_learning_rate(poisoned, skipped):
+    model, data, token = poisoned
+    stage, stdout = skipped
     logs = logged_steps(stage)
-    assert [m["step"] for m in logs] == list(range(1, 9))
-    skipped = [m["step"] for m in logs if m["nonfinite_skipped"]]
-    assert len(skipped) == 1 and sum(m["nonfinite_skipped"] for m in logs) == 1
-    step = skipped[0]
+    assert [m["step"] for m in logs] == list(range(1, STEPS + 1))
+    skipped_steps = [m["step"] for m in logs if m["nonfinite_skipped"]]
+    assert len(skipped_steps) == 1 and sum(m["nonfinite_skipped"] for m in logs) == 1
+    step = skipped_steps[0]
     assert (
         f"step {step}: non-finite loss (micro-batch: line {BAD_LINE} of {data}); update skipped"
-    ) in result.stdout
-
-    def weights(at: int) -> dict:
-        folder = stage / f"checkpoint-{at}" if at else model
-        return load_file(folder / "model.safetensors")
-
-    before, after = weights(step - 1), weights(step)
-    for name, tensor in before.items():  # the poisoned embedding row stays NaN: equal_nan
-        torch.testing.assert_close(after[name], tensor, rtol=0, atol=0, equal_nan=True)
-    if step < 8:
-        later = weights(step + 1)
-        assert any(not torch.equal(later[name], after[name]) for name in after)
+    ) in stdout
+    assert_skipped_update(stage, step)
+    assert_learning_rates(logs, skipped_steps)
     final = final_weights(stage)
     embeddings = final.pop("model.embed_tokens.weight")
     others = torch.ones(len(embeddings), dtype=torch.bool)
     others[token] = False
     assert embeddings[token].isnan().all() and embeddings[others].isfinite().all()
     assert all(tensor.isfinite().all() for tensor in final.values())
+
+
+def test_a_nonfinite_loss_stops_naming_the_row_and_a_rerun_with_skip_goes_on(
+    tmp_path, poisoned, skipped
+):
+    """Stopped on the bad step, then run again with on_nonfinite=skip (not "a different recipe"):
+    it resumes from the last good checkpoint and ends exactly as the run that skipped from the
+    start."""
+    model, data, _ = poisoned
+    out = tmp_path / "out"
+    stage = out / "preference"
+    note, error = stopped_by_a_bad_step(
+        run(command(out, model, nonfinite_sets(data, "stop"))), stage
+    )
+    step = note["step"]
+    assert note["reason"] == "non-finite loss" and note["rows"] == [f"line {BAD_LINE}"]
+    assert f"step {step}: non-finite loss (micro-batch: line {BAD_LINE} of {data}); the last " \
+        f"good checkpoint, checkpoint-{step - 1}, is kept" in error  # fmt: skip
+
+    result = run(command(out, model, nonfinite_sets(data, "skip")))
+    logs = resumed_with_skip(result, stage, step)
+    assert (
+        f"step {step}: non-finite loss (micro-batch: line {BAD_LINE} of {data}); update skipped"
+    ) in result.stdout
+    assert_learning_rates(logs, [step])
+    assert_equal_weights(final_weights(stage), final_weights(skipped[0]))
+
+
+def test_a_nonfinite_gradient_norm_stops_naming_the_whole_step_and_skip_drops_it(
+    tmp_path, poisoned, exploding
+):
+    """Every loss finite, the gradient norm not: the stop names the rows of both micro-batches
+    of the step; the rerun with on_nonfinite=skip drops that step's update."""
+    _, data, _ = poisoned
+    out = tmp_path / "out"
+    stage = out / "preference"
+    note, error = stopped_by_a_bad_step(
+        run(command(out, exploding, nonfinite_sets(data, "stop"))), stage
+    )
+    step, rows = note["step"], note["rows"]
+    assert note["reason"] == "non-finite gradient norm"
+    assert len(rows) == 2 and len(set(rows)) == 2 and f"line {BAD_LINE}" in rows, rows
+    (bad,) = [m for m in logged_steps(stage) if m["step"] == step]
+    assert math.isfinite(bad["loss"]) and not math.isfinite(bad["grad_norm"]), bad
+    named = f"step {step}: non-finite gradient norm (the step's rows: {', '.join(rows)} of {data})"
+    assert f"{named}; the last good checkpoint, checkpoint-{step - 1}, is kept" in error
+
+    result = run(command(out, exploding, nonfinite_sets(data, "skip")))
+    logs = resumed_with_skip(result, stage, step)
+    assert f"{named}; update skipped" in result.stdout
+    assert_skipped_update(stage, step)
+    assert_learning_rates(logs, [step])
+    assert all(tensor.isfinite().all() for tensor in final_weights(stage).values())
+
+
+def test_an_evaluation_due_at_the_step_a_signal_stops_is_skipped(tmp_path, start_model):
+    """Evaluation after every step; SIGTERM during the run: every step before the one it stops
+    after is evaluated, that one is not (the checkpoint is saved first)."""
+    pairs = (RECIPES_DIR / "tiny" / "data" / "pref_eval.jsonl").read_text().splitlines()[:4]
+    held_out = tmp_path / "eval.jsonl"
+    held_out.write_text("\n".join(pairs) + "\n")
+    sets = [*ONE_PROCESS, f"preference.data.eval={held_out}", "preference.training.eval_steps=1"]
+    out = tmp_path / "out"
+    stage = out / "preference"
+    code, stderr = stop_with(signal.SIGTERM, command(out, start_model, sets), stage)
+    assert code == EXIT_PREEMPTED, stderr[-3000:]
+    step = json.loads((stage / "stopped.json").read_text())["step"]
+    assert (stage / f"checkpoint-{step}").is_dir()
+    metrics = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [m["step"] for m in metrics if "eval_loss" in m and m["step"] > 0]
+    assert evaluated == list(range(1, step)), f"stopped after step {step}"
 
 
 # --------------------------------------------------------------------------- exit codes

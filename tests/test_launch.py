@@ -11,10 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
-from simpo_cli.errors import RecipeError, UserError
+from simpo_cli.errors import EXIT_FAILURE, RecipeError, UserError
 from simpo_cli.launch import (
+    free_port,
     launch_command,
     model_states_memory,
     preflight,
@@ -400,12 +402,14 @@ def test_zero3_resume_after_a_stop(tmp_path, start_model, single):
 @pytest.mark.slow
 def test_a_dying_rank_stops_the_others(tmp_path, start_model):
     """Kill one worker of a 2-process run: the launcher stops the other instead of leaving it
-    waiting in a collective, and says what happened."""
+    waiting in a collective, says what happened, and exits 1 (README "Exit codes": a process
+    killed by a signal has no exit code of its own to pass on)."""
     sets = [*BASE_SETS, f"model.name_or_path={start_model}"]
     args = [sys.executable, "-m", "simpo_cli.cli", "preference", "tiny", "-o", str(tmp_path)]
     args += [a for s in sets for a in ("--set", s)]
     args += ["--num-processes", "2", "--set", "preference.data.train.max_rows=3000"]
     args += ["--set", "preference.training.per_device_train_batch_size=8"]
+    args += ["--main-process-port", str(free_port())]  # other runs may hold the default one
     process = subprocess.Popen(
         args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
@@ -415,21 +419,55 @@ def test_a_dying_rank_stops_the_others(tmp_path, start_model):
         if metrics.is_file() and '"loss"' in metrics.read_text():
             break
         time.sleep(0.1)
-    victim = _worker_pid(rank=1)
-    assert victim is not None, "no rank-1 worker found"
+    if process.poll() is not None:
+        stderr = process.stderr.read()[-3000:]
+        pytest.fail(f"the run ended (exit code {process.returncode}) before a step: {stderr}")
+    # This run's workers only: other runs on the machine may have workers of the same ranks.
+    survivor, victim = (_worker_pid(rank, parent=process.pid) for rank in (0, 1))
+    assert survivor is not None and victim is not None, "the run's workers were not found"
     os.kill(victim, signal.SIGKILL)
     try:
         _, stderr = process.communicate(timeout=120)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         pytest.fail("the launcher did not stop after a rank died")
-    assert process.returncode not in (0, None)
-    assert "error: training process rank 1 failed" in stderr
-    assert _worker_pid(rank=0) is None, "rank 0 was left running"
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert process.returncode == EXIT_FAILURE, (process.returncode, errors)
+    assert "error: training process rank 1 failed (exit code -9)" in stderr
+    assert not psutil.pid_exists(survivor), "rank 0 was left running"
 
 
-def _worker_pid(rank: int) -> int | None:
-    for entry in Path("/proc").iterdir():
+@pytest.mark.parametrize(("exit_code", "expected"), [(7, 7), (-9, EXIT_FAILURE)])
+def test_a_crashed_process_s_exit_code_ends_the_run(monkeypatch, capsys, exit_code, expected):
+    """torchrun's agent reports rank 1 failed with `exit_code` (a negative one: killed by that
+    signal): the run ends with that exit code, or 1 when there is none (README "Exit codes")."""
+    import accelerate.commands.launch
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from simpo_cli import launch
+
+    failure = ProcessFailure(local_rank=1, pid=4242, exitcode=exit_code, error_file="")
+    crash = ChildFailedError("simpo_cli.cli", {1: failure})
+
+    def crashed(args) -> None:
+        raise crash
+
+    monkeypatch.setattr(accelerate.commands.launch, "launch_command", crashed)
+    monkeypatch.setenv(launch.LAUNCHED_ENV, "")  # run() sets these: give them back after
+    monkeypatch.setenv("PET_SIGNALS_TO_HANDLE", "")
+    command = launch.accelerate_command(LaunchSettings(num_processes=2), "no", ["preference"])
+    assert launch.run(command) == expected
+    assert f"error: training process rank 1 failed (exit code {exit_code})" in (
+        capsys.readouterr().err
+    )
+
+
+def _worker_pid(rank: int, parent: int | None = None) -> int | None:
+    """The training process of `rank`: among `parent`'s descendants where given."""
+    entries = Path("/proc").iterdir()
+    if parent is not None:
+        entries = [Path(f"/proc/{p.pid}") for p in psutil.Process(parent).children(recursive=True)]
+    for entry in entries:
         if not entry.name.isdigit():
             continue
         try:
