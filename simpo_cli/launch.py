@@ -28,6 +28,7 @@ from simpo_cli.recipe import (
     DEEPSPEED_DIR,
     TRAINING_STAGES,
     LaunchSettings,
+    ModelSettings,
     Recipe,
     shipped_deepspeed_configs,
 )
@@ -280,13 +281,12 @@ class ParameterCount(NamedTuple):
     linear: int  # in linear layers but the output head: what bitsandbytes quantizes
 
 
-def count_parameters(recipe: Recipe) -> ParameterCount | None:
-    """The parameters of the recipe's model, from its config alone: built on the meta device,
-    no weights read. None when the config cannot be read here."""
+def meta_model(settings: ModelSettings):
+    """The recipe's model from its config alone: built on the meta device, no weights read.
+    None when the config cannot be read here."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    settings = recipe.model
     try:
         if settings.init == "from_config":
             config = dict(settings.config or {})
@@ -296,10 +296,21 @@ def count_parameters(recipe: Recipe) -> ParameterCount | None:
                 settings.name_or_path, trust_remote_code=settings.trust_remote_code
             )
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(
+            return AutoModelForCausalLM.from_config(
                 config, trust_remote_code=settings.trust_remote_code
             )
-    except Exception:  # offline hub name, unknown architecture: the estimate is skipped
+    except Exception:  # offline hub name, unknown architecture, a folder with an adapter only
+        return None
+
+
+def count_parameters(recipe: Recipe) -> ParameterCount | None:
+    """The parameters of the recipe's model, from its config alone (meta_model). None when the
+    config cannot be read here."""
+    import torch
+
+    settings = recipe.model
+    model = meta_model(settings)
+    if model is None:  # the estimate is skipped
         return None
     sizes = {id(p): p.numel() for p in model.parameters()}  # tied weights count once
     vocab = model.get_input_embeddings().weight.shape[0]

@@ -75,24 +75,32 @@ def test_the_last_stage_writes_the_merged_model_the_sft_stage_its_adapter_only(l
 
 
 def test_lora_trains_the_adapters_only(lora_run):
-    """The adapter saved beside the merged model holds the trained LoRA matrices; the base
-    weights under it are bitwise those of the starting model, and every adapted layer moved."""
-    from peft import PeftModel
-
+    """What the preference stage wrote holds its start's weights, untrained: the merged model
+    in its folder is, layer by layer, the start plus alpha/r x B @ A of the saved adapter (to
+    1e-6; a trained base would have moved by about the learning rate, 1e-2) and bitwise the
+    start everywhere else (embeddings, norms); and every adapter moved (B starts at zero)."""
     _, out = lora_run
     stage = out / "preference"
-    start = load_model_from(None, str(out / "sft"), 0)  # the stage's start: SFT's adapter merged
-    before = {k: v.clone() for k, v in start.state_dict().items()}
-    adapted = PeftModel.from_pretrained(start, stage / "adapter")
-    lora_b = 0
-    for name, tensor in adapted.state_dict().items():
-        if "lora_" in name:
-            lora_b += int("lora_B" in name and tensor.abs().max() > 0)
-            continue
-        base_name = name.replace("base_model.model.", "").replace(".base_layer", "")
-        assert torch.equal(tensor, before[base_name]), f"{name} changed"
+    start = load_model_from(None, str(out / "sft"), 0).state_dict()  # SFT's adapter merged
+    merged = load_file(stage / "model.safetensors")
+    adapter = load_file(stage / "adapter" / "adapter_model.safetensors")
+    config = json.loads((stage / "adapter" / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / config["r"]
+    prefix = "base_model.model."
+    adapted = {
+        name.removeprefix(prefix).replace(".lora_A.", ".") for name in adapter if ".lora_A." in name
+    }
     # all-linear: q, k, v, o, gate, up, down in each of the 2 layers (not the output head)
-    assert lora_b == 14
+    assert len(adapted) == 14 and adapted <= merged.keys()
+    assert merged.keys() == start.keys() - {"lm_head.weight"}  # the head is the tied embedding
+    for name, tensor in merged.items():
+        if name not in adapted:
+            assert torch.equal(tensor, start[name]), f"{name} changed"
+            continue
+        a = adapter[prefix + name.replace(".weight", ".lora_A.weight")]
+        b = adapter[prefix + name.replace(".weight", ".lora_B.weight")]
+        assert b.abs().max() > 0, f"{name}: the adapter did not move"
+        torch.testing.assert_close(tensor, start[name] + scale * (b @ a), rtol=0, atol=1e-6)
 
 
 def test_merged_model_scores_like_the_adapted_one(lora_run):
@@ -336,6 +344,52 @@ def test_quantization_under_zero3_is_refused_before_launch(tmp_path, cli):
     assert "launching" not in result.stdout
 
 
+MISSING_TARGET = (
+    "model.lora.target_modules: the model (LlamaForCausalLM) has no layer 'v_prj' or 'mlp.up'; "
+    "its linear layers are q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, "
+    "lm_head; list some of those, or use all-linear"
+)
+
+
+def test_a_target_module_the_model_lacks_is_one_line_before_anything_starts(tmp_path, cli):
+    """A target_modules entry that names no layer (peft: NoMatchingPeftModuleError, a
+    traceback, after the stage folder was started over) is refused at the start, from the
+    model built on the meta device: exit 2, one line, an earlier run's folders untouched even
+    with --overwrite. A dotted suffix of a layer's name (self_attn.q_proj) is a match."""
+    out = tmp_path / "out"
+    (out / "sft").mkdir(parents=True)
+    (out / "sft" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    targets = "model.lora.target_modules=[self_attn.q_proj, v_prj, mlp.up]"
+    sets = ["--set", "model.lora.r=8", "--set", targets]
+    for extra in (["--overwrite"], ["--dry-run"]):
+        result = cli("train", "tiny", "-o", out, *sets, *extra)
+        assert result.code == 2, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+        assert result.errors() == [f"error: {MISSING_TARGET}"]
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+        assert sorted(p.name for p in out.iterdir()) == ["sft"]
+
+
+def test_adapters_on_a_loaded_model_check_the_targets_before_peft():
+    """Where the start cannot build the model from its config (a hub model not in the cache, a
+    folder holding only an adapter), the loaded model is checked before peft sees it."""
+    from simpo_cli.errors import UserError
+    from simpo_cli.model import adapters
+
+    sets = ["model.lora.r=8", "model.lora.target_modules=[self_attn.q_proj, v_prj, mlp.up]"]
+    recipe = load_recipe("tiny", sets)
+    model = load_model(recipe, None, 42)
+    with pytest.raises(UserError) as err:
+        adapters.add_adapters(model, recipe.model, False, 0)
+    assert str(err.value) == MISSING_TARGET
+    fine = load_recipe(
+        "tiny", ["model.lora.r=8", "model.lora.target_modules=[q_proj, mlp.up_proj]"]
+    )
+    adapted = adapters.add_adapters(model, fine.model, False, 0)
+    assert adapters.trainable_parameters(adapted)[0] == 2 * 8 * ((64 + 64) + (64 + 192))
+
+
 def test_dpo_reference_is_the_base_model_with_the_adapters_off(tmp_path):
     """DPO's live reference under LoRA is no second model: the policy with its adapters
     switched off, which scores exactly like a separately loaded base model."""
@@ -374,17 +428,101 @@ DISTRIBUTED_SETS = ["model.lora.r=8", "model.lora.dropout=0", "preference.data.t
 
 
 @pytest.fixture(scope="module")
-def lora_single(tmp_path_factory):
-    """(start model, a 1-process LoRA run of 10 steps)."""
+def start_folder(tmp_path_factory):
+    """The tiny recipe's seeded model, saved as a folder."""
     from conftest import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("start") / "model")
+
+
+@pytest.fixture(scope="module")
+def lora_single(tmp_path_factory, start_folder):
+    """(start model, a 1-process LoRA run of 10 steps)."""
     from test_faults import command, run
 
-    start = save_tiny_model(tmp_path_factory.mktemp("start") / "model")
+    start = start_folder
     one = tmp_path_factory.mktemp("one") / "out"
     sets = [*DISTRIBUTED_SETS, "preference.training.per_device_train_batch_size=8"]
     result = run(command(one, start, sets))
     assert result.returncode == 0, result.stderr[-3000:]
     return start, one
+
+
+# test_faults' run, shortened: 12 steps of 8 pairs from a model folder, one process; adapter
+# dropout as by default (its masks draw on the random state a checkpoint saves and a resume
+# restores).
+STOP_SETS = [
+    "model.lora.r=8",
+    "preference.data.train.max_rows=96",
+    "preference.training.per_device_train_batch_size=8",
+]
+
+
+def _preference(cli, out: Path, start: Path):
+    """`simpo preference tiny` of STOP_SETS, in this process (no second start-up)."""
+    from test_faults import SETS
+
+    sets = [*SETS, f"model.name_or_path={start}", *STOP_SETS]
+    return cli("preference", "tiny", "-o", out, *[arg for s in sets for arg in ("--set", s)])
+
+
+def test_lora_stopped_and_resumed_ends_bitwise_like_a_run_never_stopped(
+    tmp_path, start_folder, cli, monkeypatch
+):
+    """SIGTERM mid-run saves a checkpoint (the adapter, optimizer, scheduler and random state);
+    the rerun resumes from it and ends with the adapter and the merged model of a run never
+    stopped, bitwise. Both runs put their adapters on the start model separately: the seeded
+    initialisation is part of what this compares."""
+    import signal
+    import threading
+    import time
+
+    from test_faults import logged_steps
+
+    from simpo_cli import faults
+
+    straight = tmp_path / "straight"
+    result = _preference(cli, straight, start_folder)
+    assert result.code == 0, result.stderr[-3000:]
+
+    out = tmp_path / "out"
+    stage = out / "preference"
+    done = threading.Event()
+
+    def stop_after_step_3():  # the signal a user or a container runtime sends, to this process
+        deadline = time.monotonic() + 300
+        while not done.is_set() and time.monotonic() < deadline:
+            if len(logged_steps(stage)) >= 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.01)
+
+    # The stop lands in a request of this test's own, not in the one later tests run with.
+    monkeypatch.setattr(faults, "REQUEST", faults.StopRequest())
+    watcher = threading.Thread(target=stop_after_step_3, daemon=True)
+    watcher.start()
+    try:
+        result = _preference(cli, out, start_folder)
+    finally:
+        done.set()
+        watcher.join()
+    assert result.code == EXIT_PREEMPTED, result.stderr[-3000:]
+    step = json.loads((stage / "stopped.json").read_text())["step"]
+    assert 3 <= step < 12, "stopped after the step it was in, before the end"
+    assert not (stage / "adapter").exists()
+    # The rerun is a new command: a new process would start with no stop request.
+    monkeypatch.setattr(faults, "REQUEST", faults.StopRequest())
+    result = _preference(cli, out, start_folder)
+    assert result.code == 0, result.stderr[-3000:]
+    assert f"resuming from {stage / f'checkpoint-{step}'} (step {step})" in result.stdout
+    assert [m["step"] for m in logged_steps(stage)] == list(range(1, 13)), "each step once"
+    for file in ("adapter/adapter_model.safetensors", "model.safetensors"):
+        got, expected = load_file(stage / file), load_file(straight / "preference" / file)
+        assert got.keys() == expected.keys() and expected, file
+        for name, tensor in expected.items():
+            assert torch.equal(got[name], tensor), f"{file}: {name}"
+    trained = load_file(straight / "preference" / "adapter" / "adapter_model.safetensors")
+    assert all(t.abs().max() > 0 for name, t in trained.items() if "lora_B" in name), "B moved"
 
 
 @pytest.mark.slow

@@ -142,6 +142,47 @@ def test_pipeline_order_and_unknown_stage(tmp_path):
     assert "pipeline[1] = 'sfft'" in lines[0] and "did you mean 'sft'?" in lines[0]
 
 
+ONE_SAMPLE = {
+    "generate.num_samples=1": "generate.num_samples: 1 gives one reply per prompt, and annotate "
+    "needs two or more to make a pair; set generate.num_samples to 2 or more (the SimPO authors "
+    "sample 5)",
+    "generate.seeds=[7]": "generate.seeds: [7] gives one reply per prompt, and annotate needs "
+    "two or more to make a pair; list two or more seeds (the SimPO authors use [13, 21, 42, 79, "
+    "100])",
+}
+
+
+@pytest.mark.parametrize("given", ONE_SAMPLE)
+def test_one_sample_per_prompt_before_annotate_is_a_recipe_error(given, tmp_path, cli):
+    """annotate pairs two replies of one prompt: one sample per prompt (num_samples 1, or one
+    seed) would drop every prompt after generating them all. Refused with the recipe's other
+    problems, by `simpo validate`, and by `simpo train` and `simpo annotate` before anything is
+    written."""
+    sets = [given, *(["generate.num_samples=null"] if "seeds" in given else [])]
+    recipe = str(RECIPES_DIR / "tiny-onpolicy" / "recipe.yaml")
+    # With another problem (a total batch that 8 per device cannot make): both reported.
+    lines = errors_of(recipe, [*sets, "preference.training.total_batch_size=12"])
+    assert lines == [
+        f"{recipe}: preference.training.total_batch_size: 12 is not a multiple of "
+        "per_device_train_batch_size 8 x 1 processes = 8; with 1 processes, "
+        "per_device_train_batch_size 1, 2, 3, 4, 6 or 12 would work",
+        f"{recipe}: {ONE_SAMPLE[given]}",
+    ]
+    set_args = [arg for s in sets for arg in ("--set", s)]
+    result = cli("validate", "tiny-onpolicy", *set_args)
+    assert result.code == 2
+    assert result.errors() == [f"error: {recipe}: {ONE_SAMPLE[given]}"]
+    out = tmp_path / "run"
+    for command in ("train", "annotate"):  # annotate alone scores what generate wrote
+        result = cli(command, "tiny-onpolicy", "-o", out, *set_args)
+        assert result.code == 2 and "Traceback" not in result.stderr
+        assert result.errors() == [f"error: {recipe}: {ONE_SAMPLE[given]}"]
+        assert not out.exists()
+    # Two samples make pairs; generate alone (no annotate in the pipeline) may take one.
+    load_recipe("tiny-onpolicy", ["generate.num_samples=2"])
+    load_recipe("tiny-onpolicy", [*sets, "pipeline=[sft, generate]", "preference=null"])
+
+
 def test_set_overrides_are_typed_and_validated(tmp_path):
     path = write(tmp_path, MINIMAL)
     recipe = load_recipe(str(path), ["preference.beta=10", "preference.training.bf16=true"])

@@ -233,9 +233,13 @@ def test_saved_model_loads_with_transformers(tiny_run):
     model = AutoModelForCausalLM.from_pretrained(out / "preference")
     tokenizer = AutoTokenizer.from_pretrained(out / "preference")
     saved = load_file(out / "preference" / "model.safetensors")
-    for name, tensor in model.state_dict().items():
-        if name in saved:
-            assert torch.equal(tensor, saved[name])
+    state = model.state_dict()
+    # Every weight is in the file but the output head, which is the input embedding (tied).
+    assert model.config.tie_word_embeddings
+    assert saved.keys() == state.keys() - {"lm_head.weight"}
+    for name, tensor in saved.items():
+        assert torch.equal(state[name], tensor), name
+    assert torch.equal(state["lm_head.weight"], saved["model.embed_tokens.weight"])
     rendered = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Sort: 3 1 2"}], tokenize=False, add_generation_prompt=True
     )

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from simpo_cli.errors import UserError
-from simpo_cli.launch import zero_stage
+from simpo_cli.launch import meta_model, zero_stage
 from simpo_cli.recipe import TRAINING_STAGES, ModelSettings
 
 ADAPTER_DIR = "adapter"
@@ -41,6 +41,39 @@ def check_combination(recipe) -> None:
             f"{recipe.launch.deepspeed} (ZeRO-3) is not supported; quantized weights fit whole "
             "on each GPU: use --deepspeed zero2 or plain data parallel (no --deepspeed)"
         )
+
+
+def check_targets(recipe) -> None:
+    """Refuse, before anything starts, a model.lora.target_modules entry that names no layer of
+    the recipe's model, which peft would meet with a traceback once a stage had loaded it. Read
+    from the model built on the meta device from its config (every training stage trains that
+    architecture); where the config cannot be read here, add_adapters checks the loaded model."""
+    lora = recipe.model.lora
+    if lora is None or lora.target_modules == "all-linear":
+        return
+    model = meta_model(recipe.model)
+    if model is not None:
+        _check_targets(model, lora.target_modules)
+
+
+def _check_targets(model, targets: list[str]) -> None:
+    import torch
+
+    names = [name for name, _ in model.named_modules()]
+    # peft's rule for a list: an entry matches a module of that name or ending in ".<entry>".
+    missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if not missing:
+        return
+    linear = dict.fromkeys(
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    )
+    raise UserError(
+        f"model.lora.target_modules: the model ({type(model).__name__}) has no layer "
+        f"{' or '.join(repr(t) for t in missing)}; its linear layers are {', '.join(linear)}; "
+        "list some of those, or use all-linear"
+    )
 
 
 def _peft():
@@ -92,6 +125,8 @@ def add_adapters(model, settings: ModelSettings, gradient_checkpointing: bool, s
 
     peft = _peft()
     lora = settings.lora
+    if lora.target_modules != "all-linear":
+        _check_targets(model, lora.target_modules)
     model = _prepare(model, settings, gradient_checkpointing)
     config = peft.LoraConfig(
         r=lora.r,

@@ -86,6 +86,7 @@ class Recipe(Section):
         problems = [
             p for name in TRAINING_STAGES if getattr(self, name) for p in self._batch_problems(name)
         ]
+        problems += self._sample_problems()
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -186,6 +187,23 @@ class Recipe(Section):
                 f"{t.gradient_accumulation_steps} is set; remove one of the two"
             ]
         return []
+
+    def _sample_problems(self) -> list[str]:
+        """annotate pairs two replies to the same prompt: the generate stage before it must
+        sample at least two per prompt (with one, every prompt would be dropped)."""
+        generate = self.generate
+        if "annotate" not in self.pipeline or generate is None or len(generate.sample_seeds) > 1:
+            return []
+        why = "gives one reply per prompt, and annotate needs two or more to make a pair"
+        if generate.num_samples is not None:
+            return [
+                f"generate.num_samples: {generate.num_samples} {why}; set generate.num_samples "
+                "to 2 or more (the SimPO authors sample 5)"
+            ]
+        return [
+            f"generate.seeds: {generate.seeds} {why}; list two or more seeds (the SimPO authors "
+            "use [13, 21, 42, 79, 100])"
+        ]
 
     def accumulation_steps(self, name: StageName) -> int:
         """Gradient accumulation of a stage: given, derived from total_batch_size, or 1."""

@@ -18,7 +18,7 @@ from pathlib import Path
 from simpo_cli import launch, stops
 from simpo_cli.errors import NonFiniteError, Preempted
 from simpo_cli.launch import LAUNCH_ID
-from simpo_cli.model.adapters import check_combination
+from simpo_cli.model.adapters import check_combination, check_targets
 from simpo_cli.recipe import TRAINING_STAGES, Recipe, load_recipe
 from simpo_cli.redact import redact_args
 from simpo_cli.run.curves import plot_run
@@ -78,6 +78,8 @@ def run_stages(
 
     # Every path, before a process is launched or a folder created.
     check_paths(recipe, out, names, "--output-dir" if output_dir is not None else "output_dir")
+    if any(name in TRAINING_STAGES for name in names):
+        check_targets(recipe)  # model.lora.target_modules, on the model built on the meta device
 
     child_args = [command, recipe_ref, "--output-dir", str(out)]
     # The launcher, not the training processes, needs the machine's rank: leaving it out keeps
