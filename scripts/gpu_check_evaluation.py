@@ -48,7 +48,7 @@ def tiny_model(folder: Path) -> Path:
 def simpo(*args) -> subprocess.CompletedProcess:
     start = time.time()
     result = subprocess.run(
-        [sys.executable, "-m", "simpo_cli.cli", *map(str, args)], capture_output=True, text=True
+        [sys.executable, "-m", "simpo_cli", *map(str, args)], capture_output=True, text=True
     )
     print(f"  simpo {' '.join(map(str, args[:3]))} ...: exit {result.returncode} in "
           f"{time.time() - start:.1f}s")  # fmt: skip

@@ -142,7 +142,7 @@ def check_stages(model: Path, out: Path) -> list[str]:
         print("stages through the CLI: skipped (no GPU counted)")
         return []
     command = [
-        sys.executable, "-m", "simpo_cli.cli", "train", "tiny-onpolicy", "-o", str(out),
+        sys.executable, "-m", "simpo_cli", "train", "tiny-onpolicy", "-o", str(out),
         "--set", "pipeline=[generate, annotate]", "--set", "model.init=pretrained",
         "--set", f"model.name_or_path={model}", "--set", f"model.tokenizer={model}",
         "--set", "generate.backend=vllm", "--set", "generate.prompts.max_rows=64",

@@ -18,7 +18,7 @@ WORK = Path("checkpoints") / "tiny-ckpt" / "mt_bench"  # generation passes, judg
 
 def simpo(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "simpo_cli.cli", *map(str, args)], capture_output=True, text=True
+        [sys.executable, "-m", "simpo_cli", *map(str, args)], capture_output=True, text=True
     )
 
 

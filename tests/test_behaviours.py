@@ -475,7 +475,7 @@ def test_two_machines_on_localhost_train_one_stage_together(tmp_path):
     machines = []
     for rank in (0, 1):
         command = [
-            sys.executable, "-m", "simpo_cli.cli", "preference", "tiny", "-o", str(out),
+            sys.executable, "-m", "simpo_cli", "preference", "tiny", "-o", str(out),
             "--num-processes", "1", "--num-machines", "2", "--machine-rank", str(rank),
             "--main-process-ip", "127.0.0.1", "--main-process-port", str(port), *as_args(sets),
         ]  # fmt: skip

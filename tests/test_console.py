@@ -49,7 +49,7 @@ def short_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("console") / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "simpo_cli.cli", "preference", "tiny", "-o", str(out), *SHORT_RUN],
+        [sys.executable, "-m", "simpo_cli", "preference", "tiny", "-o", str(out), *SHORT_RUN],
         capture_output=True,
         text=True,
         env=env,

@@ -144,7 +144,7 @@ def _plain_logps(model, tok, prompt_text: str, response_text: str) -> tuple[floa
 
 def simpo(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "simpo_cli.cli", *args], capture_output=True, text=True
+        [sys.executable, "-m", "simpo_cli", *args], capture_output=True, text=True
     )
 
 

@@ -23,7 +23,7 @@ REWARD = RECIPES_DIR / "tiny-onpolicy" / "reward.py"
 
 def simpo(*args, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "simpo_cli.cli", *map(str, args)],
+        [sys.executable, "-m", "simpo_cli", *map(str, args)],
         capture_output=True,
         text=True,
         cwd=cwd,

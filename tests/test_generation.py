@@ -540,7 +540,7 @@ def test_gpu_check_script_runs_on_the_fake_engine(monkeypatch, capsys):
 
 
 def in_process_cli(monkeypatch) -> list[list[str]]:
-    """Stand in for subprocess.run on `python -m simpo_cli.cli ARGS`: run the CLI in this
+    """Stand in for subprocess.run on `python -m simpo_cli ARGS`: run the CLI in this
     process, signal handlers and argv put back after; returns the ARGS of every call. Other
     commands (git, for the reproducibility record) run as they would."""
     from simpo_cli import launch
@@ -552,7 +552,7 @@ def in_process_cli(monkeypatch) -> list[list[str]]:
     real = subprocess.run
 
     def run(command, *args, **kwargs):
-        if list(command[:3]) != [sys.executable, "-m", "simpo_cli.cli"]:
+        if list(command[:3]) != [sys.executable, "-m", "simpo_cli"]:
             return real(command, *args, **kwargs)
         commands.append(list(command[3:]))
         argv = sys.argv

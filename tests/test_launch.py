@@ -30,7 +30,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 def simpo(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "simpo_cli.cli", *args], capture_output=True, text=True, **kwargs
+        [sys.executable, "-m", "simpo_cli", *args], capture_output=True, text=True, **kwargs
     )
 
 
@@ -64,7 +64,7 @@ def test_launch_command_for_two_nodes_of_eight_gpus_with_zero3():
         "--main_process_ip", "10.1.2.3",
         "--rdzv_backend", "static",
         "--multi_gpu",
-        "-m", "simpo_cli.cli", *child,
+        "-m", "simpo_cli", *child,
     ]  # fmt: skip
 
 
@@ -189,7 +189,7 @@ def test_dry_run_for_eight_gpus_prints_a_command_to_paste(tmp_path):
     assert command.startswith(
         "accelerate launch --num_processes 8 --num_machines 1 --machine_rank 0 "
         "--main_process_port 29500 --mixed_precision bf16 --dynamo_backend no --multi_gpu "
-        f"-m simpo_cli.cli train tiny --output-dir {out} "
+        f"-m simpo_cli train tiny --output-dir {out} "
     )
     assert "--set launch.deepspeed=zero3" in command
     assert "--set preference.training.bf16=True" in command
@@ -369,7 +369,7 @@ def test_zero3_resume_after_a_stop(tmp_path, start_model, single):
              "--set", "preference.training.per_device_train_batch_size=4"]  # fmt: skip
     stopped = tmp_path / "stopped"
     sets = [*BASE_SETS, f"model.name_or_path={start_model}"]
-    args = [sys.executable, "-m", "simpo_cli.cli", "preference", "tiny", "-o", str(stopped)]
+    args = [sys.executable, "-m", "simpo_cli", "preference", "tiny", "-o", str(stopped)]
     args += [a for s in sets for a in ("--set", s)] + extra
     process = subprocess.Popen(
         args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
@@ -405,7 +405,7 @@ def test_a_dying_rank_stops_the_others(tmp_path, start_model):
     waiting in a collective, says what happened, and exits 1 (README "Exit codes": a process
     killed by a signal has no exit code of its own to pass on)."""
     sets = [*BASE_SETS, f"model.name_or_path={start_model}"]
-    args = [sys.executable, "-m", "simpo_cli.cli", "preference", "tiny", "-o", str(tmp_path)]
+    args = [sys.executable, "-m", "simpo_cli", "preference", "tiny", "-o", str(tmp_path)]
     args += [a for s in sets for a in ("--set", s)]
     args += ["--num-processes", "2", "--set", "preference.data.train.max_rows=3000"]
     args += ["--set", "preference.training.per_device_train_batch_size=8"]

@@ -43,7 +43,7 @@ def lora_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("lora") / "out"
     args = [arg for s in LORA_SETS for arg in ("--set", s)]
     result = subprocess.run(
-        [sys.executable, "-m", "simpo_cli.cli", "train", "tiny", "-o", str(out), *args],
+        [sys.executable, "-m", "simpo_cli", "train", "tiny", "-o", str(out), *args],
         capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -157,7 +157,7 @@ def continued(lora_run, tmp_path_factory):
     sets = [*LORA_SETS, "model.lora.continue_adapter=true", "model.lora.merge=false"]
     args = [arg for s in sets for arg in ("--set", s)]
     result = subprocess.run(
-        [sys.executable, "-m", "simpo_cli.cli", "preference", "tiny", "-o", str(again),
+        [sys.executable, "-m", "simpo_cli", "preference", "tiny", "-o", str(again),
          "--overwrite", *args],
         capture_output=True, text=True,
     )  # fmt: skip
@@ -479,7 +479,7 @@ def test_lora_stopped_and_resumed_ends_bitwise_like_a_run_never_stopped(
 
     from test_faults import logged_steps
 
-    from simpo_cli import faults
+    from simpo_cli.stops import REQUEST
 
     straight = tmp_path / "straight"
     result = _preference(cli, straight, start_folder)
@@ -497,8 +497,9 @@ def test_lora_stopped_and_resumed_ends_bitwise_like_a_run_never_stopped(
                 return
             time.sleep(0.01)
 
-    # The stop lands in a request of this test's own, not in the one later tests run with.
-    monkeypatch.setattr(faults, "REQUEST", faults.StopRequest())
+    # The stop lands in this test's own request: later tests get the request as it was.
+    monkeypatch.setattr(REQUEST, "signal", 0)
+    monkeypatch.setattr(REQUEST, "interrupts", 0)
     watcher = threading.Thread(target=stop_after_step_3, daemon=True)
     watcher.start()
     try:
@@ -511,7 +512,7 @@ def test_lora_stopped_and_resumed_ends_bitwise_like_a_run_never_stopped(
     assert 3 <= step < 12, "stopped after the step it was in, before the end"
     assert not (stage / "adapter").exists()
     # The rerun is a new command: a new process would start with no stop request.
-    monkeypatch.setattr(faults, "REQUEST", faults.StopRequest())
+    REQUEST.signal = REQUEST.interrupts = 0
     result = _preference(cli, out, start_folder)
     assert result.code == 0, result.stderr[-3000:]
     assert f"resuming from {stage / f'checkpoint-{step}'} (step {step})" in result.stdout

@@ -36,7 +36,7 @@ SCHEMA = [
 
 def simpo(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "simpo_cli.cli", *args], capture_output=True, text=True, **kwargs
+        [sys.executable, "-m", "simpo_cli", *args], capture_output=True, text=True, **kwargs
     )
 
 
@@ -179,7 +179,7 @@ def test_generate_resumes_after_a_kill(onpolicy_run, tmp_path, cli, monkeypatch)
     run = tmp_path / "run"
     run.mkdir()
     shutil.copytree(out / "sft", run / "sft")
-    command = [sys.executable, "-m", "simpo_cli.cli", "generate", "tiny-onpolicy", "-o", str(run)]
+    command = [sys.executable, "-m", "simpo_cli", "generate", "tiny-onpolicy", "-o", str(run)]
     process = subprocess.Popen(
         [*command, *SMALL], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -521,7 +521,7 @@ def test_with_vllm_each_stage_runs_as_its_own_command(onpolicy_run, tmp_path, mo
     real = subprocess.run
 
     def recording_run(args, *rest, **kwargs):
-        commands.append(args[3])  # [python, -m, simpo_cli.cli, STAGE, ...]
+        commands.append(args[3])  # [python, -m, simpo_cli, STAGE, ...]
         return real(args, *rest, capture_output=True, text=True, **kwargs)
 
     monkeypatch.setitem(sys.modules, "vllm", FakeVLLM())

@@ -17,7 +17,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 def simpo(*args: str, cwd: Path, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [*prefix, sys.executable, "-m", "simpo_cli.cli", *args],
+        [*prefix, sys.executable, "-m", "simpo_cli", *args],
         capture_output=True,
         text=True,
         cwd=cwd,

@@ -35,7 +35,7 @@ def errors_of(path: Path, overrides=()) -> list[str]:
 
 def simpo(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "simpo_cli.cli", *args], capture_output=True, text=True, cwd=cwd
+        [sys.executable, "-m", "simpo_cli", *args], capture_output=True, text=True, cwd=cwd
     )
 
 

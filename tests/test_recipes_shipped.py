@@ -93,7 +93,7 @@ def cli(*args: str):
 
 def simpo(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "simpo_cli.cli", *args], capture_output=True, text=True
+        [sys.executable, "-m", "simpo_cli", *args], capture_output=True, text=True
     )
 
 

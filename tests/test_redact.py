@@ -102,7 +102,7 @@ SECRET_SETS = [
 def simpo(*args: str, **extra_env: str) -> subprocess.CompletedProcess:
     env = {**os.environ, **ENV, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **extra_env}
     return subprocess.run(
-        [sys.executable, "-m", "simpo_cli.cli", *args], capture_output=True, text=True, env=env
+        [sys.executable, "-m", "simpo_cli", *args], capture_output=True, text=True, env=env
     )
 
 

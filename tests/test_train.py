@@ -38,7 +38,7 @@ STAGE_FILES = (
 
 def simpo(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "simpo_cli.cli", *args], capture_output=True, text=True, **kwargs
+        [sys.executable, "-m", "simpo_cli", *args], capture_output=True, text=True, **kwargs
     )
 
 
@@ -288,7 +288,7 @@ def test_resume_after_a_stop_continues(tmp_path):
     """Kill a run once its first checkpoint exists; the same command then resumes from it, and
     ends with the same weights as a run that was never stopped."""
     stopped = tmp_path / "stopped"
-    command = [sys.executable, "-m", "simpo_cli.cli", "preference", "tiny", "-o", str(stopped)]
+    command = [sys.executable, "-m", "simpo_cli", "preference", "tiny", "-o", str(stopped)]
     process = subprocess.Popen(
         command + RESUME_SETS, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
