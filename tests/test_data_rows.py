@@ -307,7 +307,7 @@ def test_a_column_of_two_types_names_both_lines(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_data_error_names_the_line(tmp_path):
+def test_cli_data_error_names_the_line(tmp_path, cli):
     """Through `simpo preference`: one line naming the file and the line, exit 2."""
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [PAIR_WITH_PROMPT, {**PAIR_WITH_PROMPT}])
     pairs.write_text(pairs.read_text() + json.dumps({**PAIR_WITH_PROMPT, "rejected": 3}) + "\n")
@@ -317,10 +317,9 @@ def test_cli_data_error_names_the_line(tmp_path):
     recipe["preference"]["data"] = {"train": str(pairs), "max_length": 64, "max_prompt_length": 40}
     recipe_path = tmp_path / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(recipe))
-    result = simpo("preference", str(recipe_path), "-o", str(tmp_path / "out"))
-    assert result.returncode == 2, result.stderr[-2000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert errors == [
+    result = cli("preference", recipe_path, "-o", tmp_path / "out")
+    assert result.code == 2, result.stderr[-2000:]
+    assert result.errors() == [
         f"error: preference.data.train ({pairs}): line 3: 'rejected' is a number but line 1 "
         "has a list; make each column one type (e.g. chosen always a list of messages)"
     ]

@@ -147,15 +147,17 @@ def final_weights(stage: Path) -> dict:
 def test_each_stop_signal_saves_and_the_reruns_end_like_a_run_never_stopped(
     tmp_path, start_model, straight
 ):
-    """SIGUSR1 (what SLURM sends before the time limit), a single Ctrl-C and SIGTERM, one per
-    start, each a few steps after the last: each saves a checkpoint of the step it was in and
+    """SIGUSR1 (what SLURM sends before the time limit), then a single Ctrl-C, one per start,
+    the second a few steps after the first: each saves a checkpoint of the step it was in and
     exits 75; the next start resumes from exactly that step (its log says so, and the metrics
-    hold every step once), and the run ends with the weights of a run never stopped."""
+    hold every step once), and the run ends with the weights of a run never stopped. (SIGTERM,
+    the same handler: test_an_evaluation_due_at_the_step_a_signal_stops_is_skipped and the
+    SLURM tests.)"""
     out = tmp_path / "out"
     stage = out / "preference"
     args = command(out, start_model, ONE_PROCESS)
     previous = None
-    for signum, after in ((signal.SIGUSR1, 3), (signal.SIGINT, 9), (signal.SIGTERM, 15)):
+    for signum, after in ((signal.SIGUSR1, 3), (signal.SIGINT, 9)):
         code, stderr = stop_with(signum, args, stage, after_step=after)
         assert code == EXIT_PREEMPTED, stderr[-3000:]
         if previous is not None:

@@ -488,8 +488,10 @@ def test_tiny_pipeline_under_zero3_on_two_processes(tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "out"
-    # A short SFT stage (its model only has to be consolidated) and no evaluate stage.
-    short = ["--set", "pipeline=[sft, preference]", "--set", "sft.data.train.max_rows=64"]
+    # A short SFT stage (its model only has to be consolidated), a third of the SimPO stage
+    # (64 steps of 16 pairs) and no evaluate stage.
+    short = ["--set", "pipeline=[sft, preference]", "--set", "sft.data.train.max_rows=64",
+             "--set", "preference.data.train.max_rows=1024"]  # fmt: skip
     result = simpo("train", "tiny", "-o", str(out), "--num-processes", "2", "--deepspeed", "zero3",
                    *short)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

@@ -240,8 +240,8 @@ def test_annotate_stops_on_a_signal_and_scores_everything_again(
     the pairs of an uninterrupted run."""
     import signal
 
-    from simpo_cli import faults
     from simpo_cli.onpolicy.rewards import FunctionScorer
+    from simpo_cli.stops import REQUEST
 
     out, _ = onpolicy_run
     scored: list[int] = []  # items per call of the reward function's scorer
@@ -258,7 +258,9 @@ def test_annotate_stops_on_a_signal_and_scores_everything_again(
         return score(self, items)
 
     monkeypatch.setattr(FunctionScorer, "__call__", scoring)
-    monkeypatch.setattr(faults, "REQUEST", faults.StopRequest())  # this process's stop state
+    # This process's stop state, as a new process has it; put back after.
+    monkeypatch.setattr(REQUEST, "signal", 0)
+    monkeypatch.setattr(REQUEST, "interrupts", 0)
     run = tmp_path / "run"
     result = _annotate_again(out, run, cli=cli)
     assert result.code == 75, result.stderr[-2000:]
@@ -272,7 +274,7 @@ def test_annotate_stops_on_a_signal_and_scores_everything_again(
 
     stop = False
     scored.clear()
-    monkeypatch.setattr(faults, "REQUEST", faults.StopRequest())  # a new process's
+    REQUEST.signal = REQUEST.interrupts = 0  # a new process's
     leftover = run / "annotate" / "dataset" / "train" / "leftover.arrow"  # a killed attempt's
     leftover.parent.mkdir(parents=True)
     leftover.write_text("torn")

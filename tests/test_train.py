@@ -4,10 +4,8 @@
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -247,74 +245,26 @@ def test_saved_model_loads_with_transformers(tiny_run):
 
 
 @pytest.mark.slow
-def test_rerun_skips_finished_stages(tiny_run):
+def test_rerun_skips_finished_stages(tiny_run, cli):
     out, first = tiny_run
     assert first.returncode == 0
     before = (out / "preference" / "model.safetensors").stat().st_mtime_ns
-    result = simpo("train", "tiny", "--output-dir", str(out))
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = cli("train", "tiny", "--output-dir", out)
+    assert result.code == 0, result.stderr[-2000:]
     assert "[sft] already finished" in result.stdout
     assert "[preference] already finished" in result.stdout
     assert (out / "preference" / "model.safetensors").stat().st_mtime_ns == before
 
 
 @pytest.mark.slow
-def test_changed_recipe_does_not_reuse_a_stage(tiny_run):
+def test_changed_recipe_does_not_reuse_a_stage(tiny_run, cli):
     out, first = tiny_run
     assert first.returncode == 0
-    result = simpo("train", "tiny", "--output-dir", str(out), "--set", "preference.beta=3")
-    assert result.returncode == 2
+    result = cli("train", "tiny", "--output-dir", out, "--set", "preference.beta=3")
+    assert result.code == 2
     assert "Traceback" not in result.stderr
     assert "holds a 'preference' run made with a different recipe" in result.stderr
     assert (out / "preference" / "stage_complete.json").is_file(), "nothing was deleted"
-
-
-# --------------------------------------------------------------------------- resume
-
-
-RESUME_SETS = [
-    "--set", "pipeline=[preference]",
-    "--set", "preference.data.eval=null",
-    "--set", "preference.data.train.max_rows=480",
-    "--set", "preference.training.per_device_train_batch_size=2",
-    "--set", "preference.training.total_batch_size=null",
-    "--set", "preference.training.save_steps=20",
-    "--set", "preference.training.logging_steps=10",
-]  # fmt: skip
-
-
-@pytest.mark.slow
-def test_resume_after_a_stop_continues(tmp_path):
-    """Kill a run once its first checkpoint exists; the same command then resumes from it, and
-    ends with the same weights as a run that was never stopped."""
-    stopped = tmp_path / "stopped"
-    command = [sys.executable, "-m", "simpo_cli", "preference", "tiny", "-o", str(stopped)]
-    process = subprocess.Popen(
-        command + RESUME_SETS, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    checkpoint = stopped / "preference" / "checkpoint-20" / "checkpoint_complete.json"
-    deadline = time.time() + 300
-    while not checkpoint.is_file() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (stopped / "preference" / "stage_complete.json").exists(), "stopped too late"
-
-    resumed = simpo("preference", "tiny", "-o", str(stopped), *RESUME_SETS)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stdout
-    steps = [m["step"] for m in metrics(stopped / "preference") if "loss" in m]
-    assert steps == sorted(set(steps)), "a step was logged twice or the run restarted"
-    done = json.loads((stopped / "preference" / "stage_complete.json").read_text())
-    assert done["global_step"] == 240
-
-    straight = tmp_path / "straight"
-    result = simpo("preference", "tiny", "-o", str(straight), *RESUME_SETS)
-    assert result.returncode == 0, result.stderr[-3000:]
-    a = load_file(stopped / "preference" / "model.safetensors")
-    b = load_file(straight / "preference" / "model.safetensors")
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- simpo eval
@@ -392,33 +342,26 @@ GOOD_PAIR = {"prompt": "Sort: 2 1", "chosen": "1 2", "rejected": "2 1"}
         (json.dumps({**GOOD_PAIR, "chosen": 3}) + "\n", "line 1: chosen: expected a string"),
     ],
 )
-def test_data_errors_end_the_cli_with_one_line(tmp_path, text, expected):
+def test_data_errors_end_the_cli_with_one_line(tmp_path, cli, text, expected):
     recipe = _pairs_recipe(tmp_path, text)
     out = tmp_path / "out"
-    result = simpo("preference", str(recipe), "-o", str(out), "--set", "pipeline=[preference]")
-    assert result.returncode == 2, result.stderr[-2000:]
+    result = cli("preference", recipe, "-o", out, "--set", "pipeline=[preference]")
+    assert result.code == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     # stderr also holds the tokenizing progress bar; the error is one line, the last.
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    errors = result.errors()
     assert len(errors) == 1 and result.stderr.rstrip().endswith(errors[0])
     assert expected in errors[0] and str(tmp_path / "pairs.jsonl") in errors[0]
     assert not (out / "preference" / "model.safetensors").exists()
 
 
-def test_missing_tracker_fails_before_any_work(tmp_path):
+def test_missing_tracker_fails_before_any_work(tmp_path, cli, monkeypatch):
     """Whether or not tensorboard is installed here: the CLI runs with it hidden (None in
     sys.modules: importing it fails and find_spec gives None)."""
     out = tmp_path / "out"
-    args = ["simpo", "train", "tiny", "-o", str(out), "--set", "logging.report_to=[tensorboard]"]
-    code = (
-        "import sys\n"
-        "sys.modules['tensorboard'] = None  # as on a machine without tensorboard\n"
-        "from simpo_cli.cli import main\n"
-        f"sys.argv = {args!r}\n"
-        "main()\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 2
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as on a machine without tensorboard
+    result = cli("train", "tiny", "-o", out, "--set", "logging.report_to=[tensorboard]")
+    assert result.code == 2
     assert result.stderr.strip().splitlines()[-1] == (
         "error: logging.report_to: tensorboard is not installed; pip install "
         "'simpo-cli[tensorboard]' or remove tensorboard from logging.report_to"
