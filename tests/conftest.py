@@ -40,6 +40,28 @@ def save_tiny_model(folder):
     return folder
 
 
+@pytest.fixture(scope="module")
+def start_model(tmp_path_factory):
+    """The tiny recipe's seeded model, saved as a folder (a module's runs all start from it)."""
+    return save_tiny_model(tmp_path_factory.mktemp("start") / "model")
+
+
+def count_sampled_prompts(monkeypatch) -> list[str]:
+    """The prompt ids the transformers sampler is asked for from now on, in order: what tells a
+    resume (only what is missing is sampled) from a restart that writes the same files."""
+    from simpo_cli.onpolicy.sampling import TransformersBackend
+
+    asked: list[str] = []
+    draw = TransformersBackend.generate
+
+    def generate(self, requests, settings):
+        asked.extend(request.prompt_id for request in requests)
+        return draw(self, requests, settings)
+
+    monkeypatch.setattr(TransformersBackend, "generate", generate)
+    return asked
+
+
 # The signals a training command takes over (simpo_cli.faults).
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import count_sampled_prompts
 
-from simpo_cli.onpolicy.sampling import TransformersBackend
 from simpo_cli.recipe import RECIPES_DIR
 
 QUESTIONS = RECIPES_DIR / "tiny" / "benchmarks"
@@ -125,14 +125,7 @@ def test_alpaca_eval_keeps_instructions_and_order_and_resumes(
     header, *records = shard.read_text(encoding="utf-8").split("\n")[:-1]
     assert len(records) == len(source)
     shard.write_text("\n".join([header, *records[:2]]) + "\n", encoding="utf-8")
-    asked: list[str] = []
-    draw = TransformersBackend.generate
-
-    def generate(self, requests, settings):
-        asked.extend(request.prompt_id for request in requests)
-        return draw(self, requests, settings)
-
-    monkeypatch.setattr(TransformersBackend, "generate", generate)
+    asked = count_sampled_prompts(monkeypatch)
     again = cli(*command)
     assert again.code == 0, again.stderr[-2000:]
     assert asked == [json.loads(record)["prompt_id"] for record in records[2:]]

@@ -121,14 +121,6 @@ def assert_same_weights(got: dict, expected: dict, tolerance: float) -> None:
 
 
 @pytest.fixture(scope="module")
-def start_model(tmp_path_factory):
-    """The tiny recipe's seeded model, saved as a folder."""
-    from conftest import save_tiny_model
-
-    return save_tiny_model(tmp_path_factory.mktemp("start") / "model")
-
-
-@pytest.fixture(scope="module")
 def straight(tmp_path_factory, start_model) -> Path:
     """The stage folder of a 1-process run never stopped."""
     out = tmp_path_factory.mktemp("straight") / "out"

@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import count_sampled_prompts
 
 from simpo_cli.errors import RecipeError
-from simpo_cli.onpolicy.sampling import TransformersBackend
 from simpo_cli.recipe import RECIPES_DIR, load_recipe
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -208,14 +208,7 @@ def test_generate_resumes_after_a_kill(onpolicy_run, tmp_path, cli, monkeypatch)
     # give the same files (each sample is seeded by its prompt), so only the count tells a
     # resume from a restart.
     written = {record["prompt_id"] for record in jsonl(shard)[1:]}  # [0]: the settings header
-    asked: list[str] = []
-    draw = TransformersBackend.generate
-
-    def generate(self, requests, settings):
-        asked.extend(request.prompt_id for request in requests)
-        return draw(self, requests, settings)
-
-    monkeypatch.setattr(TransformersBackend, "generate", generate)
+    asked = count_sampled_prompts(monkeypatch)
     result = cli("generate", "tiny-onpolicy", "-o", str(run), *SMALL)
     assert result.code == 0, result.stderr[-2000:]
     expected = [

@@ -143,13 +143,6 @@ def preempt(job_id: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def start_model(tmp_path_factory):
-    from conftest import save_tiny_model
-
-    return save_tiny_model(tmp_path_factory.mktemp("start") / "model")
-
-
-@pytest.fixture(scope="module")
 def straight(tmp_path_factory, start_model) -> Path:
     """The preference stage folder of the same recipe run never stopped, outside SLURM."""
     out = tmp_path_factory.mktemp("straight") / "out"
