@@ -90,18 +90,23 @@ def cli(capsys, monkeypatch):
     def run(*args) -> Result:
         capsys.readouterr()
         monkeypatch.setattr(sys, "argv", ["simpo", *map(str, args)])
-        # A training command takes over the stop signals (checkpoint, then exit); give them
-        # back, so that Ctrl-C still stops pytest.
-        handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
-        try:
-            main()
-            code = 0
-        except SystemExit as stop:
-            code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
-        finally:
-            for signum, handler in handlers.items():
-                signal.signal(signum, handler)
+        code = run_main(main)
         out = capsys.readouterr()
         return Result(code, out.out, out.err)
 
     return run
+
+
+def run_main(main) -> int:
+    """Call the CLI's main() as the command would and return its exit code. A training command
+    takes over the stop signals (checkpoint, then exit): they are given back after, so that
+    Ctrl-C still stops pytest."""
+    handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    try:
+        main()
+        return 0
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)

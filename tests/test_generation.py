@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import STOP_SIGNALS
+from conftest import run_main
 
 from simpo_cli.errors import DataError, UserError
 from simpo_cli.onpolicy import sampling as generation
@@ -556,17 +556,11 @@ def in_process_cli(monkeypatch) -> list[list[str]]:
             return real(command, *args, **kwargs)
         commands.append(list(command[3:]))
         argv = sys.argv
-        handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
         sys.argv = ["simpo", *command[3:]]
         try:
-            main()
-            code = 0
-        except SystemExit as stop:
-            code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+            code = run_main(main)
         finally:
             sys.argv = argv
-            for signum, handler in handlers.items():
-                signal.signal(signum, handler)
         return subprocess.CompletedProcess(command, code, stdout="", stderr="")
 
     monkeypatch.setattr(subprocess, "run", run)
