@@ -40,6 +40,14 @@ def save_tiny_model(folder):
     return folder
 
 
+def simpo_executable() -> str:
+    """The installed `simpo` command (the entry point a user or a job runs), beside this Python;
+    SIMPO overrides it."""
+    from pathlib import Path
+
+    return os.environ.get("SIMPO") or str(Path(sys.executable).parent / "simpo")
+
+
 @pytest.fixture(scope="module")
 def start_model(tmp_path_factory):
     """The tiny recipe's seeded model, saved as a folder (a module's runs all start from it)."""

@@ -22,6 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from conftest import simpo_executable
 from safetensors.torch import load_file
 
 from simpo_cli.errors import EXIT_ABORTED, EXIT_NONFINITE, EXIT_PREEMPTED
@@ -182,11 +183,6 @@ def test_each_stop_signal_saves_and_the_reruns_end_like_a_run_never_stopped(
     assert [m["step"] for m in logged_steps(stage)] == list(range(1, 31)), "each step once"
     # Same data order, optimizer, scheduler and RNG state: the same arithmetic exactly.
     assert_same_weights(final_weights(stage), final_weights(straight), 0.0)
-
-
-def simpo_executable() -> str:
-    """The installed `simpo` command, beside this Python (SIMPO overrides it)."""
-    return os.environ.get("SIMPO") or str(Path(sys.executable).parent / "simpo")
 
 
 def catches(pid: int, signum: int) -> bool:

@@ -10,12 +10,12 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
+from conftest import simpo_executable
 from safetensors.torch import load_file
 
 from simpo_cli.errors import EXIT_PREEMPTED
@@ -46,12 +46,6 @@ SETS = [
     "preference.training.logging_steps=1",
     "preference.training.save_steps=20",
 ]
-
-
-def simpo_executable() -> str:
-    """The installed `simpo` command (its entry point is what a job runs), beside this Python;
-    SIMPO overrides it."""
-    return os.environ.get("SIMPO") or str(Path(sys.executable).parent / "simpo")
 
 
 def simpo_args(start: Path) -> list[str]:

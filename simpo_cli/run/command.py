@@ -78,8 +78,10 @@ def run_stages(
 
     # Every path, before a process is launched or a folder created.
     check_paths(recipe, out, names, "--output-dir" if output_dir is not None else "output_dir")
-    if any(name in TRAINING_STAGES for name in names):
-        check_targets(recipe)  # model.lora.target_modules, on the model built on the meta device
+    if not launch.inside_launch() and any(name in TRAINING_STAGES for name in names):
+        # model.lora.target_modules, on the model built on the meta device; once, by the
+        # command (the launched processes' stages check the model they load: add_adapters).
+        check_targets(recipe)
 
     child_args = [command, recipe_ref, "--output-dir", str(out)]
     # The launcher, not the training processes, needs the machine's rank: leaving it out keeps
