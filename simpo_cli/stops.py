@@ -40,8 +40,9 @@ class StopRequest:
 
     signal: int = 0  # the first stop signal received; 0: none
     interrupts: int = 0  # Ctrl-Cs received
-    # What a stop does at this point of the run, for the line printed when one arrives.
-    then: str = "stopping before anything starts"
+    # What a stop does at this point of the run, for the line printed when one arrives; None
+    # while the command is not known yet (its own line, or the signal's default, says it).
+    then: str | None = None
 
 
 REQUEST = StopRequest()
@@ -66,7 +67,7 @@ def _on_signal(signum: int, frame: Any) -> None:
     if REQUEST.signal:
         return  # already stopping: a scheduler may signal every process, and the launcher too
     REQUEST.signal = signum
-    if _speaks():
+    if _speaks() and REQUEST.then:
         again = " (Ctrl-C again aborts at once)" if signum == signal.SIGINT else ""
         _stderr(f"{signal.Signals(signum).name}: {REQUEST.then}{again}")
 
