@@ -291,12 +291,30 @@ PADDED_FULL_LOGITS = ["--set", "preference.training.padding_free=false",
                       "--set", "preference.training.logps_chunk_size=0"]  # fmt: skip
 
 
+# SFT (2 steps of 32 rows) then SimPO (20 steps of 16 pairs) in one command: the SimPO stage starts
+# from the model the SFT stage saved (under ZeRO-3, consolidated from every rank's partitions).
+PIPELINE_SETS = [
+    *BASE_SETS,
+    "pipeline=[sft, preference]",
+    "sft.data.train.max_rows=64",
+    "sft.training.num_train_epochs=1",
+    "sft.training.total_batch_size=32",
+    "sft.training.per_device_train_batch_size=16",
+]
+
+
+def _train_pipeline(out: Path, start: Path, *extra: str) -> subprocess.CompletedProcess:
+    sets = [*PIPELINE_SETS, f"model.name_or_path={start}"]
+    args = [a for s in sets for a in ("--set", s)]
+    return simpo("train", "tiny", "-o", str(out), *args, *extra)
+
+
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, start_model):
     """One process, padded batches and full logits (the plain transformers path)."""
     out = tmp_path_factory.mktemp("single") / "out"
-    result = _train(out, start_model, *PADDED_FULL_LOGITS,
-                    "--set", "preference.training.per_device_train_batch_size=16")  # fmt: skip
+    one_batch = ["--set", "preference.training.per_device_train_batch_size=16"]
+    result = _train_pipeline(out, start_model, *PADDED_FULL_LOGITS, *one_batch)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -305,10 +323,11 @@ def single(tmp_path_factory, start_model):
 def test_two_processes_match_one(tmp_path, start_model, single):
     """2 processes with the default packed batches and chunked log-probs, 4 pairs per
     micro-batch and 2 accumulation steps, train like 1 process on padded batches of 16 pairs
-    with full logits. (Under ZeRO-3: test_zero3_resume_after_a_stop.)"""
+    with full logits: SFT, then SimPO from the SFT model. (Under ZeRO-3:
+    test_zero3_trains_like_one_process.)"""
     out = tmp_path / "out"
     extra = ["--num-processes", "2", "--set", "preference.training.per_device_train_batch_size=4"]
-    result = _train(out, start_model, *extra)
+    result = _train_pipeline(out, start_model, *extra)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "launching: accelerate launch --num_processes 2" in result.stdout
     _assert_trains_like(out, single, None, 1e-5)
@@ -360,43 +379,27 @@ def _trained_weights(checkpoint: Path, deepspeed: str | None) -> dict:
 
 
 @pytest.mark.slow
-def test_zero3_resume_after_a_stop(tmp_path, start_model, single):
-    """Kill a 2-process ZeRO-3 run (launcher and workers) after its first checkpoint; the
-    same command resumes it from there and trains like the 1-process run: the same losses,
-    held-out losses and weights (ZeRO-3 partitions every weight, lm_head included)."""
-    # 4 pairs per micro-batch x 2 processes x 2 accumulation steps: 20 steps, a checkpoint at 10.
+def test_zero3_trains_like_one_process(tmp_path, start_model, single):
+    """`simpo train` of SFT then SimPO in one 2-process ZeRO-3 launch (every weight partitioned,
+    lm_head included) trains like the 1-process run: the same losses, held-out losses and
+    weights; each stage's model is consolidated and loads, and only rank 0 reports. (A ZeRO-3
+    run stopped and resumed: test_lora.py, test_lora_under_zero3_stopped_and_resumed_...)"""
+    from transformers import AutoModelForCausalLM
+
     extra = ["--num-processes", "2", "--deepspeed", "zero3",
              "--set", "preference.training.per_device_train_batch_size=4"]  # fmt: skip
-    stopped = tmp_path / "stopped"
-    sets = [*BASE_SETS, f"model.name_or_path={start_model}"]
-    args = [sys.executable, "-m", "simpo_cli", "preference", "tiny", "-o", str(stopped)]
-    args += [a for s in sets for a in ("--set", s)] + extra
-    process = subprocess.Popen(
-        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    checkpoint = stopped / "preference" / "checkpoint-10" / "checkpoint_complete.json"
-    deadline = time.time() + 300
-    while not checkpoint.is_file() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
-    # As a preemption does: every process of the job at once. torchrun starts the workers in
-    # sessions of their own, so they are found by rank, not by process group.
-    workers = [_worker_pid(rank) for rank in (0, 1)]
-    os.killpg(process.pid, signal.SIGKILL)
-    for pid in workers:
-        if pid is not None:
-            os.kill(pid, signal.SIGKILL)
-    process.wait()
-    assert not (stopped / "preference" / "stage_complete.json").exists(), "stopped too late"
-
-    resumed = _train(stopped, start_model, *extra)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stdout
-    done = json.loads((stopped / "preference" / "stage_complete.json").read_text())
-    assert done["global_step"] == 20
-    logs = (stopped / "preference" / "metrics.jsonl").read_text().splitlines()
-    steps = [json.loads(x)["step"] for x in logs if '"loss"' in x]
-    assert steps == sorted(set(steps)), "a step was logged twice or the run restarted"
-    _assert_trains_like(stopped, single, "zero3", 1e-4)
+    out = tmp_path / "out"
+    result = _train_pipeline(out, start_model, *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sft = AutoModelForCausalLM.from_pretrained(out / "sft")
+    assert sft.model.embed_tokens.weight.shape == (320, 64)
+    assert json.loads((out / "sft" / "reproducibility.json").read_text())["world_size"] == 2
+    for stage in ("sft", "preference"):
+        assert result.stdout.count(f"[{stage}] finished") == 1, "only rank 0 reports"
+    _assert_trains_like(out, single, "zero3", 1e-4)
+    before = json.loads((out / "preference" / "eval_before.json").read_text())
+    after = json.loads((out / "preference" / "stage_complete.json").read_text())["eval"]
+    assert after["eval_loss"] < before["eval_loss"]
 
 
 @pytest.mark.slow
@@ -482,73 +485,37 @@ def _worker_pid(rank: int, parent: int | None = None) -> int | None:
 
 
 @pytest.mark.slow
-def test_tiny_pipeline_under_zero3_on_two_processes(tmp_path):
-    """`simpo train tiny --num-processes 2 --deepspeed zero3`: SFT then SimPO in one launch,
-    each stage's model consolidated and loadable, and the SimPO stage still improves."""
-    from transformers import AutoModelForCausalLM
-
-    out = tmp_path / "out"
-    # A short SFT stage (its model only has to be consolidated), a third of the SimPO stage
-    # (64 steps of 16 pairs) and no evaluate stage.
-    short = ["--set", "pipeline=[sft, preference]", "--set", "sft.data.train.max_rows=64",
-             "--set", "preference.data.train.max_rows=1024"]  # fmt: skip
-    result = simpo("train", "tiny", "-o", str(out), "--num-processes", "2", "--deepspeed", "zero3",
-                   *short)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    for stage in ("sft", "preference"):
-        model = AutoModelForCausalLM.from_pretrained(out / stage)
-        assert model.model.embed_tokens.weight.shape == (320, 64)
-        record = json.loads((out / stage / "reproducibility.json").read_text())
-        assert record["world_size"] == 2
-    before = json.loads((out / "preference" / "eval_before.json").read_text())
-    after = json.loads((out / "preference" / "stage_complete.json").read_text())["eval"]
-    assert after["eval_rewards/accuracies"] > before["eval_rewards/accuracies"]
-    assert after["eval_loss"] < 0.5 * before["eval_loss"]
-    assert result.stdout.count("[preference] finished") == 1, "only rank 0 reports"
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("zero", ["zero3"])
-def test_reference_pre_pass_under_zero(tmp_path, start_model, zero):
-    """DPO under 2-process ZeRO-3: the cached reference pre-pass (run inside the
-    training engine) and a live reference model (its own inference engine) train identically,
-    and the first step's loss is log 2 (policy == reference)."""
-    dpo = ["--set", "preference.loss=dpo", "--set", "preference.gamma_beta_ratio=null",
-           "--set", "preference.data.train.max_rows=80"]  # 5 steps  # fmt: skip
-    common = [*dpo, "--num-processes", "2", "--deepspeed", zero,
-              "--set", "preference.training.per_device_train_batch_size=8"]  # fmt: skip
-    runs = {}
-    for mode in ("cached", "live"):
-        out = tmp_path / mode
-        result = _train(out, start_model, *common, "--set", f"preference.reference.mode={mode}")
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[mode] = _losses(out)
-    assert runs["cached"][0] == pytest.approx(runs["live"][0], rel=1e-5)
-    assert runs["cached"][1] == pytest.approx(runs["live"][1], rel=1e-5)
-    assert runs["cached"][0][0] == pytest.approx(0.693147, rel=1e-5)
-    assert len(list((tmp_path / "cached" / "reference_logps").glob("*.json"))) == 2
-
-
-@pytest.mark.slow
-def test_kto_on_two_processes_matches_one(tmp_path, start_model):
-    """KTO's reference point z0 is the KL estimate over the whole batch: with it gathered from
-    both processes, a 2-process run trains like a 1-process run at the same total batch."""
-    # Held-out z0 is per evaluation step too: 8 pairs a step in both runs, 96 pairs in all.
+def test_reference_losses_under_zero3_match_one_process(tmp_path, start_model):
+    """KTO on 2 processes under ZeRO-3 trains like 1 process at the same total batch, with the
+    reference's log-probs cached by a pre-pass run inside the training engine and with a live
+    reference model (its own inference engine). KTO's reference scores chosen, rejected and
+    mismatched completions, and its z0 is the KL estimate over the whole batch: gathered from
+    both processes. The first step's loss is 0.5 (policy == reference: r = z0 = 0)."""
+    # 5 steps of 16 pairs; held-out z0 is per evaluation step too: 8 pairs a step in every run.
     kto = ["--set", "preference.loss=kto", "--set", "preference.gamma_beta_ratio=null",
-           "--set", "preference.data.train.max_rows=160",  # 10 steps
-           "--set", "preference.data.eval.max_rows=96"]  # fmt: skip
+           "--set", "preference.data.train.max_rows=80",
+           "--set", "preference.data.eval.max_rows=48"]  # fmt: skip
     one = tmp_path / "one"
     result = _train(one, start_model, *kto,
                     "--set", "preference.training.per_device_train_batch_size=16",
                     "--set", "preference.training.per_device_eval_batch_size=8")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    two = tmp_path / "two"
-    result = _train(two, start_model, *kto, "--num-processes", "2",
-                    "--set", "preference.training.per_device_train_batch_size=8",
-                    "--set", "preference.training.per_device_eval_batch_size=4")  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert _losses(two)[0] == pytest.approx(_losses(one)[0], rel=1e-5)
-    assert _losses(two)[1] == pytest.approx(_losses(one)[1], rel=1e-5)
+    two = ["--num-processes", "2", "--deepspeed", "zero3",
+           "--set", "preference.training.per_device_train_batch_size=8",
+           "--set", "preference.training.per_device_eval_batch_size=4"]  # fmt: skip
+    runs = {}
+    for mode in ("cached", "live"):
+        out = tmp_path / mode
+        result = _train(out, start_model, *kto, *two, "--set", f"preference.reference.mode={mode}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[mode] = _losses(out)
+    assert runs["cached"][0] == pytest.approx(runs["live"][0], rel=1e-5)
+    assert runs["cached"][1] == pytest.approx(runs["live"][1], rel=1e-5)
+    assert runs["cached"][0] == pytest.approx(_losses(one)[0], rel=1e-4)
+    assert runs["cached"][1] == pytest.approx(_losses(one)[1], rel=1e-4)
+    assert runs["cached"][0][0] == pytest.approx(0.5, rel=1e-5)
+    assert len(list((tmp_path / "cached" / "reference_logps").glob("*.json"))) == 2
+    assert len(list((one / "reference_logps").glob("*.json"))) == 2
 
 
 def test_dry_run_memory_follows_the_speed_keys(tmp_path, cli):
