@@ -213,7 +213,7 @@ def read_only(folder: Path) -> tuple[str, ...]:
 
 @pytest.mark.parametrize("command", WRITERS)
 def test_output_on_a_read_only_filesystem(writable_inputs, command):
-    """A read-only filesystem, as the system has it (os.access says yes to root there)."""
+    """A read-only filesystem is named as one (not as a permission to fix)."""
     root = writable_inputs
     locked = root / "locked"
     locked.mkdir()

@@ -82,9 +82,9 @@ def _parent_problems(path: Path, flag: str) -> list[str]:
 
 def _refusal(folder: Path, path: Path, flag: str) -> list[str]:
     """Whether the system lets us create an entry in `folder`, asked by creating an empty
-    scratch folder there and removing it at once. os.access cannot answer this: as root it says
-    yes to read-only filesystems' folders on some systems and to /proc and /sys, which then
-    refuse the mkdir."""
+    scratch folder there and removing it at once. os.access cannot answer this: it says yes to
+    root for /proc and /sys, which then refuse the mkdir; and its no does not tell a read-only
+    filesystem from a permission."""
     try:
         probe = tempfile.mkdtemp(prefix=".simpo-write-check-", dir=folder)
     except OSError as err:
