@@ -39,6 +39,7 @@ from simpo_cli.run.command import output_folder, run_stages
 from simpo_cli.run.curves import plot_run
 from simpo_cli.run.evaluation import evaluate_models
 from simpo_cli.run.paths import check_copy_destination, check_plot_paths
+from simpo_cli.run.validate import validate_recipe
 
 app = typer.Typer(
     help="Align language models with SimPO from YAML recipes.",
@@ -147,17 +148,17 @@ def validate(
     recipes: Annotated[list[str], typer.Argument(help="Recipe files or shipped names.")],
     set_: SetOption = None,
 ) -> None:
-    """Check recipes against the schema; print every problem. Exit 0 if all are valid, else 2."""
+    """Check recipes and their JSON data files' rows; print every problem. Exit 0 if all valid."""
     failed = False
     for ref in recipes:
         try:
-            recipe = load_recipe(ref, set_)
+            recipe, checked = validate_recipe(ref, set_)
         except UserError as err:
             failed = True
             for line in err.messages:
                 print(f"error: {line}", file=sys.stderr)
             continue
-        print(f"ok: {ref} ({recipe.name}: {' -> '.join(recipe.pipeline)})")
+        print(f"ok: {ref} ({recipe.name}: {' -> '.join(recipe.pipeline)})", *checked, sep="\n  ")
     if failed:
         raise typer.Exit(2)
 
@@ -190,7 +191,7 @@ def data_inspect(
     Prompt, padding and template tokens are masked (not trained); a misplaced mask, a double BOS
     or a missing EOS is visible at a glance.
     """
-    from simpo_cli.data import inspect_row
+    from simpo_cli.data.inspect import inspect_row
 
     loaded = load_recipe(recipe, set_)
     if stage not in TRAINING_STAGES:
