@@ -24,6 +24,7 @@ from simpo_cli.flags import (
     schema_options,
     validated,
     with_options,
+    with_plain_help_types,
 )
 from simpo_cli.recipe import (
     TRAINING_STAGES,
@@ -39,7 +40,7 @@ from simpo_cli.run.command import output_folder, run_stages
 from simpo_cli.run.curves import plot_run
 from simpo_cli.run.evaluation import evaluate_models
 from simpo_cli.run.paths import check_copy_destination, check_plot_paths
-from simpo_cli.run.validate import validate_recipe
+from simpo_cli.run.validate import validate_recipes
 
 app = typer.Typer(
     help="Align language models with SimPO from YAML recipes.",
@@ -149,17 +150,7 @@ def validate(
     set_: SetOption = None,
 ) -> None:
     """Check recipes and their JSON data files' rows; print every problem. Exit 0 if all valid."""
-    failed = False
-    for ref in recipes:
-        try:
-            recipe, checked = validate_recipe(ref, set_)
-        except UserError as err:
-            failed = True
-            for line in err.messages:
-                print(f"error: {line}", file=sys.stderr)
-            continue
-        print(f"ok: {ref} ({recipe.name}: {' -> '.join(recipe.pipeline)})", *checked, sep="\n  ")
-    if failed:
+    if not validate_recipes(recipes, set_):
         raise typer.Exit(2)
 
 
@@ -380,7 +371,7 @@ def main() -> None:
         # others get the signals' defaults back.
         if next((a for a in sys.argv[1:] if not a.startswith("-")), None) not in STAGE_COMMANDS:
             stops.release()
-        app()
+        with_plain_help_types(app)()  # no `<bool>` beside a flag in --help
     except UserError as err:
         if speaks:
             for line in err.messages:

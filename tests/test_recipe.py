@@ -337,6 +337,18 @@ def test_config_show_prints_resolved_yaml_without_torch():
     assert shown["preference"]["training"]["warmup_ratio"] == 0.1  # a default, filled in
 
 
+def test_help_shows_no_type_beside_a_flag(cli):
+    """typer wrote `<bool>` beside every flag (--dry-run, --help) and `<list[str]>` beside a
+    repeatable option or argument: flags show none, repeatable ones their item's type."""
+    for command in (["train"], ["validate"], ["eval"]):
+        result = cli(*command, "--help")
+        assert result.code == 0, result.stderr
+        assert "<bool>" not in result.stdout and "<list[" not in result.stdout, result.stdout
+        set_line = next(line for line in result.stdout.splitlines() if "--set" in line or (
+            "models..." in line))  # fmt: skip
+        assert "<str>" in set_line, set_line
+
+
 def test_help_on_every_command():
     for command in (
         [],

@@ -8,6 +8,7 @@ No torch: validate only reads config and data files.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from simpo_cli.data.rows import check_rows
@@ -18,11 +19,22 @@ from simpo_cli.run.paths import data_problems
 WHERE = " (looked beside the recipe and in the current folder)"
 
 
-def validate_recipe(ref: str, sets: list[str] | None) -> tuple[Recipe, list[str]]:
-    """`simpo validate REF`: the recipe (its schema problems raised as they are by
-    load_recipe) and check_data's lines."""
-    recipe = load_recipe(ref, sets)
-    return recipe, check_data(recipe, ref)
+def validate_recipes(refs: list[str], sets: list[str] | None) -> bool:
+    """`simpo validate REFS`: each recipe's schema (load_recipe) and data (check_data), `ok:`
+    and what was checked on stdout, else one `error:` line per problem on stderr. Whether all
+    are valid."""
+    valid = True
+    for ref in refs:
+        try:
+            recipe = load_recipe(ref, sets)
+            checked = check_data(recipe, ref)
+        except UserError as err:
+            valid = False
+            for line in err.messages:
+                print(f"error: {line}", file=sys.stderr)
+            continue
+        print(f"ok: {ref} ({recipe.name}: {' -> '.join(recipe.pipeline)})", *checked, sep="\n  ")
+    return valid
 
 
 def check_data(recipe: Recipe, ref: str) -> list[str]:
