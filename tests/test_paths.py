@@ -98,6 +98,30 @@ def test_stage_folder_that_is_a_file(root):
     ]
 
 
+def test_a_stage_folder_of_another_recipe_names_what_differs(cli, root, monkeypatch):
+    """The refusal said only "a different recipe": it names the keys that differ, old -> new,
+    the first three and how many more."""
+    from simpo_cli.recipe import load_recipe
+
+    monkeypatch.chdir(root)
+    changes = ["preference.beta=3", "sft.data.max_length=100", "model.config.hidden_size=32",
+               "preference.data.max_prompt_length=20"]  # fmt: skip
+    old = load_recipe("tiny", changes)
+    for stage in ("preference", "evaluate"):
+        (root / "out" / stage).mkdir(parents=True)
+        (root / "out" / stage / "resolved_recipe.yaml").write_text(old.to_yaml())
+    result = cli("train", "tiny", "-o", "out", "--dry-run")
+    assert result.code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert (
+        f"  preference -> {Path('out/preference')} (stops: {Path('out/preference')}: holds a run "
+        "of the 'preference' stage made with a different recipe (model.config.hidden_size: 32 "
+        "-> 64, sft.data.max_length: 100 -> 64, preference.beta: 3.0 -> 2.0 and 1 more); pass "
+        "--overwrite to start it over, or choose another --output-dir)"
+    ) in lines
+    assert any("holds a run of the 'evaluate' stage made with" in line for line in lines)
+
+
 def test_output_dir_that_cannot_be_written(root):
     """A folder its owner may read but not write (0500), by a user who cannot override that:
     the check tries to create a folder there, which the system refuses for the real user and

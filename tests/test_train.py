@@ -263,7 +263,10 @@ def test_changed_recipe_does_not_reuse_a_stage(tiny_run, cli):
     result = cli("train", "tiny", "--output-dir", out, "--set", "preference.beta=3")
     assert result.code == 2
     assert "Traceback" not in result.stderr
-    assert "holds a 'preference' run made with a different recipe" in result.stderr
+    assert (
+        "holds a run of the 'preference' stage made with a different recipe (preference.beta: "
+        "2.0 -> 3.0)" in result.stderr
+    )
     assert (out / "preference" / "stage_complete.json").is_file(), "nothing was deleted"
 
 
