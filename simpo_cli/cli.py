@@ -70,6 +70,7 @@ DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the plan; start n
 Overwrite = Annotated[
     bool, typer.Option("--overwrite", help="Delete the stage folders and start over.")
 ]
+AllSettings = Annotated[bool, typer.Option(help="Print settings at their defaults too.")]
 
 
 # Each given launch option is the `--set launch.KEY=VALUE` it stands for.
@@ -81,13 +82,17 @@ LAUNCH = schema_options(
 def _run_command(name: str, stages: list[str] | None, doc: str) -> Callable[..., None]:
     """A command that runs `stages` (None: the whole pipeline) with the shared options."""
 
-    @with_options("recipe", "output_dir", "set_", "dry_run", "overwrite", LAUNCH, "mixed_precision")
+    @with_options(
+        "recipe", "output_dir", "set_", "dry_run", "overwrite", "all_settings", LAUNCH,
+        "mixed_precision",
+    )  # fmt: skip
     def command(
         recipe: RecipeArg,
         output_dir: OutputDir = None,
         set_: SetOption = None,
         dry_run: DryRun = False,
         overwrite: Overwrite = False,
+        all_settings: AllSettings = False,
         mixed_precision: Annotated[
             Literal["no", "bf16", "fp16"] | None,
             typer.Option(help="Precision of every stage.", rich_help_panel="Launch"),
@@ -96,6 +101,7 @@ def _run_command(name: str, stages: list[str] | None, doc: str) -> Callable[...,
     ) -> None:
         given = option_values(LAUNCH, launch).items()
         sets = [*(set_ or []), *(f"launch.{k}={v}" for k, v in given if v is not None)]
+        sets += ["logging.all_settings=true"] if all_settings else []
         run_stages(name, recipe, stages, output_dir, sets, mixed_precision, dry_run, overwrite)
 
     command.__doc__ = doc

@@ -373,11 +373,22 @@ def test_settings_table_says_where_each_value_came_from(tmp_path):
     from simpo_cli.recipe import settings_table
 
     recipe = load_recipe(str(write(tmp_path, MINIMAL)), ["preference.training.seed=7"])
-    rows = {line.split()[0]: line.split()[1:] for line in settings_table(recipe, "preference")}
+    table = settings_table(recipe, "preference")
+    rows = {line.split()[0]: line.split()[1:] for line in table}
     assert rows["preference.beta"] == ["2.5", "recipe"]
     assert rows["preference.training.seed"] == ["7", "--set"]
-    assert rows["preference.training.learning_rate"] == ["1e-06", "default"]
     assert rows["preference.gamma"] == ["(resolved)", "1.375", "beta", "x", "gamma_beta_ratio"]
+    # The settings at their defaults are counted, not listed (the table was 30 lines a stage).
+    assert "preference.training.learning_rate" not in rows
+    assert all(row[-1] != "default" for row in rows.values())
+    assert table[-1] == (
+        "  (30 more at their defaults: --all-settings prints them; resolved_recipe.yaml holds "
+        "them all)"
+    )
+    every = load_recipe(str(write(tmp_path, MINIMAL)), ["logging.all_settings=true"])
+    rows = {line.split()[0]: line.split()[1:] for line in settings_table(every, "preference")}
+    assert rows["preference.training.learning_rate"] == ["1e-06", "default"]
+    assert len(rows) == len(table) - 1 + 30
 
 
 def test_settings_table_origin_of_a_data_source_written_as_a_mapping():
