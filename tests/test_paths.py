@@ -381,6 +381,9 @@ def test_plot_paths(root):
         f"error: a_file/curves.png: --output lies inside {root / 'a_file'}, which is a file; "
         "choose another --output"
     ]
+    assert refused(root, "plot", ".", "--output", "a_file") == [
+        "error: a_file: --output is not a .png file; give a path ending in .png"
+    ]
 
 
 def test_recipes_copy_destination(root):

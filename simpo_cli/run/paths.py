@@ -60,11 +60,12 @@ def file_problems(path: Path, flag: str) -> list[str]:
     if path.is_dir():
         return [f"{path}: {flag} is a folder; give a file path for {flag}"]
     if path.exists():
-        try:
-            with path.open("ab"):  # opened to append, closed at once: its bytes stay as they are
-                pass
+        try:  # opened to append (not waiting on a pipe), closed at once: its bytes stay
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK))
         except OSError as err:
-            return [_refusal_line(path, path, flag, err)]
+            if err.errno in (errno.EACCES, errno.EROFS):
+                return [_refusal_line(path, path, flag, err)]
+            return [f"{path}: {flag} cannot be written ({err.strerror}); choose another {flag}"]
         return []
     return _parent_problems(path, flag)
 
@@ -352,7 +353,10 @@ def check_plot_paths(run_dir: Path, output: Path | None) -> None:
         problems.append(f"{run_dir}: no such run folder; give a folder `simpo train` wrote")
     elif not run_dir.is_dir():
         problems.append(f"{run_dir}: is a file, not a run folder; give the folder holding it")
-    if output is not None:
+    if output is not None and output.suffix.lower() != ".png":
+        # matplotlib would write OUTPUT.png instead: another path than the one checked.
+        problems.append(f"{output}: --output is not a .png file; give a path ending in .png")
+    elif output is not None:
         problems += file_problems(output, "--output")
     if problems:
         raise UserError(problems)
