@@ -24,6 +24,7 @@ from simpo_cli.flags import (
     schema_options,
     validated,
     with_options,
+    with_plain_help_types,
 )
 from simpo_cli.recipe import (
     TRAINING_STAGES,
@@ -39,6 +40,7 @@ from simpo_cli.run.command import output_folder, run_stages
 from simpo_cli.run.curves import plot_run
 from simpo_cli.run.evaluation import evaluate_models
 from simpo_cli.run.paths import check_copy_destination, check_plot_paths
+from simpo_cli.run.validate import validate_recipes
 
 app = typer.Typer(
     help="Align language models with SimPO from YAML recipes.",
@@ -68,6 +70,7 @@ DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the plan; start n
 Overwrite = Annotated[
     bool, typer.Option("--overwrite", help="Delete the stage folders and start over.")
 ]
+AllSettings = Annotated[bool, typer.Option(help="Print settings at their defaults too.")]
 
 
 # Each given launch option is the `--set launch.KEY=VALUE` it stands for.
@@ -79,13 +82,17 @@ LAUNCH = schema_options(
 def _run_command(name: str, stages: list[str] | None, doc: str) -> Callable[..., None]:
     """A command that runs `stages` (None: the whole pipeline) with the shared options."""
 
-    @with_options("recipe", "output_dir", "set_", "dry_run", "overwrite", LAUNCH, "mixed_precision")
+    @with_options(
+        "recipe", "output_dir", "set_", "dry_run", "overwrite", "all_settings", LAUNCH,
+        "mixed_precision",
+    )  # fmt: skip
     def command(
         recipe: RecipeArg,
         output_dir: OutputDir = None,
         set_: SetOption = None,
         dry_run: DryRun = False,
         overwrite: Overwrite = False,
+        all_settings: AllSettings = False,
         mixed_precision: Annotated[
             Literal["no", "bf16", "fp16"] | None,
             typer.Option(help="Precision of every stage.", rich_help_panel="Launch"),
@@ -94,6 +101,7 @@ def _run_command(name: str, stages: list[str] | None, doc: str) -> Callable[...,
     ) -> None:
         given = option_values(LAUNCH, launch).items()
         sets = [*(set_ or []), *(f"launch.{k}={v}" for k, v in given if v is not None)]
+        sets += ["logging.all_settings=true"] if all_settings else []
         run_stages(name, recipe, stages, output_dir, sets, mixed_precision, dry_run, overwrite)
 
     command.__doc__ = doc
@@ -147,18 +155,8 @@ def validate(
     recipes: Annotated[list[str], typer.Argument(help="Recipe files or shipped names.")],
     set_: SetOption = None,
 ) -> None:
-    """Check recipes against the schema; print every problem. Exit 0 if all are valid, else 2."""
-    failed = False
-    for ref in recipes:
-        try:
-            recipe = load_recipe(ref, set_)
-        except UserError as err:
-            failed = True
-            for line in err.messages:
-                print(f"error: {line}", file=sys.stderr)
-            continue
-        print(f"ok: {ref} ({recipe.name}: {' -> '.join(recipe.pipeline)})")
-    if failed:
+    """Check recipes and their JSON data files' rows; print every problem. Exit 0 if all valid."""
+    if not validate_recipes(recipes, set_):
         raise typer.Exit(2)
 
 
@@ -190,7 +188,7 @@ def data_inspect(
     Prompt, padding and template tokens are masked (not trained); a misplaced mask, a double BOS
     or a missing EOS is visible at a glance.
     """
-    from simpo_cli.data import inspect_row
+    from simpo_cli.data.inspect import inspect_row
 
     loaded = load_recipe(recipe, set_)
     if stage not in TRAINING_STAGES:
@@ -379,7 +377,7 @@ def main() -> None:
         # others get the signals' defaults back.
         if next((a for a in sys.argv[1:] if not a.startswith("-")), None) not in STAGE_COMMANDS:
             stops.release()
-        app()
+        with_plain_help_types(app)()  # no `<bool>` beside a flag in --help
     except UserError as err:
         if speaks:
             for line in err.messages:

@@ -227,3 +227,33 @@ def command_line_again(ctx: typer.Context) -> list[str]:
             continue
         args += [param.opts[0], str(value)]
     return args
+
+
+def with_plain_help_types(app: typer.Typer) -> Any:
+    """The app's click command, its --help as plain_help_types makes it."""
+    command = typer.main.get_command(app)
+    plain_help_types(command)
+    return command
+
+
+def plain_help_types(command: Any) -> None:
+    """typer writes a type beside every parameter in --help, `<bool>` beside a flag and
+    `<list[str]>` beside a repeatable option or argument: a flag gets none (it takes no value)
+    and a repeatable one its item's type (`<str>`), in `command` and its subcommands."""
+    context = typer.Context(command)
+    for param in [*command.params, command.get_help_option(context)]:
+        if param is None or not hasattr(param, "display_type"):
+            continue
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+            continue
+        shown = param.display_type(context)
+        if not shown.startswith("<list["):
+            continue
+        item = "<" + shown[len("<list[") : -len("]>")] + ">"
+        if param.param_type_name == "option":
+            param.metavar = item
+        else:  # an argument's name column reads its metavar: only the type column changes
+            param.display_type_rich = lambda ctx, item=item: item
+    for sub in getattr(command, "commands", {}).values():
+        plain_help_types(sub)

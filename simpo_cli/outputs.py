@@ -100,10 +100,12 @@ class StageDir:
         """
         if self.recipe_file.is_file():
             before = yaml.safe_load(self.recipe_file.read_text()) or {}
-            if stage_identity(before, stage) != identity:
+            earlier = stage_identity(before, stage)
+            if earlier != identity:
                 raise UserError(
-                    f"{self.path}: holds a '{stage}' run made with a different recipe; pass "
-                    "--overwrite to start it over, or choose another --output-dir"
+                    f"{self.path}: holds a run of the '{stage}' stage made with a different "
+                    f"recipe ({recipe_changes(earlier, identity)}); pass --overwrite to start it "
+                    "over, or choose another --output-dir"
                 )
         elif self.path.is_dir() and any(self.path.iterdir()):
             raise UserError(
@@ -141,6 +143,35 @@ class StageDir:
 
     def mark_complete(self, summary: dict[str, Any]) -> None:
         self.write_json(self.complete_file.name, {"finished_at": _now(), **summary})
+
+
+def recipe_changes(before: dict[str, Any], now: dict[str, Any], shown: int = 3) -> str:
+    """The keys whose values differ, as `key: old -> new`, the first `shown` of them and how
+    many more: `preference.beta: 2.5 -> 3, sft.data.max_length: 64 -> 128 and 1 more`."""
+    old, new = _flat(before), _flat(now)
+    keys = [key for key in dict.fromkeys([*old, *new]) if old.get(key) != new.get(key)]
+    changes = [f"{key}: {_shown(old.get(key))} -> {_shown(new.get(key))}" for key in keys]
+    more = f" and {len(changes) - shown} more" if len(changes) > shown else ""
+    return ", ".join(changes[:shown]) + more
+
+
+def _flat(value: Any, key: str = "") -> dict[str, Any]:
+    """A nested recipe dict as {dotted key: value}; lists and other values are leaves."""
+    if not isinstance(value, dict) or not value:
+        return {key: value}
+    return {
+        k: v
+        for name, inner in value.items()
+        for k, v in _flat(inner, f"{key}.{name}".lstrip(".")).items()
+    }
+
+
+def _shown(value: Any) -> str:
+    text = "unset" if value is None else json.dumps(redact(value), default=str)
+    if isinstance(value, str):  # a path differs at its end
+        text = text.strip('"')
+        return text if len(text) <= 40 else "..." + text[-37:]
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _checkpoint_problem(folder: Path) -> str | None:

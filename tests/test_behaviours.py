@@ -144,8 +144,9 @@ def test_an_unfinished_stage_of_another_recipe_is_refused_until_overwrite(
     assert result.code == 2, result.stdout[-2000:]
     assert "Traceback" not in result.stderr
     assert result.errors() == [
-        f"error: {stage}: holds a 'preference' run made with a different recipe; pass "
-        "--overwrite to start it over, or choose another --output-dir"
+        f"error: {stage}: holds a run of the 'preference' stage made with a different recipe "
+        "(preference.beta: 2.5 -> 3.0); pass --overwrite to start it over, or choose another "
+        "--output-dir"
     ]
     assert snapshot(out) == before, "the refused folder was changed"
 

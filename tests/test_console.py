@@ -71,6 +71,13 @@ def test_one_line_of_numbers_per_logging_step(short_run):
     assert short_run.returncode == 0, short_run.stderr[-3000:]
     out = short_run.stdout
     assert "{'" not in out and "{'" not in short_run.stderr, "a log dict was printed"
+    # DeepSpeed (installed in the dev environment) no longer says on stdout, in every CPU run,
+    # that it is setting its accelerator to the CPU.
+    assert "Setting accelerator to CPU" not in out + short_run.stderr
+    # The settings table lists what the recipe and --set give, and counts the defaults.
+    assert ["preference.training.max_steps", "4", "--set"] in [x.split() for x in out.splitlines()]
+    assert "preference.loss_type" not in out
+    assert "more at their defaults: --all-settings prints them;" in out
     steps = [line for line in out.splitlines() if line.startswith("[preference] step ")]
     # logging_first_step, then every 2 steps of 4.
     assert [line.split("  ")[0] for line in steps] == [

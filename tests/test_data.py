@@ -523,6 +523,25 @@ def test_prepare_sft_report(tok):
     assert sorted(kept.column_names) == ["input_ids", "labels", "source_row"]
 
 
+def test_rows_with_an_empty_prompt_are_dropped_and_counted(tok):
+    """`"prompt": ""` was kept and trained on, and the data report did not count it: it is
+    dropped as "empty prompt", in preference and SFT data alike (what `simpo validate` reports
+    too), as is a conversation that opens with the reply (the chat template failed on it)."""
+    pairs = [pair_row("Sort: 2 1", "1 2", "2 1"), pair_row(" ", "1 2", "2 1")]
+    _, report = prepare(datasets.Dataset.from_list(pairs), tok, "preference", "p", 64, 32)
+    assert (report.rows_read, dict(report.dropped)) == (2, {"empty prompt": 1})
+    assert "  dropped (empty prompt): 1" in report.lines()
+    silent = {"chosen": [{"role": "system", "content": ""}, CHOSEN], "rejected": [REJECTED]}
+    assert tokenize_pair(tok, silent, "w", 64, 32)["drop"] == "empty prompt"
+    rows = [
+        {"messages": None, "prompt": "", "completion": "1 2"},
+        {"messages": [CHOSEN], "prompt": None, "completion": None},  # opens with the reply
+        {"messages": [USER, CHOSEN], "prompt": None, "completion": None},
+    ]
+    kept, report = prepare(datasets.Dataset.from_list(rows), tok, "sft", "s", 64)
+    assert (len(kept), dict(report.dropped)) == (1, {"empty prompt": 2})
+
+
 def test_prepare_all_rows_dropped_is_a_data_error(tok):
     rows = [pair_row("a", " ", "b"), pair_row("a", "b", "b")]
     with pytest.raises(DataError) as err:

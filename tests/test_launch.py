@@ -177,6 +177,7 @@ def test_dry_run_for_eight_gpus_prints_a_command_to_paste(tmp_path):
     result = simpo(
         "train", "tiny", "--dry-run", "--output-dir", str(out),
         "--num-processes", "8", "--deepspeed", "zero3", "--mixed-precision", "bf16",
+        "--all-settings",
         "--set", "preference.training.total_batch_size=128",
         "--set", "preference.training.per_device_train_batch_size=2",
         "--set", "sft.training.total_batch_size=128",
@@ -192,6 +193,7 @@ def test_dry_run_for_eight_gpus_prints_a_command_to_paste(tmp_path):
         f"-m simpo_cli train tiny --output-dir {out} "
     )
     assert "--set launch.deepspeed=zero3" in command
+    assert "--set logging.all_settings=true" in command  # each process prints every setting
     assert "--set preference.training.bf16=True" in command
     assert "2 per device x 8 process(es) x 8 accumulation step(s) = 128 per optimizer step" in text
     assert "4 per device x 8 process(es) x 4 accumulation step(s) = 128 per optimizer step" in text

@@ -293,10 +293,11 @@ def test_dry_run_says_what_each_stage_saves_and_which_run_it_would_stop(lora_run
     assert "    LoRA: fresh adapters; saves adapter/ and the merged model" in lines
     # The same folder without LoRA: the run would stop there; the dry run says so.
     result = cli("train", "tiny", "-o", out, "--dry-run")
-    assert (
-        f"  sft -> {out / 'sft'} (stops: {out / 'sft'}: holds a 'sft' run made with a "
-        "different recipe; pass --overwrite to start it over, or choose another --output-dir)"
-    ) in result.stdout.splitlines()
+    [stops] = [line for line in result.stdout.splitlines() if line.startswith("  sft -> ")]
+    assert stops.startswith(
+        f"  sft -> {out / 'sft'} (stops: {out / 'sft'}: holds a run of the 'sft' stage made "
+        "with a different recipe (model.lora."
+    ) and stops.endswith("; pass --overwrite to start it over, or choose another --output-dir)")
     result = cli("train", "tiny", "-o", out, "--dry-run", "--overwrite")
     assert f"  sft -> {out / 'sft'} (starts over: --overwrite)" in result.stdout.splitlines()
 

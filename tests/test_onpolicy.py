@@ -141,7 +141,10 @@ def test_rerun_skips_and_a_changed_reward_is_refused(onpolicy_run, tmp_path):
         "annotate", "tiny-onpolicy", "-o", str(out), *SMALL, "--set", "annotate.min_margin=0.5"
     )
     assert other.returncode == 2
-    assert "holds a 'annotate' run made with a different recipe" in other.stderr
+    assert (
+        "holds a run of the 'annotate' stage made with a different recipe (annotate.min_margin: "
+        in other.stderr
+    )
 
 
 def test_two_processes_give_the_same_samples_and_pairs(onpolicy_run, tmp_path):

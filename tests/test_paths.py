@@ -2,10 +2,13 @@
 and the fix, exit code 2, no traceback, and nothing written (no folder created, no file
 changed). Each case runs the real CLI in a fresh process."""
 
+import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -95,9 +98,34 @@ def test_stage_folder_that_is_a_file(root):
     ]
 
 
+def test_a_stage_folder_of_another_recipe_names_what_differs(cli, root, monkeypatch):
+    """The refusal said only "a different recipe": it names the keys that differ, old -> new,
+    the first three and how many more."""
+    from simpo_cli.recipe import load_recipe
+
+    monkeypatch.chdir(root)
+    changes = ["preference.beta=3", "sft.data.max_length=100", "model.config.hidden_size=32",
+               "preference.data.max_prompt_length=20"]  # fmt: skip
+    old = load_recipe("tiny", changes)
+    for stage in ("preference", "evaluate"):
+        (root / "out" / stage).mkdir(parents=True)
+        (root / "out" / stage / "resolved_recipe.yaml").write_text(old.to_yaml())
+    result = cli("train", "tiny", "-o", "out", "--dry-run")
+    assert result.code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert (
+        f"  preference -> {Path('out/preference')} (stops: {Path('out/preference')}: holds a run "
+        "of the 'preference' stage made with a different recipe (model.config.hidden_size: 32 "
+        "-> 64, sft.data.max_length: 100 -> 64, preference.beta: 3.0 -> 2.0 and 1 more); pass "
+        "--overwrite to start it over, or choose another --output-dir)"
+    ) in lines
+    assert any("holds a run of the 'evaluate' stage made with" in line for line in lines)
+
+
 def test_output_dir_that_cannot_be_written(root):
     """A folder its owner may read but not write (0500), by a user who cannot override that:
-    the check asks the system (os.access), which answers for the real user and capabilities."""
+    the check tries to create a folder there, which the system refuses for the real user and
+    capabilities."""
     locked = root / "locked"
     locked.mkdir()
     locked.chmod(0o500)
@@ -116,14 +144,110 @@ def test_output_dir_that_cannot_be_written(root):
 
 
 def test_unwritable_folders_are_reported(tmp_path, monkeypatch):
-    """The same check without needing a non-root user: os.access says no."""
-    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    """What the system answers to the trial mkdir decides the line; the trial leaves nothing."""
+
+    def refuse(code):
+        def mkdtemp(prefix, dir):
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+
+    refuse(errno.EACCES)
     assert folder_problems(tmp_path / "run", "--output-dir") == [
         f"{tmp_path / 'run'}: --output-dir cannot be created: {tmp_path} is not writable; fix "
         "its permissions or choose another --output-dir"
     ]
     assert folder_problems(tmp_path, "-o") == [
         f"{tmp_path}: -o is not writable; fix its permissions or choose another -o"
+    ]
+    refuse(errno.EROFS)
+    assert folder_problems(tmp_path, "-o") == [
+        f"{tmp_path}: -o is on a read-only filesystem; choose another -o"
+    ]
+    monkeypatch.undo()
+    assert folder_problems(tmp_path, "-o") == [] and list(tmp_path.iterdir()) == []
+
+
+# Every command that writes, with where its output goes ({} is the place under test) and the
+# flag its error names.
+WRITERS = {
+    "train": (("train", "tiny", "-o", "{}"), "{}", "--output-dir"),
+    "sft --dry-run": (("sft", "tiny", "--dry-run", "-o", "{}"), "{}", "--output-dir"),
+    "eval -o": (("eval", "model", "--pairs", "pairs.jsonl", "-o", "{}"), "{}", "--output-dir"),
+    "eval --output": (
+        ("eval", "model", "--pairs", "pairs.jsonl", "--output", "{}/pairs.json"),
+        "{}/pairs.json",
+        "--output",
+    ),
+    "plot --output": (("plot", ".", "--output", "{}/curves.png"), "{}/curves.png", "--output"),
+    "recipes copy": (("recipes", "copy", "tiny", "{}"), "{}", "DEST"),
+}
+
+
+@pytest.fixture
+def writable_inputs(root):
+    """What the writing commands read, present and valid, so that the output is the only
+    problem: a model folder (as the path check sees one) and a pairs file."""
+    (root / "model").mkdir()
+    (root / "model" / "config.json").write_text("{}")
+    (root / "model" / "model.safetensors").write_bytes(b"")
+    (root / "pairs.jsonl").write_text("{}\n")
+    return root
+
+
+@pytest.mark.parametrize("command", WRITERS)
+@pytest.mark.parametrize("place", ["/proc/nope", "/sys/x", "a_file/x"])
+def test_output_that_cannot_be_created(cli, writable_inputs, monkeypatch, command, place):
+    """The issue's crashes (`simpo train tiny -o /proc/nope` ended in a traceback, exit 1): a
+    pseudo-filesystem that refuses the mkdir, or a file in the way, is one line naming the
+    flag, exit 2, and nothing written, for every command that writes."""
+    root = writable_inputs
+    monkeypatch.chdir(root)
+    args, shown, flag = WRITERS[command]
+    shown = shown.format(place)
+    before = snapshot(root)
+    result = cli(*(arg.format(place) for arg in args))
+    assert result.code == 2, (result.stdout[-2000:], result.stderr[-2000:])
+    assert result.stderr.splitlines() == result.errors() and len(result.errors()) == 1
+    [line] = result.errors()
+    if place == "a_file/x":
+        assert line == (
+            f"error: {shown}: {flag} lies inside {root / 'a_file'}, which is a file; choose "
+            f"another {flag}"
+        )
+    else:
+        top = place.rsplit("/", 1)[0]
+        assert line.startswith(f"error: {shown}: {flag} cannot be created: {top} is "), line
+        assert line.endswith(f"; choose another {flag}"), line
+    assert snapshot(root) == before, "something was written"
+
+
+def _can_mount_read_only(folder: Path) -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run([*read_only(folder), "true"], capture_output=True)
+    return probe.returncode == 0
+
+
+def read_only(folder: Path) -> tuple[str, ...]:
+    """Run the command with `folder` read-only (a read-only bind mount of it onto itself in a
+    mount namespace of the command's own, util-linux's unshare; needs root or user namespaces)."""
+    return ("unshare", "-m", "sh", "-c", 'mount --bind -o ro "$0" "$0" && exec "$@"', str(folder))
+
+
+@pytest.mark.parametrize("command", WRITERS)
+def test_output_on_a_read_only_filesystem(writable_inputs, command):
+    """A read-only filesystem is named as one (not as a permission to fix)."""
+    root = writable_inputs
+    locked = root / "locked"
+    locked.mkdir()
+    if not _can_mount_read_only(locked):
+        pytest.skip("no read-only bind mount here (unshare -m needs root or user namespaces)")
+    args, shown, flag = WRITERS[command]
+    lines = refused(root, *(arg.format("locked/x") for arg in args), prefix=read_only(locked))
+    assert lines == [
+        f"error: {shown.format('locked/x')}: {flag} cannot be created: {locked} is on a "
+        f"read-only filesystem; choose another {flag}"
     ]
 
 
@@ -256,6 +380,9 @@ def test_plot_paths(root):
     assert refused(root, "plot", ".", "--output", "a_file/curves.png") == [
         f"error: a_file/curves.png: --output lies inside {root / 'a_file'}, which is a file; "
         "choose another --output"
+    ]
+    assert refused(root, "plot", ".", "--output", "a_file") == [
+        "error: a_file: --output is not a .png file; give a path ending in .png"
     ]
 
 

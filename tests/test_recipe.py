@@ -1,5 +1,6 @@
 """The recipe schema, overrides and error messages; the read-only CLI commands."""
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -236,6 +237,11 @@ def test_resolved_recipe_round_trips(tmp_path):
 def test_cli_validate_exit_codes(tmp_path):
     good = write(tmp_path, MINIMAL)
     bad = write(tmp_path, MINIMAL.replace("beta: 2.5", "beta: -1"), "bad.yaml")
+    missing = simpo("validate", str(good))
+    assert missing.returncode == 2 and "pairs.jsonl: preference.data.train: no such" in (
+        missing.stderr
+    )
+    pairs_file(tmp_path, [PAIR])  # beside the recipe, where its relative path is looked for
     ok = simpo("validate", str(good), "tiny")
     assert ok.returncode == 0, ok.stderr
     assert "ok: tiny" in ok.stdout
@@ -245,6 +251,55 @@ def test_cli_validate_exit_codes(tmp_path):
     assert (
         result.stderr.strip()
         == f"error: {bad}: preference.beta = -1: input should be greater than 0; raise it"
+    )
+
+
+PAIR = {"prompt": "Sort: 3 1", "chosen": "1 3", "rejected": "3 1"}
+AS_MESSAGES = {
+    "chosen": [{"role": "user", "content": "Sort: 5 4"}, {"role": "assistant", "content": "4 5"}],
+    "rejected": [{"role": "user", "content": "Sort: 5 4"}, {"role": "assistant", "content": "5 4"}],
+}
+
+
+def pairs_file(folder: Path, rows: list[dict]) -> Path:
+    path = folder / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_validate_reads_the_data_as_training_does(cli, tmp_path):
+    """The issue: validate said ok to rows mixing message lists and strings, which training
+    then refused. It reads a JSON file's rows with training's own checks (no model): the bad
+    row is named, exit 2; a row with an empty prompt is counted as dropped, as training counts
+    it; a missing file is named; a hub dataset is named as not read here."""
+    mixed = pairs_file(tmp_path, [PAIR, PAIR, PAIR, AS_MESSAGES])
+    result = cli("validate", "tiny", "--set", f"preference.data.train={mixed}")
+    assert result.code == 2 and result.stdout == ""
+    assert result.errors() == [
+        f"error: preference.data.train: {mixed}: line 4: 'chosen' is a list but line 1 has a "
+        "string; make each column one type (e.g. chosen always a list of messages)"
+    ]
+    no_reply = pairs_file(tmp_path, [AS_MESSAGES, {**AS_MESSAGES, "chosen": [{"role": "user"}]}])
+    result = cli("validate", "tiny", "--set", f"preference.data.train={no_reply}")
+    assert result.errors() == [
+        "error: preference.data.train: line 2: chosen must end with an assistant message"
+    ]
+    empty = pairs_file(tmp_path, [PAIR, {**PAIR, "prompt": ""}, PAIR])
+    result = cli("validate", "tiny", "--set", f"preference.data.train={empty}",
+                 "--set", "sft.data.eval=missing.jsonl")  # fmt: skip
+    assert result.code == 2 and result.errors() == [
+        "error: missing.jsonl: sft.data.eval: no such data file or folder (looked beside the "
+        "recipe and in the current folder); fix the path, or give a hub dataset name (owner/name)"
+    ]
+    result = cli("validate", "tiny", "--set", f"preference.data.train={empty}",
+                 "--set", "sft.data.eval=owner/sft-pairs")  # fmt: skip
+    assert result.code == 0, result.stderr
+    assert "  preference.data.train: 3 rows read; 1 dropped (empty prompt: line 2)" in (
+        result.stdout.splitlines()
+    )
+    assert (
+        "  sft.data.eval: not read here (a hub dataset: owner/sft-pairs); `simpo data inspect "
+        "tiny --stage sft` reads it" in result.stdout.splitlines()
     )
 
 
@@ -274,10 +329,24 @@ def test_config_show_prints_resolved_yaml_without_torch():
     assert result.stdout.startswith("name: tiny\n")
     assert result.stdout.endswith(
         "# resolved gamma = 1.5\nok: tiny (tiny: sft -> preference -> evaluate)\n"
+        "  sft.data.train: 320 rows read\n  sft.data.eval: 200 rows read\n"
+        "  preference.data.train: 3000 rows read\n  preference.data.eval: 300 rows read\n"
     )
     shown = yaml.safe_load(result.stdout.split("ok: tiny")[0])
     assert shown["preference"]["beta"] == 3.0
     assert shown["preference"]["training"]["warmup_ratio"] == 0.1  # a default, filled in
+
+
+def test_help_shows_no_type_beside_a_flag(cli):
+    """typer wrote `<bool>` beside every flag (--dry-run, --help) and `<list[str]>` beside a
+    repeatable option or argument: flags show none, repeatable ones their item's type."""
+    for command in (["train"], ["validate"], ["eval"]):
+        result = cli(*command, "--help")
+        assert result.code == 0, result.stderr
+        assert "<bool>" not in result.stdout and "<list[" not in result.stdout, result.stdout
+        set_line = next(line for line in result.stdout.splitlines() if "--set" in line or (
+            "models..." in line))  # fmt: skip
+        assert "<str>" in set_line, set_line
 
 
 def test_help_on_every_command():
@@ -304,11 +373,22 @@ def test_settings_table_says_where_each_value_came_from(tmp_path):
     from simpo_cli.recipe import settings_table
 
     recipe = load_recipe(str(write(tmp_path, MINIMAL)), ["preference.training.seed=7"])
-    rows = {line.split()[0]: line.split()[1:] for line in settings_table(recipe, "preference")}
+    table = settings_table(recipe, "preference")
+    rows = {line.split()[0]: line.split()[1:] for line in table}
     assert rows["preference.beta"] == ["2.5", "recipe"]
     assert rows["preference.training.seed"] == ["7", "--set"]
-    assert rows["preference.training.learning_rate"] == ["1e-06", "default"]
     assert rows["preference.gamma"] == ["(resolved)", "1.375", "beta", "x", "gamma_beta_ratio"]
+    # The settings at their defaults are counted, not listed (the table was 30 lines a stage).
+    assert "preference.training.learning_rate" not in rows
+    assert all(row[-1] != "default" for row in rows.values())
+    assert table[-1] == (
+        "  (30 more at their defaults: --all-settings prints them; resolved_recipe.yaml holds "
+        "them all)"
+    )
+    every = load_recipe(str(write(tmp_path, MINIMAL)), ["logging.all_settings=true"])
+    rows = {line.split()[0]: line.split()[1:] for line in settings_table(every, "preference")}
+    assert rows["preference.training.learning_rate"] == ["1e-06", "default"]
+    assert len(rows) == len(table) - 1 + 30
 
 
 def test_settings_table_origin_of_a_data_source_written_as_a_mapping():

@@ -382,6 +382,10 @@ def test_recipes_list_does_not_import_torch():
     assert rows["llama3-instruct-simpo-qlora"].split()[2:] == [
         "simpo", "beta=2.5", "gamma/beta=0.55", "lr=5e-06;", "lora", "r=128", "4bit",
     ]  # fmt: skip
+    # The reward file beside tiny-onpolicy's recipe as the shipped layout has it, not as this
+    # machine's absolute path.
+    assert "reward=tiny-onpolicy/reward.py:sorted_digits;" in rows["tiny-onpolicy"].split()
+    assert str(RECIPES_DIR) not in result.stdout
 
 
 @pytest.mark.parametrize("name", ["tiny", "llama3-instruct-simpo", "gemma2-9b-it-dpo"])

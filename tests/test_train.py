@@ -263,7 +263,10 @@ def test_changed_recipe_does_not_reuse_a_stage(tiny_run, cli):
     result = cli("train", "tiny", "--output-dir", out, "--set", "preference.beta=3")
     assert result.code == 2
     assert "Traceback" not in result.stderr
-    assert "holds a 'preference' run made with a different recipe" in result.stderr
+    assert (
+        "holds a run of the 'preference' stage made with a different recipe (preference.beta: "
+        "2.0 -> 3.0)" in result.stderr
+    )
     assert (out / "preference" / "stage_complete.json").is_file(), "nothing was deleted"
 
 
@@ -422,6 +425,31 @@ def test_simpo_compute_loss_matches_separate_passes(tmp_path, monkeypatch, sft_w
 
 
 # --------------------------------------------------------------------------- the picture
+
+
+def test_curves_have_no_empty_panels_and_labelled_axes(tmp_path):
+    """The figure had a row of three panels per stage, so an SFT stage left two empty, and no
+    y-axis labels: each stage now has the panels of what it logged, every axis labelled."""
+    pytest.importorskip("matplotlib")
+    from simpo_cli.run.curves import curves_figure
+
+    sft = [{"step": s, "loss": 5 - s / 10} for s in (1, 2)] + [{"step": 2, "eval_loss": 4.0}]
+    keys = ("loss", "rewards/accuracies", "rewards/margins")
+    preference = [{"step": s, **dict.fromkeys(keys, 0.5)} for s in (1, 2)]
+    preference.append({"step": 2, **{f"eval_{key}": 0.6 for key in keys}})
+    for name, rows in (("sft", sft), ("preference", preference)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fig = curves_figure([tmp_path / "sft", tmp_path / "preference"])
+    axes = fig.get_axes()
+    assert [ax.get_title() for ax in axes] == [
+        "sft: loss", "preference: loss", "preference: reward accuracy",
+        "preference: reward margin",
+    ]  # fmt: skip
+    for ax in axes:
+        assert ax.lines and ax.axison, ax.get_title()
+        assert ax.get_xlabel() == "optimizer step"
+        assert ax.get_ylabel() == ax.get_title().split(": ")[1]
 
 
 @pytest.mark.slow

@@ -1,80 +1,68 @@
-"""Data: reading sources, the tokenizer, rendering and tokenizing rows, collating batches, and
-showing one example (`simpo data inspect`), one module per concern:
+"""Data: reading sources, the row formats, the tokenizer, rendering and tokenizing rows,
+collating batches, and showing one example (`simpo data inspect`), one module per concern:
 
 - sources.py   a DataSource into a Dataset, row locations, JSON rows, fingerprints;
+- rows.py      a row's messages, the columns a stage needs, a file's rows checked (no torch);
 - tokenizer.py the stage's tokenizer;
-- tokenize.py  rendering, the row formats, tokenizing, masking and truncating rows;
+- tokenize.py  rendering, tokenizing, masking and truncating rows;
 - collate.py   padding and packing tokenized examples into batches (loads torch);
 - inspect.py   one row shown as training sees it.
 
 Code outside the package imports these names from simpo_cli.data; the modules inside import each
-other directly (inspect -> tokenize -> sources, tokenizer), never through this file.
+other directly (inspect -> tokenize -> rows -> sources, tokenizer), never through this file.
+Each name is loaded from its module when first used, so that importing rows or sources (as
+`simpo validate` does) does not load torch with collate and tokenize.
 """
 
-from simpo_cli.data.collate import (
-    LENGTH_COLUMN,
-    PreferenceCollator,
-    SFTCollator,
-    collate_sequences,
-    with_lengths,
-)
-from simpo_cli.data.inspect import inspect_row, show_tokens
-from simpo_cli.data.sources import (
-    LOCAL_SUFFIXES,
-    LOCATION_COLUMN,
-    SOURCE_ROW,
-    fingerprint,
-    load_source,
-    read_json_rows,
-    row_location,
-)
-from simpo_cli.data.tokenize import (
-    PREFERENCE_COLUMNS,
-    SFT_COLUMNS,
-    DataReport,
-    Message,
-    add_mismatched_pairs,
-    as_messages,
-    check_columns,
-    preference_messages,
-    prepare,
-    render_segments,
-    sft_messages,
-    tokenize_conversation,
-    tokenize_pair,
-    tokenize_segments,
-)
-from simpo_cli.data.tokenizer import adds_bos, load_tokenizer
+import importlib
+from typing import Any
 
-__all__ = [
-    "LENGTH_COLUMN",
-    "LOCAL_SUFFIXES",
-    "LOCATION_COLUMN",
-    "PREFERENCE_COLUMNS",
-    "SFT_COLUMNS",
-    "SOURCE_ROW",
-    "DataReport",
-    "Message",
-    "PreferenceCollator",
-    "SFTCollator",
-    "add_mismatched_pairs",
-    "adds_bos",
-    "as_messages",
-    "check_columns",
-    "collate_sequences",
-    "fingerprint",
-    "inspect_row",
-    "load_source",
-    "load_tokenizer",
-    "preference_messages",
-    "prepare",
-    "read_json_rows",
-    "render_segments",
-    "row_location",
-    "sft_messages",
-    "show_tokens",
-    "tokenize_conversation",
-    "tokenize_pair",
-    "tokenize_segments",
-    "with_lengths",
-]
+_NAMES = {
+    "collate": (
+        "LENGTH_COLUMN",
+        "PreferenceCollator",
+        "SFTCollator",
+        "collate_sequences",
+        "with_lengths",
+    ),
+    "inspect": ("inspect_row", "show_tokens"),
+    "rows": (
+        "PREFERENCE_COLUMNS",
+        "SFT_COLUMNS",
+        "Message",
+        "as_messages",
+        "check_columns",
+        "check_rows",
+        "preference_messages",
+        "sft_messages",
+    ),
+    "sources": (
+        "LOCAL_SUFFIXES",
+        "LOCATION_COLUMN",
+        "SOURCE_ROW",
+        "fingerprint",
+        "load_source",
+        "read_json_rows",
+        "row_location",
+    ),
+    "tokenize": (
+        "DataReport",
+        "add_mismatched_pairs",
+        "prepare",
+        "render_segments",
+        "tokenize_conversation",
+        "tokenize_pair",
+        "tokenize_segments",
+    ),
+    "tokenizer": ("adds_bos", "load_tokenizer"),
+}
+_MODULE_OF = {name: module for module, names in _NAMES.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+    globals()[name] = value  # found directly from now on
+    return value

@@ -1,6 +1,7 @@
 """Reading data sources: a DataSource (a .json/.jsonl/.parquet file, a save_to_disk folder, or a
 hub dataset) into a datasets.Dataset; each raw row's place in its source (LOCATION_COLUMN,
-row_location, SOURCE_ROW); the JSON reader the evaluation data shares (read_json_rows); and a
+row_location, SOURCE_ROW); the JSON reader and its one-type-per-column check
+(check_column_kinds); the evaluation data shares (read_json_rows); and a
 source's fingerprint for the reproducibility record. No tokenizer, no chat template, no torch.
 """
 
@@ -90,6 +91,23 @@ def _json_dataset(path: Path, role: str):
     columns: dict[str, None] = {}  # ordered set: first appearance
     for _, row in numbered:
         columns.update(dict.fromkeys(row))
+    check_column_kinds(numbered, unit, role, path)
+    table = {key: [row.get(key) for _, row in numbered] for key in columns}
+    table[LOCATION_COLUMN] = [f"{unit} {number}" for number, _ in numbered]
+    try:
+        return datasets.Dataset.from_dict(table)
+    except (TypeError, ValueError) as err:  # pyarrow's ArrowTypeError / ArrowInvalid
+        raise DataError(
+            f"{_at(role, path)}: rows hold values of different shapes that cannot form one column "
+            f"({err}); make each column one type"
+        ) from None
+
+
+def check_column_kinds(
+    numbered: list[tuple[int, dict[str, Any]]], unit: str, role: str, path: Path
+) -> None:
+    """Each column one JSON type in every row that has it (a dataset column holds one type):
+    else DataError naming the first row that differs and the row it differs from."""
     kinds: dict[str, tuple[str, int]] = {}
     for number, row in numbered:
         for key, value in row.items():
@@ -103,15 +121,6 @@ def _json_dataset(path: Path, role: str):
                     f"has {first[0]}; make each column one type (e.g. chosen always a list of "
                     "messages)"
                 )
-    table = {key: [row.get(key) for _, row in numbered] for key in columns}
-    table[LOCATION_COLUMN] = [f"{unit} {number}" for number, _ in numbered]
-    try:
-        return datasets.Dataset.from_dict(table)
-    except (TypeError, ValueError) as err:  # pyarrow's ArrowTypeError / ArrowInvalid
-        raise DataError(
-            f"{_at(role, path)}: rows hold values of different shapes that cannot form one column "
-            f"({err}); make each column one type"
-        ) from None
 
 
 def _json_kind(value: Any) -> str:

@@ -1,7 +1,7 @@
-"""Rows to training examples: rendering a conversation with the chat template, the row formats
-(as_messages, preference_messages, sft_messages, check_columns), and tokenizing, masking and
-truncating rows (tokenize_pair, tokenize_conversation, prepare, add_mismatched_pairs). Reading a
-source is sources.py, the tokenizer tokenizer.py, batching collate.py.
+"""Rows to training examples: rendering a conversation with the chat template, and tokenizing,
+masking and truncating rows (tokenize_pair, tokenize_conversation, prepare,
+add_mismatched_pairs). Reading a source is sources.py, a row's messages rows.py, the tokenizer
+tokenizer.py, batching collate.py.
 
 Default convention (SFT data, and preference data with tokenization "default"):
 - prompt   = the chat template applied to the prompt messages with the generation prompt;
@@ -20,20 +20,25 @@ with the paper's runs):
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from jinja2.exceptions import TemplateError
 
-from simpo_cli.data.sources import LOCATION_COLUMN, SOURCE_ROW, row_location
+from simpo_cli.data.rows import (
+    EMPTY_PROMPT,
+    Message,
+    check_columns,
+    empty_prompt,
+    preference_messages,
+    sft_messages,
+    text_of,
+)
+from simpo_cli.data.sources import SOURCE_ROW, row_location
 from simpo_cli.data.tokenizer import adds_bos
 from simpo_cli.errors import DataError
 from simpo_cli.losses import IGNORE_INDEX
-
-Message = dict[str, Any]
-
 
 # --------------------------------------------------------------------------- rendering
 
@@ -100,70 +105,6 @@ def _last_reply(ids: list[int], labels: list[int]) -> list[int]:
     return ids[start:end]
 
 
-# --------------------------------------------------------------------------- row formats
-
-
-def as_messages(value: Any, role: str, where: str) -> list[Message]:
-    if value is None:
-        raise DataError(f"{where}: no value in this row; give a string or a list of messages")
-    if isinstance(value, str):
-        return [{"role": role, "content": value}]
-    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value):
-        return [{"role": m["role"], "content": m.get("content") or ""} for m in value]
-    raise DataError(f"{where}: expected a string or a list of {{role, content}} messages")
-
-
-def preference_messages(row: dict[str, Any], where: str) -> tuple[list[Message], Message, Message]:
-    """(prompt messages, chosen reply, rejected reply) from any supported preference format:
-    chosen/rejected message lists holding the prompt (princeton-nlp), message lists plus a
-    `prompt` column (UltraFeedback-binarized), or prompt/chosen/rejected strings."""
-    chosen = as_messages(row["chosen"], "assistant", f"{where}: chosen")
-    rejected = as_messages(row["rejected"], "assistant", f"{where}: rejected")
-    for name, conversation in (("chosen", chosen), ("rejected", rejected)):
-        if not conversation or conversation[-1]["role"] != "assistant":
-            raise DataError(f"{where}: {name} must end with an assistant message")
-    prompt = chosen[:-1]
-    if len(rejected) > 1 and rejected[:-1] != prompt:
-        raise DataError(f"{where}: chosen and rejected have different prompt turns")
-    if not prompt:
-        if row.get("prompt") is None:
-            raise DataError(
-                f"{where}: no prompt: chosen holds only the reply and this row has no 'prompt' "
-                "value; put the prompt turns before the reply in chosen/rejected, or give prompt"
-            )
-        prompt = as_messages(row["prompt"], "user", f"{where}: prompt")
-    return prompt, chosen[-1], rejected[-1]
-
-
-def sft_messages(row: dict[str, Any], where: str) -> list[Message]:
-    """The conversation of an SFT row: a `messages` list, or prompt/completion (a file may mix
-    the two forms: a row with no messages value is read as prompt/completion)."""
-    if row.get("messages") is not None:
-        messages = as_messages(row["messages"], "user", f"{where}: messages")
-    else:
-        prompt = as_messages(row.get("prompt"), "user", f"{where}: prompt")
-        completion = as_messages(row.get("completion"), "assistant", f"{where}: completion")
-        messages = prompt + completion
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{where}: the conversation has no assistant turn to train on")
-    return messages
-
-
-PREFERENCE_COLUMNS = ({"chosen", "rejected"},)
-SFT_COLUMNS = ({"messages"}, {"prompt", "completion"})
-
-
-def check_columns(columns: list[str], kind: str, where: str) -> None:
-    accepted = PREFERENCE_COLUMNS if kind == "preference" else SFT_COLUMNS
-    columns = [c for c in columns if c != LOCATION_COLUMN]
-    if any(need <= set(columns) for need in accepted):
-        return
-    wanted = " or ".join("/".join(sorted(need)) for need in accepted)
-    raise DataError(
-        f"{where}: missing column(s) for {kind} data: need {wanted}; found {', '.join(columns)}"
-    )
-
-
 # --------------------------------------------------------------------------- tokenizing rows
 
 
@@ -189,11 +130,6 @@ class DataReport:
         return out
 
 
-def _content(message: Message) -> str:
-    content = message["content"]
-    return content if isinstance(content, str) else json.dumps(content)
-
-
 def tokenize_pair(
     tokenizer,
     row: dict[str, Any],
@@ -206,9 +142,11 @@ def tokenize_pair(
     `tokenization` convention: "default" or "authors" (see the module docstring)."""
     prompt, chosen, rejected = preference_messages(row, where)
     out: dict[str, Any] = {"drop": "", "truncated": False}
-    if not _content(chosen).strip() or not _content(rejected).strip():
+    if empty_prompt([*prompt, chosen]):
+        out["drop"] = EMPTY_PROMPT
+    elif not text_of(chosen).strip() or not text_of(rejected).strip():
         out["drop"] = "empty response"
-    elif _content(chosen) == _content(rejected):
+    elif text_of(chosen) == text_of(rejected):
         out["drop"] = "chosen identical to rejected"
     if out["drop"]:
         return {
@@ -336,8 +274,11 @@ def tokenize_conversation(
 ) -> dict[str, Any]:
     """One SFT row -> input_ids and labels (every assistant turn trained), cut to max_length."""
     messages = sft_messages(row, where)
-    if not any(_content(m).strip() for m in messages if m["role"] == "assistant"):
-        return {"input_ids": [], "labels": [], "drop": "empty response", "truncated": False}
+    drop = EMPTY_PROMPT if empty_prompt(messages) else ""
+    if not drop and not any(text_of(m).strip() for m in messages if m["role"] == "assistant"):
+        drop = "empty response"
+    if drop:
+        return {"input_ids": [], "labels": [], "drop": drop, "truncated": False}
     ids, labels = tokenize_segments(tokenizer, render_segments(tokenizer, messages))
     truncated = len(ids) > max_length
     ids, labels = ids[:max_length], labels[:max_length]

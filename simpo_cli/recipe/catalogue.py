@@ -12,7 +12,7 @@ from simpo_cli.recipe.evaluate import EvaluateStage
 from simpo_cli.recipe.load import read_yaml
 from simpo_cli.recipe.onpolicy import AnnotateStage, GenerateStage
 from simpo_cli.recipe.schema import Recipe
-from simpo_cli.recipe.shipped import shipped_recipe_dir
+from simpo_cli.recipe.shipped import RECIPES_DIR, shipped_recipe_dir
 from simpo_cli.recipe.train import LOSS_DEFAULTS, PreferenceStage
 
 
@@ -48,7 +48,7 @@ def recipe_summary(recipe: Recipe) -> tuple[str, str, str]:
             shown.append(f"samples={len(stage.sample_seeds)} T={stage.temperature:g}")
         elif isinstance(stage, AnnotateStage):
             methods.append("annotate")
-            shown.append(f"reward={stage.reward.model or stage.reward.function}")
+            shown.append(f"reward={_as_written(stage.reward.model or stage.reward.function)}")
         elif isinstance(stage, EvaluateStage):
             methods.append("evaluate")
         else:
@@ -62,6 +62,17 @@ def recipe_summary(recipe: Recipe) -> tuple[str, str, str]:
         quantized = f" {recipe.model.quantization}" if recipe.model.quantization else ""
         settings.append(f"lora r={lora.r}{quantized}")
     return model, " -> ".join(methods), "; ".join(settings)
+
+
+def _as_written(value: str) -> str:
+    """A path the loader made absolute (a reward file beside a shipped recipe), shown relative to
+    the shipped recipes' folder as `recipes copy` lays it out, not as this machine's path; a
+    `file.py:name` keeps its name. Anything else as it is."""
+    target, colon, name = value.rpartition(":") if ".py:" in value else (value, "", "")
+    path = Path(target)
+    if path.is_absolute() and path.is_relative_to(RECIPES_DIR):
+        return f"{path.relative_to(RECIPES_DIR)}{colon}{name}"
+    return value
 
 
 def copy_recipe(name: str, dest: Path) -> list[tuple[Path, str | None]]:

@@ -150,6 +150,11 @@ class LoggingSettings(Section):
     )
     project: str = Field("simpo", description="wandb project name.")
     run_name: str | None = Field(None, description="Run name; default: recipe name + stage.")
+    all_settings: bool = Field(
+        False,
+        description="Print every setting of a stage as it starts, defaults included; default: "
+        "those the recipe or --set gives (resolved_recipe.yaml holds them all).",
+    )
 
     @field_validator("report_to", mode="before")
     @classmethod

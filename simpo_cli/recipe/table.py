@@ -12,8 +12,9 @@ from simpo_cli.redact import redact_setting
 
 
 def settings_table(recipe: Recipe, stage: StageName) -> list[str]:
-    """Every resolved setting of a stage, one per line, with where it came from: the recipe
-    file, a --set override, or the default."""
+    """The resolved settings of a stage, one per line, with where each came from: the recipe
+    file, a --set override (or the stage that made the value). Those at their defaults follow
+    only with logging.all_settings (--all-settings); else one line counts them."""
     section = recipe.stage(stage)
     rows: list[tuple[str, str, str]] = []
 
@@ -51,6 +52,15 @@ def settings_table(recipe: Recipe, stage: StageName) -> list[str]:
     if isinstance(section, PreferenceStage) and section.loss == "simpo":
         how = "gamma" if section.gamma is not None else "beta x gamma_beta_ratio"
         rows.insert(2, (f"{stage}.gamma (resolved)", f"{section.resolved_gamma:g}", how))
-    width = max(len(key) for key, _, _ in rows)
-    value_width = min(max(len(value) for _, value, _ in rows), 16)
-    return [f"  {k:<{width}}  {v:<{value_width}}  {o}" for k, v, o in rows]
+    defaults = [row for row in rows if row[2] == "default"]
+    if not recipe.logging.all_settings:
+        rows = [row for row in rows if row[2] != "default"]
+    width = max((len(key) for key, _, _ in rows), default=0)
+    value_width = min(max((len(value) for _, value, _ in rows), default=0), 16)
+    lines = [f"  {k:<{width}}  {v:<{value_width}}  {o}" for k, v, o in rows]
+    if defaults and not recipe.logging.all_settings:
+        lines.append(
+            f"  ({len(defaults)} more at their defaults: --all-settings prints them; "
+            "resolved_recipe.yaml holds them all)"
+        )
+    return lines

@@ -10,7 +10,9 @@ This module must not import torch: `--dry-run` checks paths too.
 
 from __future__ import annotations
 
+import errno
 import os
+import tempfile
 from pathlib import Path
 
 from simpo_cli import launch  # no torch at import
@@ -42,14 +44,13 @@ def _exists(value: str) -> Path | None:
 
 
 def folder_problems(path: Path, flag: str) -> list[str]:
-    """A folder we will create or write into: not a file, not under a file, writable."""
+    """A folder we will create or write into: not a file, not under a file, and one the system
+    lets us create things in (asked by trying, see `_refusal`)."""
     path = path.expanduser()
     if path.exists():
         if not path.is_dir():
             return [f"{path}: {flag} is a file, not a folder; choose another {flag}"]
-        if not os.access(path, os.W_OK | os.X_OK):
-            return [f"{path}: {flag} is not writable; fix its permissions or choose another {flag}"]
-        return []
+        return _refusal(path, path, flag)
     return _parent_problems(path, flag)
 
 
@@ -59,8 +60,12 @@ def file_problems(path: Path, flag: str) -> list[str]:
     if path.is_dir():
         return [f"{path}: {flag} is a folder; give a file path for {flag}"]
     if path.exists():
-        if not os.access(path, os.W_OK):
-            return [f"{path}: {flag} is not writable; fix its permissions or choose another {flag}"]
+        try:  # opened to append (not waiting on a pipe), closed at once: its bytes stay
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK))
+        except OSError as err:
+            if err.errno in (errno.EACCES, errno.EROFS):
+                return [_refusal_line(path, path, flag, err)]
+            return [f"{path}: {flag} cannot be written ({err.strerror}); choose another {flag}"]
         return []
     return _parent_problems(path, flag)
 
@@ -72,13 +77,35 @@ def _parent_problems(path: Path, flag: str) -> list[str]:
             continue
         if not parent.is_dir():
             return [f"{path}: {flag} lies inside {parent}, which is a file; choose another {flag}"]
-        if not os.access(parent, os.W_OK | os.X_OK):
-            return [
-                f"{path}: {flag} cannot be created: {parent} is not writable; fix its "
-                f"permissions or choose another {flag}"
-            ]
-        return []
+        return _refusal(parent, path, flag)
     return []
+
+
+def _refusal(folder: Path, path: Path, flag: str) -> list[str]:
+    """Whether the system lets us create an entry in `folder`, asked by creating an empty
+    scratch folder there and removing it at once. os.access cannot answer this: it says yes to
+    root for /proc and /sys, which then refuse the mkdir; and its no does not tell a read-only
+    filesystem from a permission."""
+    try:
+        probe = tempfile.mkdtemp(prefix=".simpo-write-check-", dir=folder)
+    except OSError as err:
+        return [_refusal_line(folder, path, flag, err)]
+    os.rmdir(probe)
+    return []
+
+
+def _refusal_line(folder: Path, path: Path, flag: str, err: OSError) -> str:
+    """One line for a refused write into `folder`, on the way to `path`."""
+    what = f"{flag} is" if folder == path else f"{flag} cannot be created: {folder} is"
+    if err.errno == errno.EACCES:
+        return f"{path}: {what} not writable; fix its permissions or choose another {flag}"
+    if err.errno == errno.EROFS:
+        return f"{path}: {what} on a read-only filesystem; choose another {flag}"
+    # /proc and /sys say "No such file or directory" or "Operation not permitted" to a mkdir.
+    return (
+        f"{path}: {what} a folder that takes no new entries (mkdir: {err.strerror}); "
+        f"choose another {flag}"
+    )
 
 
 # --------------------------------------------------------------------------- inputs
@@ -173,7 +200,9 @@ def check_paths(
         if not problems:
             for name in stages:
                 stage_dir = output_dir.expanduser() / name
-                if stage_dir.exists() and not stage_dir.is_dir():
+                if stage_dir.is_dir():
+                    problems += folder_problems(stage_dir, output_flag)
+                elif stage_dir.exists():
                     problems.append(
                         f"{stage_dir}: is a file where the '{name}' stage folder goes; remove "
                         f"it or choose another {output_flag}"
@@ -324,7 +353,10 @@ def check_plot_paths(run_dir: Path, output: Path | None) -> None:
         problems.append(f"{run_dir}: no such run folder; give a folder `simpo train` wrote")
     elif not run_dir.is_dir():
         problems.append(f"{run_dir}: is a file, not a run folder; give the folder holding it")
-    if output is not None:
+    if output is not None and output.suffix.lower() != ".png":
+        # matplotlib would write OUTPUT.png instead: another path than the one checked.
+        problems.append(f"{output}: --output is not a .png file; give a path ending in .png")
+    elif output is not None:
         problems += file_problems(output, "--output")
     if problems:
         raise UserError(problems)
