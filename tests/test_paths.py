@@ -231,18 +231,18 @@ def test_path_errors_come_before_torch_is_imported(root):
 def test_eval_paths(root):
     (root / "not_a_model").mkdir()
     (root / "not_a_model" / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    lines = refused(root, "eval", "not_a_model", "--pairs", "pairs.jsonl", "--output",
+    lines = refused(root, "eval", "not_a_model", "--pairs", "pairs.jsonl", "--pairs-output",
                     "a_file/scores.json")  # fmt: skip
     assert lines == [
-        "error: not_a_model: MODEL_DIR: not a model folder (no weights (*.safetensors or "
+        "error: not_a_model: model to evaluate: not a model folder (no weights (*.safetensors or "
         "*.bin)); give a folder a model was saved to, e.g. outputs/tiny/preference",
         "error: pairs.jsonl: --pairs: no such data file or folder; fix the path, or give a hub "
         "dataset name (owner/name)",
-        f"error: a_file/scores.json: --output lies inside {root / 'a_file'}, which is a file; "
-        "choose another --output",
+        f"error: a_file/scores.json: --pairs-output lies inside {root / 'a_file'}, which is a "
+        "file; choose another --pairs-output",
     ]
     assert refused(root, "eval", "no_model", "--pairs", "owner/pairs") == [
-        "error: no_model: MODEL_DIR: no such model folder; fix the path"
+        "error: no_model: model to evaluate: no such model folder; fix the path"
     ]
 
 
@@ -253,9 +253,9 @@ def test_plot_paths(root):
     assert refused(root, "plot", "no_run") == [
         "error: no_run: no such run folder; give a folder `simpo train` wrote"
     ]
-    assert refused(root, "plot", ".", "--output", "a_file/curves.png") == [
-        f"error: a_file/curves.png: --output lies inside {root / 'a_file'}, which is a file; "
-        "choose another --output"
+    assert refused(root, "plot", ".", "-o", "a_file/plots") == [
+        f"error: a_file/plots: --output-dir lies inside {root / 'a_file'}, which is a file; "
+        "choose another --output-dir"
     ]
 
 
