@@ -21,7 +21,7 @@ from simpo_cli.data import load_tokenizer
 from simpo_cli.distributed import barrier, is_main_process, rank, say, world_size
 from simpo_cli.errors import UserError
 from simpo_cli.evaluate import benchmarks
-from simpo_cli.evaluate.context import fit_to_context, model_context
+from simpo_cli.evaluate.context import fit_to_context, model_context, pass_limit
 from simpo_cli.model.load import load_checkpoint
 from simpo_cli.onpolicy.sampling import (
     SamplingSettings,
@@ -100,7 +100,7 @@ def answer_benchmark(
                 seeds=(0,),
                 temperature=temp if temp >= GREEDY_BELOW else 0.0,
                 top_p=settings.top_p,
-                max_new_tokens=settings.max_new_tokens,
+                max_new_tokens=pass_limit(settings, prompts, tokenizer, context, turn, model_id),
                 stop_token_ids=tuple(stops),
             )
             folder = work_dir / "generation" / f"turn{turn + 1}-temperature{temp:g}"

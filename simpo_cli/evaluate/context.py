@@ -7,10 +7,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
+from simpo_cli.distributed import say
 from simpo_cli.errors import UserError
 from simpo_cli.evaluate import benchmarks
 from simpo_cli.evaluate.benchmarks import DecodingSettings, Question
-from simpo_cli.onpolicy.sampling import render_prompt_ids
+from simpo_cli.onpolicy.sampling import Prompt, render_prompt_ids
 
 # A tokenizer's model_max_length when no limit was saved with it (transformers' sentinel, 1e30).
 UNSET_LENGTH = 10**9
@@ -59,10 +60,11 @@ def fit_to_context(
         return settings, None
     turns = benchmarks.max_turns(questions)
     per_turn = f" per turn ({turns} turns share what is left)" if turns > 1 else ""
+    takes = "turns take" if len(tightest.turns) > 1 else "prompt takes"
     line = (
         f"{settings.benchmark}: max_new_tokens {settings.max_new_tokens} capped to {cap}{per_turn}:"
-        f" the model reads {context} tokens and question {tightest.question_id}'s prompt takes "
-        f"{prompt_tokens} of them"
+        f" the model reads {context} tokens and question {tightest.question_id}'s {takes} "
+        f"{prompt_tokens} of them before any answer"
     )
     capped = replace(
         settings,
@@ -70,3 +72,32 @@ def fit_to_context(
         source=f"{settings.source}; max_new_tokens capped to {cap} by the model's context",
     )
     return capped, line
+
+
+def pass_limit(
+    settings: DecodingSettings,
+    prompts: Sequence[Prompt],
+    tokenizer,
+    context: int | None,
+    turn: int,
+    model_id: str,
+) -> int:
+    """max_new_tokens for one generation pass: settings' (fit_to_context's), or less when the
+    longest of the pass's prompts leaves less. Only a later turn can: its history holds earlier
+    answers, which may tokenize longer than they were generated (a byte-level model's broken
+    characters come back as several tokens each). Says so in one line when it lowers it; at
+    least 1 (a prompt past the context still gets its answer, cut at once)."""
+    if context is None or not prompts:
+        return settings.max_new_tokens
+    lengths = [(len(render_prompt_ids(tokenizer, p)), p.prompt_id) for p in prompts]
+    longest, prompt_id = max(lengths)
+    limit = max(1, min(settings.max_new_tokens, context - longest))
+    if limit < settings.max_new_tokens:
+        say(
+            f"[evaluate] {model_id}: {settings.benchmark} turn {turn + 1}: max_new_tokens "
+            f"{settings.max_new_tokens} capped to {limit} for {len(prompts)} question"
+            f"{'s' if len(prompts) > 1 else ''}: question "
+            f"{prompt_id}'s history (its earlier answers as tokenized again) takes {longest} of "
+            f"the model's {context} tokens"
+        )
+    return limit

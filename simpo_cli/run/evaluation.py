@@ -43,10 +43,12 @@ def evaluate_models(
             f"({', '.join(c.label for c in checkpoints)}); use -o DIR for several"
         )
     if output_dir is None and (settings.benchmarks or settings.lm_eval is not None):
-        what = "--benchmark writes answer files" if settings.benchmarks else "--lm-eval writes"
+        what = (
+            "--benchmark writes answer files" if settings.benchmarks else "--lm-eval writes results"
+        )
         raise UserError(
-            f"simpo eval: {what} results; give -o DIR (--output-dir): the folder for them and "
-            "the comparison table"
+            f"simpo eval: {what}; give -o DIR (--output-dir): the folder for them and the "
+            "comparison table"
         )
     if not launch.inside_launch():  # said once, not again by the launched processes
         for line in report:
