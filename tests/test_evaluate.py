@@ -286,6 +286,12 @@ def test_two_processes_give_the_numbers_of_one(run_dir, pairs, compared, tmp_pat
             "tiny-preference); use -o DIR for several",
         ),
         (["SFT", "--pairs", "PAIRS", "--output", "x.json"], "No such option: --output"),
+        (
+            ["RUN", "--benchmark", "alpaca_eval", "--questions", "ALPACA", "-o", "x",
+             "--against", "tiny-sftt", "--reward-function", "REWARD"],
+            "--against tiny-sftt: no such checkpoint, file or folder; did you mean tiny-sft? give "
+            "one of the checkpoints evaluated here (tiny-sft, tiny-preference), ",
+        ),
         (["SFT", "--benchmark", "alpaca_eval", "-o", "x", "--against", "reference"], "a scorer"),
         (["SFT", "--pairs", "PAIRS", "--reference", "nope"], "nope: --reference: no such"),
         (["SFT", "--pairs", "PAIRS", "--dtype", "float8"], "--dtype float8: use one of"),
@@ -305,6 +311,7 @@ def test_bad_input_is_one_line(cli, monkeypatch, run_dir, pairs, tmp_path, args,
     names = {
         "RUN": run_dir, "SFT": run_dir / "sft", "PREF": run_dir / "preference", "PAIRS": pairs,
         "EMPTY": tmp_path / "empty", "ALPACA": TINY / "benchmarks" / "alpaca_eval.json",
+        "REWARD": f"{REWARD}:sorted_digits",
     }  # fmt: skip
     result = cli("eval", *[names.get(a, a) for a in args])
     assert result.code == 2, result.stdout[-2000:] + result.stderr[-2000:]
@@ -503,6 +510,7 @@ def test_lm_eval_tasks_land_in_the_table(run_dir, tmp_path):
                    "--lm-eval-include-path", Path(__file__).parent / "assets" / "lm_eval_task",
                    "--lm-eval-limit", "6")  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (out / "comparison.png").is_file()  # lm-eval numbers alone get their plot too
     row = json.loads((out / "comparison.json").read_text())["rows"][0]
     record = json.loads((out / "checkpoints/preference/lm_eval/lm_eval.json").read_text())
     task = Path(__file__).parent / "assets" / "lm_eval_task" / "digits.jsonl"

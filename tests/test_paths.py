@@ -259,6 +259,20 @@ def test_plot_paths(root):
     ]
 
 
+def test_plot_writes_into_the_output_folder(cli, tmp_path):
+    """`simpo plot RUN -o DIR`: -o is the output folder here as in every command; the curves
+    land in DIR/training_curves.png and nothing in the run folder."""
+    pytest.importorskip("matplotlib")
+    stage = tmp_path / "run" / "sft"
+    stage.mkdir(parents=True)
+    logs = [{"step": step, "loss": 3.0 / step} for step in (1, 2, 3)]
+    (stage / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in logs))
+    result = cli("plot", tmp_path / "run", "-o", tmp_path / "plots")
+    png = tmp_path / "plots" / "training_curves.png"
+    assert result.code == 0 and result.stdout.strip() == f"wrote {png}", result.stderr
+    assert png.read_bytes()[:4] == b"\x89PNG" and not (tmp_path / "run" / png.name).exists()
+
+
 def test_recipes_copy_destination(root):
     assert refused(root, "recipes", "copy", "tiny", "a_file/tiny") == [
         f"error: a_file/tiny: DEST lies inside {root / 'a_file'}, which is a file; "
