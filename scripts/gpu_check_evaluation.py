@@ -76,7 +76,7 @@ def main() -> int:
         runs = {}
         for dtype in ("auto", "float32"):
             out = work / f"pairs-{dtype}.json"
-            if simpo("eval", model, "--pairs", args.pairs, "--output", out, "--dtype",
+            if simpo("eval", model, "--pairs", args.pairs, "--pairs-output", out, "--dtype",
                      dtype).returncode:  # fmt: skip
                 failures.append(f"eval --dtype {dtype} failed")
                 continue

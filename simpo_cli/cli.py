@@ -277,7 +277,7 @@ EVAL_LAUNCH = [option for option in LAUNCH if option.field != "deepspeed"]
 
 @app.command("eval")
 @with_options(
-    "ctx", "models", EVAL_PAIRS, "output", EVAL_TOP, "output_dir", EVAL_BENCHMARK, "model_id",
+    "ctx", "models", EVAL_PAIRS, "pairs_output", EVAL_TOP, "output_dir", EVAL_BENCHMARK, "model_id",
     EVAL_REWARD, EVAL_LM_EVAL, "lm_eval_no_chat_template", EVAL_LAUNCH,
 )  # fmt: skip
 def evaluate(
@@ -289,15 +289,15 @@ def evaluate(
             "the merged model) or run folders (outputs/tiny: each finished stage's model)."
         ),
     ],
-    output: Annotated[
+    pairs_output: Annotated[
         str | None,
         typer.Option(
-            help="One checkpoint: write its per-pair results as JSON here.", rich_help_panel="Pairs"
+            help="One checkpoint's per-pair results (JSON file).", rich_help_panel="Pairs"
         ),
     ] = None,
     output_dir: Annotated[
         Path | None,
-        typer.Option("--output-dir", "-o", help="Where the answer files and the comparison go."),
+        typer.Option("--output-dir", "-o", help="Output folder: answer files, comparison table."),
     ] = None,
     model_id: Annotated[
         str | None,
@@ -320,17 +320,17 @@ def evaluate(
     loss, the length / log-prob Spearman, with --reference DPO's implicit reward), write their
     answers to a benchmark (--benchmark: the files AlpacaEval 2, Arena-Hard or MT-Bench's judges
     read, judge-free proxies, --against: reward-model win rates) and run lm-eval tasks
-    (--lm-eval). Several checkpoints give one comparison table and plots in --output-dir."""
+    (--lm-eval). Several checkpoints give one comparison table; -o writes it with plots."""
     if given["pairs"] is None and given["benchmark"] is None and given["lm_eval"] is None:
         raise UserError(
             "simpo eval: give --pairs (score pairs), --benchmark (write answers) or --lm-eval "
             "(run tasks)"
         )
     launch = {key: value for key, value in option_values(EVAL_LAUNCH, given).items() if value}
-    launch_settings = validated(LaunchSettings, launch, "simpo eval")
+    launching = validated(LaunchSettings, launch, "simpo eval")
     settings = _eval_settings(given, lm_eval_no_chat_template)
     child_args = ["eval", *command_line_again(ctx)]
-    evaluate_models(models, settings, launch_settings, output, output_dir, model_id, child_args)
+    evaluate_models(models, settings, launching, pairs_output, output_dir, model_id, child_args)
 
 
 def _eval_settings(given: dict[str, Any], no_chat_template: bool) -> EvaluateStage:
@@ -357,14 +357,14 @@ def _eval_settings(given: dict[str, Any], no_chat_template: bool) -> EvaluateSta
 @app.command()
 def plot(
     run_dir: Annotated[Path, typer.Argument(help="A run folder (e.g. outputs/tiny) or a stage's.")],
-    output: Annotated[
-        Path | None, typer.Option(help="PNG to write; default RUN_DIR/training_curves.png.")
+    output_dir: Annotated[
+        Path | None, typer.Option("--output-dir", "-o", help="Output folder; default: RUN_DIR.")
     ] = None,
 ) -> None:
     """Draw the training curves of a run (loss, reward accuracy, margin; training and held-out)
-    into a PNG. Needs matplotlib."""
-    check_plot_paths(run_dir, output)
-    print(f"wrote {plot_run(run_dir, output)}")
+    into OUTPUT_DIR/training_curves.png. Needs matplotlib."""
+    check_plot_paths(run_dir, output_dir)
+    print(f"wrote {plot_run(run_dir, output_dir and output_dir / 'training_curves.png')}")
 
 
 def main() -> None:

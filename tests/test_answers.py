@@ -34,9 +34,15 @@ def model_dir(tmp_path_factory):
 def mt_bench(model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("mt") / "answers"
     result = simpo(
-        "eval", model_dir, "--benchmark", "mt_bench", "--questions", QUESTIONS / "mt_bench.jsonl",
-        "--output-dir", out, "--max-new-tokens", "6",
-    )  # fmt: skip
+        "eval",
+        model_dir,
+        "--benchmark",
+        "mt_bench",
+        "--questions",
+        QUESTIONS / "mt_bench.jsonl",
+        "--output-dir",
+        out,
+    )  # fmt: skip  (FastChat's 1024 new tokens, capped to what the tiny model's 128 leave)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return out, result.stdout
 
@@ -58,7 +64,30 @@ def test_mt_bench_file_as_fastchat_reads_it(mt_bench):
         assert row["model_id"] == "tiny-ckpt"
         turns = row["choices"][0]["turns"]
         assert len(turns) == len(question["turns"]) and all(isinstance(t, str) for t in turns)
-    assert f"wrote {path}" in stdout
+    assert f"wrote {path} (4 answers in 8 turns, mean " in stdout  # questions, then turns
+    assert f"wrote {out / 'comparison.png'}" in stdout  # a table without pairs has its plot too
+    assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_mt_bench_answers_stay_within_the_models_context(mt_bench, model_dir):
+    """No pass asks for more new tokens than the 128 positions leave: every prompt plus its
+    answer fits, the cap is said once for the benchmark, and the settings beside the answers
+    record it."""
+    from simpo_cli.data import load_tokenizer
+    from simpo_cli.onpolicy.sampling import Prompt, render_prompt_ids
+    from simpo_cli.recipe import ModelSettings
+
+    out, stdout = mt_bench
+    assert stdout.count("mt_bench: max_new_tokens 1024 capped to 31 per turn") == 1
+    tokenizer = load_tokenizer(ModelSettings(name_or_path=str(model_dir)))
+    for shard in (out / WORK / "generation").glob("*/samples-rank0.jsonl"):
+        header, *records = jsonl(shard)
+        assert header["generation"]["max_new_tokens"] <= 31
+        for record in records:
+            prompt = Prompt(record["prompt_id"], record["prompt"], "q")
+            assert len(render_prompt_ids(tokenizer, prompt)) + record["samples"][0]["tokens"] <= 128
+    settings = json.loads((out / "mt_bench" / "generation_settings" / "tiny-ckpt.json").read_text())
+    assert "capped to 31 by the model's context" in json.dumps(settings)
 
 
 def test_mt_bench_second_turn_sees_the_first_answer(mt_bench):
@@ -97,7 +126,7 @@ def test_mt_bench_temperatures_per_category_and_judge_free_numbers(mt_bench):
     assert header["generation"]["temperature"] == 0.0  # below 1e-4: greedy, as FastChat
     numbers = json.loads((out / WORK / "judge_free.json").read_text())
     assert numbers["turns_generated"] == sum(len(q["turns"]) for q in questions)
-    assert 0 < numbers["mean_tokens"] <= 6 and 0 <= numbers["cut_at_max_new_tokens"] <= 1
+    assert 0 < numbers["mean_tokens"] <= 31 and 0 <= numbers["cut_at_max_new_tokens"] <= 1
 
 
 def test_alpaca_eval_keeps_instructions_and_order_and_resumes(
@@ -143,7 +172,7 @@ def test_alpaca_eval_keeps_instructions_and_order_and_resumes(
     [
         ([], "give --pairs (score pairs), --benchmark (write answers) or --lm-eval"),
         (["--benchmark", "alpacaeval", "-o", "x"], "unknown benchmark 'alpacaeval'"),
-        (["--benchmark", "mt_bench"], "give --output-dir DIR"),
+        (["--benchmark", "mt_bench"], "--benchmark writes answer files; give -o DIR"),
         # The default question set is the hub's copy of FastChat's (the tests run offline).
         (["--benchmark", "mt_bench", "-o", "x"], "cannot load 'lighteval/mt-bench'"),
         (["--benchmark", "mt_bench", "-o", "x", "--questions", "nope.jsonl"], "nope.jsonl"),

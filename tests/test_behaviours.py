@@ -276,7 +276,7 @@ def test_eval_summary_under_beta_and_gamma(cli, finished_run, tmp_path, flags, b
     pairs.write_text("\n".join(rows) + "\n")
     scores = tmp_path / "scores.json"
     model = finished_run / "preference"
-    result = cli("eval", model, "--pairs", pairs, "--output", scores, *flags)
+    result = cli("eval", model, "--pairs", pairs, "--pairs-output", scores, *flags)
     assert result.code == 0, result.stderr[-3000:]
     output = json.loads(scores.read_text())
     summary = output["summary"]

@@ -229,6 +229,50 @@ def test_turn_two_needs_the_first_reply():
         turn_prompts(questions, 1, {})
 
 
+def test_new_tokens_are_capped_to_what_the_context_leaves(tok, capsys):
+    """The tiny model reads 128 positions. MT-Bench's longest question (84) renders its two
+    turns, before any answer, as 65 tokens: (128 - 65) // 2 = 31 tokens per answer, down from
+    FastChat's 1024. AlpacaEval's 4096: what its longest prompt leaves. A model that reads more
+    keeps the defaults; one that cannot hold a question is one line naming it. A later pass whose
+    history came back longer than generated gets what its longest prompt leaves, with a line."""
+    from simpo_cli.evaluate.context import fit_to_context, pass_limit
+    from simpo_cli.onpolicy.sampling import Prompt
+
+    questions = load_questions("mt_bench", str(SHIPPED / "mt_bench.jsonl"))
+    skeletons = [
+        len(render_prompt_ids(tok, turn_prompts([q], 1, {q.prompt_id: [""]})[0])) for q in questions
+    ]
+    assert max(skeletons) == skeletons[3] == 65  # question 84
+    capped, line = fit_to_context(decoding_defaults("mt_bench"), questions, tok, 128)
+    assert capped.max_new_tokens == 31 and "capped to 31 by the model's context" in capped.source
+    assert line == (
+        "mt_bench: max_new_tokens 1024 capped to 31 per turn (2 turns share what is left): the "
+        "model reads 128 tokens and question 84's turns take 65 of them before any answer"
+    )
+    alpaca = load_questions("alpaca_eval", str(SHIPPED / "alpaca_eval.json"))
+    longest = max(len(render_prompt_ids(tok, p)) for p in turn_prompts(alpaca, 0, {}))
+    capped, line = fit_to_context(decoding_defaults("alpaca_eval"), alpaca, tok, 128)
+    assert capped.max_new_tokens == 128 - longest and "per turn" not in line
+    wide = decoding_defaults("mt_bench")
+    assert fit_to_context(wide, questions, tok, 4096) == (wide, None)
+    assert fit_to_context(wide, questions, tok, None) == (wide, None)
+    with pytest.raises(UserError, match="question 84 leaves no room for an answer"):
+        fit_to_context(wide, questions, tok, 66)
+
+    history = [
+        {"role": "user", "content": "Sort: 1 2"},
+        {"role": "assistant", "content": "9" * 200},
+    ]
+    long = Prompt("7", [*history, {"role": "user", "content": "Again."}], "q")
+    length = len(render_prompt_ids(tok, long))
+    capsys.readouterr()
+    assert pass_limit(wide, [long], tok, 256, 1, "m") == 256 - length
+    assert f"turn 2: max_new_tokens 1024 capped to {256 - length} for 1 question: question 7" in (
+        capsys.readouterr().out
+    )
+    assert pass_limit(wide, [long], tok, 8, 1, "m") == 1  # past the context: cut at once
+
+
 # --------------------------------------------------------------------------- decoding settings
 
 
@@ -561,7 +605,8 @@ def test_reward_model_win_rate_through_the_cli(arena_hard, reward_model):
     ]
     assert min(abs(m) for m in margins) > 1e-4  # no pair so close that rounding decides it
     got = json.loads((out / "checkpoints/tiny-ckpt/arena_hard/win_rate.json").read_text())
-    assert got["opponent"] == "gpt-4-0314" and got["n"] == 3
+    assert got["opponent"] == str(out.parent / "gpt-4-0314.jsonl")  # as given to --against
+    assert got["n"] == 3
     assert (got["wins"], got["losses"]) == (
         sum(m > 0 for m in margins),
         sum(m < 0 for m in margins),
@@ -570,7 +615,7 @@ def test_reward_model_win_rate_through_the_cli(arena_hard, reward_model):
     assert got["soft_win_rate"] == pytest.approx(sum(1 / (1 + math.exp(-m)) for m in margins) / 3)
     row_margins = [row["model_reward"] - row["opponent_reward"] for row in got["rows"]]
     assert row_margins == pytest.approx(margins, abs=1e-5)
-    assert "tiny-ckpt vs gpt-4-0314: hard win rate" in stdout
+    assert f"tiny-ckpt vs {got['opponent']}: hard win rate" in stdout
 
 
 def test_arena_hard_without_tiktoken_is_one_line(cli, model_dir, tmp_path, monkeypatch):

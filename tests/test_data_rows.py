@@ -197,7 +197,7 @@ def test_eval_uses_the_tokenization_the_stage_was_trained_with(tmp_path, tok):
     for flag, expected in (((), "authors"), (("--tokenization", "default"), "default")):
         output = tmp_path / f"{expected}.json"
         result = simpo(
-            "eval", str(stage_dir), "--pairs", str(pairs), "--output", str(output), *flag
+            "eval", str(stage_dir), "--pairs", str(pairs), "--pairs-output", str(output), *flag
         )
         assert result.returncode == 0, result.stderr[-2000:]
         assert f"tokenization {expected}" in result.stdout

@@ -278,9 +278,20 @@ def test_two_processes_give_the_numbers_of_one(run_dir, pairs, compared, tmp_pat
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["RUN", "--pairs", "PAIRS"], "give --output-dir DIR"),
+        (["RUN", "--benchmark", "alpaca_eval", "--questions", "ALPACA"], "give -o DIR"),
         (["SFT", "SFT", "--pairs", "PAIRS", "-o", "x"], "sft names more than one folder"),
-        (["SFT", "PREF", "--pairs", "PAIRS", "--output", "x.json"], "--output: writes one"),
+        (
+            ["RUN", "--pairs", "PAIRS", "--pairs-output", "x.json"],
+            "--pairs-output: writes one checkpoint's pairs, but 2 are given (tiny-sft, "
+            "tiny-preference); use -o DIR for several",
+        ),
+        (["SFT", "--pairs", "PAIRS", "--output", "x.json"], "No such option: --output"),
+        (
+            ["RUN", "--benchmark", "alpaca_eval", "--questions", "ALPACA", "-o", "x",
+             "--against", "tiny-sftt", "--reward-function", "REWARD"],
+            "--against tiny-sftt: no such checkpoint, file or folder; did you mean tiny-sft? give "
+            "one of the checkpoints evaluated here (tiny-sft, tiny-preference), ",
+        ),
         (["SFT", "--benchmark", "alpaca_eval", "-o", "x", "--against", "reference"], "a scorer"),
         (["SFT", "--pairs", "PAIRS", "--reference", "nope"], "nope: --reference: no such"),
         (["SFT", "--pairs", "PAIRS", "--dtype", "float8"], "--dtype float8: use one of"),
@@ -300,11 +311,94 @@ def test_bad_input_is_one_line(cli, monkeypatch, run_dir, pairs, tmp_path, args,
     names = {
         "RUN": run_dir, "SFT": run_dir / "sft", "PREF": run_dir / "preference", "PAIRS": pairs,
         "EMPTY": tmp_path / "empty", "ALPACA": TINY / "benchmarks" / "alpaca_eval.json",
+        "REWARD": f"{REWARD}:sorted_digits",
     }  # fmt: skip
     result = cli("eval", *[names.get(a, a) for a in args])
     assert result.code == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    assert len(result.errors()) == 1 and expected in result.errors()[0], result.stderr
-    assert not Path(tmp_path / "x").exists()  # nothing written
+    if args[-2] == "--output":  # an unknown flag: the parser's usage error
+        assert expected in result.stderr and "--output-dir" in result.stderr
+    else:
+        assert len(result.errors()) == 1 and expected in result.errors()[0], result.stderr
+    assert not Path(tmp_path / "x").exists() and not Path(tmp_path / "x.json").exists()
+
+
+def test_a_run_folder_scores_its_finished_stages_whatever_its_progress(
+    cli, run_dir, pairs, tmp_path
+):
+    """`simpo eval RUN --pairs P` without -o, while the run trains and once it has finished:
+    each says which stages it scores and which it skips (an unfinished one with its newest
+    complete checkpoint), prints one line per checkpoint naming it, and, for several, the table
+    (counts as whole numbers, beta as set, mean lengths to one decimal). The unfinished stage's
+    folder itself is one line naming that checkpoint."""
+    import shutil
+
+    mid = tmp_path / "tiny"
+    shutil.copytree(run_dir / "sft", mid / "sft")
+    stage = mid / "preference"
+    for step in (2, 3):
+        shutil.copytree(run_dir / "preference", stage / f"checkpoint-{step}")
+        (stage / f"checkpoint-{step}" / "stage_complete.json").unlink()
+    files = sorted(p.name for p in (stage / "checkpoint-2").iterdir())
+    done = {"step": 2, "files": files}
+    (stage / "checkpoint-2" / "checkpoint_complete.json").write_text(json.dumps(done))
+    (stage / "resolved_recipe.yaml").write_text("name: tiny\n")  # checkpoint-3: still saving
+
+    training = cli("eval", mid, "--pairs", pairs)
+    assert training.code == 0, training.stdout[-2000:] + training.stderr[-2000:]
+    lines = training.stdout.splitlines()
+    assert f"{mid}: scoring sft ({mid / 'sft'}) as tiny-sft" in lines
+    assert (
+        f"{mid}: skipping preference: the preference stage has not finished; to score it now, "
+        f"pass its newest complete checkpoint, {stage / 'checkpoint-2'}"
+    ) in lines
+    [scored] = [line for line in lines if "reward accuracy" in line]
+    assert scored.startswith(f"tiny-sft ({mid / 'sft'}): pairs 24: reward accuracy ")
+    assert "| checkpoint |" not in training.stdout  # one checkpoint: its line is the result
+
+    refused = cli("eval", stage, "--pairs", pairs)
+    assert refused.code == 2
+    assert refused.errors() == [
+        f"error: {stage}: the preference stage has not finished; to score it now, pass its "
+        f"newest complete checkpoint, {stage / 'checkpoint-2'}"
+    ]
+
+    finished = cli("eval", run_dir, "--pairs", pairs)
+    assert finished.code == 0, finished.stdout[-2000:] + finished.stderr[-2000:]
+    assert f"{run_dir}: scoring preference ({run_dir / 'preference'}) as tiny-preference" in (
+        finished.stdout.splitlines()
+    )
+    table = [line for line in finished.stdout.splitlines() if line.startswith("| tiny-")]
+    assert [row.split(" | ")[0] for row in table] == ["| tiny-sft", "| tiny-preference"]
+    for row in table:
+        cells = row.strip("| ").split(" | ")
+        assert cells[1] == "24" and cells[5] == "2"  # pairs, beta
+        assert all(len(cell.split(".")[1]) == 4 for cell in cells[2:5])  # rates, margin, loss
+        assert all(len(cell.split(".")[1]) == 1 for cell in cells[7:9])  # mean tokens
+    assert not any(tmp_path.glob("**/comparison.*")) and not (run_dir / "checkpoints").exists()
+
+
+def test_table_cells_read_as_what_they_count(tmp_path):
+    """Counts as whole numbers (also when a JSON round trip made them floats), settings as set,
+    mean lengths to one decimal, rates and losses to four, in the markdown and the CSV."""
+    from simpo_cli.evaluate.compare import comparison_rows, markdown_table, write_comparison
+
+    results = {
+        "a": {
+            "pairs": {"pairs": 2.0, "reward_accuracy": 0.5, "reward_margin": 0.1, "loss": 1.23456,
+                      "beta": 2.0, "spearman_length_logp": 0.2, "mean_chosen_tokens": 31.5,
+                      "mean_rejected_tokens": 30.0, "points": {"tokens": [3], "logps": [-1.0]}},
+            "benchmarks": {"mt_bench": {"mean_characters": 40.25, "mean_tokens": 12.0,
+                                        "cut_at_max_new_tokens": 0.5}},
+        }
+    }  # fmt: skip
+    table = markdown_table(*comparison_rows(results))
+    row = "| a | 2 | 0.5000 | 0.1000 | 1.2346 | 2 | 0.2000 | 31.5 | 30.0 | 40.2 | 12.0 | 0.5000 |"
+    assert table.splitlines()[2] == row
+    write_comparison(results, tmp_path)
+    with (tmp_path / "comparison.csv").open() as f:
+        written = next(csv.DictReader(f))
+    assert written["pairs"] == "2" and written["mean_chosen_tokens"] == "31.5"
+    assert written["loss"] == "1.23456"  # the CSV keeps full precision
 
 
 # --------------------------------------------------------------------------- the evaluate stage
@@ -416,6 +510,7 @@ def test_lm_eval_tasks_land_in_the_table(run_dir, tmp_path):
                    "--lm-eval-include-path", Path(__file__).parent / "assets" / "lm_eval_task",
                    "--lm-eval-limit", "6")  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (out / "comparison.png").is_file()  # lm-eval numbers alone get their plot too
     row = json.loads((out / "comparison.json").read_text())["rows"][0]
     record = json.loads((out / "checkpoints/preference/lm_eval/lm_eval.json").read_text())
     task = Path(__file__).parent / "assets" / "lm_eval_task" / "digits.jsonl"

@@ -203,7 +203,7 @@ def test_simpo_eval_reads_an_adapter_folder_as_its_merged_model(continued, tmp_p
     recipe, _, again, _ = continued
     pairs = str(recipe.preference.data.eval.path)
     out = tmp_path / "scores.json"
-    result = cli("eval", again / "preference" / "adapter", "--pairs", pairs, "--output", out)
+    result = cli("eval", again / "preference" / "adapter", "--pairs", pairs, "--pairs-output", out)
     assert result.code == 0, result.stderr[-2000:]
     got = json.loads(out.read_text())
     adapted = PeftModel.from_pretrained(
@@ -221,7 +221,7 @@ def test_simpo_eval_reads_an_adapter_folder_as_its_merged_model(continued, tmp_p
     base = save_tiny_model(tmp_path / "base")
     bare = adapters_on(base, recipe, tmp_path / "bare")
     lengths = ["--max-length", "64", "--max-prompt-length", "40"]  # the tiny recipe's
-    result = cli("eval", bare, "--pairs", pairs, *lengths, "--output", out)
+    result = cli("eval", bare, "--pairs", pairs, *lengths, "--pairs-output", out)
     assert result.code == 0, result.stderr[-2000:]
     from transformers import AutoModelForCausalLM
 

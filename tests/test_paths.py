@@ -174,12 +174,12 @@ WRITERS = {
     "train": (("train", "tiny", "-o", "{}"), "{}", "--output-dir"),
     "sft --dry-run": (("sft", "tiny", "--dry-run", "-o", "{}"), "{}", "--output-dir"),
     "eval -o": (("eval", "model", "--pairs", "pairs.jsonl", "-o", "{}"), "{}", "--output-dir"),
-    "eval --output": (
-        ("eval", "model", "--pairs", "pairs.jsonl", "--output", "{}/pairs.json"),
+    "eval --pairs-output": (
+        ("eval", "model", "--pairs", "pairs.jsonl", "--pairs-output", "{}/pairs.json"),
         "{}/pairs.json",
-        "--output",
+        "--pairs-output",
     ),
-    "plot --output": (("plot", ".", "--output", "{}/curves.png"), "{}/curves.png", "--output"),
+    "plot -o": (("plot", ".", "-o", "{}"), "{}", "--output-dir"),
     "recipes copy": (("recipes", "copy", "tiny", "{}"), "{}", "DEST"),
 }
 
@@ -355,18 +355,18 @@ def test_path_errors_come_before_torch_is_imported(root):
 def test_eval_paths(root):
     (root / "not_a_model").mkdir()
     (root / "not_a_model" / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    lines = refused(root, "eval", "not_a_model", "--pairs", "pairs.jsonl", "--output",
+    lines = refused(root, "eval", "not_a_model", "--pairs", "pairs.jsonl", "--pairs-output",
                     "a_file/scores.json")  # fmt: skip
     assert lines == [
-        "error: not_a_model: MODEL_DIR: not a model folder (no weights (*.safetensors or "
+        "error: not_a_model: model to evaluate: not a model folder (no weights (*.safetensors or "
         "*.bin)); give a folder a model was saved to, e.g. outputs/tiny/preference",
         "error: pairs.jsonl: --pairs: no such data file or folder; fix the path, or give a hub "
         "dataset name (owner/name)",
-        f"error: a_file/scores.json: --output lies inside {root / 'a_file'}, which is a file; "
-        "choose another --output",
+        f"error: a_file/scores.json: --pairs-output lies inside {root / 'a_file'}, which is a "
+        "file; choose another --pairs-output",
     ]
     assert refused(root, "eval", "no_model", "--pairs", "owner/pairs") == [
-        "error: no_model: MODEL_DIR: no such model folder; fix the path"
+        "error: no_model: model to evaluate: no such model folder; fix the path"
     ]
 
 
@@ -377,13 +377,24 @@ def test_plot_paths(root):
     assert refused(root, "plot", "no_run") == [
         "error: no_run: no such run folder; give a folder `simpo train` wrote"
     ]
-    assert refused(root, "plot", ".", "--output", "a_file/curves.png") == [
-        f"error: a_file/curves.png: --output lies inside {root / 'a_file'}, which is a file; "
-        "choose another --output"
+    assert refused(root, "plot", ".", "-o", "a_file/plots") == [
+        f"error: a_file/plots: --output-dir lies inside {root / 'a_file'}, which is a file; "
+        "choose another --output-dir"
     ]
-    assert refused(root, "plot", ".", "--output", "a_file") == [
-        "error: a_file: --output is not a .png file; give a path ending in .png"
-    ]
+
+
+def test_plot_writes_into_the_output_folder(cli, tmp_path):
+    """`simpo plot RUN -o DIR`: -o is the output folder here as in every command; the curves
+    land in DIR/training_curves.png and nothing in the run folder."""
+    pytest.importorskip("matplotlib")
+    stage = tmp_path / "run" / "sft"
+    stage.mkdir(parents=True)
+    logs = [{"step": step, "loss": 3.0 / step} for step in (1, 2, 3)]
+    (stage / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in logs))
+    result = cli("plot", tmp_path / "run", "-o", tmp_path / "plots")
+    png = tmp_path / "plots" / "training_curves.png"
+    assert result.code == 0 and result.stdout.strip() == f"wrote {png}", result.stderr
+    assert png.read_bytes()[:4] == b"\x89PNG" and not (tmp_path / "run" / png.name).exists()
 
 
 def test_recipes_copy_destination(root):

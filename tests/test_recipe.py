@@ -196,6 +196,27 @@ def test_set_overrides_are_typed_and_validated(tmp_path):
     assert "expected KEY.PATH=VALUE" in line
 
 
+def test_set_list_errors_name_the_flag_and_the_syntax_that_works(cli):
+    """A list item written by --set is blamed on the flag, not the recipe file, and a list
+    written without brackets or commas gets the --set that would have worked."""
+    result = cli("validate", "tiny", "--set", "pipeline=[sft preference]")
+    assert result.code == 2
+    assert result.errors() == [
+        "error: --set pipeline=[sft preference]: pipeline[0] = 'sft preference': input should "
+        "be 'sft', 'generate', 'annotate', 'preference' or 'evaluate'; separate the items with "
+        "commas: --set 'pipeline=[sft, preference]'"
+    ]
+    result = cli("validate", "tiny", "--set", "pipeline=sft")
+    assert result.code == 2
+    assert result.errors() == [
+        "error: --set pipeline=sft: pipeline = 'sft': input should be a valid list; give a list "
+        "(items comma-separated, quoted for the shell): --set 'pipeline=[sft]'"
+    ]
+    (line,) = errors_of("tiny", ["pipeline=[sft, prefrence]"])
+    assert line.startswith("--set pipeline=[sft, prefrence]: pipeline[1] = 'prefrence'")
+    assert line.endswith("did you mean 'preference'?")
+
+
 def test_set_into_shorthand_data_source(tmp_path):
     recipe = load_recipe(str(write(tmp_path, MINIMAL)), ["preference.data.train.max_rows=5"])
     assert recipe.preference.data.train.max_rows == 5

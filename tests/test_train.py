@@ -286,7 +286,7 @@ def test_eval_matches_plain_transformers(tiny_run, tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     result_file = tmp_path / "scores.json"
-    result = simpo("eval", str(out / "preference"), "--pairs", str(pairs), "--output",
+    result = simpo("eval", str(out / "preference"), "--pairs", str(pairs), "--pairs-output",
                    str(result_file))  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     scores = json.loads(result_file.read_text())
@@ -460,8 +460,8 @@ def test_run_leaves_a_plot_of_its_curves(tiny_run, tmp_path):
     png = out / "training_curves.png"
     assert f"training curves: {png}" in result.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
-    again = simpo("plot", str(out / "preference"), "--output", str(tmp_path / "p.png"))
-    assert again.returncode == 0 and (tmp_path / "p.png").is_file()
+    again = simpo("plot", str(out / "preference"), "-o", str(tmp_path / "plots"))
+    assert again.returncode == 0 and (tmp_path / "plots" / "training_curves.png").is_file()
     missing = simpo("plot", str(tmp_path))
     assert missing.returncode == 2
     assert missing.stderr.strip() == (

@@ -149,7 +149,8 @@ def test_alpaca_eval_opponent_joins_on_the_exact_instruction(tmp_path):
     # Reordered rows and an extra instruction still join: the judge joins on the instruction.
     extra = {"instruction": "Not asked", "output": "-", "generator": "other-model"}
     path.write_text(json.dumps([extra, *rows[::-1]]), encoding="utf-8")
-    assert opponent_replies("alpaca_eval", questions, str(path)) == ("other-model", answers)
+    # Named as the user gave it, not after the file's `generator` (which may be anyone's).
+    assert opponent_replies("alpaca_eval", questions, str(path)) == (str(path), answers)
 
     # The trailing space of "Sort: 5 5 0 é " lost: the judge would not find that output.
     rows[2]["instruction"] = rows[2]["instruction"].rstrip()
@@ -216,7 +217,7 @@ def test_arena_hard_both_layouts_read_back(tmp_path, rewards_file, model_layout,
     )
 
     assert (model_name, replies) == ("mine", model)
-    assert (opponent_name, opponent) == ("gpt-4-0314", other)  # the name is the file name
+    assert (opponent_name, opponent) == (str(path), other)  # named as the user gave it
     assert summary["win_rate"] == 0.5
     assert summary["soft_win_rate"] == pytest.approx((sigmoid(4) + 0.5 + sigmoid(-7)) / 3)
     assert [row["prompt_id"] for row in summary["rows"]] == [q.prompt_id for q in questions]
@@ -266,8 +267,27 @@ def test_a_folder_with_two_models_names_both(tmp_path):
     assert str(tmp_path / "model_answer" / "model-a.jsonl") in message
     with pytest.raises(UserError, match="no model_answer/"):
         opponent_replies("arena_hard", questions, str(tmp_path / "model_answer"))
-    with pytest.raises(UserError, match="no such file or folder"):
+    with pytest.raises(UserError, match="no such checkpoint, file or folder"):
         opponent_replies("arena_hard", questions, str(tmp_path / "nowhere"))
+
+
+def test_a_misspelt_opponent_gets_the_checkpoints_and_a_did_you_mean(tmp_path, monkeypatch):
+    """--against tiny-sftt beside the checkpoints tiny-sft and tiny-preference: the list of
+    what exists and the close name; a folder given by a relative path keeps that name."""
+    questions = load_questions("arena_hard", str(SHIPPED / "arena_hard_v0.1.jsonl"))
+    with pytest.raises(UserError) as err:
+        opponent_replies(
+            "arena_hard", questions, "tiny-sftt", "--against", ["tiny-sft", "tiny-preference"]
+        )
+    assert one_line(err).startswith(
+        "--against tiny-sftt: no such checkpoint, file or folder; did you mean tiny-sft? give "
+        "one of the checkpoints evaluated here (tiny-sft, tiny-preference), "
+    )
+    answers = {q.prompt_id: ["1 2"] for q in questions}
+    write_answers("arena_hard", questions, answers, tmp_path / "base", "x", count_tokens=len)
+    monkeypatch.chdir(tmp_path)
+    assert opponent_replies("arena_hard", questions, "base/")[0] == "base"
+    assert opponent_replies("arena_hard", questions, str(tmp_path / "base"))[0] == "base"
 
 
 WRONG_FORMAT = [
@@ -353,7 +373,7 @@ def test_mt_bench_turn_two_is_scored_with_each_sides_own_history(tmp_path, rewar
     assert (model_name, replies, opponent_name, opponent) == (
         "tiny-simpo",
         MT_MODEL,
-        "zephyr",
+        str(path),
         MT_OPPONENT,
     )
     by_id = {record["prompt_id"]: record for record in records}

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from simpo_cli.data import load_tokenizer
-from simpo_cli.distributed import barrier, is_main_process, rank, world_size
+from simpo_cli.distributed import barrier, is_main_process, rank, say, world_size
 from simpo_cli.errors import UserError
 from simpo_cli.evaluate import benchmarks
+from simpo_cli.evaluate.context import fit_to_context, model_context, pass_limit
 from simpo_cli.model.load import load_checkpoint
 from simpo_cli.onpolicy.sampling import (
     SamplingSettings,
@@ -75,6 +76,11 @@ def answer_benchmark(
     if benchmark == "arena_hard":  # needs tiktoken: fail before generating, not after
         count_tokens = benchmarks.tiktoken_counter(benchmarks.ARENA_TIKTOKEN_MODEL[layout])
     tokenizer = check_chat_template(model_dir)
+    # Never more new tokens than the model's context leaves: beyond it, answers are noise.
+    context = model_context(model_dir, tokenizer)
+    settings, capped = fit_to_context(settings, listed, tokenizer, context)
+    if capped is not None:
+        say(f"[evaluate] {model_id}: {capped}")
     name = resolve_backend(backend)
     if name == "vllm" and world_size() > 1:
         raise UserError(
@@ -94,7 +100,7 @@ def answer_benchmark(
                 seeds=(0,),
                 temperature=temp if temp >= GREEDY_BELOW else 0.0,
                 top_p=settings.top_p,
-                max_new_tokens=settings.max_new_tokens,
+                max_new_tokens=pass_limit(settings, prompts, tokenizer, context, turn, model_id),
                 stop_token_ids=tuple(stops),
             )
             folder = work_dir / "generation" / f"turn{turn + 1}-temperature{temp:g}"

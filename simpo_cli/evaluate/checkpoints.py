@@ -54,32 +54,67 @@ class Checkpoint:
     path: str
 
 
-def run_folder_checkpoints(folder: Path) -> list[Checkpoint]:
+def run_folder_checkpoints(folder: Path) -> tuple[list[Checkpoint], list[str]]:
     """The finished training stages' models of a run folder (`simpo train -o FOLDER`), in
-    pipeline order, labelled <run>-<stage>; [] when the folder is not a run folder."""
-    found = []
+    pipeline order, labelled <run>-<stage>, and one line per stage folder saying whether it is
+    scored or skipped (unfinished: its newest complete checkpoint is what to pass instead).
+    ([], []) when the folder is not a run folder."""
+    found, lines = [], []
     for stage in TRAINING_STAGES:
         stage_dir = StageDir(folder / stage)
+        if not stage_dir.path.is_dir():
+            continue
         if stage_dir.is_complete() and has_model(stage_dir.path):
-            found.append(Checkpoint(f"{folder.resolve().name}-{stage}", str(stage_dir.path)))
-    return found
+            label = f"{folder.resolve().name}-{stage}"
+            found.append(Checkpoint(label, str(stage_dir.path)))
+            lines.append(f"{folder}: scoring {stage} ({stage_dir.path}) as {label}")
+        elif any(stage_dir.path.iterdir()):
+            lines.append(f"{folder}: skipping {stage}: {unfinished_stage(stage_dir, stage)}")
+    return found, lines
 
 
-def resolve_checkpoints(paths: list[str], label: str | None = None) -> list[Checkpoint]:
-    """Model folders as given, each run folder replaced by its stages' models. Labels are the
-    folder names; `label` names a single checkpoint. Two checkpoints with one label are an
-    error (the answer files would overwrite each other)."""
+def unfinished_stage(stage_dir: StageDir, stage: str) -> str:
+    """Why an unfinished stage folder has no model to score, and what to pass instead."""
+    newest = stage_dir.last_checkpoint()
+    if newest is None:
+        return (
+            f"the {stage} stage has not finished and has saved no complete checkpoint yet; "
+            "evaluate it once it has"
+        )
+    return (
+        f"the {stage} stage has not finished; to score it now, pass its newest complete "
+        f"checkpoint, {newest}"
+    )
+
+
+def is_stage_folder(folder: Path) -> bool:
+    """A folder a stage writes (its recipe, or its checkpoints while it trains)."""
+    return StageDir(folder).recipe_file.is_file() or any(folder.glob("checkpoint-*"))
+
+
+def resolve_checkpoints(
+    paths: list[str], label: str | None = None
+) -> tuple[list[Checkpoint], list[str]]:
+    """Model folders as given, each run folder replaced by its finished stages' models, and one
+    line per run folder's stage: scored or skipped. Labels are the folder names; `label` names a
+    single checkpoint. Two checkpoints with one label are an error (the answer files would
+    overwrite each other), and so is a stage folder without its model yet."""
     checkpoints: list[Checkpoint] = []
+    report: list[str] = []
     for path in paths:
         folder = Path(path)
         if folder.is_dir() and not has_model(folder):
-            inside = run_folder_checkpoints(folder)
+            if is_stage_folder(folder):
+                raise UserError(f"{path}: {unfinished_stage(StageDir(folder), folder.name)}")
+            inside, lines = run_folder_checkpoints(folder)
             if not inside:
                 raise UserError(
-                    f"{path}: neither a model folder (no config.json) nor a run folder with a "
-                    "finished sft/ or preference/ stage; give a model folder, e.g. "
-                    "outputs/tiny/preference, or a run folder, e.g. outputs/tiny"
+                    f"{path}: neither a model folder (no config.json), nor an adapter folder "
+                    "(no adapter_config.json), nor a run folder with a finished stage"
+                    + (f" ({'; '.join(lines)})" if lines else "")
+                    + "; give a folder a model was saved to, or the folder `simpo train -o` wrote"
                 )
+            report += lines
             checkpoints += inside
         else:
             named = folder.resolve()
@@ -100,7 +135,7 @@ def resolve_checkpoints(paths: list[str], label: str | None = None) -> list[Chec
             f"checkpoints: {', '.join(twice)} names more than one folder; their answer files "
             "would overwrite each other: evaluate them in separate runs, or rename a folder"
         )
-    return checkpoints
+    return checkpoints, report
 
 
 def evaluate_checkpoints(
@@ -145,7 +180,8 @@ def _inputs(checkpoints, settings, against_key: str):
     each benchmark's questions (returned), the generation backend, Arena-Hard's tiktoken and its
     encoding, the opponents that are not checkpoints evaluated here (returned), the reward
     function."""
-    labels = {c.label for c in checkpoints}
+    order = [c.label for c in checkpoints]
+    labels = set(order)
     questions, opponents = {}, {}
     for checkpoint in checkpoints if settings.benchmarks else []:
         check_chat_template(checkpoint.path)
@@ -157,7 +193,7 @@ def _inputs(checkpoints, settings, against_key: str):
             benchmarks.tiktoken_counter(benchmarks.ARENA_TIKTOKEN_MODEL[bench.arena_layout])
         if bench.against is not None and bench.against not in labels:
             opponents[bench.name] = winrate.opponent_replies(
-                bench.name, questions[bench.name], bench.against, against_key
+                bench.name, questions[bench.name], bench.against, against_key, order
             )
     if settings.reward is not None and settings.reward.function is not None:
         load_reward_function(settings.reward.function, _reward_keys(against_key)[0])
@@ -234,12 +270,25 @@ def _answers(checkpoint, bench, questions, settings, output_dir, work) -> dict[s
         settings.dtype,
         questions,
     )
-    say(
-        f"[evaluate] {checkpoint.label}: wrote {summary['answers']} ({summary['turns_generated']}"
-        f" answers, mean {summary['mean_tokens']:.1f} tokens, "
-        f"{summary['cut_at_max_new_tokens']:.1%} cut at max_new_tokens)"
-    )
+    counts = answer_counts(summary, questions)
+    say(f"[evaluate] {checkpoint.label}: wrote {summary['answers']} ({counts})")
     return summary
+
+
+def answer_counts(summary: dict[str, Any], questions) -> str:
+    """How many questions were answered, and over how many turns when a question has several
+    (MT-Bench): lengths and cuts are per turn."""
+    turns, mean, cut = (
+        summary["turns_generated"],
+        summary["mean_tokens"],
+        summary["cut_at_max_new_tokens"],
+    )
+    if turns == len(questions):
+        return f"{len(questions)} answers, mean {mean:.1f} tokens, {cut:.1%} cut at max_new_tokens"
+    return (
+        f"{len(questions)} answers in {turns} turns, mean {mean:.1f} tokens per turn, {cut:.1%} "
+        "of turns cut at max_new_tokens"
+    )
 
 
 def _lm_eval(checkpoint, settings, work: Path) -> dict[str, Any]:
@@ -261,7 +310,8 @@ def _checkpoint_opponent(bench, questions, output_dir: Path, key: str):
     """Another checkpoint evaluated here, as the opponent: its answer file, just written."""
     folder = answers_dir(output_dir, bench.name, bench.against)
     path = benchmarks.answer_path(bench.name, folder, bench.against)
-    return winrate.opponent_replies(bench.name, questions, str(path), key)
+    _, replies = winrate.opponent_replies(bench.name, questions, str(path), key)
+    return bench.against, replies
 
 
 def _win_rates(checkpoints, bench, questions, opponent, settings, output_dir, results, key):

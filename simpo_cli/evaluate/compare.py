@@ -4,7 +4,9 @@ Rows are checkpoints, in the order given; columns are the numbers each evaluatio
 (checkpoints.py): pair metrics, per-benchmark judge-free proxies and reward-model win rates,
 lm-eval task metrics. A column a checkpoint lacks is left empty. The plots (matplotlib, optional):
 reward accuracy and margin per checkpoint, the length / average log-prob scatter of every
-response with its Spearman value, and each benchmark's win rate against answer length.
+response with its Spearman value, each benchmark's mean answer length with the share cut at
+max_new_tokens, each benchmark's win rate against answer length, and the lm-eval metrics: every
+table has its plot.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ BENCHMARK_COLUMNS = (
     ("cut_at_max_new_tokens", "cut at max"),
 )
 WIN_RATE_COLUMNS = (("win_rate", "RM win rate"), ("soft_win_rate", "RM soft win rate"))
+# How a cell reads: counts as whole numbers, settings as given, mean lengths to one decimal,
+# rates, margins and losses to four.
+COUNTS = ("pairs",)
+SETTINGS = ("beta",)
+MEAN_LENGTHS = ("mean_chosen_tokens", "mean_rejected_tokens", "mean_characters", "mean_tokens")
 
 
 def comparison_rows(results: dict[str, dict[str, Any]]) -> tuple[list[str], list[dict]]:
@@ -82,12 +89,21 @@ def _title(column: str) -> str:
     return column
 
 
-def _cell(value: Any) -> str:
+def _cell(column: str, value: Any) -> str:
     if value is None:
         return ""
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4f}"
-    return str(value)
+    if not isinstance(value, float):
+        return str(value)
+    if math.isnan(value):
+        return "nan"
+    key = column.partition("/")[2] or column
+    if key in COUNTS:
+        return str(round(value))
+    if key in SETTINGS:
+        return f"{value:g}"
+    if key in MEAN_LENGTHS:
+        return f"{value:.1f}"
+    return f"{value:.4f}"
 
 
 def markdown_table(columns: list[str], rows: list[dict]) -> str:
@@ -95,7 +111,7 @@ def markdown_table(columns: list[str], rows: list[dict]) -> str:
         "| " + " | ".join(_title(c) for c in columns) + " |",
         "|" + "|".join(" --- " for _ in columns) + "|",
     ]
-    lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(_cell(c, row[c]) for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -113,7 +129,7 @@ def write_comparison(results: dict[str, dict[str, Any]], output_dir: Path) -> li
     with (output_dir / "comparison.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
-        writer.writerows({c: _csv(row[c]) for c in columns} for row in rows)
+        writer.writerows({c: _csv(c, row[c]) for c in columns} for row in rows)
     details = {
         label: {k: _without_points(v) for k, v in entry.items()} for label, entry in results.items()
     }
@@ -130,7 +146,10 @@ def _has_benchmarks(rows: list[dict]) -> bool:
     return any(column.split("/")[0] in BENCHMARKS for row in rows for column in row)
 
 
-def _csv(value: Any) -> Any:
+def _csv(column: str, value: Any) -> Any:
+    """Full precision, except counts, which are whole numbers."""
+    if isinstance(value, float) and (column.partition("/")[2] or column) in COUNTS:
+        return round(value)
     return "" if value is None else value
 
 
@@ -157,7 +176,24 @@ def plot_comparison(results: dict[str, dict[str, Any]], output: Path) -> Path | 
         for bench, numbers in (entry.get("benchmarks") or {}).items()
         if numbers.get("win_rate")
     ]
-    panels = (["accuracy", "margin", "scatter"] if pairs else []) + (["wins"] if wins else [])
+    answers = [
+        (label, bench, numbers["mean_tokens"], numbers["cut_at_max_new_tokens"])
+        for label, entry in results.items()
+        for bench, numbers in (entry.get("benchmarks") or {}).items()
+    ]
+    tasks = [
+        (label, f"{task}/{metric}", value)
+        for label, entry in results.items()
+        for task, metrics in (entry.get("lm_eval") or {}).items()
+        for metric, value in metrics.items()
+        if not metric.endswith("_stderr") and isinstance(value, (int, float))
+    ]
+    panels = (
+        (["accuracy", "margin", "scatter"] if pairs else [])
+        + (["answers"] if answers else [])
+        + (["wins"] if wins else [])
+        + (["lm_eval"] if tasks else [])
+    )
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4), squeeze=False)
@@ -184,6 +220,22 @@ def plot_comparison(results: dict[str, dict[str, Any]], output: Path) -> Path | 
             ax.set_ylabel("average log-prob")
             ax.set_title("length vs likelihood")
             ax.legend(fontsize=7)
+        elif panel == "answers":
+            names = [f"{label}\n{bench}" for label, bench, _, _ in answers]
+            heights = [tokens for _, _, tokens, _ in answers]
+            bars = ax.bar(names, heights, color=[colors[label] for label, *_ in answers])
+            for bar, (*_, cut) in zip(bars, answers, strict=True):
+                ax.annotate(f"{cut:.0%} cut", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            ha="center", va="bottom", fontsize=7)  # fmt: skip
+            ax.set_ylabel("mean answer length (tokens)")
+            ax.set_title("benchmark answers (share cut at max_new_tokens)")
+            ax.tick_params(axis="x", labelsize=7)
+        elif panel == "lm_eval":
+            names = [f"{label}\n{metric}" for label, metric, _ in tasks]
+            ax.bar(names, [value for *_, value in tasks], color=[colors[t[0]] for t in tasks])
+            ax.set_ylabel("lm-eval metric")
+            ax.set_title("lm-eval tasks")
+            ax.tick_params(axis="x", labelsize=7)
         else:
             for label, bench, chars, rate in wins:
                 ax.scatter([chars], [rate], color=colors[label])

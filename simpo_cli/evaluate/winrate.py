@@ -26,6 +26,7 @@ histories differ (each holds its own first answer), so that turn gets one record
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -56,14 +57,19 @@ BASELINE_FILES = {
 
 
 def opponent_replies(
-    benchmark: str, questions: Sequence[Question], against: str, key: str = "--against"
+    benchmark: str,
+    questions: Sequence[Question],
+    against: str,
+    key: str = "--against",
+    checkpoints: Sequence[str] = (),
 ) -> tuple[str, dict[str, list[str]]]:
     """(opponent name, {question.prompt_id: one reply per turn}) for every question.
 
     `against`: "reference" (AlpacaEval only: the eval set's `output` column; the name is its
-    `generator`), an answer file in the
-    benchmark's official format, or a folder written by `simpo eval --benchmark` (see
-    `read_replies`). `key` names the setting in the one-line errors."""
+    `generator`), an answer file in the benchmark's official format, or a folder written by
+    `simpo eval --benchmark` (see `read_replies`), named as given (the file's own model name may
+    be anyone's). `key` names the setting in the one-line errors; `checkpoints`, the names of
+    the checkpoints evaluated beside it, are offered when `against` is none of these."""
     benchmarks.check_benchmark(benchmark)
     if against == "reference":
         if benchmark != "alpaca_eval":
@@ -73,12 +79,30 @@ def opponent_replies(
             )
         return _alpaca_reference(questions)
     if not Path(against).exists():
-        raise UserError(
-            f"{key} {against}: no such file or folder; give 'reference' (alpaca_eval only), an "
-            f"answer file in {benchmark}'s official format or a folder written by "
-            f"`simpo eval MODEL --benchmark {benchmark} -o DIR`"
+        close = difflib.get_close_matches(against, checkpoints, n=1, cutoff=0.6)
+        named = (
+            f"one of the checkpoints evaluated here ({', '.join(checkpoints)}), "
+            if checkpoints
+            else ""
         )
-    return read_replies(benchmark, questions, against, key)
+        raise UserError(
+            f"{key} {against}: no such checkpoint, file or folder; "
+            + (f"did you mean {close[0]}? " if close else "")
+            + f"give {named}'reference' (alpaca_eval only), an answer file in {benchmark}'s "
+            f"official format or a folder written by `simpo eval MODEL --benchmark {benchmark} "
+            "-o DIR`"
+        )
+    _, replies = read_replies(benchmark, questions, against, key)
+    return _as_given(against), replies
+
+
+def _as_given(path: str) -> str:
+    """A path as the user wrote it; an absolute one (a recipe's, resolved) shortened to the
+    current folder's view of it."""
+    given = Path(path)
+    if given.is_absolute() and given.is_relative_to(Path.cwd()):
+        return str(given.relative_to(Path.cwd()))
+    return str(given)
 
 
 def _alpaca_reference(questions: Sequence[Question]) -> tuple[str, dict[str, list[str]]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -61,6 +62,31 @@ def _dotted(loc: tuple[Any, ...]) -> str:
     return text or "(top level)"
 
 
+def _origin(
+    loc: tuple[Any, ...], origins: dict[tuple[str, ...], str], source: str
+) -> tuple[str, str | None]:
+    """Who wrote the value at `loc`: the --set that wrote it or a section holding it (an item
+    of a list written whole), else the recipe file; and the --set text, if any."""
+    path = tuple(str(p) for p in loc)
+    for end in range(len(path), 0, -1):
+        if path[:end] in origins:
+            return origins[path[:end]], origins[path[:end]].removeprefix("--set ")
+    return source, None
+
+
+def _set_syntax(kind: str, value: Any, given: str) -> str | None:
+    """How to write a list with --set: `--set 'KEY=[a, b]'`, quoted for the shell. Items
+    written with spaces and no commas are put in the list they meant."""
+    key, _, raw = given.partition("=")
+    items = ", ".join(re.findall(r"[^\s,\[\]]+", raw))
+    listed = f"--set '{key}=[{items}]'"
+    if kind == "list_type":
+        return f"give a list (items comma-separated, quoted for the shell): {listed}"
+    if isinstance(value, str) and " " in value.strip() and raw.lstrip().startswith("["):
+        return f"separate the items with commas: {listed}"
+    return None
+
+
 def format_errors(
     err: ValidationError, source: str, origins: dict[tuple[str, ...], str] | None = None
 ) -> list[str]:
@@ -71,7 +97,7 @@ def format_errors(
         loc = tuple(p for p in item["loc"] if p != "function-after[...]")
         kind = item["type"]
         key = _dotted(loc)
-        where = origins.get(tuple(str(p) for p in loc), source)
+        where, given = _origin(loc, origins, source)
         message = item["msg"].removeprefix("Value error, ")
         if kind == "extra_forbidden":
             allowed = _fields_at(loc[:-1])
@@ -94,6 +120,8 @@ def format_errors(
                     str(value), [o.strip() for o in options.replace(" or ", ",").split(",")], n=1
                 )
                 fix = f"did you mean '{close[0]}'?" if close else f"use one of {options}"
+            if given is not None:  # a --set value: the syntax that would have worked
+                fix = _set_syntax(kind, value, given) or fix
             constraint = message[0].lower() + message[1:] if message else kind
             lines.append(f"{where}: {key} = {value!r}: {constraint}" + (f"; {fix}" if fix else ""))
     return lines

@@ -1,6 +1,7 @@
 """What `simpo eval` does once its flags are settings: check the paths, name the checkpoints,
-then evaluate them here (one checkpoint's pairs: one printed line; else the comparison in
---output-dir) or re-launch the command through `accelerate launch`.
+then evaluate them here (pairs without --output-dir: one printed line per checkpoint and, for
+several, the comparison table; else the comparison in --output-dir) or re-launch the command
+through `accelerate launch`.
 
 Loads torch only when it evaluates or launches: the path checks come first, without it.
 """
@@ -25,38 +26,48 @@ def evaluate_models(
     models: list[str],
     settings: EvaluateStage,
     launch_settings: LaunchSettings,
-    output: str | None,
+    pairs_output: str | None,
     output_dir: Path | None,
     model_id: str | None,
     child_args: list[str],
 ) -> None:
     """Evaluate `models` as `simpo eval` does; `child_args`: the command for launched
     processes."""
-    check_evaluate_paths(models, settings, output, output_dir)
+    check_evaluate_paths(models, settings, pairs_output, output_dir)
     from simpo_cli.evaluate.checkpoints import evaluate_checkpoints, resolve_checkpoints
 
-    checkpoints = resolve_checkpoints(models, model_id)  # a run folder: each stage's model
-    single = len(checkpoints) == 1
-    if output is not None and not single:
-        raise UserError("--output: writes one checkpoint's pairs; use --output-dir for several")
-    if output_dir is None and not (single and not settings.benchmarks and settings.lm_eval is None):
+    checkpoints, report = resolve_checkpoints(models, model_id)  # a run folder: its stages
+    if pairs_output is not None and len(checkpoints) != 1:
         raise UserError(
-            "simpo eval: give --output-dir DIR: where the answer files and the comparison table go"
+            f"--pairs-output: writes one checkpoint's pairs, but {len(checkpoints)} are given "
+            f"({', '.join(c.label for c in checkpoints)}); use -o DIR for several"
         )
+    if output_dir is None and (settings.benchmarks or settings.lm_eval is not None):
+        what = (
+            "--benchmark writes answer files" if settings.benchmarks else "--lm-eval writes results"
+        )
+        raise UserError(
+            f"simpo eval: {what}; give -o DIR (--output-dir): the folder for them and the "
+            "comparison table"
+        )
+    if not launch.inside_launch():  # said once, not again by the launched processes
+        for line in report:
+            print(line, flush=True)
     if launch.needs_launch(launch_settings) and not launch.inside_launch():
         sys.exit(_launch_eval(launch_settings, child_args))
     from simpo_cli.distributed import say, shutdown
     from simpo_cli.run.pipeline import start_process_group
 
     start_process_group()
-    if output_dir is None:  # one checkpoint's pairs: one line
-        _eval_pairs(checkpoints[0].path, settings, output)
+    if output_dir is None:  # pairs only: one line per checkpoint, then the table of several
+        scored = {c.label: {"pairs": _eval_pairs(c, settings, pairs_output)} for c in checkpoints}
+        if len(checkpoints) > 1:
+            say(markdown_table(*comparison_rows(scored)).rstrip())
         shutdown()
         return
-    assert output_dir is not None
     result = evaluate_checkpoints(checkpoints, settings, output_dir, settings.reference)
-    if output is not None and settings.pairs is not None:
-        _copy_pairs(output_dir, checkpoints[0].label, output)
+    if pairs_output is not None and settings.pairs is not None:
+        _copy_pairs(output_dir, checkpoints[0].label, pairs_output)
 
     say(markdown_table(*comparison_rows(result["checkpoints"])).rstrip())
     for path in result["files"]:
@@ -64,26 +75,29 @@ def evaluate_models(
     shutdown()
 
 
-def _eval_pairs(model_dir: str, settings, output: str | None) -> None:
-    """One checkpoint's pairs, printed on one line (and written to --output)."""
+def _eval_pairs(checkpoint, settings, output: str | None) -> dict:
+    """One checkpoint's pairs, printed on one line that names it (and written to `output`);
+    returns their summary."""
     from simpo_cli.distributed import say
     from simpo_cli.evaluate.pairs import evaluate_pairs
     from simpo_cli.model.load import full_model_folder, scratch_folder
 
-    # An adapter folder is scored as its merged model, written for the while beside --output.
+    # An adapter folder is scored as its merged model, written for the while beside `output`.
     near = Path(output).parent if output else None
-    named = (model_dir, settings.reference)
+    named = (checkpoint.path, settings.reference)
     with (
-        full_model_folder(model_dir, scratch_folder("model", near)) as folder,
-        full_model_folder(settings.reference, scratch_folder("reference", near)) as reference,
+        full_model_folder(checkpoint.path, scratch_folder("model", near)) as folder,
+        full_model_folder(
+            settings.reference, scratch_folder("reference", near)
+        ) as reference_folder,
     ):
-        result = evaluate_pairs(folder, settings, output, reference, named)
+        result = evaluate_pairs(folder, settings, output, reference_folder, named)
     s = result["summary"]
     line = (
-        f"pairs {s['pairs']}: reward accuracy {s['reward_accuracy']:.4f}, mean margin "
-        f"{s['reward_margin']:.4f}, SimPO loss {s['loss']:.4f} (beta {s['beta']:g}, "
-        f"gamma {s['gamma']:g}; tokenization {s['tokenization']}); Spearman(length, avg "
-        f"log-prob) {s['spearman_length_logp']:.4f}"
+        f"{checkpoint.label} ({checkpoint.path}): pairs {s['pairs']}: reward accuracy "
+        f"{s['reward_accuracy']:.4f}, mean margin {s['reward_margin']:.4f}, SimPO loss "
+        f"{s['loss']:.4f} (beta {s['beta']:g}, gamma {s['gamma']:g}; tokenization "
+        f"{s['tokenization']}); Spearman(length, avg log-prob) {s['spearman_length_logp']:.4f}"
     )
     if "implicit_reward_accuracy" in s:
         line += (
@@ -93,6 +107,7 @@ def _eval_pairs(model_dir: str, settings, output: str | None) -> None:
     say(line)
     if output:
         say(f"wrote {output}")
+    return s
 
 
 def _copy_pairs(output_dir: Path, label: str, output: str) -> None:

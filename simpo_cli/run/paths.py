@@ -318,46 +318,52 @@ EVAL_FLAGS = {
 }
 
 
-def check_evaluate_paths(models: list[str], settings, output: str | None, output_dir) -> None:
+def check_evaluate_paths(models: list[str], settings, pairs_output: str | None, output_dir) -> None:
     """`simpo eval MODELS... [--pairs P] [--benchmark B --questions Q] [--reference R]
-    [--reward-model M | --reward-function F] [--output FILE] [--output-dir DIR]`."""
+    [--reward-model M | --reward-function F] [--pairs-output FILE] [--output-dir DIR]`."""
     problems = []
     for model in models:
         folder = Path(model)
-        run_folder = folder.is_dir() and not has_model(folder)
-        if run_folder and any(has_model(folder / s) for s in TRAINING_STAGES):
-            continue  # a run folder: its stages' models (evaluate/checkpoints.py)
-        if run_folder:
+        if folder.is_dir() and not has_model(folder) and _run_or_stage_folder(folder):
+            continue  # its finished stages' models, or why it has none (evaluate/checkpoints.py)
+        if folder.is_dir() and not has_model(folder):
             problems.append(
-                f"{model}: MODEL_DIR: neither a model folder (no config.json), nor an adapter "
-                "(no adapter_config.json), nor a run folder (no sft/ or preference/ model); give "
-                "e.g. outputs/tiny/preference or outputs/tiny"
+                f"{model}: neither a model folder (no config.json), nor an adapter folder (no "
+                "adapter_config.json), nor a run folder (no sft/ or preference/ stage); give a "
+                "folder a model was saved to, or the folder `simpo train -o` wrote"
             )
             continue
-        problems += model_folder_problems(model, "MODEL_DIR", hub_ok=False)
+        problems += model_folder_problems(model, "model to evaluate", hub_ok=False)
     if settings.pairs is not None:
         problems += data_problems(settings.pairs.path, "--pairs")
     problems += _evaluation_problems(settings, lambda name, index=None: EVAL_FLAGS[name], "")
-    if output is not None:
-        problems += file_problems(Path(output), "--output")
+    if pairs_output is not None:
+        problems += file_problems(Path(pairs_output), "--pairs-output")
     if output_dir is not None:
         problems += folder_problems(Path(output_dir), "--output-dir")
     if problems:
         raise UserError(problems)
 
 
-def check_plot_paths(run_dir: Path, output: Path | None) -> None:
-    """`simpo plot RUN_DIR [--output PNG]`."""
+def _run_or_stage_folder(folder: Path) -> bool:
+    """A folder `simpo train` wrote: a run folder (stage folders inside) or a stage's folder
+    (its recipe, or its checkpoints while it trains)."""
+    return (
+        any((folder / stage).is_dir() for stage in TRAINING_STAGES)
+        or (folder / "resolved_recipe.yaml").is_file()
+        or any(folder.glob("checkpoint-*"))
+    )
+
+
+def check_plot_paths(run_dir: Path, output_dir: Path | None) -> None:
+    """`simpo plot RUN_DIR [-o DIR]`."""
     problems = []
     if not run_dir.exists():
         problems.append(f"{run_dir}: no such run folder; give a folder `simpo train` wrote")
     elif not run_dir.is_dir():
         problems.append(f"{run_dir}: is a file, not a run folder; give the folder holding it")
-    if output is not None and output.suffix.lower() != ".png":
-        # matplotlib would write OUTPUT.png instead: another path than the one checked.
-        problems.append(f"{output}: --output is not a .png file; give a path ending in .png")
-    elif output is not None:
-        problems += file_problems(output, "--output")
+    if output_dir is not None:
+        problems += folder_problems(output_dir, "--output-dir")
     if problems:
         raise UserError(problems)
 
