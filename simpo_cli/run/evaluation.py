@@ -67,7 +67,7 @@ def evaluate_models(
 def _eval_pairs(model_dir: str, settings, output: str | None) -> None:
     """One checkpoint's pairs, printed on one line (and written to --output)."""
     from simpo_cli.distributed import say
-    from simpo_cli.evaluate.pairs import evaluate_pairs
+    from simpo_cli.evaluate.pairs import IDENTICAL, evaluate_pairs, rate
     from simpo_cli.model.load import full_model_folder, scratch_folder
 
     # An adapter folder is scored as its merged model, written for the while beside --output.
@@ -80,15 +80,21 @@ def _eval_pairs(model_dir: str, settings, output: str | None) -> None:
         result = evaluate_pairs(folder, settings, output, reference, named)
     s = result["summary"]
     line = (
-        f"pairs {s['pairs']}: reward accuracy {s['reward_accuracy']:.4f}, mean margin "
-        f"{s['reward_margin']:.4f}, SimPO loss {s['loss']:.4f} (beta {s['beta']:g}, "
-        f"gamma {s['gamma']:g}; tokenization {s['tokenization']}); Spearman(length, avg "
-        f"log-prob) {s['spearman_length_logp']:.4f}"
+        f"pairs {s['pairs']}: reward accuracy {rate(s['reward_accuracy'])} (ties "
+        f"{s['reward_ties']:.4f}), mean margin {s['reward_margin']:.4f}, SimPO loss "
+        f"{s['loss']:.4f} (beta {s['beta']:g}, gamma {s['gamma']:g}; tokenization "
+        f"{s['tokenization']}), SFT loss (chosen NLL) {s['sft_loss']:.4f}; Spearman(length, "
+        f"avg log-prob) {s['spearman_length_logp']:.4f}"
     )
-    if "implicit_reward_accuracy" in s:
+    if s.get("implicit_reward_accuracy") == IDENTICAL:
         line += (
-            f"; DPO implicit reward accuracy {s['implicit_reward_accuracy']:.4f}, disagrees "
-            f"with the likelihood on {s['implicit_likelihood_disagreement']:.1%} of pairs"
+            "; DPO implicit reward: identical, every pair tied (the model scores as the reference)"
+        )
+    elif "implicit_reward_accuracy" in s:
+        line += (
+            f"; DPO implicit reward accuracy {s['implicit_reward_accuracy']:.4f} (ties "
+            f"{s['implicit_reward_ties']:.4f}), disagrees with the likelihood on "
+            f"{s['implicit_likelihood_disagreement']:.1%} of the pairs both rank"
         )
     say(line)
     if output:
