@@ -336,8 +336,9 @@ def _print_before_after(
             ("SFT loss (chosen NLL)", before["eval_sft_loss"], after["eval_sft_loss"]),
             (f"total (+ {sft_weight:g} x SFT)", before["eval_loss"], after["eval_loss"]),
         ]
-    else:
-        rows.append((f"{loss} loss", before["eval_loss"], after["eval_loss"]))
+    else:  # (with sft_weight: a run started before the terms were kept apart)
+        label = f"{loss} loss" if not sft_weight else f"total (+ {sft_weight:g} x SFT)"
+        rows.append((label, before["eval_loss"], after["eval_loss"]))
     lines = [f"[{name}] {'held-out pairs':<26} {'before':>9}  {'after':>9}"]
     for label, first, last in rows:
         lines.append(f"[{name}]   {label:<24} {_number(first):>9}  {_number(last):>9}")
