@@ -204,6 +204,9 @@ def test_comparison_table_over_the_run_folders_checkpoints(compared):
             "reward_accuracy": sum(m > 0 for m in margins) / 24,
             "reward_margin": sum(margins) / 24,
             "loss": sum(math.log1p(math.exp(-(m - gamma))) for m in margins) / 24,
+            # The SFT term apart from the SimPO loss: the chosen replies' cross-entropy.
+            "sft_loss": -sum(r["chosen_logps"] for r in records) / 24,
+            "reward_ties": 0.0,
         }
         assert 0 < expected["reward_accuracy"] < 1, "the tiny model ranks some pairs each way"
         for key, value in expected.items():
