@@ -169,7 +169,8 @@ def test_a_stage_whose_previous_stage_is_not_finished_is_one_line_exit_2(cli, tm
     out = tmp_path / "fresh"
     small = as_args(
         ["preference.data.train.max_rows=8", "preference.data.eval=null",
-         "preference.training.max_steps=1"]
+         "preference.training.max_steps=1", "preference.training.total_batch_size=8",
+         "preference.training.warmup_ratio=0"]
     )  # fmt: skip
     expected = (
         f"error: stage 'preference' starts from the 'sft' stage's model, which is not finished "
@@ -197,6 +198,7 @@ DPO_SETS = [
     "preference.gamma_beta_ratio=null",
     "preference.data.eval=null",
     "preference.training.max_steps=1",
+    "preference.training.warmup_ratio=0",  # a step at learning rate 0 is refused
     # One step over all 8 pairs: every cached log-prob enters the first loss.
     "preference.training.per_device_train_batch_size=8",
     "preference.training.total_batch_size=null",
@@ -470,7 +472,8 @@ def test_two_machines_on_localhost_train_one_stage_together(tmp_path):
     port = launch.free_port()
     sets = [
         "pipeline=[preference]", "preference.data.train.max_rows=16", "preference.data.eval=null",
-        "preference.training.max_steps=1", "preference.training.per_device_train_batch_size=4",
+        "preference.training.max_steps=1", "preference.training.warmup_ratio=0",
+        "preference.training.per_device_train_batch_size=4",
         "preference.training.total_batch_size=null", "preference.training.logging_steps=1",
     ]  # fmt: skip
     machines = []

@@ -98,6 +98,30 @@ def test_drops_are_counted_by_reason():
     assert (report.prompts, report.samples, report.truncated_samples, report.pairs) == (7, 19, 3, 2)
 
 
+def test_empty_replies_are_never_paired():
+    """An empty or whitespace-only reply is left out before selection, whatever its score:
+    h: the lowest score is the empty reply: rejected is the next lowest, "b" (2.0)
+    i: the highest score is "  " (whitespace): chosen is "c" (1.0), rejected "d"
+    j: one reply besides two empty ones                               -> empty
+    All three empty in k are identical, the first reason that applies -> identical"""
+    records = [
+        _record("h", ["a", "b", ""]),
+        _record("i", ["  ", "c", "d"]),
+        _record("j", ["e", "", "\n"]),
+        _record("k", ["", "", ""]),
+    ]
+    rows, report = binarize(records, [[3.0, 2.0, 1.0], [9.0, 1.0, 0.5], [1, 2, 3], [1, 2, 3]])
+    assert [(r["prompt_id"], r["chosen_index"], r["rejected_index"]) for r in rows] == [
+        ("h", 0, 1),
+        ("i", 1, 2),
+    ]
+    assert all(r[side][-1]["content"].strip() for r in rows for side in ("chosen", "rejected"))
+    assert dict(report.dropped) == {"empty": 1, "identical": 1}
+    assert report.empty_samples == 4  # h's, i's and j's two (k stopped at identical)
+    assert "samples with an empty reply (never paired): 4" in "\n".join(report.lines())
+    assert report.to_dict()["dropped"]["empty"] == 1
+
+
 def test_truncated_samples_can_be_kept():
     """With drop_truncated off, b keeps its cut samples (best: sample 2, 3.0) and g's cut 9.0
     is chosen."""
@@ -156,6 +180,7 @@ def test_the_report_has_score_statistics_and_the_length_bias():
     assert "dropped (tie): 1" in text and "chosen longer than rejected: 33.3% of pairs" in text
     assert report.to_dict()["dropped"] == {
         "identical": 0,
+        "empty": 0,
         "truncated": 0,
         "tie": 1,
         "same_text": 0,
@@ -288,3 +313,32 @@ def test_generation_records_are_what_binarize_reads(tok):
                ((13, "1 2"), (21, "2 1"))]  # fmt: skip
     record = {"prompt_id": "p1", "prompt": [{"role": "user", "content": "Sort: 2 1"}]}
     check_records([{**record, "samples": samples}], [[1.0, 0.0]])
+
+
+def test_the_preference_stage_leaves_the_dataset_folder_as_annotate_wrote_it(tmp_path):
+    """A preference stage trained and evaluated on a written dataset folder (both splits, as
+    when it follows annotate): the folder holds the same files after (no cache-*.arrow of the
+    stage's tokenizing in it)."""
+    from simpo_cli.recipe import load_recipe
+    from simpo_cli.run.pipeline import run_stage
+
+    folder = tmp_path / "dataset"
+    write_dataset(_rows(8), folder, eval_fraction=0.25)
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+    recipe = load_recipe(
+        "tiny",
+        [
+            "pipeline=[preference]",
+            f"preference.data.train.path={folder}",
+            "preference.data.train.split=train",
+            f"preference.data.eval.path={folder}",
+            "preference.data.eval.split=test",
+            "preference.training.max_steps=1",
+            "preference.training.warmup_ratio=0",
+            "preference.training.total_batch_size=2",
+            "preference.training.per_device_train_batch_size=2",
+        ],
+    )
+    stage_dir = run_stage(recipe, "preference", tmp_path / "run")
+    assert (stage_dir / "stage_complete.json").is_file()
+    assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) == files

@@ -189,6 +189,7 @@ def test_eval_uses_the_tokenization_the_stage_was_trained_with(tmp_path, tok):
             "preference.data.eval=null",
             "preference.data.tokenization=authors",
             "preference.training.max_steps=1",
+            "preference.training.warmup_ratio=0",
             "preference.training.total_batch_size=8",
         ],
     )

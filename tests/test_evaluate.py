@@ -14,7 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from simpo_cli.evaluate.pairs import implicit_reward_summary, spearman, token_budget_batches
+from simpo_cli.evaluate.pairs import (
+    accuracy_and_ties,
+    implicit_reward_summary,
+    spearman,
+    token_budget_batches,
+)
 from simpo_cli.recipe import RECIPES_DIR
 
 TINY = RECIPES_DIR / "tiny"
@@ -102,9 +107,10 @@ def test_implicit_reward_by_hand():
     """implicit = (chosen sum - its reference) - (rejected sum - its reference).
     Pair 1: (-4 + 5) - (-9 + 6) = 4 > 0, right; average log-probs -2 > -3 agree.
     Pair 2: (-6 + 2) - (-3 + 4) = -5, wrong; averages -2 < -1 agree (rejected first).
-    Pair 3: (-2 + 1) - (-8 + 9) = -2, wrong; averages tie (-2, -2), not chosen first: agree.
-    Accuracy 1/3, disagreement 0, mean margin (4 - 5 - 2) / 3 = -1. With pair 2's rejected
-    average at -3 the likelihood prefers chosen there: disagreement 1/3."""
+    Pair 3: (-2 + 1) - (-8 + 9) = -2, wrong; averages tie (-2, -2): the likelihood ranks it
+    not, so it is left out of the disagreement. Accuracy 1/3, no ties, disagreement 0 of 2,
+    mean margin (4 - 5 - 2) / 3 = -1. With pair 2's rejected average at -3 the likelihood
+    prefers chosen there: disagreement 1 of 2."""
     scores = {
         "chosen_logps_sum": [-4.0, -6.0, -2.0],
         "rejected_logps_sum": [-9.0, -3.0, -8.0],
@@ -119,12 +125,42 @@ def test_implicit_reward_by_hand():
     }
     got = implicit_reward_summary(scores, reference)
     assert got["implicit_reward_accuracy"] == pytest.approx(1 / 3)
+    assert got["implicit_reward_ties"] == 0
     assert got["implicit_likelihood_disagreement"] == 0
     assert got["implicit_logratio_margin"] == pytest.approx(-1.0)
     scores["rejected_logps"][1] = -3.0  # pair 2: the likelihood now prefers chosen
     assert implicit_reward_summary(scores, reference)["implicit_likelihood_disagreement"] == (
-        pytest.approx(1 / 3)
+        pytest.approx(1 / 2)
     )
+
+
+def test_ties_count_as_ties_not_as_failures():
+    """A model scored against itself as reference: every implicit reward is 0, a tie, and the
+    accuracy reads "identical", not 0. Ties among others: pairs 1 and 3 tie (implicit 0), pair 2
+    is right (1 > 0), pair 4 wrong: accuracy 1/2 over the untied, ties 2/4."""
+    scores = {
+        "chosen_logps_sum": [-4.0, -6.0, -2.0, -3.0],
+        "rejected_logps_sum": [-9.0, -3.0, -8.0, -1.0],
+        "chosen_logps": [-2.0, -2.0, -2.0, -3.0],
+        "rejected_logps": [-3.0, -1.0, -2.5, -1.0],
+        "chosen_tokens": [2, 3, 1, 1],
+    }
+    itself = implicit_reward_summary(scores, scores)
+    assert itself["implicit_reward_accuracy"] == "identical"
+    assert itself["implicit_reward_ties"] == 1
+    assert itself["implicit_likelihood_disagreement"] == "identical"
+    reference = {
+        "chosen_logps_sum": [-4.0, -7.0, -2.0, -2.0],
+        "rejected_logps_sum": [-9.0, -3.0, -8.0, -1.0],
+        "chosen_tokens": [2, 3, 1, 1],
+    }
+    got = implicit_reward_summary(scores, reference)
+    assert got["implicit_reward_accuracy"] == pytest.approx(1 / 2)
+    assert got["implicit_reward_ties"] == pytest.approx(2 / 4)
+    # Ranked by both: pair 2 (implicit right, likelihood wrong), pair 4 (both wrong).
+    assert got["implicit_likelihood_disagreement"] == pytest.approx(1 / 2)
+    assert accuracy_and_ties([0.0, 0.0]) == ("identical", 1.0)
+    assert accuracy_and_ties([0.5, -1.0, 0.0, 2.0]) == (pytest.approx(2 / 3), 0.25)
 
 
 def test_pair_numbers_do_not_depend_on_the_batches(run_dir, pairs, tok):
@@ -168,6 +204,9 @@ def test_comparison_table_over_the_run_folders_checkpoints(compared):
             "reward_accuracy": sum(m > 0 for m in margins) / 24,
             "reward_margin": sum(margins) / 24,
             "loss": sum(math.log1p(math.exp(-(m - gamma))) for m in margins) / 24,
+            # The SFT term apart from the SimPO loss: the chosen replies' cross-entropy.
+            "sft_loss": -sum(r["chosen_logps"] for r in records) / 24,
+            "reward_ties": 0.0,
         }
         assert 0 < expected["reward_accuracy"] < 1, "the tiny model ranks some pairs each way"
         for key, value in expected.items():

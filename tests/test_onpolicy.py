@@ -101,17 +101,22 @@ def test_annotate_writes_the_published_schema_scored_by_the_recipe_function(onpo
         assert row["chosen"] == prompt + [
             {"role": "assistant", "content": texts[row["chosen_index"]]}
         ]
-        # replies cut at max_new_tokens are left out of the selection (drop_truncated)
+        # replies cut at max_new_tokens (drop_truncated) and empty ones are left out of the
+        # selection
         usable = [
             score
-            for score, reason in zip(row["all_rm_scores"], row["finish_reasons"], strict=True)
-            if reason == "stop"
+            for score, reason, text in zip(
+                row["all_rm_scores"], row["finish_reasons"], texts, strict=True
+            )
+            if reason == "stop" and text.strip()
         ]
         assert row["score_chosen"] == max(usable) > row["score_rejected"] == min(usable)
     report = json.loads((folder / "report.json").read_text())
     assert report["prompts"] == 40 and report["pairs"] == len(rows)
     assert sum(report["dropped"].values()) + report["pairs"] == 40
     assert "chosen longer than rejected" in stdout
+    # The preference stage (and evaluate) read the folder after: it holds what annotate wrote.
+    assert not list(folder.rglob("cache-*")), "a later stage wrote cache files into the dataset"
 
 
 def test_preference_trains_on_the_annotate_pairs_and_prints_the_greedy_check(onpolicy_run):

@@ -39,7 +39,10 @@ def load_source(source: DataSource, role: str):
                 raise DataError(f"{_at(role, path)}: cannot read parquet: {err}") from None
     elif path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "state.json")):
         try:
-            loaded = datasets.load_from_disk(str(path))
+            # In memory: a dataset mapped or filtered while backed by the folder's files writes
+            # its cache-*.arrow files into that folder, which is another stage's output (or the
+            # user's); the folder keeps exactly what was saved there.
+            loaded = datasets.load_from_disk(str(path), keep_in_memory=True)
         except Exception as err:
             raise DataError(
                 f"{_at(role, path)}: not a dataset saved with save_to_disk ({err}); "

@@ -19,14 +19,17 @@ from typing import Any
 
 PAIR_COLUMNS = (
     ("pairs", "pairs"),
-    ("reward_accuracy", "reward accuracy"),
+    ("reward_accuracy", "reward accuracy (untied pairs)"),
+    ("reward_ties", "reward ties"),
     ("reward_margin", "reward margin"),
     ("loss", "SimPO loss"),
+    ("sft_loss", "SFT loss (chosen NLL)"),
     ("beta", "beta"),
     ("spearman_length_logp", "Spearman(length, avg logp)"),
     ("mean_chosen_tokens", "chosen tokens"),
     ("mean_rejected_tokens", "rejected tokens"),
-    ("implicit_reward_accuracy", "DPO implicit reward accuracy"),
+    ("implicit_reward_accuracy", "DPO implicit reward accuracy (untied pairs)"),
+    ("implicit_reward_ties", "DPO implicit reward ties"),
     ("implicit_likelihood_disagreement", "implicit reward vs likelihood disagree"),
 )
 BENCHMARK_COLUMNS = (
@@ -202,7 +205,9 @@ def plot_comparison(results: dict[str, dict[str, Any]], output: Path) -> Path | 
         if panel in ("accuracy", "margin"):
             key = "reward_accuracy" if panel == "accuracy" else "reward_margin"
             names = list(pairs)
-            ax.bar(names, [pairs[n][key] for n in names], color=[colors[n] for n in names])
+            # An accuracy over no untied pair reads "identical": no bar.
+            values = [pairs[n][key] if not isinstance(pairs[n][key], str) else 0 for n in names]
+            ax.bar(names, values, color=[colors[n] for n in names])
             ax.set_title(f"held-out pairs: reward {panel}")
             ax.tick_params(axis="x", labelrotation=20)
             if panel == "accuracy":

@@ -1,13 +1,19 @@
 """Evaluation on preference pairs: per-pair log-probs under a checkpoint, and what the paper
 computes from them (section 5 of ../shared/reference/simpo.md):
 
-- reward accuracy, mean margin and SimPO loss under the checkpoint's beta and gamma;
+- reward accuracy, mean margin and SimPO loss under the checkpoint's beta and gamma, and the
+  SFT term apart (the chosen responses' per-token cross-entropy, which `sft_weight` adds to the
+  training loss);
 - the Spearman correlation between response length (tokens) and average log-prob over every
   response, chosen and rejected (the paper: 0.34 SimPO, 0.82 without length normalisation,
   0.59 DPO);
 - with a reference model: DPO's implicit reward log pi(y|x) - log pi_ref(y|x) (summed over the
   response; accuracy and the share of pairs where it ranks chosen and rejected differently from
   the average log-prob, which is SimPO's reward).
+
+A pair whose chosen and rejected rewards are equal is a tie, neither right nor wrong: accuracies
+are over the pairs that are not tied, with the share of ties beside them, and a model whose
+every pair ties (scored against itself as reference) reads IDENTICAL, not 0 % accurate.
 
 Pairs go through the model in batches sized by a token budget (pairs of similar length
 together). The batches are formed over the whole set first and dealt to the processes of a
@@ -50,6 +56,7 @@ def token_budget_batches(lengths: list[int], batch_tokens: int) -> list[list[int
 
 
 EVAL_CHUNK = 1024
+IDENTICAL = "identical"  # an accuracy over no untied pair: every pair ties
 
 
 @torch.no_grad()
@@ -123,13 +130,30 @@ def _ranks(values: list[float]) -> list[float]:
     return ranks
 
 
+def accuracy_and_ties(margins: list[float]) -> tuple[float | str, float]:
+    """(share of the untied pairs ranked right (margin > 0), share of tied pairs (margin 0));
+    IDENTICAL for the first when every pair ties."""
+    n = len(margins)
+    tied = sum(m == 0 for m in margins)
+    right = sum(m > 0 for m in margins)
+    accuracy = right / (n - tied) if n > tied else IDENTICAL
+    return accuracy, tied / max(n, 1)
+
+
+def rate(value: float | str) -> str:
+    """An accuracy as the pair summaries print it: 4 decimals, or IDENTICAL."""
+    return value if isinstance(value, str) else f"{value:.4f}"
+
+
 def summarize(
     scores: dict[str, list], stage: PreferenceStage, reference: dict[str, list] | None = None
 ) -> dict[str, float]:
-    """Reward accuracy (gamma not subtracted), mean reward margin and mean SimPO loss; the
-    length / average log-prob Spearman over every response; with `reference` (the same pairs
-    scored by the reference model), DPO's implicit reward accuracy, its mean log-ratio margin
-    (beta 1) and the share of pairs where it disagrees with the average log-prob's ranking."""
+    """Reward accuracy over the untied pairs (gamma not subtracted) and the share of ties, mean
+    reward margin, mean SimPO loss (the SimPO term alone) and mean SFT loss (the chosen
+    responses' per-token cross-entropy: the term sft_weight scales); the length / average
+    log-prob Spearman over every response; with `reference` (the same pairs scored by the
+    reference model), DPO's implicit reward accuracy and ties, its mean log-ratio margin (beta
+    1) and the share of pairs where it disagrees with the average log-prob's ranking."""
     chosen = torch.tensor(scores["chosen_logps"], dtype=torch.float64)
     rejected = torch.tensor(scores["rejected_logps"], dtype=torch.float64)
     result = simpo_loss(
@@ -142,11 +166,14 @@ def summarize(
     )
     margins = result.chosen_rewards - result.rejected_rewards
     lengths = scores["chosen_tokens"] + scores["rejected_tokens"]
+    accuracy, ties = accuracy_and_ties(margins.tolist())
     summary = {
         "pairs": len(chosen),
-        "reward_accuracy": (margins > 0).double().mean().item(),
+        "reward_accuracy": accuracy,
+        "reward_ties": ties,
         "reward_margin": margins.mean().item(),
         "loss": result.losses.mean().item(),
+        "sft_loss": -chosen.mean().item(),
         "beta": stage.beta,
         "gamma": stage.resolved_gamma,
         "spearman_length_logp": spearman(
@@ -162,27 +189,31 @@ def summarize(
 
 def implicit_reward_summary(scores: dict[str, list], reference: dict[str, list]) -> dict:
     """DPO's implicit reward, log pi(y|x) - log pi_ref(y|x) summed over the response (beta left
-    out: it scales the margin, never the ranking)."""
+    out: it scales the margin, never the ranking): accuracy over the untied pairs and the share
+    of ties, the mean margin, and the share of the pairs ranked by both (neither tied) that it
+    ranks differently from the average log-prob. IDENTICAL where every pair ties."""
     n = len(scores["chosen_logps_sum"])
     if reference["chosen_tokens"] != scores["chosen_tokens"]:
         raise UserError(
             "--reference: its tokenizer splits the responses differently from the model's; "
             "give the reference the model was trained from (the same tokenizer)"
         )
-    agree = correct = 0
-    margin = 0.0
-    for i in range(n):
-        implicit = (scores["chosen_logps_sum"][i] - reference["chosen_logps_sum"][i]) - (
-            scores["rejected_logps_sum"][i] - reference["rejected_logps_sum"][i]
-        )
-        likelihood = scores["chosen_logps"][i] - scores["rejected_logps"][i]
-        correct += implicit > 0
-        agree += (implicit > 0) == (likelihood > 0)
-        margin += implicit
+    implicit = [
+        (scores["chosen_logps_sum"][i] - reference["chosen_logps_sum"][i])
+        - (scores["rejected_logps_sum"][i] - reference["rejected_logps_sum"][i])
+        for i in range(n)
+    ]
+    likelihood = [scores["chosen_logps"][i] - scores["rejected_logps"][i] for i in range(n)]
+    accuracy, ties = accuracy_and_ties(implicit)
+    ranked = [(a, b) for a, b in zip(implicit, likelihood, strict=True) if a != 0 and b != 0]
+    disagree = sum((a > 0) != (b > 0) for a, b in ranked)
     return {
-        "implicit_reward_accuracy": correct / max(n, 1),
-        "implicit_logratio_margin": margin / max(n, 1),
-        "implicit_likelihood_disagreement": (n - agree) / max(n, 1),
+        "implicit_reward_accuracy": accuracy,
+        "implicit_reward_ties": ties,
+        "implicit_logratio_margin": sum(implicit) / max(n, 1),
+        "implicit_likelihood_disagreement": (
+            disagree / len(ranked) if ranked else IDENTICAL if ties == 1 else 0.0
+        ),
     }
 
 

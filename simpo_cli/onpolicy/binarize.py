@@ -6,9 +6,13 @@ sample j, from rewards.score_records).
 
 Per prompt, in this order; the first reason that applies drops the prompt and is counted:
   identical     every sample has the same text (the authors' only filter)
-  truncated     drop_truncated is set and fewer than two samples ended on their own: samples cut
-                at max_new_tokens (finish_reason "length") are excluded before selection, one by
-                one (counted in truncated_samples), and the prompt is kept if two remain
+  empty         fewer than two samples hold a reply: samples whose text is empty or only
+                whitespace are excluded before selection (counted in empty_samples), since the
+                preference stage cannot train on an empty reply (it would drop the pair)
+  truncated     drop_truncated is set and fewer than two of the others ended on their own:
+                samples cut at max_new_tokens (finish_reason "length") are excluded before
+                selection, one by one (counted in truncated_samples), and the prompt is kept if
+                two remain
   tie           the chosen and rejected scores are equal (the authors kept these: chosen ==
                 rejected)
   same_text     the chosen and rejected texts are equal (different samples, same reply)
@@ -43,7 +47,7 @@ from typing import Any
 from simpo_cli.errors import DataError, UserError
 
 SELECTIONS = ("best_vs_worst", "best_vs_random")
-DROP_REASONS = ("identical", "truncated", "tie", "same_text", "under_margin")
+DROP_REASONS = ("identical", "empty", "truncated", "tie", "same_text", "under_margin")
 
 
 @dataclass
@@ -52,6 +56,7 @@ class BinarizeReport:
 
     prompts: int = 0
     samples: int = 0
+    empty_samples: int = 0  # samples with an empty (or whitespace-only) reply: excluded
     truncated_samples: int = 0  # samples cut at max_new_tokens (excluded with drop_truncated)
     dropped: Counter = field(default_factory=Counter)  # prompts, by DROP_REASONS
     pairs: int = 0
@@ -70,6 +75,7 @@ class BinarizeReport:
     def lines(self) -> list[str]:
         out = [
             f"binarize: {self.prompts} prompts, {self.samples} samples -> {self.pairs} pairs",
+            f"  samples with an empty reply (never paired): {self.empty_samples}",
             f"  samples cut at max_new_tokens: {self.truncated_samples}",
         ]
         out += [f"  dropped ({reason}): {self.dropped[reason]}" for reason in DROP_REASONS]
@@ -139,7 +145,12 @@ def binarize(
         if len(set(texts)) == 1:
             report.dropped["identical"] += 1
             continue
-        usable = [j for j in range(len(samples)) if not (drop_truncated and cut[j])]
+        replies = [j for j in range(len(samples)) if texts[j].strip()]
+        report.empty_samples += len(samples) - len(replies)
+        if len(replies) < 2:
+            report.dropped["empty"] += 1
+            continue
+        usable = [j for j in replies if not (drop_truncated and cut[j])]
         if len(usable) < 2:
             report.dropped["truncated"] += 1
             continue

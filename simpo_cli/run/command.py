@@ -23,7 +23,7 @@ from simpo_cli.recipe import TRAINING_STAGES, Recipe, load_recipe
 from simpo_cli.redact import redact_args
 from simpo_cli.run.curves import plot_run
 from simpo_cli.run.paths import check_paths
-from simpo_cli.run.plan import print_plan
+from simpo_cli.run.plan import check_training, print_plan
 
 # What a stop signal does during each kind of stage: training stages stop after the optimizer
 # step in hand (faults.StepGuard); generate and annotate where their work is kept.
@@ -82,6 +82,9 @@ def run_stages(
         # model.lora.target_modules, on the model built on the meta device; once, by the
         # command (the launched processes' stages check the model they load: add_adapters).
         check_targets(recipe)
+    # Data smaller than one optimizer step, or a learning rate of 0 at every step: nothing
+    # would be trained. Checked here where the data files' rows can be counted.
+    check_training(recipe, names, out, overwrite)
 
     child_args = [command, recipe_ref, "--output-dir", str(out)]
     # The launcher, not the training processes, needs the machine's rank: leaving it out keeps

@@ -79,7 +79,7 @@ def _eval_pairs(checkpoint, settings, output: str | None) -> dict:
     """One checkpoint's pairs, printed on one line that names it (and written to `output`);
     returns their summary."""
     from simpo_cli.distributed import say
-    from simpo_cli.evaluate.pairs import evaluate_pairs
+    from simpo_cli.evaluate.pairs import IDENTICAL, evaluate_pairs, rate
     from simpo_cli.model.load import full_model_folder, scratch_folder
 
     # An adapter folder is scored as its merged model, written for the while beside `output`.
@@ -95,14 +95,20 @@ def _eval_pairs(checkpoint, settings, output: str | None) -> dict:
     s = result["summary"]
     line = (
         f"{checkpoint.label} ({checkpoint.path}): pairs {s['pairs']}: reward accuracy "
-        f"{s['reward_accuracy']:.4f}, mean margin {s['reward_margin']:.4f}, SimPO loss "
-        f"{s['loss']:.4f} (beta {s['beta']:g}, gamma {s['gamma']:g}; tokenization "
-        f"{s['tokenization']}); Spearman(length, avg log-prob) {s['spearman_length_logp']:.4f}"
+        f"{rate(s['reward_accuracy'])} (ties {s['reward_ties']:.4f}), mean margin "
+        f"{s['reward_margin']:.4f}, SimPO loss {s['loss']:.4f} (beta {s['beta']:g}, gamma "
+        f"{s['gamma']:g}; tokenization {s['tokenization']}), SFT loss (chosen NLL) "
+        f"{s['sft_loss']:.4f}; Spearman(length, avg log-prob) {s['spearman_length_logp']:.4f}"
     )
-    if "implicit_reward_accuracy" in s:
+    if s.get("implicit_reward_accuracy") == IDENTICAL:
         line += (
-            f"; DPO implicit reward accuracy {s['implicit_reward_accuracy']:.4f}, disagrees "
-            f"with the likelihood on {s['implicit_likelihood_disagreement']:.1%} of pairs"
+            "; DPO implicit reward: identical, every pair tied (the model scores as the reference)"
+        )
+    elif "implicit_reward_accuracy" in s:
+        line += (
+            f"; DPO implicit reward accuracy {s['implicit_reward_accuracy']:.4f} (ties "
+            f"{s['implicit_reward_ties']:.4f}), disagrees with the likelihood on "
+            f"{s['implicit_likelihood_disagreement']:.1%} of the pairs both rank"
         )
     say(line)
     if output:

@@ -37,7 +37,7 @@ from simpo_cli.recipe import Recipe, settings_table, stage_identity
 from simpo_cli.redact import redact, redact_args, redact_text
 from simpo_cli.run import stages
 from simpo_cli.run.stages import StageInstance
-from simpo_cli.train import console
+from simpo_cli.train import console, schedule
 from simpo_cli.train.trainer import MetricsFile, training_arguments
 
 
@@ -139,6 +139,11 @@ def run_instance(instance: StageInstance, output_dir: Path, overwrite: bool = Fa
     # Signals and non-finite steps: stop after the step (or skip it) on every process at once.
     guard = StepGuard(trainer, name, stage.training.on_nonfinite, str(stage.data.train.path))
     trainer.add_callback(guard)
+    # Nothing to train (fewer examples than one step, a learning rate of 0 at every step): one
+    # line now rather than a stage that reports success.
+    schedule.check_trainer(recipe, kind, trainer, str(stage.data.train.path))
+    watch = schedule.WeightsWatch(trainer.model)
+    trainer.add_callback(watch)
     if how.before_training is not None:
         how.before_training(recipe, name, trainer, tokenizer, stage_dir, checkpoint is not None)
 
@@ -155,6 +160,10 @@ def run_instance(instance: StageInstance, output_dir: Path, overwrite: bool = Fa
     guard.finish(stage_dir)  # raises when training stopped early
 
     summary: dict[str, Any] = {"global_step": trainer.state.global_step}
+    unchanged = watch.unchanged(trainer.state.global_step)
+    if unchanged is not None:
+        say(f"[{name}] {unchanged}")
+        summary["warnings"] = [unchanged]
     if has_eval:
         summary["eval"] = trainer.evaluate()
     if how.after_training is not None:

@@ -123,13 +123,50 @@ def _stage_lines(recipe: Recipe, name: StageName, out: Path, overwrite: bool) ->
     elif rows is None:
         lines.append("    optimizer steps: unknown until the data is read (hub dataset)")
     else:
-        per_epoch = math.ceil(rows / total)
-        steps = t.max_steps if t.max_steps > 0 else math.ceil(per_epoch * t.num_train_epochs)
+        per_epoch, steps = planned_steps(recipe, name, rows)
         lines.append(
             f"    optimizer steps: {per_epoch} per epoch ({rows} rows, before dropped rows); "
             f"{steps} in all"
         )
     return lines
+
+
+def planned_steps(recipe: Recipe, name: StageName, rows: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, in all) of a training stage on `rows` examples, as Trainer
+    counts them (Trainer.set_initial_training_values: micro-batches per process, then steps of
+    `accumulation` micro-batches, the last one short)."""
+    t = recipe.stage(name).training
+    micro_batches = math.ceil(rows / (t.per_device_train_batch_size * recipe.launch.world_size))
+    per_epoch = max(math.ceil(micro_batches / recipe.accumulation_steps(name)), 1)
+    steps = t.max_steps if t.max_steps > 0 else math.ceil(per_epoch * t.num_train_epochs)
+    return per_epoch, steps
+
+
+def check_training(recipe: Recipe, names: list[StageName], out: Path, overwrite: bool) -> None:
+    """Before any stage starts (and in --dry-run): one line each (UserError) for a training
+    stage to run whose local data holds fewer rows than one optimizer step, or whose schedule
+    gives every step learning rate 0. A stage reading hub data, or pairs not written yet, is
+    checked as it starts (train/schedule.py), on its tokenized data."""
+    from simpo_cli.train import schedule
+
+    problems = []
+    for name in names:
+        if name not in TRAINING_STAGES:
+            continue
+        if StageDir(out / name).is_complete() and not overwrite:
+            continue  # skipped, not trained
+        source = recipe.stage(name).data.train
+        rows = count_rows(source)
+        if rows is None:
+            continue
+        _, steps = planned_steps(recipe, name, rows)
+        args = schedule.planned_arguments(recipe, name)
+        counted = f"{source.path}, rows before dropped rows"
+        problem = schedule.schedule_problem(recipe, name, args, rows, steps, counted)
+        if problem is not None:
+            problems.append(problem)
+    if problems:
+        raise UserError(problems)
 
 
 def _adapter_line(recipe: Recipe, name: StageName) -> str:

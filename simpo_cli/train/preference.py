@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -197,17 +198,26 @@ class PreferenceTrainer(SeededBatches, GuardedTrainer):
         return engine
 
 
-def preference_metrics(prediction) -> dict[str, float]:
-    """Held-out metrics from the per-pair results [N, 5] gathered by prediction_step."""
+def preference_metrics(prediction, sft_weight: float = 0.0) -> dict[str, float]:
+    """Held-out metrics from the per-pair results [N, 5] gathered by prediction_step.
+    rewards/accuracies is the authors' (a tie counts as wrong); rewards/ties is the share of
+    pairs whose rewards are equal, which the printed summary sets apart. With SimPO's
+    sft_weight the loss is the SimPO term plus sft_weight x the SFT term: both apart too."""
     scores = torch.as_tensor(prediction.predictions, dtype=torch.float64)
     margins = scores[:, 1] - scores[:, 2]
-    return {
+    metrics = {
         "loss": scores[:, 0].mean().item(),
         "rewards/accuracies": (margins > 0).double().mean().item(),
+        "rewards/ties": (margins == 0).double().mean().item(),
         "rewards/margins": margins.mean().item(),
         "logps/chosen": scores[:, 3].mean().item(),
         "logps/rejected": scores[:, 4].mean().item(),
     }
+    if sft_weight:
+        sft = -scores[:, 3]  # the chosen responses' per-token cross-entropy
+        metrics["simpo_loss"] = (scores[:, 0] - sft_weight * sft).mean().item()
+        metrics["sft_loss"] = sft.mean().item()
+    return metrics
 
 
 def build_trainer(
@@ -227,7 +237,7 @@ def build_trainer(
         data_collator=PreferenceCollator(
             tokenizer.pad_token_id, layout.padding_free, layout.one_row
         ),
-        compute_metrics=preference_metrics,
+        compute_metrics=partial(preference_metrics, sft_weight=stage.sft_weight),
         stage=stage,
         ref_model=_live_reference(recipe, stage, start_from),
         chunk_size=layout.chunk_size,
@@ -268,6 +278,7 @@ def after_training(recipe: Recipe, name: str, trainer, tokenizer, stage_dir: Sta
         _print_before_after(
             name,
             stage.loss if stage.loss != "simpo" else "SimPO",
+            stage.sft_weight,
             _read_json(stage_dir.path / "eval_before.json"),
             summary["eval"],
         )
@@ -303,14 +314,47 @@ def _print_greedy(name: str, before: dict | None, after: dict) -> None:
     say("\n".join(lines))
 
 
-def _print_before_after(name: str, loss: str, before: dict | None, after: dict) -> None:
+def _print_before_after(
+    name: str, loss: str, sft_weight: float, before: dict | None, after: dict
+) -> None:
+    """Held-out numbers before and after: reward accuracy over the pairs whose rewards differ
+    (ties apart, when there are any), and the loss; with sft_weight, the SimPO term, the SFT
+    term and their sum apart, so that each names exactly what it reports (`simpo eval`'s SimPO
+    loss is the SimPO term)."""
     if not before:
         return
-    lines = [f"[{name}] held-out pairs        before     after"]
-    rows = (("reward accuracy", "eval_rewards/accuracies"), (f"{loss} loss", "eval_loss"))
-    for label, key in rows:
-        lines.append(f"[{name}]   {label:<18} {before[key]:>8.4f}  {after[key]:>8.4f}")
+    rows: list[tuple[str, Any, Any]] = [
+        ("reward accuracy (untied)", _untied_accuracy(before), _untied_accuracy(after))
+    ]
+    if before.get("eval_rewards/ties") or after.get("eval_rewards/ties"):
+        rows.append(
+            ("reward ties", before.get("eval_rewards/ties", 0.0), after["eval_rewards/ties"])
+        )
+    if sft_weight and "eval_simpo_loss" in after and "eval_simpo_loss" in before:
+        rows += [
+            (f"{loss} loss", before["eval_simpo_loss"], after["eval_simpo_loss"]),
+            ("SFT loss (chosen NLL)", before["eval_sft_loss"], after["eval_sft_loss"]),
+            (f"total (+ {sft_weight:g} x SFT)", before["eval_loss"], after["eval_loss"]),
+        ]
+    else:  # (with sft_weight: a run started before the terms were kept apart)
+        label = f"{loss} loss" if not sft_weight else f"total (+ {sft_weight:g} x SFT)"
+        rows.append((label, before["eval_loss"], after["eval_loss"]))
+    lines = [f"[{name}] {'held-out pairs':<26} {'before':>9}  {'after':>9}"]
+    for label, first, last in rows:
+        lines.append(f"[{name}]   {label:<24} {_number(first):>9}  {_number(last):>9}")
     say("\n".join(lines))
+
+
+def _untied_accuracy(metrics: dict) -> float | str:
+    """The share of right pairs among those whose rewards differ; "identical" when none do."""
+    ties = metrics.get("eval_rewards/ties", 0.0)
+    if ties >= 1:
+        return "identical"
+    return metrics["eval_rewards/accuracies"] / (1 - ties)
+
+
+def _number(value: float | str) -> str:
+    return value if isinstance(value, str) else f"{value:.4f}"
 
 
 # --------------------------------------------------------------------------- reference model

@@ -4,6 +4,7 @@ the check that it fits the tokenizer, and the callback that writes metrics.jsonl
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -15,7 +16,7 @@ from simpo_cli.data import LENGTH_COLUMN
 from simpo_cli.distributed import is_main_process
 from simpo_cli.launch import read_deepspeed_config
 from simpo_cli.outputs import StageDir
-from simpo_cli.recipe import Recipe
+from simpo_cli.recipe import Recipe, TrainingSettings
 from simpo_cli.redact import redact_text
 
 
@@ -36,10 +37,7 @@ def training_arguments(
         # Saved in training_args.bin (with every checkpoint) and sent to the trackers.
         run_name=redact_text(recipe.logging.run_name or f"{recipe.name}-{name}"),
         report_to=report_to,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler_type,
-        # transformers 5 takes a ratio in [0, 1) through warmup_steps.
-        warmup_steps=t.warmup_ratio,
+        **schedule_settings(t),
         num_train_epochs=t.num_train_epochs,
         max_steps=t.max_steps,
         per_device_train_batch_size=t.per_device_train_batch_size,
@@ -71,6 +69,17 @@ def training_arguments(
         ddp_find_unused_parameters=False,  # every parameter takes part in every step
         use_cpu=not torch.cuda.is_available(),
     )
+
+
+def schedule_settings(t: TrainingSettings) -> dict[str, Any]:
+    """The TrainingArguments that set the learning rate of each optimizer step (Trainer's
+    scheduler), shared with the check that some step trains (schedule.py)."""
+    return {
+        "learning_rate": t.learning_rate,
+        "lr_scheduler_type": t.lr_scheduler_type,
+        # transformers 5 takes a ratio in [0, 1) through warmup_steps.
+        "warmup_steps": t.warmup_ratio,
+    }
 
 
 class SeededBatches:
