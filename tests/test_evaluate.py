@@ -406,13 +406,18 @@ def test_a_run_folder_scores_its_finished_stages_whatever_its_progress(
     assert f"{run_dir}: scoring preference ({run_dir / 'preference'}) as tiny-preference" in (
         finished.stdout.splitlines()
     )
-    table = [line for line in finished.stdout.splitlines() if line.startswith("| tiny-")]
+    lines = finished.stdout.splitlines()
+    table = [line for line in lines if line.startswith("| tiny-")]
     assert [row.split(" | ")[0] for row in table] == ["| tiny-sft", "| tiny-preference"]
+    header = lines[lines.index(table[0]) - 2].strip("| ").split(" | ")
     for row in table:
-        cells = row.strip("| ").split(" | ")
-        assert cells[1] == "24" and cells[5] == "2"  # pairs, beta
-        assert all(len(cell.split(".")[1]) == 4 for cell in cells[2:5])  # rates, margin, loss
-        assert all(len(cell.split(".")[1]) == 1 for cell in cells[7:9])  # mean tokens
+        cell = dict(zip(header, row.strip("| ").split(" | "), strict=True))
+        assert cell["pairs"] == "24" and cell["beta"] == "2"
+        for rate in ("reward accuracy (untied pairs)", "reward ties", "reward margin",
+                     "SimPO loss", "SFT loss (chosen NLL)"):  # fmt: skip
+            assert len(cell[rate].split(".")[1]) == 4, (rate, cell[rate])
+        for mean in ("chosen tokens", "rejected tokens"):
+            assert len(cell[mean].split(".")[1]) == 1, (mean, cell[mean])
     assert not any(tmp_path.glob("**/comparison.*")) and not (run_dir / "checkpoints").exists()
 
 
