@@ -194,6 +194,7 @@ DPO_SETS = [
     "pipeline=[preference]",
     "preference.loss=dpo",
     "preference.gamma_beta_ratio=null",
+    "preference.sft_weight=null",
     "preference.data.eval=null",
     "preference.training.max_steps=1",
     # One step over all 8 pairs: every cached log-prob enters the first loss.

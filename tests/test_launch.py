@@ -514,6 +514,7 @@ def test_reference_pre_pass_under_zero(tmp_path, start_model, zero):
     training engine) and a live reference model (its own inference engine) train identically,
     and the first step's loss is log 2 (policy == reference)."""
     dpo = ["--set", "preference.loss=dpo", "--set", "preference.gamma_beta_ratio=null",
+           "--set", "preference.sft_weight=null",
            "--set", "preference.data.train.max_rows=80"]  # 5 steps  # fmt: skip
     common = [*dpo, "--num-processes", "2", "--deepspeed", zero,
               "--set", "preference.training.per_device_train_batch_size=8"]  # fmt: skip
@@ -535,6 +536,7 @@ def test_kto_on_two_processes_matches_one(tmp_path, start_model):
     both processes, a 2-process run trains like a 1-process run at the same total batch."""
     # Held-out z0 is per evaluation step too: 8 pairs a step in both runs, 96 pairs in all.
     kto = ["--set", "preference.loss=kto", "--set", "preference.gamma_beta_ratio=null",
+           "--set", "preference.sft_weight=null",
            "--set", "preference.data.train.max_rows=160",  # 10 steps
            "--set", "preference.data.eval.max_rows=96"]  # fmt: skip
     one = tmp_path / "one"
