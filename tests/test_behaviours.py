@@ -359,7 +359,7 @@ def test_data_inspect_marks_exactly_the_reply(cli, tok, stage, expected, replies
         )
 
 
-@pytest.mark.parametrize(("stage", "rows"), [("preference", 3000), ("sft", 320)])
+@pytest.mark.parametrize(("stage", "rows"), [("preference", 1500), ("sft", 3000)])
 def test_data_inspect_row_out_of_range_is_one_line_exit_2(cli, stage, rows):
     result = cli("data", "inspect", "tiny", "--stage", stage, "--row", rows, "--no-color")
     assert result.code == 2

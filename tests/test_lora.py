@@ -34,6 +34,8 @@ LORA_SETS = [
     "preference.training.total_batch_size=null",
     "preference.training.per_device_train_batch_size=8",
     "preference.training.logging_steps=1",
+    # the 4 shipped AlpacaEval-format questions, not the recipe's 100 held-out prompts
+    f"evaluate.benchmarks.0.questions={ROOT / 'recipes/tiny/benchmarks/alpaca_eval.json'}",
 ]
 
 
