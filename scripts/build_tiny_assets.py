@@ -13,6 +13,9 @@ writes, deterministically and without network access:
   HuggingFaceH4/ultrafeedback_binarized schema. A quarter of the rejected
   answers are a "length trap" (the right answer plus extra digits), so a
   length-biased reward would prefer them.
+* ``recipes/tiny/benchmarks/sort_eval.json``: the first SORT_EVAL_ROWS prompts of
+  pref_eval as AlpacaEval-format questions whose ``output`` is the right
+  answer, so the evaluate stage can score greedy answers by exact match.
 
 The digit lists of the eval files never occur in the train files.
 
@@ -35,9 +38,11 @@ SEED = 1234
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes" / "tiny"
 TOKENIZER_DIR = RECIPE_DIR / "tokenizer"
 DATA_DIR = RECIPE_DIR / "data"
+BENCHMARK_DIR = RECIPE_DIR / "benchmarks"
 
 SFT_TRAIN_ROWS, SFT_EVAL_ROWS = 3000, 200
 PREF_TRAIN_ROWS, PREF_EVAL_ROWS = 3000, 300
+SORT_EVAL_ROWS = 100
 MIN_DIGITS, MAX_DIGITS = 3, 6
 TWO_TURN_FRACTION = 0.1
 SYSTEM_FRACTION = 0.1
@@ -208,6 +213,20 @@ def build_datasets(rng: random.Random) -> dict[str, list[Row]]:
     }
 
 
+def sort_questions(pref_eval: Sequence[Row]) -> list[Row]:
+    """Held-out prompts in AlpacaEval's format, each with its right answer as the reference
+    `output` (what `exact_match: true` in the recipe's benchmark compares answers with)."""
+    return [
+        {
+            "instruction": row["prompt"],
+            "output": final_reply(row["chosen"]),
+            "generator": "sorted",
+            "dataset": "tiny_sort",
+        }
+        for row in pref_eval[:SORT_EVAL_ROWS]
+    ]
+
+
 def write_jsonl(path: Path, rows: Sequence[Row]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8", newline="\n") as f:
@@ -331,6 +350,7 @@ def token_count(tok: PreTrainedTokenizerFast, conversation: list[Message]) -> in
 def summarize(datasets: dict[str, list[Row]], tok: PreTrainedTokenizerFast) -> None:
     for name, rows in datasets.items():
         print(f"{DATA_DIR.name}/{name}.jsonl: {len(rows)} rows")
+    print(f"{BENCHMARK_DIR.name}/sort_eval.json: {SORT_EVAL_ROWS} questions")
     print(f"tokenizer: vocab size {len(tok)} (incl. {len(SPECIAL_TOKENS)} special tokens)")
     for name in ("pref_train", "pref_eval"):
         rows = datasets[name]
@@ -348,6 +368,10 @@ def main() -> None:
     check_held_out(datasets)
     for name, rows in datasets.items():
         write_jsonl(DATA_DIR / f"{name}.jsonl", rows)
+    questions = sort_questions(datasets["pref_eval"])
+    (BENCHMARK_DIR / "sort_eval.json").write_text(
+        json.dumps(questions, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
     save_tokenizer(train_tokenizer(corpus(datasets)), TOKENIZER_DIR)
     summarize(datasets, check_tokenizer(TOKENIZER_DIR))
 

@@ -86,6 +86,7 @@ def measure(name: str, steps: int, model_sets: list[str], workdir: Path) -> dict
         "preference.data.eval=null",
         f"preference.data.train.max_rows={16 * steps}",  # one epoch of `steps` steps
         f"preference.training.max_steps={steps}",
+        "preference.sft_weight=null",  # SimPO as the paper's; the other losses take none
         "preference.training.logging_steps=1",
         "preference.training.save_steps=100000",
         *model_sets,

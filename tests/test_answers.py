@@ -210,3 +210,46 @@ def test_a_model_without_a_chat_template_is_one_line(cli, model_dir, tmp_path):
     lines = result.errors()
     assert len(lines) == 1 and "has no chat template" in lines[0], result.stderr
     assert not (tmp_path / "out" / "alpaca_eval").exists()
+
+
+def test_exact_match_counts_answers_equal_to_the_reference_and_shows_them(tmp_path):
+    """Three questions, references "1 2 3", "4 5", "0 0 7". Checkpoint a answers " 1 2 3" (the
+    space a tokenizer fuses to the first digit does not count), "5 4" and "0 0 7\\n": 2 of 3.
+    Checkpoint b answers "1 1 1 1 1 1 1 1 1 1 1 1" to all: 0 of 3, and its quoted answer is cut
+    to the width with '...'. A question without a reference is refused by name."""
+    from simpo_cli.errors import DataError
+    from simpo_cli.evaluate.answers import check_references, exact_matches, side_by_side
+    from simpo_cli.evaluate.benchmarks import load_questions
+
+    rows = [
+        {"instruction": "Sort: 3 1 2", "output": "1 2 3"},
+        {"instruction": "Sort: 5 4", "output": "4 5"},
+        {"instruction": "Sort: 7 0 0", "output": "0 0 7"},
+    ]
+    path = tmp_path / "questions.json"
+    path.write_text(json.dumps(rows))
+    questions = load_questions("alpaca_eval", str(path))
+    check_references(questions)
+    a = {"0": [" 1 2 3"], "1": ["5 4"], "2": ["0 0 7\n"]}
+    b = {str(i): ["1 1 1 1 1 1 1 1 1 1 1 1"] for i in range(3)}
+    assert exact_matches(questions, a) == {
+        "exact_match": pytest.approx(2 / 3), "exact_matches": 2, "questions": 3,
+    }  # fmt: skip
+    assert exact_matches(questions, b)["exact_matches"] == 0
+
+    lines = side_by_side("alpaca_eval", questions, {"sft": a, "simpo": b}, shown=2, width=20)
+    assert lines == [
+        "alpaca_eval: the first 2 of 3 questions (= marks an answer equal to the reference)",
+        '  "Sort: 3 1 2"  reference "1 2 3"',
+        '    sft    = " 1 2 3"',
+        '    simpo    "1 1 1 1 1 1 1 1..."',  # 20 characters
+        '  "Sort: 5 4"  reference "4 5"',
+        '    sft      "5 4"',
+        '    simpo    "1 1 1 1 1 1 1 1..."',  # 20 characters
+        "alpaca_eval exact match: sft    0.67 (2 of 3)",
+        "alpaca_eval exact match: simpo  0.00 (0 of 3)",
+    ]
+
+    path.write_text(json.dumps([*rows, {"instruction": "Sort: 9 8"}]))
+    with pytest.raises(DataError, match=r"questions.json: item 4: no reference answer"):
+        check_references(load_questions("alpaca_eval", str(path)))

@@ -196,6 +196,7 @@ DPO_SETS = [
     "pipeline=[preference]",
     "preference.loss=dpo",
     "preference.gamma_beta_ratio=null",
+    "preference.sft_weight=null",
     "preference.data.eval=null",
     "preference.training.max_steps=1",
     "preference.training.warmup_ratio=0",  # a step at learning rate 0 is refused
@@ -361,7 +362,7 @@ def test_data_inspect_marks_exactly_the_reply(cli, tok, stage, expected, replies
         )
 
 
-@pytest.mark.parametrize(("stage", "rows"), [("preference", 3000), ("sft", 320)])
+@pytest.mark.parametrize(("stage", "rows"), [("preference", 1500), ("sft", 3000)])
 def test_data_inspect_row_out_of_range_is_one_line_exit_2(cli, stage, rows):
     result = cli("data", "inspect", "tiny", "--stage", stage, "--row", rows, "--no-color")
     assert result.code == 2

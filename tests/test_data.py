@@ -834,7 +834,9 @@ def test_inspect_row_marks_trained_tokens():
     assert shown.count("⟦") == 3  # the legend and the two replies
     assert "BOS count 1; ends with EOS: yes" in shown
     assert shown.count("<|begin_of_text|>") == 2  # one per side
-    with pytest.raises(DataError, match=r"--row 5000: preference.data.train has 3000 rows"):
+    rows = load_recipe("tiny").preference.data.train.max_rows  # the rows the stage reads
+    expected = rf"--row 5000: preference.data.train has {rows} rows; choose 0..{rows - 1}"
+    with pytest.raises(DataError, match=expected):
         inspect_row(load_recipe("tiny"), "preference", 5000, color=False)
 
 

@@ -462,6 +462,10 @@ def test_table_cells_read_as_what_they_count(tmp_path):
             "'sft' is not among the checkpoints evaluated (preference)",
         ),
         (["evaluate.benchmarks.0.against=sft"], "benchmarks.against needs reward"),
+        (
+            ["evaluate.benchmarks.0.name=mt_bench", "evaluate.benchmarks.0.exact_match=true"],
+            "exact_match on mt_bench: only alpaca_eval questions carry a reference answer",
+        ),
     ],
 )  # fmt: skip
 def test_evaluate_stage_recipe_errors(sets, expected):
@@ -511,6 +515,7 @@ def test_evaluate_stage_of_a_run_folder_and_its_plan(cli, run_dir, pairs, tmp_pa
         f"      questions: {TINY / 'benchmarks' / 'alpaca_eval.json'}\n"
         "      max_new_tokens: 4\n"
         "      temperature: 0\n"
+        "      exact_match: true\n"
         "      against: reference\n"
         f"  reward: {{function: '{REWARD}:sorted_digits'}}\n"
     )
@@ -541,6 +546,14 @@ def test_evaluate_stage_of_a_run_folder_and_its_plan(cli, run_dir, pairs, tmp_pa
         soft = sum(1 / (1 + math.exp(-d)) for d in deltas) / len(deltas)
         assert row["alpaca_eval/win_rate vs reference"] == pytest.approx(hard)
         assert row["alpaca_eval/soft_win_rate vs reference"] == pytest.approx(soft)
+        # exact_match: the share of answers equal to the reference, printed with the answers.
+        same = [outputs[r["instruction"]].strip() == r["output"] for r in reference]
+        assert row["alpaca_eval/exact_match"] == pytest.approx(sum(same) / len(same))
+        label = row["checkpoint"]
+        assert f"exact match: {label:<10}  {sum(same) / len(same):.2f}" in result.stdout
+        shown = json.dumps(outputs[reference[0]["instruction"]], ensure_ascii=False)
+        assert f"    {label:<10}  {'=' if same[0] else ' '} {shown}" in result.stdout
+    assert "alpaca_eval exact match" in (tmp_path / "out/evaluate/comparison.md").read_text()
     again = cli("train", recipe, "-o", tmp_path / "out")
     assert again.code == 0 and "[evaluate] already finished" in again.stdout
 

@@ -197,9 +197,10 @@ def test_dry_run_for_eight_gpus_prints_a_command_to_paste(tmp_path):
     assert "--set preference.training.bf16=True" in command
     assert "2 per device x 8 process(es) x 8 accumulation step(s) = 128 per optimizer step" in text
     assert "4 per device x 8 process(es) x 4 accumulation step(s) = 128 per optimizer step" in text
-    # 3000 shipped pairs / 128 per step -> 24 steps per epoch; 320 SFT rows -> 3.
-    assert "optimizer steps: 24 per epoch (3000 rows, before dropped rows); 24 in all" in text
-    assert "optimizer steps: 3 per epoch (320 rows, before dropped rows); 3 in all" in text
+    # 1500 of the shipped pairs / 128 per step -> 12 steps per epoch; 3000 SFT rows -> 24 per
+    # epoch, 36 in its 1.5 epochs.
+    assert "optimizer steps: 12 per epoch (1500 rows, before dropped rows); 12 in all" in text
+    assert "optimizer steps: 24 per epoch (3000 rows, before dropped rows); 36 in all" in text
     assert "memory per GPU for model states (ZeRO-3, 8 GPU(s))" in text
     assert "WARNING" not in text
     assert not out.exists()
@@ -495,6 +496,7 @@ def test_reference_losses_under_zero3_match_one_process(tmp_path, start_model):
     both processes. The first step's loss is 0.5 (policy == reference: r = z0 = 0)."""
     # 5 steps of 16 pairs; held-out z0 is per evaluation step too: 8 pairs a step in every run.
     kto = ["--set", "preference.loss=kto", "--set", "preference.gamma_beta_ratio=null",
+           "--set", "preference.sft_weight=null",
            "--set", "preference.data.train.max_rows=80",
            "--set", "preference.data.eval.max_rows=48"]  # fmt: skip
     one = tmp_path / "one"

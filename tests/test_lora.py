@@ -34,6 +34,8 @@ LORA_SETS = [
     "preference.training.total_batch_size=null",
     "preference.training.per_device_train_batch_size=8",
     "preference.training.logging_steps=1",
+    # the 4 shipped AlpacaEval-format questions, not the recipe's 100 held-out prompts
+    f"evaluate.benchmarks.0.questions={ROOT / 'recipes/tiny/benchmarks/alpaca_eval.json'}",
 ]
 
 
@@ -267,7 +269,8 @@ def test_vllm_generation_from_an_adapter_only_stage_is_one_line(continued):
 
 def test_continued_adapter_refuses_a_live_dpo_reference(tmp_path, cli):
     sets = ["model.lora.r=8", "model.lora.continue_adapter=true", "preference.loss=dpo",
-            "preference.gamma_beta_ratio=null", "preference.reference.mode=live"]  # fmt: skip
+            "preference.gamma_beta_ratio=null", "preference.sft_weight=null",
+            "preference.reference.mode=live"]  # fmt: skip
     result = cli("train", "tiny", "-o", tmp_path, "--dry-run",
                  *[arg for s in sets for arg in ("--set", s)])  # fmt: skip
     assert result.code == 2
@@ -401,6 +404,7 @@ def test_dpo_reference_is_the_base_model_with_the_adapters_off(tmp_path):
 
     recipe = load_recipe("tiny", ["pipeline=[preference]", "model.lora.r=8",
                                   "preference.loss=dpo", "preference.gamma_beta_ratio=null",
+                                  "preference.sft_weight=null",
                                   "preference.reference.mode=live"])  # fmt: skip
     stage = recipe.preference
     assert _live_reference(recipe, stage, None) is None

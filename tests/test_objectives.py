@@ -134,7 +134,14 @@ def test_each_loss_takes_only_its_hyperparameters():
 
 def test_a_wrong_hyperparameter_in_a_recipe_is_one_clear_line():
     with pytest.raises(RecipeError) as info:
-        load_recipe("tiny", ["preference.loss=ipo", "preference.gamma_beta_ratio=null"])
+        load_recipe(
+            "tiny",
+            [
+                "preference.loss=ipo",
+                "preference.gamma_beta_ratio=null",
+                "preference.sft_weight=null",
+            ],
+        )
     (line,) = info.value.messages
     assert line.endswith(
         "preference: beta applies to simpo, dpo, rdpo, kto, cpo, not ipo; remove it "
@@ -163,7 +170,11 @@ def _run(loss: str, out: Path, *extra: str, overwrite: bool = False):
     sets = [
         "pipeline=[preference]",
         f"preference.loss={loss}",
-        *([] if loss == "simpo" else ["preference.gamma_beta_ratio=null"]),
+        *(
+            []
+            if loss == "simpo"
+            else ["preference.gamma_beta_ratio=null", "preference.sft_weight=null"]
+        ),
         *LOSS_SETS[loss],
         "preference.data.train.max_rows=96",
         "preference.data.eval.max_rows=48",

@@ -293,6 +293,7 @@ def test_every_recipe_path_problem_at_once(root):
         "--set", "preference.loss=dpo",
         "--set", "preference.beta=0.1",
         "--set", "preference.gamma_beta_ratio=null",
+        "--set", "preference.sft_weight=null",
     )  # fmt: skip
     assert lines == [
         "error: ./no_tokenizer: model.tokenizer: no such tokenizer folder; fix the path, or "

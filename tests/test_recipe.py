@@ -417,9 +417,10 @@ def test_settings_table_origin_of_a_data_source_written_as_a_mapping():
     keys was overridden."""
     from simpo_cli.recipe import settings_table
 
-    def origin(sets: list[str]) -> str:
-        table = settings_table(load_recipe("tiny", sets), "sft")
-        return next(line.split()[-1] for line in table if line.split()[0] == "sft.data.train")
+    def origin(sets: list[str]) -> str:  # tiny's preference.data.train is {path, max_rows}
+        table = settings_table(load_recipe("tiny", sets), "preference")
+        key = "preference.data.train"
+        return next(line.split()[-1] for line in table if line.split()[0] == key)
 
     assert origin([]) == "recipe"
-    assert origin(["sft.data.train.max_rows=10"]) == "--set"
+    assert origin(["preference.data.train.max_rows=10"]) == "--set"

@@ -377,7 +377,7 @@ def test_recipes_list_does_not_import_torch():
     assert rows[SFT].split()[1:] == ["meta-llama/Meta-Llama-3-8B", "sft", "lr=2e-05"]
     assert rows["tiny"].split()[1:] == [
         "from_config", "(llama)", "sft", "->", "simpo", "->", "evaluate",
-        "lr=0.003;", "beta=2", "gamma/beta=0.5", "lr=0.001",
+        "lr=0.003;", "beta=2", "gamma/beta=0.5", "sft_weight=1", "lr=0.001",
     ]  # fmt: skip
     assert rows["llama3-instruct-simpo-qlora"].split()[2:] == [
         "simpo", "beta=2.5", "gamma/beta=0.55", "lr=5e-06;", "lora", "r=128", "4bit",

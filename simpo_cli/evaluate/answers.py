@@ -7,7 +7,9 @@ its own folder under WORK_DIR/generation/, one request per question, seeded by t
 a re-run resumes where a stop left off and gives the same answers, on any number of processes
 (each samples its share of the questions). Beside the answer file: the decoding settings used.
 In WORK_DIR/judge_free.json: answer length in characters and tokens and the share cut at
-max_new_tokens, which are proxies for the judges, not their scores.
+max_new_tokens, which are proxies for the judges, not their scores. For questions whose
+reference answer is the right one (`exact_match` in the recipe), the share of answers equal to it,
+and a few answers of every checkpoint side by side (`side_by_side`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 from simpo_cli.data import load_tokenizer
 from simpo_cli.distributed import barrier, is_main_process, rank, say, world_size
-from simpo_cli.errors import UserError
+from simpo_cli.errors import DataError, UserError
 from simpo_cli.evaluate import benchmarks
 from simpo_cli.evaluate.context import fit_to_context, model_context, pass_limit
 from simpo_cli.model.load import load_checkpoint
@@ -53,11 +55,12 @@ def answer_benchmark(
     backend: str = "auto",
     dtype: str = "auto",
     listed: list[benchmarks.Question] | None = None,
+    exact_match: bool = False,
 ) -> dict[str, Any]:
     """Generate the answers and write the answer file into output_dir (main process); returns
     the summary also written to WORK_DIR/judge_free.json. `temperature` and `max_new_tokens`
     override the benchmark's defaults (a temperature given replaces MT-Bench's per-category
-    ones)."""
+    ones). `exact_match`: also the share of answers equal to their question's reference."""
     benchmarks.check_benchmark(benchmark)
     model_id = model_id or Path(model_dir).resolve().name
     benchmarks.check_model_id(model_id)
@@ -65,6 +68,8 @@ def answer_benchmark(
         raise UserError(f"--arena-layout {layout}: use v0.1 or current")
     if listed is None:  # the caller may have read them already (the evaluate stage)
         listed = benchmarks.load_questions(benchmark, questions)
+    if exact_match:
+        check_references(listed)
     settings = benchmarks.decoding_defaults(benchmark, family)
     if temperature is not None:
         settings = dataclasses.replace(
@@ -118,6 +123,8 @@ def answer_benchmark(
     path = benchmarks.answer_path(benchmark, output_dir, model_id)
     summary = _judge_free(samples, settings.max_new_tokens)
     summary |= {"benchmark": benchmark, "model_id": model_id, "answers": str(path)}
+    if exact_match:
+        summary |= exact_matches(listed, replies)
     if is_main_process():
         benchmarks.write_answers(
             benchmark, listed, replies, output_dir, model_id, layout, settings, record,
@@ -166,3 +173,68 @@ def _judge_free(samples: list[dict[str, Any]], max_new_tokens: int) -> dict[str,
         "max_new_tokens": max_new_tokens,
         "note": "judge-free proxies; the benchmark's score needs its GPT-4 judge",
     }
+
+
+def check_references(questions: list[benchmarks.Question]) -> None:
+    """Exact match needs every question's reference answer: DataError naming the first that
+    has none."""
+    for question in questions:
+        if question.reference is None:
+            raise DataError(
+                f"{question.where}: no reference answer (`output`) to compare answers with "
+                "(exact_match); give every question its right answer in `output`, or leave "
+                "exact_match out"
+            )
+
+
+def same_answer(reply: str, reference: str) -> bool:
+    """Equal but for the whitespace around them (a reply may start with the space a tokenizer
+    fused to its first word)."""
+    return reply.strip() == reference.strip()
+
+
+def exact_matches(
+    questions: list[benchmarks.Question], replies: dict[str, list[str]]
+) -> dict[str, Any]:
+    """How many final replies equal their question's reference: {"exact_match": share,
+    "exact_matches": count, "questions": how many were scored}."""
+    matched = sum(same_answer(replies[q.prompt_id][-1], q.reference or "") for q in questions)
+    count = len(questions)
+    return {"exact_match": matched / max(count, 1), "exact_matches": matched, "questions": count}
+
+
+def side_by_side(
+    benchmark: str,
+    questions: list[benchmarks.Question],
+    replies: dict[str, dict[str, list[str]]],
+    shown: int = 5,
+    width: int = 30,
+) -> list[str]:
+    """Lines showing the first `shown` questions with their reference and each checkpoint's
+    final reply (`replies`: {label: {prompt_id: one reply per turn}}), marked `=` when it equals
+    the reference, then each checkpoint's exact-match count. Replies are quoted, so a leading
+    space or a newline shows."""
+
+    def quoted(text: str) -> str:
+        text = json.dumps(text, ensure_ascii=False)
+        return text if len(text) <= width else text[: width - 4] + '..."'
+
+    pad = max(len(label) for label in replies)
+    lines = [
+        f"{benchmark}: the first {min(shown, len(questions))} of {len(questions)} questions "
+        "(= marks an answer equal to the reference)"
+    ]
+    for question in questions[:shown]:
+        reference = question.reference or ""
+        lines.append(f"  {quoted(question.turns[-1])}  reference {quoted(reference)}")
+        for label, answers in replies.items():
+            reply = answers[question.prompt_id][-1]
+            mark = "=" if same_answer(reply, reference) else " "
+            lines.append(f"    {label:<{pad}}  {mark} {quoted(reply)}")
+    for label, answers in replies.items():
+        numbers = exact_matches(questions, answers)
+        lines.append(
+            f"{benchmark} exact match: {label:<{pad}}  {numbers['exact_match']:.2f} "
+            f"({numbers['exact_matches']} of {numbers['questions']})"
+        )
+    return lines

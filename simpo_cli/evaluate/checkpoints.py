@@ -32,7 +32,12 @@ from typing import Any
 from simpo_cli.distributed import barrier, is_main_process, say
 from simpo_cli.errors import UserError
 from simpo_cli.evaluate import benchmarks, compare, winrate
-from simpo_cli.evaluate.answers import answer_benchmark, check_chat_template
+from simpo_cli.evaluate.answers import (
+    answer_benchmark,
+    check_chat_template,
+    check_references,
+    side_by_side,
+)
 from simpo_cli.evaluate.lmeval import run_lm_eval
 from simpo_cli.evaluate.pairs import evaluate_pairs
 from simpo_cli.model import adapters
@@ -170,6 +175,9 @@ def evaluate_checkpoints(
                        results, against_key)  # fmt: skip
     files: list[str] = []
     if is_main_process():
+        for bench in settings.benchmarks:
+            if bench.exact_match:
+                _print_side_by_side(checkpoints, bench, questions[bench.name], output_dir)
         files = compare.write_comparison(results, output_dir)
     barrier()
     return {"checkpoints": results, "files": files}
@@ -189,6 +197,8 @@ def _inputs(checkpoints, settings, against_key: str):
         resolve_backend(settings.backend)
     for bench in settings.benchmarks:
         questions[bench.name] = benchmarks.load_questions(bench.name, bench.questions)
+        if bench.exact_match:
+            check_references(questions[bench.name])
         if bench.name == "arena_hard":
             benchmarks.tiktoken_counter(benchmarks.ARENA_TIKTOKEN_MODEL[bench.arena_layout])
         if bench.against is not None and bench.against not in labels:
@@ -269,6 +279,7 @@ def _answers(checkpoint, bench, questions, settings, output_dir, work) -> dict[s
         settings.backend,
         settings.dtype,
         questions,
+        exact_match=bench.exact_match,
     )
     counts = answer_counts(summary, questions)
     say(f"[evaluate] {checkpoint.label}: wrote {summary['answers']} ({counts})")
@@ -289,6 +300,18 @@ def answer_counts(summary: dict[str, Any], questions) -> str:
         f"{len(questions)} answers in {turns} turns, mean {mean:.1f} tokens per turn, {cut:.1%} "
         "of turns cut at max_new_tokens"
     )
+
+
+def _print_side_by_side(checkpoints, bench, questions, output_dir: Path) -> None:
+    """A few answers of every checkpoint beside the reference, read back from the answer files
+    just written, and each checkpoint's exact-match share."""
+    replies = {}
+    for checkpoint in checkpoints:
+        folder = answers_dir(output_dir, bench.name, checkpoint.label)
+        path = benchmarks.answer_path(bench.name, folder, checkpoint.label)
+        replies[checkpoint.label] = winrate.read_replies(bench.name, questions, path)[1]
+    for line in side_by_side(bench.name, questions, replies):
+        print(f"[evaluate] {line}", flush=True)
 
 
 def _lm_eval(checkpoint, settings, work: Path) -> dict[str, Any]:

@@ -37,6 +37,8 @@ BENCHMARK_COLUMNS = (
     ("mean_tokens", "tokens"),
     ("cut_at_max_new_tokens", "cut at max"),
 )
+# Only for benchmarks scored against their reference answers (`exact_match`).
+EXACT_MATCH_COLUMNS = (("exact_match", "exact match"),)
 WIN_RATE_COLUMNS = (("win_rate", "RM win rate"), ("soft_win_rate", "RM soft win rate"))
 # How a cell reads: counts as whole numbers, settings as given, mean lengths to one decimal,
 # rates, margins and losses to four.
@@ -64,6 +66,9 @@ def comparison_rows(results: dict[str, dict[str, Any]]) -> tuple[list[str], list
         for bench, numbers in (entry.get("benchmarks") or {}).items():
             for key, _ in BENCHMARK_COLUMNS:
                 put(row, f"{bench}/{key}", numbers.get(key))
+            for key, _ in EXACT_MATCH_COLUMNS:
+                if key in numbers:
+                    put(row, f"{bench}/{key}", numbers[key])
             win = numbers.get("win_rate") or {}
             for key, _ in WIN_RATE_COLUMNS:
                 if key in win:
@@ -86,7 +91,7 @@ def _title(column: str) -> str:
     bench, _, key = column.partition("/")
     if not key:
         return names.get(column, column)
-    for name, title in (*BENCHMARK_COLUMNS, *WIN_RATE_COLUMNS):
+    for name, title in (*BENCHMARK_COLUMNS, *EXACT_MATCH_COLUMNS, *WIN_RATE_COLUMNS):
         if key == name or key.startswith(name + " vs "):
             return f"{bench} {title}{key[len(name) :]}"
     return column

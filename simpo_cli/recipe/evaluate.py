@@ -31,6 +31,12 @@ class BenchmarkSettings(Section):
     max_new_tokens: PositiveInt | None = Field(
         None, description="Override the benchmark's answer length cap."
     )
+    exact_match: bool = Field(
+        False,
+        description="Score each answer by exact match (outer whitespace aside) with its "
+        "question's reference answer (alpaca_eval's `output`): for questions whose reference is "
+        "the right answer.",
+    )
     against: str | None = Field(
         None,
         description="Reward-model win rate against: 'reference' (AlpacaEval's reference "
@@ -101,4 +107,10 @@ class EvaluateStage(Section):
                 "benchmarks.against needs reward: the reward model or function that scores "
                 "both sides (reward: {model: ...} or {function: file.py:name})"
             )
+        for bench in self.benchmarks:
+            if bench.exact_match and bench.name != "alpaca_eval":
+                raise ValueError(
+                    f"benchmarks: exact_match on {bench.name}: only alpaca_eval questions carry a "
+                    "reference answer (`output`); remove exact_match or use alpaca_eval questions"
+                )
         return self
