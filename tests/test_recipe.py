@@ -350,8 +350,8 @@ def test_config_show_prints_resolved_yaml_without_torch():
     assert result.stdout.startswith("name: tiny\n")
     assert result.stdout.endswith(
         "# resolved gamma = 1.5\nok: tiny (tiny: sft -> preference -> evaluate)\n"
-        "  sft.data.train: 320 rows read\n  sft.data.eval: 200 rows read\n"
-        "  preference.data.train: 3000 rows read\n  preference.data.eval: 300 rows read\n"
+        "  sft.data.train: 3000 rows read\n  sft.data.eval: 200 rows read\n"
+        "  preference.data.train: 1500 rows read\n  preference.data.eval: 300 rows read\n"
     )
     shown = yaml.safe_load(result.stdout.split("ok: tiny")[0])
     assert shown["preference"]["beta"] == 3.0

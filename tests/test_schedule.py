@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import Trainer, TrainingArguments
 
 from simpo_cli.recipe import RECIPES_DIR, load_recipe
@@ -23,17 +24,17 @@ def copied_tiny(folder: Path, pairs: list[dict]) -> Path:
     """The tiny recipe's settings, copied, with its preference data replaced by `pairs`."""
     data = folder / "pairs.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in pairs))
-    text = (RECIPES_DIR / "tiny" / "recipe.yaml").read_text()
-    text = text.replace("tokenizer: tokenizer", f"tokenizer: {RECIPES_DIR / 'tiny/tokenizer'}")
-    text = text.replace("path: data/", f"path: {RECIPES_DIR / 'tiny/data'}/")
-    text = text.replace(
-        "eval: data/sft_eval.jsonl", f"eval: {RECIPES_DIR / 'tiny/data'}/sft_eval.jsonl"
-    )
-    text = text.replace("train: data/pref_train.jsonl", f"train: {data}")
-    text = text.replace("eval: data/pref_eval.jsonl", "eval: null")
-    text = text.replace("questions: benchmarks/", f"questions: {RECIPES_DIR / 'tiny/benchmarks'}/")
+    tiny = RECIPES_DIR / "tiny"
+    settings = yaml.safe_load((tiny / "recipe.yaml").read_text())
+    settings["model"]["tokenizer"] = str(tiny / "tokenizer")
+    settings["sft"]["data"]["train"] = str(tiny / "data/sft_train.jsonl")
+    settings["sft"]["data"]["eval"] = str(tiny / "data/sft_eval.jsonl")
+    settings["preference"]["data"]["train"] = str(data)
+    settings["preference"]["data"]["eval"] = None
+    for benchmark in settings["evaluate"]["benchmarks"]:
+        benchmark["questions"] = str(tiny / benchmark["questions"])
     recipe = folder / "recipe.yaml"
-    recipe.write_text(text)
+    recipe.write_text(yaml.safe_dump(settings, sort_keys=False))
     return recipe
 
 

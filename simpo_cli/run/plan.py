@@ -10,7 +10,8 @@ import shlex
 from pathlib import Path
 
 from simpo_cli import launch
-from simpo_cli.errors import UserError
+from simpo_cli.data.rows import check_rows
+from simpo_cli.errors import DataError, UserError
 from simpo_cli.model.adapters import writes_merged
 from simpo_cli.outputs import StageDir
 from simpo_cli.recipe import TRAINING_STAGES, DataSource, Recipe, StageName, stage_identity
@@ -157,7 +158,7 @@ def check_training(recipe: Recipe, names: list[StageName], out: Path, overwrite:
             continue  # skipped, not trained
         source = recipe.stage(name).data.train
         rows = count_rows(source)
-        if rows is None:
+        if rows is None or _bad_rows(source, name):
             continue
         _, steps = planned_steps(recipe, name, rows)
         args = schedule.planned_arguments(recipe, name)
@@ -167,6 +168,16 @@ def check_training(recipe: Recipe, names: list[StageName], out: Path, overwrite:
             problems.append(problem)
     if problems:
         raise UserError(problems)
+
+
+def _bad_rows(source: DataSource, name: StageName) -> bool:
+    """Whether the rows of a local file are ones training refuses: the stage then names the
+    row (what the data is matters before how much of it there is)."""
+    try:
+        check_rows(source, name, f"{name}.data.train")
+    except DataError:
+        return True
+    return False
 
 
 def _adapter_line(recipe: Recipe, name: StageName) -> str:
