@@ -1,5 +1,6 @@
 # The whole dev loop. CPU path: a local virtual environment with the CPU build of torch.
-# On a GPU node install with `pip install -e .` instead, which takes the CUDA build of torch.
+# On a GPU node install with `pip install -e ".[gpu]"` instead, which takes the CUDA build of
+# torch (README "On a GPU node").
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin

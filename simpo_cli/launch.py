@@ -187,8 +187,8 @@ def preflight(launch: LaunchSettings, gpus: int) -> None:
         has_deepspeed = False
     if launch.deepspeed is not None and not has_deepspeed:
         raise UserError(
-            "launch.deepspeed: DeepSpeed is not installed; pip install deepspeed (or "
-            "'simpo-cli[deepspeed]'), or drop --deepspeed to train with plain data parallel"
+            "launch.deepspeed: DeepSpeed is not installed (simpo-cli depends on it); pip install "
+            "deepspeed, or drop --deepspeed to train with plain data parallel"
         )
     if gpus and launch.num_processes > gpus:
         raise UserError(

@@ -329,9 +329,9 @@ def _start_processes(args: TrainingArguments, recipe: Recipe) -> None:
 def prepare_trackers(recipe: Recipe) -> None:
     """Fail early if a tracker the recipe asks for is missing; keep wandb from prompting."""
     if "tensorboard" in recipe.logging.report_to:
-        _require("tensorboard", "tensorboard")
+        _require("tensorboard", "pip install 'simpo-cli[tensorboard]'")
     if "wandb" in recipe.logging.report_to:
-        _require("wandb", "wandb")
+        _require("wandb", "pip install wandb (simpo-cli depends on it)")
         os.environ.setdefault("WANDB_PROJECT", redact_text(recipe.logging.project))
         # wandb saves this process's command line in its run files: give it the command line
         # as simpo prints it (nothing reads sys.argv once the command has been parsed).
@@ -342,11 +342,11 @@ def prepare_trackers(recipe: Recipe) -> None:
             say("wandb: no WANDB_API_KEY set; logging offline (sync later with `wandb sync`)")
 
 
-def _require(module: str, extra: str) -> None:
+def _require(module: str, install: str) -> None:
     if importlib.util.find_spec(module) is None:
         raise UserError(
-            f"logging.report_to: {extra} is not installed; pip install 'simpo-cli[{extra}]' or "
-            f"remove {extra} from logging.report_to"
+            f"logging.report_to: {module} is not installed; {install} or remove {module} from "
+            "logging.report_to"
         )
 
 
