@@ -24,6 +24,7 @@ PACKAGE = "simpo_cli"
 LAYERS = [
     "__main__",
     "cli",
+    "cli_recipes",
     "flags",
     "run",
     "evaluate",
@@ -35,7 +36,7 @@ LAYERS = [
     "outputs | data",
     "recipe",
     "stops",
-    "losses | distributed | redact | errors",
+    "losses | distributed | redact | errors | environment",
 ]
 MAX_LINES = 700
 MAX_LINES_OF = {"cli": 400}

@@ -6,6 +6,7 @@ read a recipe (validate, config show, --dry-run) never import torch.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -15,6 +16,8 @@ from typing import Annotated, Any, Literal
 import typer
 
 from simpo_cli import stops
+from simpo_cli.cli_recipes import recipes_app
+from simpo_cli.environment import environment_report, report_text, version_line
 from simpo_cli.errors import EXIT_ABORTED, Preempted, UserError
 from simpo_cli.flags import (
     As,
@@ -26,20 +29,11 @@ from simpo_cli.flags import (
     with_options,
     with_plain_help_types,
 )
-from simpo_cli.recipe import (
-    TRAINING_STAGES,
-    EvaluateStage,
-    LaunchSettings,
-    copy_recipe,
-    load_recipe,
-    recipe_summary,
-    shipped_recipe_dir,
-    shipped_recipes,
-)
+from simpo_cli.recipe import TRAINING_STAGES, EvaluateStage, LaunchSettings, load_recipe
 from simpo_cli.run.command import output_folder, run_stages
 from simpo_cli.run.curves import plot_run
 from simpo_cli.run.evaluation import evaluate_models
-from simpo_cli.run.paths import check_copy_destination, check_plot_paths
+from simpo_cli.run.paths import check_plot_paths
 from simpo_cli.run.validate import validate_recipes
 
 app = typer.Typer(
@@ -50,12 +44,31 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect recipes.", no_args_is_help=True)
 data_app = typer.Typer(help="Inspect how a recipe's data is tokenized.", no_args_is_help=True)
-recipes_app = typer.Typer(
-    help="The shipped recipes: the paper's settings and the tiny demo.", no_args_is_help=True
-)
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
 app.add_typer(recipes_app, name="recipes")
+
+
+def _print_version(given: bool) -> None:
+    if given:
+        print(version_line())
+        raise typer.Exit()
+
+
+@app.callback()
+def options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print simpo's version (and git commit, in a checkout) and exit.",
+        ),
+    ] = False,
+) -> None:
+    pass  # the options of `simpo` itself; the commands do the work
+
 
 RecipeArg = Annotated[str, typer.Argument(help="Recipe file, folder, or shipped name (e.g. tiny).")]
 OutputDir = Annotated[
@@ -200,43 +213,6 @@ def data_inspect(
     print(inspect_row(loaded, stage, row, use_color))
 
 
-ShippedName = Annotated[str, typer.Argument(help="A shipped recipe's name (simpo recipes list).")]
-
-
-@recipes_app.command("list")
-def recipes_list() -> None:
-    """List the shipped recipes: model, method (the preference loss, or sft) and key settings."""
-    rows, failed = [("NAME", "MODEL", "METHOD", "HYPERPARAMETERS")], []
-    for name in shipped_recipes():
-        try:
-            rows.append((name, *recipe_summary(load_recipe(name))))
-        except UserError as err:
-            failed += err.messages
-    width = [max(len(row[i]) for row in rows) for i in range(3)]
-    for name, model, method, settings in rows:
-        print(f"{name:<{width[0]}}  {model:<{width[1]}}  {method:<{width[2]}}  {settings}")
-    if failed:
-        raise UserError(failed)
-
-
-@recipes_app.command("show")
-def recipes_show(name: ShippedName) -> None:
-    """Print a shipped recipe file as written, comments included."""
-    print((shipped_recipe_dir(name) / "recipe.yaml").read_text(), end="")
-
-
-@recipes_app.command("copy")
-def recipes_copy(
-    name: ShippedName,
-    dest: Annotated[Path, typer.Argument(help="Folder to copy into (created if missing).")],
-) -> None:
-    """Copy a shipped recipe's files into DEST to edit them; never overwrites a file."""
-    check_copy_destination(dest)
-    for target, origin in copy_recipe(name, dest):
-        print(f"wrote {target}" + (f" (from {origin}; recipe.yaml points at it)" if origin else ""))
-    print(f"edit {dest / 'recipe.yaml'}, then: simpo train {dest}")
-
-
 # simpo eval's options, generated from recipe.EvaluateStage: the schema gives each its name,
 # type, default, bounds and help. `As` renames an option, words its help for the command line
 # where the recipe's speaks of stages, or places it in another help panel.
@@ -365,6 +341,19 @@ def plot(
     into OUTPUT_DIR/training_curves.png. Needs matplotlib."""
     check_plot_paths(run_dir, output_dir)
     print(f"wrote {plot_run(run_dir, output_dir and output_dir / 'training_curves.png')}")
+
+
+@app.command("env")
+def env(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Print this machine's versions and GPUs, to paste into a bug report.
+
+    simpo's version and commit, Python, torch with its CUDA, cuDNN and NCCL, the GPUs, and the
+    libraries a run uses ("not installed" where absent).
+    """
+    report = environment_report()
+    print(json.dumps(report, indent=2) if as_json else report_text(report))
 
 
 def main() -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import platform
 import shutil
-import subprocess
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -21,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from simpo_cli.environment import source_commit
 from simpo_cli.errors import UserError
 from simpo_cli.recipe import stage_identity
 from simpo_cli.redact import redact
@@ -204,22 +204,10 @@ def package_versions() -> dict[str, str]:
 
 
 def git_commit() -> str | None:
-    """The commit of the simpo source tree, when it runs from a git checkout."""
-    here = Path(__file__).resolve().parent
-    try:
-        result = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True
-        )
-    except OSError:
-        return None
-    if result.returncode != 0:
-        return None
-    dirty = subprocess.run(
-        ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    return result.stdout.strip() + ("-dirty" if dirty else "")
+    """The commit of the simpo source tree, `-dirty` appended when tracked files have changes,
+    when it runs from a git checkout."""
+    commit = source_commit()
+    return None if commit is None else commit.sha + ("-dirty" if commit.dirty else "")
 
 
 def reproducibility_record(

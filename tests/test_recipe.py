@@ -384,6 +384,7 @@ def test_help_on_every_command():
         ["recipes", "list"],
         ["recipes", "show"],
         ["recipes", "copy"],
+        ["env"],
     ):
         result = simpo(*command, "--help")
         assert result.returncode == 0, (command, result.stderr)
