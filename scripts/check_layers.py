@@ -35,7 +35,7 @@ LAYERS = [
     "outputs | data",
     "recipe",
     "stops",
-    "losses | distributed | redact | errors",
+    "losses | distributed | redact | errors | progress",
 ]
 MAX_LINES = 700
 MAX_LINES_OF = {"cli": 400}
