@@ -36,7 +36,7 @@ LAYERS = [
     "outputs | data",
     "recipe",
     "stops",
-    "losses | distributed | redact | errors | environment",
+    "losses | distributed | redact | errors | environment | progress",
 ]
 MAX_LINES = 700
 MAX_LINES_OF = {"cli": 400}

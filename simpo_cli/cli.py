@@ -83,7 +83,7 @@ DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the plan; start n
 Overwrite = Annotated[
     bool, typer.Option("--overwrite", help="Delete the stage folders and start over.")
 ]
-AllSettings = Annotated[bool, typer.Option(help="Print settings at their defaults too.")]
+AllSettings = Annotated[bool, typer.Option("--all-settings", help="Print default settings too.")]
 
 
 # Each given launch option is the `--set launch.KEY=VALUE` it stands for.
@@ -292,11 +292,12 @@ def evaluate(
     ] = False,
     **given: Any,
 ) -> None:
-    """Evaluate checkpoints: score preference pairs (--pairs: reward accuracy, margin, SimPO
-    loss, the length / log-prob Spearman, with --reference DPO's implicit reward), write their
-    answers to a benchmark (--benchmark: the files AlpacaEval 2, Arena-Hard or MT-Bench's judges
-    read, judge-free proxies, --against: reward-model win rates) and run lm-eval tasks
-    (--lm-eval). Several checkpoints give one comparison table; -o writes it with plots."""
+    """Evaluate checkpoints: score preference pairs, write benchmark answers, run lm-eval tasks.
+
+    --pairs: reward accuracy, margin, SimPO loss, the length / log-prob Spearman, with
+    --reference DPO's implicit reward. --benchmark: the answer files AlpacaEval 2, Arena-Hard or
+    MT-Bench's judges read, judge-free proxies, --against: reward-model win rates. --lm-eval:
+    lm-eval tasks. Several checkpoints give one comparison table; -o writes it with plots."""
     if given["pairs"] is None and given["benchmark"] is None and given["lm_eval"] is None:
         raise UserError(
             "simpo eval: give --pairs (score pairs), --benchmark (write answers) or --lm-eval "

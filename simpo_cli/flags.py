@@ -24,6 +24,9 @@ from simpo_cli.errors import UserError
 S = TypeVar("S", bound=BaseModel)
 F = TypeVar("F", bound=Callable[..., Any])
 SECTION_PANEL = ""
+# A Literal field's values as its type in --help (`<v0.1|current>`) when they fit this width; a
+# longer list, one word that rich would cut mid-word at 80 columns, is listed in its help text.
+CHOICES_WIDTH = 16
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,9 @@ def schema_options(
         if get_origin(kind) is Literal and override.choices != "parse":
             choices = get_args(kind) if override.choices == "check" else ()
             bounds["metavar"] = f"<{'|'.join(get_args(kind))}>"  # as the parser's choices show
+            if len(bounds["metavar"]) > CHOICES_WIDTH:
+                bounds["metavar"] = "<choice>"
+                help_ = f"{help_ or ''} One of: {', '.join(get_args(kind))}.".lstrip()
             kind = str
         comma_list = get_origin(kind) is list and get_args(kind) == (str,)
         if comma_list:
@@ -103,7 +109,10 @@ def schema_options(
         elif not (kind in (str, int, float, bool) or get_origin(kind) is Literal):
             raise TypeError(f"{schema.__name__}.{name}: no option for {kind}; skip the field")
         default = None if optional or info.is_required() else info.default
+        flag = "--" + (override.name or prefix + name).replace("_", "-")
         option = typer.Option(
+            # A switch that is off by default: --flag alone (no --no-flag beside it in --help).
+            *([flag] if kind is bool and default is False else []),
             help=help_,
             rich_help_panel=panel if override.panel == SECTION_PANEL else override.panel,
             **bounds,
@@ -237,9 +246,13 @@ def with_plain_help_types(app: typer.Typer) -> Any:
 
 
 def plain_help_types(command: Any) -> None:
-    """typer writes a type beside every parameter in --help, `<bool>` beside a flag and
-    `<list[str]>` beside a repeatable option or argument: a flag gets none (it takes no value)
-    and a repeatable one its item's type (`<str>`), in `command` and its subcommands."""
+    """typer writes a type beside every parameter in --help, `<bool>` beside a flag,
+    `<list[str]>` beside a repeatable option or argument and `<int range> [x>=1]` beside a
+    bounded number: a flag gets none (it takes no value), a repeatable one its item's type
+    (`<str>`) and a bounded one its type and bounds (`<int> [x>=1]`, narrow enough for a
+    26-letter flag beside it at 80 columns), in `command` and its subcommands. Each paragraph of
+    a command's help is made one line (one_line_paragraphs)."""
+    command.help = one_line_paragraphs(command.help)
     context = typer.Context(command)
     for param in [*command.params, command.get_help_option(context)]:
         if param is None or not hasattr(param, "display_type"):
@@ -248,12 +261,25 @@ def plain_help_types(command: Any) -> None:
             param.metavar = ""
             continue
         shown = param.display_type(context)
-        if not shown.startswith("<list["):
+        if shown.startswith("<list["):
+            plain = "<" + shown[len("<list[") : -len("]>")] + ">"
+        elif shown.endswith(" range>"):
+            plain = shown.removesuffix(" range>") + ">"
+        else:
             continue
-        item = "<" + shown[len("<list[") : -len("]>")] + ">"
         if param.param_type_name == "option":
-            param.metavar = item
+            param.metavar = plain
         else:  # an argument's name column reads its metavar: only the type column changes
-            param.display_type_rich = lambda ctx, item=item: item
+            param.display_type_rich = lambda ctx, plain=plain: plain
     for sub in getattr(command, "commands", {}).values():
         plain_help_types(sub)
+
+
+def one_line_paragraphs(text: str | None) -> str | None:
+    """Each paragraph of a help text on one line, for rich to wrap at the terminal's width.
+    typer's rich help keeps a docstring's line breaks after its first paragraph (a 95-column
+    source line wraps into a ragged pair at 80 columns), and in a group's list of commands it
+    keeps those of the first paragraph too."""
+    if not text:
+        return text
+    return "\n\n".join(" ".join(part.split()) for part in inspect.cleandoc(text).split("\n\n"))

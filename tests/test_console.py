@@ -1,5 +1,6 @@
 """The training console: one line of numbers per log step with the authors' metric names, in
-place of the Python dicts transformers' ProgressCallback prints; tqdm's bar stays."""
+place of the Python dicts transformers' ProgressCallback prints; tqdm's training bar stays, and
+the bars of work that takes less than a second (simpo_cli/progress.py) are gone."""
 
 import os
 import subprocess
@@ -11,7 +12,7 @@ from simpo_cli.train.console import format_log
 
 SHORT_RUN = [
     "--set", "pipeline=[preference]",
-    "--set", "preference.data.train.max_rows=48",
+    "--set", "preference.data.train.max_rows=300",  # tokenized in a blink: no bar
     "--set", "preference.data.eval.max_rows=16",
     "--set", "preference.training.per_device_train_batch_size=4",
     "--set", "preference.training.total_batch_size=null",
@@ -45,15 +46,19 @@ def test_format_log_prints_numbers_as_numbers():
 
 
 @pytest.fixture(scope="module")
-def short_run(tmp_path_factory):
+def short_run(tmp_path_factory, start_model):
+    """Four SimPO steps from a saved tiny model: its weights are loaded (from_pretrained) and
+    the trained model written (save_pretrained), as in any real run."""
     out = tmp_path_factory.mktemp("console") / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    start = ["--set", "model.init=pretrained", "--set", f"model.name_or_path={start_model}"]
     return subprocess.run(
-        [sys.executable, "-m", "simpo_cli", "preference", "tiny", "-o", str(out), *SHORT_RUN],
+        [sys.executable, "-m", "simpo_cli", "preference", "tiny", "-o", str(out), *start,
+         *SHORT_RUN],
         capture_output=True,
         text=True,
         env=env,
-    )
+    )  # fmt: skip
 
 
 def _fields(line: str) -> dict[str, float]:
@@ -100,4 +105,15 @@ def test_one_line_of_numbers_per_logging_step(short_run):
     for line in evals:
         assert {"loss", "rewards/accuracies", "rewards/margins"} <= set(_fields(line)), line
     # The progress bar is still tqdm's, on stderr.
+    assert "4/4 [" in short_run.stderr
+
+
+def test_no_bar_for_work_of_less_than_a_second(short_run, start_model):
+    """transformers drew "Loading weights 20/20" on every load and "Writing model shards 1/1" on
+    every save, datasets a map and a filter bar over the 300 rows; only the training bar is
+    left (an evaluation pass's bar shows only if it runs over a second, so it is not counted)."""
+    assert short_run.returncode == 0, short_run.stderr[-3000:]
+    assert f"[preference] start model: {start_model}" in short_run.stdout  # its weights loaded
+    for bar in ("Loading weights", "Writing model shards", "Tokenizing", "Dropping from"):
+        assert bar not in short_run.stderr, bar
     assert "4/4 [" in short_run.stderr

@@ -593,9 +593,9 @@ def test_the_launched_processes_get_the_command_line_back():
     command = typer.main.get_command(app).get_command(None, "eval")
     given = ["m1", "m2", "--pairs", "p.jsonl", "--lm-eval", "t", "--lm-eval-no-chat-template",
              "--machine-rank", "1", "--num-processes", "2", "-o", "out", "--tokenization",
-             "authors"]  # fmt: skip
+             "authors", "--exact-match"]  # fmt: skip
     ctx = command.make_context("eval", given)
     assert _command_line_again(ctx) == [
         "m1", "m2", "--pairs", "p.jsonl", "--tokenization", "authors", "--output-dir", "out",
-        "--lm-eval", "t", "--lm-eval-no-chat-template", "--num-processes", "2",
+        "--exact-match", "--lm-eval", "t", "--lm-eval-no-chat-template", "--num-processes", "2",
     ]  # fmt: skip

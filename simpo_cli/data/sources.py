@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from simpo_cli import progress
 from simpo_cli.errors import DataError
 from simpo_cli.recipe import DataSource
 
@@ -21,6 +22,7 @@ LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 def load_source(source: DataSource, role: str):
     """Read a DataSource into a datasets.Dataset; `role` (sft.data.train...) names it in errors."""
     import datasets
+    import pyarrow.parquet
 
     path = Path(source.path)
     if path.is_file():
@@ -34,7 +36,9 @@ def load_source(source: DataSource, role: str):
             dataset = _json_dataset(path, role)
         else:
             try:
-                dataset = datasets.Dataset.from_parquet(str(path))
+                rows = pyarrow.parquet.read_metadata(path).num_rows
+                with progress.dataset_bars(rows, progress.READING):
+                    dataset = datasets.Dataset.from_parquet(str(path))
             except Exception as err:  # pyarrow raises several types for a damaged file
                 raise DataError(f"{_at(role, path)}: cannot read parquet: {err}") from None
     elif path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "state.json")):

@@ -26,6 +26,7 @@ from typing import Any
 
 from jinja2.exceptions import TemplateError
 
+from simpo_cli import progress
 from simpo_cli.data.rows import (
     EMPTY_PROMPT,
     Message,
@@ -314,20 +315,23 @@ def prepare(
             out = tokenize_conversation(tokenizer, row, where, max_length)
         return {**out, SOURCE_ROW: location}
 
-    tokenized = dataset.map(
-        one,
-        # Explicit types: a first batch of only dropped rows (empty lists) must not fix the id
-        # columns' type as a list of nulls.
-        features=_tokenized_features(kind),
-        with_indices=True,
-        remove_columns=dataset.column_names,
-        desc=f"Tokenizing {name}",
-        load_from_cache_file=False,
-    )
+    with progress.dataset_bars(len(dataset), progress.TOKENIZING):
+        tokenized = dataset.map(
+            one,
+            # Explicit types: a first batch of only dropped rows (empty lists) must not fix the
+            # id columns' type as a list of nulls.
+            features=_tokenized_features(kind),
+            with_indices=True,
+            remove_columns=dataset.column_names,
+            desc=f"Tokenizing {name}",
+            load_from_cache_file=False,
+        )
     report = DataReport(name=name, rows_read=len(dataset))
-    report.dropped.update(d for d in tokenized["drop"] if d)
+    drops = tokenized["drop"]
+    report.dropped.update(d for d in drops if d)
     report.truncated = sum(tokenized["truncated"])
-    kept = tokenized.filter(lambda d: not d, input_columns="drop", desc=f"Dropping from {name}")
+    # select, not filter: the drop column is read already; no second pass (and no second bar).
+    kept = tokenized.select([i for i, drop in enumerate(drops) if not drop])
     kept = kept.remove_columns(["drop", "truncated"])
     sides = ("chosen", "rejected") if kind == "preference" else ("response",)
     for side in sides:

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from simpo_cli import progress
 from simpo_cli.errors import DataError, UserError
 
 SELECTIONS = ("best_vs_worst", "best_vs_random")
@@ -312,7 +313,8 @@ def write_dataset(
     dataset = DatasetDict(
         {name: Dataset.from_list(split, features=schema) for name, split in splits.items()}
     )
-    dataset.save_to_disk(str(partial))
+    with progress.dataset_bars(sum(map(len, splits.values())), progress.WRITING):
+        dataset.save_to_disk(str(partial))
     for name, split in splits.items():
         with open(partial / f"{name}.jsonl", "w", encoding="utf-8") as f:
             for row in split:

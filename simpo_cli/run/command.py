@@ -15,7 +15,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from simpo_cli import launch, stops
+from simpo_cli import launch, progress, stops
 from simpo_cli.errors import NonFiniteError, Preempted
 from simpo_cli.launch import LAUNCH_ID
 from simpo_cli.model.adapters import check_combination, check_targets
@@ -114,6 +114,7 @@ def run_stages(
     from simpo_cli.distributed import say, shutdown
     from simpo_cli.run.pipeline import run_stage
 
+    progress.install()  # in every process that runs stages, launched ones included
     folders = {}
     try:
         for name in names:

@@ -14,7 +14,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from simpo_cli import launch
+from simpo_cli import launch, progress
 from simpo_cli.errors import UserError
 from simpo_cli.evaluate.compare import comparison_rows, markdown_table
 from simpo_cli.launch import LAUNCH_ID
@@ -58,6 +58,7 @@ def evaluate_models(
     from simpo_cli.distributed import say, shutdown
     from simpo_cli.run.pipeline import start_process_group
 
+    progress.install()  # in every process that evaluates, launched ones included
     start_process_group()
     if output_dir is None:  # pairs only: one line per checkpoint, then the table of several
         scored = {c.label: {"pairs": _eval_pairs(c, settings, pairs_output)} for c in checkpoints}

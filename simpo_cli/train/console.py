@@ -11,7 +11,9 @@ instead, through tqdm.write (which lifts the bar, prints, and redraws it):
     [preference] trained to step 40/40  train_loss 1.241  train_runtime 12.3
 
 The metric names are the ones written to metrics.jsonl (the SimPO authors'), less the `eval_`
-prefix on evaluation lines; `learning_rate` is shown as `lr`.
+prefix on evaluation lines; `learning_rate` is shown as `lr`. The training bar shows from the first
+step; an evaluation's bar only once it has taken progress.SECONDS (a pass over a few batches shows
+none).
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_utils import has_length
+
+from simpo_cli import progress
 
 # Throughput and FLOP counts: in metrics.jsonl, not worth a place on the line.
 HIDDEN = ("total_flos", "samples_per_second", "steps_per_second")
@@ -61,13 +66,33 @@ def format_log(stage: str, logs: dict[str, Any], step: int, max_steps: int) -> s
 
 class StepLines(ProgressCallback):
     """ProgressCallback with its bars, printing `format_log` lines instead of dicts. Logs after
-    training (the final evaluation) are printed too."""
+    training (the final evaluation) are printed too; an evaluation's bar waits
+    progress.SECONDS."""
 
     def __init__(self, stage: str):
         super().__init__()
         self.stage = stage
 
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        if (
+            state.is_world_process_zero
+            and self.prediction_bar is None
+            and has_length(eval_dataloader)
+        ):
+            self.prediction_bar = tqdm(
+                total=len(eval_dataloader),
+                leave=self.training_bar is None,
+                dynamic_ncols=True,
+                delay=progress.SECONDS,
+            )
+        super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
+
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.prediction_bar is not None:
+            # An evaluation logs its numbers before on_evaluate closes its bar, and tqdm.write
+            # redraws every open bar: closed first, a bar still waiting is never drawn.
+            self.prediction_bar.close()
+            self.prediction_bar = None
         if state.is_world_process_zero and logs:
             tqdm.write(format_log(self.stage, logs, state.global_step, state.max_steps))
 
