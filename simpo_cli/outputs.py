@@ -3,8 +3,9 @@
 DIR/<stage>/ holds the model (safetensors + config + tokenizer with its chat template),
 resolved_recipe.yaml, metrics.jsonl, reproducibility.json, data_report.txt, checkpoint-N/ folders
 while training runs (each complete once it holds checkpoint_complete.json), stopped.json when
-training last stopped early (a signal, a non-finite step), and stage_complete.json once the stage
-has finished.
+training last stopped early (a signal, a non-finite step), README.md (the model card: run/card.py),
+stage_complete.json once the stage has finished, and hub_push.json once it is on the Hugging Face
+Hub (run/hub.py).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Secrets never reach what simpo writes or prints: any file of a run's output folder, binary
-ones and checkpoints included (config.json, training_args.bin, trainer_state.json, ...), wandb's
-offline run files when wandb is installed, and the console. A secret in model.config, which
-transformers saves in config.json, is refused. A redacted saved recipe still matches the same
-recipe run again (the stage is skipped, not refused as "a different recipe")."""
+ones and checkpoints included (config.json, training_args.bin, trainer_state.json, the model
+card README.md, ...), wandb's offline run files when wandb is installed, and the console. A
+secret in model.config, which transformers saves in config.json, is refused. A redacted saved
+recipe still matches the same recipe run again (the stage is skipped, not refused as "a
+different recipe")."""
 
 import importlib.util
 import os
@@ -89,6 +90,7 @@ def test_stage_records_are_redacted(tmp_path, monkeypatch):
 
 SECRET_SETS = [
     "--set", f"logging.run_name=run-{HF_TOKEN}",
+    "--set", f"description=notes {HF_TOKEN}",  # shown in the model card (README.md)
     "--set", "pipeline=[preference]",
     "--set", "preference.data.train.max_rows=16",
     "--set", "preference.data.eval.max_rows=8",
@@ -162,7 +164,7 @@ def test_a_run_writes_and_prints_no_secret_and_reruns_as_the_same_recipe(tmp_pat
     # simpo's records, and what transformers writes itself, binary files included.
     stage_files = ("resolved_recipe.yaml", "reproducibility.json", "metrics.jsonl",
                    "eval_before.json", "stage_complete.json", "data_report.txt", "config.json",
-                   "model.safetensors", "training_args.bin")  # fmt: skip
+                   "model.safetensors", "training_args.bin", "README.md")  # fmt: skip
     checkpoint_files = ("config.json", "trainer_state.json", "training_args.bin", "optimizer.pt")
     expected = {f"preference/{name}" for name in stage_files}
     expected |= {f"preference/checkpoint-2/{name}" for name in checkpoint_files}
@@ -184,6 +186,8 @@ def test_a_run_writes_and_prints_no_secret_and_reruns_as_the_same_recipe(tmp_pat
     assert not leaks, leaks
     saved = yaml.safe_load((out / "preference" / "resolved_recipe.yaml").read_text())
     assert saved["logging"]["run_name"] == f"run-{REDACTED}"
+    # The model card is built from the redacted recipe.
+    assert f"The recipe: notes {REDACTED}" in (out / "preference" / "README.md").read_text()
     assert saved["model"]["trust_remote_code"] is False
 
     # The same command again: the redacted saved recipe is the same recipe, so it skips.

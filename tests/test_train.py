@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 from simpo_cli.model.load import load_model
@@ -31,6 +32,7 @@ STAGE_FILES = (
     "metrics.jsonl",
     "reproducibility.json",
     "data_report.txt",
+    "README.md",
     "stage_complete.json",
 )
 
@@ -248,6 +250,17 @@ def test_tiny_pipeline_ends_with_the_evaluate_stage(tiny_run):
         assert shown in result.stdout
     assert (evaluate / "comparison.png").stat().st_size > 10_000
     assert "| tiny-preference |" in (evaluate / "comparison.md").read_text()
+    # The table in each model's card (README.md): the SFT model, full weights built from config.
+    table = (evaluate / "comparison.md").read_text().split("\n\n")[0].strip()
+    for stage in ("sft", "preference"):
+        card = ModelCard.load(out / stage / "README.md")
+        assert card.data.library_name == "transformers" and table in card.text
+    card = ModelCard.load(out / "sft" / "README.md")
+    assert card.data.base_model is None and card.data.tags[:3] == ["sft", "simpo-cli", "alignment"]
+    assert "Base model: a new `llama` model built from config" in card.text
+    assert (
+        "Recipe `tiny`: **sft** -> preference -> evaluate. This model is stage 1 of 3" in card.text
+    )
 
 
 @pytest.mark.slow

@@ -4,8 +4,8 @@ Everything after `load_recipe` works on a validated `Recipe`; no other module re
 This package must not import torch: `simpo validate` and `simpo config show` answer from it alone.
 
 Other modules import from here. The modules inside import each other directly, each only from
-those before it in this order: shipped, common, train, onpolicy, evaluate, schema, problems, load,
-table, catalogue.
+those before it in this order: shipped, common, train, onpolicy, evaluate, hub, schema, problems,
+load, table, catalogue.
 """
 
 from simpo_cli.recipe.catalogue import copy_recipe, recipe_summary
@@ -23,6 +23,7 @@ from simpo_cli.recipe.common import (
     StageName,
 )
 from simpo_cli.recipe.evaluate import BenchmarkSettings, EvaluateStage, LmEvalSettings
+from simpo_cli.recipe.hub import HubSettings
 from simpo_cli.recipe.load import (
     apply_overrides,
     data_sources,
@@ -76,6 +77,7 @@ __all__ = [
     "DataSource",
     "EvaluateStage",
     "GenerateStage",
+    "HubSettings",
     "LaunchSettings",
     "LmEvalSettings",
     "LoggingSettings",

@@ -21,6 +21,7 @@ from simpo_cli.recipe.common import (
     StageName,
 )
 from simpo_cli.recipe.evaluate import EvaluateStage
+from simpo_cli.recipe.hub import HubSettings
 from simpo_cli.recipe.onpolicy import AnnotateStage, GenerateStage
 from simpo_cli.recipe.train import PreferenceStage, SFTStage
 from simpo_cli.redact import redact
@@ -41,6 +42,9 @@ class Recipe(Section):
     evaluate: EvaluateStage | None = None
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     launch: LaunchSettings = Field(default_factory=LaunchSettings)
+    hub: HubSettings | None = Field(
+        None, description="Push stage folders to the Hugging Face Hub (run/hub.py)."
+    )
     # Where each key path's value came from ("recipe" or "--set"); absent keys are defaults.
     _origins: dict[tuple[str, ...], str] = PrivateAttr(default_factory=dict)
 
@@ -87,6 +91,7 @@ class Recipe(Section):
             p for name in TRAINING_STAGES if getattr(self, name) for p in self._batch_problems(name)
         ]
         problems += self._sample_problems()
+        problems += self._hub_problems()
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -204,6 +209,62 @@ class Recipe(Section):
             f"generate.seeds: {generate.seeds} {why}; list two or more seeds (the SimPO authors "
             "use [13, 21, 42, 79, 100])"
         ]
+
+    def _hub_problems(self) -> list[str]:
+        """Each pushed stage is a training stage of the pipeline, and has a repository and
+        revision of its own."""
+        hub = self.hub
+        if hub is None:
+            return []
+        pushed = hub.pushed_stages(self.pipeline)
+        if not pushed:
+            return [
+                f"hub: the pipeline [{', '.join(self.pipeline)}] trains no model to push; add a "
+                "training stage (sft, preference) or remove the hub: section"
+            ]
+        problems = []
+        listed = f"[{', '.join(pushed)}]"
+        for name in pushed:
+            if name not in TRAINING_STAGES:
+                problems.append(
+                    f"hub.stages: {name} writes no model to push; list training stages "
+                    f"({', '.join(TRAINING_STAGES)})"
+                )
+            elif name not in self.pipeline:
+                problems.append(
+                    f"hub.stages: {name} is not in the pipeline [{', '.join(self.pipeline)}]; add "
+                    "it to the pipeline or remove it from hub.stages"
+                )
+        if len(set(pushed)) != len(pushed):
+            problems.append(f"hub.stages: {listed} lists a stage twice; list each once")
+        if isinstance(hub.revision, dict):
+            for name in hub.revision:
+                if name not in pushed:
+                    problems.append(
+                        f"hub.revision: {name} is not pushed (hub.stages: {listed}); remove it, "
+                        "or add the stage to hub.stages"
+                    )
+        seen: dict[tuple[str, str | None], str] = {}
+        if problems:
+            return problems
+        for name in pushed:
+            target = hub.target(name, self.name)
+            if target in seen:
+                repo, revision = target
+                problems.append(
+                    f"hub: stages {seen[target]} and {name} would both push to {repo} "
+                    f"(revision {revision or 'main'}); put {{stage}} in hub.repo_id (a repository "
+                    "per stage) or in hub.revision (a branch per stage: revision: '{stage}')"
+                )
+            seen[target] = name
+        return problems
+
+    def hub_targets(self) -> dict[str, tuple[str, str | None]]:
+        """{stage: (repository, revision or None for main)} of every stage pushed."""
+        if self.hub is None:
+            return {}
+        pushed = self.hub.pushed_stages(self.pipeline)
+        return {name: self.hub.target(name, self.name) for name in pushed}
 
     def accumulation_steps(self, name: StageName) -> int:
         """Gradient accumulation of a stage: given, derived from total_batch_size, or 1."""

@@ -52,6 +52,14 @@ def settings_table(recipe: Recipe, stage: StageName) -> list[str]:
     if isinstance(section, PreferenceStage) and section.loss == "simpo":
         how = "gamma" if section.gamma is not None else "beta x gamma_beta_ratio"
         rows.insert(2, (f"{stage}.gamma (resolved)", f"{section.resolved_gamma:g}", how))
+    if stage in recipe.hub_targets():  # where this stage goes once it has finished
+        repo, revision = recipe.hub_targets()[stage]
+        for key, value in (("repo_id", repo), ("revision", revision or "main"),
+                           ("private", str(recipe.hub.private).lower())):  # fmt: skip
+            # The key, its entry for this stage (hub.revision.sft) or the section given whole.
+            keys = [("hub", key), ("hub", key, stage), ("hub",)]
+            origin = next((recipe._origins[k] for k in keys if k in recipe._origins), "default")
+            rows.append((f"hub.{key}", redact_setting(key, value), origin))
     defaults = [row for row in rows if row[2] == "default"]
     if not recipe.logging.all_settings:
         rows = [row for row in rows if row[2] != "default"]

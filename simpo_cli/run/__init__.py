@@ -1,3 +1,4 @@
 """The orchestrator: a recipe's pipeline as stage instances run in order, each in its folder
 (pipeline), the registry of stage kinds (stages), the dry run (plan), every user path checked
-before work starts (paths) and the training curves of a run (curves)."""
+before work starts (paths), the training curves of a run (curves), the model card of each model
+folder (card) and the pushes of finished stages to the Hugging Face Hub (hub)."""

@@ -21,9 +21,14 @@ from simpo_cli.launch import LAUNCH_ID
 from simpo_cli.model.adapters import check_combination, check_targets
 from simpo_cli.recipe import TRAINING_STAGES, Recipe, load_recipe
 from simpo_cli.redact import redact_args
+from simpo_cli.run import hub
 from simpo_cli.run.curves import plot_run
 from simpo_cli.run.paths import check_paths
 from simpo_cli.run.plan import check_training, print_plan
+
+# Set for the stage commands `_run_alone` starts: the command that started them pushes to the
+# hub once they have all run (run/hub.py), so that a pushed card carries the evaluate table.
+PUSHED_BY_PARENT = "SIMPO_PUSHED_BY_PARENT"
 
 # What a stop signal does during each kind of stage: training stages stop after the optimizer
 # step in hand (faults.StepGuard); generate and annotate where their work is kept.
@@ -99,6 +104,10 @@ def run_stages(
         print_plan(recipe, names, out, child_args if relaunch else None, overwrite)
         stops.stop_now("dry-run", "the plan is above")
         return
+    pushes = _pushes_here(recipe)
+    if pushes and not hub.token_found():
+        print(f"hub: no Hugging Face token found here; the stages run, and the push at the end "
+              f"fails unless one is set by then: {hub.LOGIN_FIX}", flush=True)  # fmt: skip
     if not launch.inside_launch() and len(names) > 1 and _vllm_generate(recipe, names):
         # A vLLM engine keeps its GPUs and its own process group until its process ends: the
         # stages run one command each (see stages/generate.py).
@@ -107,10 +116,15 @@ def run_stages(
             code = _run_alone(recipe, name, child_args, relaunch)
             if code != 0:
                 sys.exit(code)
+        if pushes:
+            hub.push_finished_stages(recipe, out)
         return
     if relaunch:
         stops.stop_now(names[0], "no training process was started")
-        sys.exit(_launch(recipe, child_args))
+        code = _launch(recipe, child_args)
+        if code == 0 and pushes:
+            hub.push_finished_stages(recipe, out)
+        sys.exit(code)
     from simpo_cli.distributed import say, shutdown
     from simpo_cli.run.pipeline import run_stage
 
@@ -136,6 +150,19 @@ def run_stages(
     shutdown()
     if trained:
         _plot_when_possible(out)
+    if pushes:
+        hub.push_finished_stages(recipe, out)
+
+
+def _pushes_here(recipe: Recipe) -> bool:
+    """Whether this process pushes to the hub at the end: the command itself (not a training
+    process it launched, nor a stage command it started one by one), on machine 0."""
+    return (
+        recipe.hub is not None
+        and not launch.inside_launch()
+        and not os.environ.get(PUSHED_BY_PARENT)
+        and recipe.launch.machine_rank == 0
+    )
 
 
 def _vllm_generate(recipe: Recipe, names: list[str]) -> bool:
@@ -156,7 +183,8 @@ def _run_alone(recipe: Recipe, name: str, child_args: list[str], launched: bool)
     args = [name, *child_args[1:]]
     if launched:
         return _launch(recipe, args)
-    return subprocess.run([sys.executable, "-m", "simpo_cli", *args]).returncode
+    env = {**os.environ, PUSHED_BY_PARENT: "1"}
+    return subprocess.run([sys.executable, "-m", "simpo_cli", *args], env=env).returncode
 
 
 def _plot_when_possible(out: Path) -> None:

@@ -35,7 +35,7 @@ from simpo_cli.model.load import check_vocab, full_model_folder, load_model, loa
 from simpo_cli.outputs import StageDir, reproducibility_record
 from simpo_cli.recipe import Recipe, settings_table, stage_identity
 from simpo_cli.redact import redact, redact_args, redact_text
-from simpo_cli.run import stages
+from simpo_cli.run import card, stages
 from simpo_cli.run.stages import StageInstance
 from simpo_cli.train import console, schedule
 from simpo_cli.train.trainer import MetricsFile, training_arguments
@@ -180,6 +180,9 @@ def run_instance(instance: StageInstance, output_dir: Path, overwrite: bool = Fa
         trainer.save_model(str(stage_dir.path))
     if is_main_process():
         tokenizer.save_pretrained(str(stage_dir.path))
+        # The model card (README.md) before the stage counts as finished: a crash never leaves
+        # a finished stage without one.
+        card.write_cards(recipe, kind, stage_dir.path, instance.model_from)
         record = reproducibility_record(
             stage.training.seed,
             fingerprints,

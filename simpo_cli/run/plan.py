@@ -16,6 +16,7 @@ from simpo_cli.model.adapters import writes_merged
 from simpo_cli.outputs import StageDir
 from simpo_cli.recipe import TRAINING_STAGES, DataSource, Recipe, StageName, stage_identity
 from simpo_cli.redact import redact, redact_args
+from simpo_cli.run import hub
 
 
 def print_plan(
@@ -49,6 +50,10 @@ def print_plan(
     for name in names:
         lines += _stage_lines(recipe, name, out, overwrite)
     lines += ["", *_memory_lines(recipe, names, stage, offload)]
+    pushes = hub.plan_lines(recipe, out)
+    if pushes:
+        lines += ["", "hub (pushed at the end of the command, once finished):"]
+        lines += [f"  {line}" for line in pushes]
     print("\n".join(lines))
 
 

@@ -24,11 +24,13 @@ from typing import Any, Protocol
 
 from transformers import Trainer
 
+from simpo_cli.distributed import is_main_process
 from simpo_cli.evaluate import checkpoints
 from simpo_cli.onpolicy import annotate, generate
 from simpo_cli.onpolicy.sampling import resolve_backend
 from simpo_cli.outputs import StageDir
 from simpo_cli.recipe import TRAINING_STAGES, Recipe, StageName
+from simpo_cli.run import card
 from simpo_cli.train import preference, sft
 
 
@@ -149,7 +151,23 @@ def _annotate(instance, stage_dir, start_from, output_dir):
 
 
 def _evaluate(instance, stage_dir, start_from, output_dir):
-    return checkpoints.run(instance.recipe, instance.settings, stage_dir, output_dir)
+    summary = checkpoints.run(instance.recipe, instance.settings, stage_dir, output_dir)
+    if is_main_process():
+        _cards_with_table(instance.recipe, stage_dir, output_dir)
+    return summary
+
+
+def _cards_with_table(recipe: Recipe, stage_dir: StageDir, output_dir: Path) -> None:
+    """The comparison table into the model card of each of this run's stages the evaluate
+    stage scored (model folders from elsewhere are left as they are)."""
+    table = (stage_dir.path / "comparison.md").read_text()
+    for _, entry in recipe.evaluate_checkpoints():
+        if entry not in TRAINING_STAGES:
+            continue
+        folder = output_dir / entry
+        if not (folder / card.CARD).is_file():  # a stage finished before cards were written
+            card.write_cards(recipe, entry, folder, recipe.model_stage_before(entry))
+        card.add_evaluation(folder, table, f"{recipe.name}-{entry}")
 
 
 KINDS: dict[str, TrainingKind | DataKind] = {

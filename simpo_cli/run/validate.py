@@ -14,6 +14,7 @@ from pathlib import Path
 from simpo_cli.data.rows import check_rows
 from simpo_cli.errors import DataError, UserError
 from simpo_cli.recipe import Recipe, load_recipe
+from simpo_cli.run import hub
 from simpo_cli.run.paths import data_problems
 
 WHERE = " (looked beside the recipe and in the current folder)"
@@ -33,7 +34,9 @@ def validate_recipes(refs: list[str], sets: list[str] | None) -> bool:
             for line in err.messages:
                 print(f"error: {line}", file=sys.stderr)
             continue
-        print(f"ok: {ref} ({recipe.name}: {' -> '.join(recipe.pipeline)})", *checked, sep="\n  ")
+        pushes = [f"hub: {line}" for line in hub.plan_lines(recipe)]
+        print(f"ok: {ref} ({recipe.name}: {' -> '.join(recipe.pipeline)})", *checked, *pushes,
+              sep="\n  ")  # fmt: skip
     return valid
 
 
