@@ -21,7 +21,7 @@ demo: install  ## SFT then SimPO on the tiny recipe, on the CPU, in well under 5
 	$(BIN)/simpo train tiny --output-dir outputs/tiny
 
 test: install  ## the whole test suite (what CI runs)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 test-fast: install  ## everything but the end-to-end CLI runs
 	$(BIN)/python -m pytest -q -m "not slow"
