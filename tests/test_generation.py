@@ -9,7 +9,6 @@ import hashlib
 import importlib.machinery
 import json
 import os
-import runpy
 import signal
 import subprocess
 import sys
@@ -19,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_main
 
 from simpo_cli.errors import DataError, UserError
 from simpo_cli.onpolicy import sampling as generation
@@ -493,75 +491,3 @@ def test_vllm_unavailable_is_one_line_with_the_fix(monkeypatch):
         VLLMBackend("some/model", max_model_len=64)
     assert resolve_backend("auto") == "transformers"
     assert generation._vllm_problem()
-
-
-def test_gpu_check_script_runs_on_the_fake_engine(monkeypatch, capsys):
-    """scripts/gpu_check_generation.py cannot run here for real; against the fake engine on one
-    stood-in GPU it goes through every check (so it does not rot), its stages check included:
-    the `simpo train` command it builds runs here in this process (the stand-in engine is not
-    in a child's), its generate and annotate stages each a command of their own, as on a GPU
-    machine. Without vLLM it says why and exits 77."""
-    script = str(Path(__file__).parents[1] / "scripts" / "gpu_check_generation.py")
-    monkeypatch.setattr(sys, "argv", [script, "--prompts", "4"])
-    monkeypatch.setitem(sys.modules, "vllm", None)
-    with pytest.raises(SystemExit) as exit_:
-        runpy.run_path(script, run_name="__main__")
-    assert (
-        exit_.value.code == 77
-        and "skipped: backend: vllm: not installed" in capsys.readouterr().err
-    )
-    fake = FakeVLLM()
-
-    def digits(i, prompt_ids, seed):
-        """Replies of digits, which the annotate stage's reward (sorted digits) tells apart."""
-        answer = FakeVLLM.answer(i, prompt_ids, seed)
-        answer.outputs[0].text = " ".join(str(seed)[-4:])
-        return answer
-
-    fake.answer = digits
-    monkeypatch.setitem(sys.modules, "vllm", fake)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the generate stage sets it
-    commands = in_process_cli(monkeypatch)
-    with pytest.raises(SystemExit) as exit_:
-        runpy.run_path(script, run_name="__main__")
-    output = capsys.readouterr()
-    assert exit_.value.code == 0, output.out[-3000:] + output.err[-3000:]
-    assert "stages through the CLI on 1 GPU(s): exit 0" in output.out
-    assert "all checks passed" in output.out
-    assert [args[:2] for args in commands] == [
-        ["train", "tiny-onpolicy"], ["generate", "tiny-onpolicy"], ["annotate", "tiny-onpolicy"]
-    ]  # fmt: skip
-    # The script's own engine, then the generate stage's, on the script's model.
-    assert len(fake.engines) == 2 and fake.engines[1]["model"] == fake.engines[0]["model"]
-    stage_requests = sum(len(prompts) for prompts, _ in fake.calls[-2:])
-    assert stage_requests == (64 + 100) * 6  # train and held-out prompts x 6 seeds
-
-
-def in_process_cli(monkeypatch) -> list[list[str]]:
-    """Stand in for subprocess.run on `python -m simpo_cli ARGS`: run the CLI in this
-    process, signal handlers and argv put back after; returns the ARGS of every call. Other
-    commands (git, for the reproducibility record) run as they would."""
-    from simpo_cli import launch
-    from simpo_cli.cli import main
-
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
-    monkeypatch.delenv(launch.LAUNCHED_ENV, raising=False)
-    commands: list[list[str]] = []
-    real = subprocess.run
-
-    def run(command, *args, **kwargs):
-        if list(command[:3]) != [sys.executable, "-m", "simpo_cli"]:
-            return real(command, *args, **kwargs)
-        commands.append(list(command[3:]))
-        argv = sys.argv
-        sys.argv = ["simpo", *command[3:]]
-        try:
-            code = run_main(main)
-        finally:
-            sys.argv = argv
-        return subprocess.CompletedProcess(command, code, stdout="", stderr="")
-
-    monkeypatch.setattr(subprocess, "run", run)
-    return commands
