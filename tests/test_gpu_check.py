@@ -236,7 +236,7 @@ def test_each_check_runs_in_a_process_of_its_own_killed_at_its_limit(
     lines = check_lines(capsys.readouterr().out)
     assert code == 1
     assert lines[0].split(None, 2)[:2] == ["skipped", "generation"]
-    assert lines[0].endswith("s  vllm not installed (pip install 'simpo-cli[vllm]')")
+    assert lines[0].endswith("s  vllm not installed (pip install 'simpo-cli[gpu]')")
     assert lines[1].split(None, 2)[:2] == ["fail", "packing"] and lines[1].endswith(
         "timed out after 0s"
     )

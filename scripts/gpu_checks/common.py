@@ -23,14 +23,14 @@ class Skip(Exception):
     """The check cannot run here: an optional package it needs is not installed."""
 
 
-def need(module: str, pip: str) -> None:
-    """Skip unless `module` can be imported; the reason names the pip command."""
+def need(module: str, install: str) -> None:
+    """Skip unless `module` can be imported; the reason names the command that installs it."""
     try:
         found = importlib.util.find_spec(module) is not None
     except ValueError:  # in sys.modules as None (imports of it fail)
         found = False
     if not found:
-        raise Skip(f"{module} not installed (pip install {pip})")
+        raise Skip(f"{module} not installed ({install})")
 
 
 @dataclass

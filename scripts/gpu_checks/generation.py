@@ -57,7 +57,7 @@ def save_model(folder: Path) -> Path:
 
 
 def run(ctx: Context) -> Findings:
-    common.need("vllm", "'simpo-cli[vllm]'")
+    common.need("vllm", "pip install 'simpo-cli[gpu]'")
     from simpo_cli.data import load_tokenizer
     from simpo_cli.onpolicy.sampling import (
         SamplingSettings,

@@ -50,8 +50,8 @@ TINY = {
 
 
 def run(ctx: Context) -> Findings:
-    common.need("bitsandbytes", "'simpo-cli[qlora]'")
-    common.need("peft", "'simpo-cli[lora]'")
+    common.need("bitsandbytes", "pip install 'simpo-cli[gpu]'")
+    common.need("peft", "pip install 'simpo-cli[gpu]'")
     import bitsandbytes as bnb
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

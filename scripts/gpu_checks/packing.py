@@ -46,7 +46,7 @@ TINY = {
 
 
 def run(ctx: Context) -> Findings:
-    common.need("flash_attn", "flash-attn --no-build-isolation")
+    common.need("flash_attn", "pip install flash-attn --no-build-isolation")
     size = TINY if ctx.tiny else FULL
     ids, labels = common.sequences(size["vocab"], size["lengths"])
     found = Findings()

@@ -28,7 +28,7 @@ MAX_MEMORY_RATIO = 1.0  # our peak memory over TRL's
 
 
 def run(ctx: Context) -> Findings:
-    common.need("trl", "trl")
+    common.need("trl", "pip install 'simpo-cli[gpu]'")
     import importlib.util
 
     import benchmark_speed as bench  # scripts/, put on sys.path by scripts/gpu_check.py

@@ -56,7 +56,7 @@ STEPS = 8
 
 
 def run(ctx: Context) -> Findings:
-    common.need("deepspeed", "'simpo-cli[deepspeed]'")
+    common.need("deepspeed", "pip install deepspeed")
     world = 2 if torch.cuda.device_count() >= 2 else 1
     with socket.socket() as s:  # a free port for the group's rendezvous
         s.bind(("127.0.0.1", 0))
