@@ -33,6 +33,7 @@ from simpo_cli.recipe import TRAINING_STAGES, EvaluateStage, LaunchSettings, loa
 from simpo_cli.run.command import output_folder, run_stages
 from simpo_cli.run.curves import plot_run
 from simpo_cli.run.evaluation import evaluate_models
+from simpo_cli.run.instances import ROUND_STAGES
 from simpo_cli.run.paths import check_plot_paths
 from simpo_cli.run.validate import validate_recipes
 
@@ -93,16 +94,22 @@ LAUNCH = schema_options(
 
 
 def _run_command(name: str, stages: list[str] | None, doc: str) -> Callable[..., None]:
-    """A command that runs `stages` (None: the whole pipeline) with the shared options."""
+    """A command that runs `stages` (None: the whole pipeline) with the shared options; a stage
+    that rounds repeat takes --round."""
+    rounds = stages is not None and stages[0] in ROUND_STAGES
 
     @with_options(
-        "recipe", "output_dir", "set_", "dry_run", "overwrite", "all_settings", LAUNCH,
-        "mixed_precision",
+        "recipe", "output_dir", "set_", *(["round_"] if rounds else []), "dry_run", "overwrite",
+        "all_settings", LAUNCH, "mixed_precision", omit=() if rounds else ("round_",),
     )  # fmt: skip
     def command(
         recipe: RecipeArg,
         output_dir: OutputDir = None,
         set_: SetOption = None,
+        round_: Annotated[
+            int | None,
+            typer.Option("--round", help="Which round's stage to run (1 to rounds.count)."),
+        ] = None,
         dry_run: DryRun = False,
         overwrite: Overwrite = False,
         all_settings: AllSettings = False,
@@ -115,7 +122,9 @@ def _run_command(name: str, stages: list[str] | None, doc: str) -> Callable[...,
         given = option_values(LAUNCH, launch).items()
         sets = [*(set_ or []), *(f"launch.{k}={v}" for k, v in given if v is not None)]
         sets += ["logging.all_settings=true"] if all_settings else []
-        run_stages(name, recipe, stages, output_dir, sets, mixed_precision, dry_run, overwrite)
+        run_stages(
+            name, recipe, stages, output_dir, sets, mixed_precision, dry_run, overwrite, round_
+        )
 
     command.__doc__ = doc
     return command

@@ -163,9 +163,10 @@ def _bounds(kind: Any, metadata: list[Any]) -> dict[str, Any]:
     return bounds
 
 
-def with_options(*order: str | list[SchemaOption]) -> Callable[[F], F]:
+def with_options(*order: str | list[SchemaOption], omit: tuple[str, ...] = ()) -> Callable[[F], F]:
     """Give a command its parameters in this order: its own, by name, and generated ones, which
-    it takes as **keyword arguments."""
+    it takes as **keyword arguments. `omit`: its own parameters the command does not offer (they
+    keep their defaults)."""
 
     def give(command: F) -> F:
         own = inspect.signature(command, eval_str=True).parameters
@@ -174,7 +175,7 @@ def with_options(*order: str | list[SchemaOption]) -> Callable[[F], F]:
             for entry in order
             for param in ([own[entry]] if isinstance(entry, str) else [o.parameter for o in entry])
         ]
-        named = {entry for entry in order if isinstance(entry, str)}
+        named = {entry for entry in order if isinstance(entry, str)} | set(omit)
         unplaced = {n for n, p in own.items() if p.kind != p.VAR_KEYWORD} - named
         if unplaced:
             raise TypeError(f"{command.__name__}: with_options does not place {unplaced}")

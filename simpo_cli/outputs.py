@@ -92,16 +92,17 @@ class StageDir:
             json.dumps({"step": step, "saved_at": _now(), "files": files}, indent=1) + "\n"
         )
 
-    def check(self, identity: dict[str, Any], stage: str) -> None:
+    def check(self, identity: dict[str, Any], stage: str, round_: int | None = None) -> None:
         """Refuse a folder made by a different recipe, or one that is not a stage folder.
 
         `identity` is the part of the recipe that decides this stage's result (model, data, and
-        settings of this stage and the ones before it): a run that differs there must not resume
-        or skip someone's earlier run. Read-only, so every process of a launch can run it.
+        settings of this stage and the ones before it; with rounds, those of the round `round_`
+        and the rounds before it): a run that differs there must not resume or skip someone's
+        earlier run. Read-only, so every process of a launch can run it.
         """
         if self.recipe_file.is_file():
             before = yaml.safe_load(self.recipe_file.read_text()) or {}
-            earlier = stage_identity(before, stage)
+            earlier = stage_identity(before, stage, round_)
             if earlier != identity:
                 raise UserError(
                     f"{self.path}: holds a run of the '{stage}' stage made with a different "

@@ -366,7 +366,8 @@ def run(recipe, stage: EvaluateStage, stage_dir: StageDir, output_dir: Path) -> 
     rows for stage_complete.json."""
 
     def folder(entry: str | None) -> str | None:
-        return str(output_dir / entry) if entry in TRAINING_STAGES else entry
+        # With rounds, a stage they repeat stands for its last round's folder.
+        return str(output_dir / recipe.final_folder(entry)) if entry in TRAINING_STAGES else entry
 
     # A stage's model is named <recipe>-<stage> in the answer files (judges compare models of
     # many runs); a model folder keeps its name.

@@ -15,6 +15,7 @@ group and holds the GPU memory until the process ends, so no training may share 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -43,7 +44,7 @@ from simpo_cli.onpolicy.sampling import (
     stop_token_ids,
 )
 from simpo_cli.outputs import StageDir
-from simpo_cli.recipe import GenerateStage, Recipe
+from simpo_cli.recipe import GenerateStage, Recipe, slice_bounds, split_problem
 from simpo_cli.stops import stop_now, stop_requested
 
 SPLITS = {"train": "prompts", "test": "eval_prompts"}
@@ -55,9 +56,15 @@ def samples_file(stage_dir: Path, split: str) -> Path:
 
 
 def run(
-    recipe: Recipe, stage: GenerateStage, stage_dir: StageDir, start_from: str | None
+    recipe: Recipe,
+    stage: GenerateStage,
+    stage_dir: StageDir,
+    start_from: str | None,
+    prompt_split: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
-    """Sample every split's prompts; returns the stage summary (counts per split)."""
+    """Sample every split's prompts; returns the stage summary (counts per split).
+    `prompt_split`: (round, count) to sample only that round's slice of generate.prompts (the
+    held-out eval_prompts are the same in every round)."""
     me, world = rank(), world_size()
     tokenizer = load_tokenizer(recipe.model, start_from)
     prompts: dict[str, list[Prompt]] = {}
@@ -67,11 +74,19 @@ def run(
             prompts[split] = read_prompts(
                 source, source.column, f"generate.{key}", source.id_column
             )
+    summary: dict[str, Any] = {}
+    prompts["train"], summary["prompt_slice"] = round_slice(prompts["train"], prompt_split)
     backend_name = resolve_backend(stage.backend, "generate.backend")
     model_name = start_from or recipe.model.name_or_path or "model.config"
+    part = summary["prompt_slice"]
     say(
         f"[generate] {', '.join(f'{len(p)} {split} prompts' for split, p in prompts.items())} x "
         f"{len(stage.sample_seeds)} samples on {backend_name}, {world} process(es)"
+        + (
+            f"; this round's slice: prompts {part['first']}-{part['last']} of {part['of']}"
+            if prompt_split is not None
+            else ""
+        )
     )
     if backend_name == "vllm":
         backend: Any = _vllm_backend(recipe, stage, start_from, tokenizer, prompts)
@@ -94,7 +109,7 @@ def run(
         )  # fmt: skip
         stop_now("generate", "the samples written so far are kept")
     _all_done(stage_dir.path / "samples", backend_name, me, world)
-    summary: dict[str, Any] = {"backend": backend_name, "seeds": list(settings.seeds)}
+    summary |= {"backend": backend_name, "seeds": list(settings.seeds)}
     if me == 0:
         for split, split_prompts in prompts.items():
             records = merge_shards(folders[split], split_prompts, settings.seeds)
@@ -105,6 +120,33 @@ def run(
             )
     # The marker files stay: another process may still be looking for them (_all_done).
     return summary
+
+
+def round_slice(
+    prompts: list[Prompt], prompt_split: tuple[int, int] | None
+) -> tuple[list[Prompt], dict[str, Any]]:
+    """The prompts a round samples (all of them without a split) and what they are, for the
+    round's record: their place among the prompts (1-based, inclusive), how many, and the
+    sha256 of their ids in order (equal hashes: the same prompts)."""
+    start, stop = 0, len(prompts)
+    if prompt_split is not None:
+        round_, count = prompt_split
+        problem = split_problem(len(prompts), count)
+        if problem is not None:
+            raise UserError(
+                f"generate.prompts: {len(prompts)} prompts, duplicates removed; {problem}"
+            )
+        start, stop = slice_bounds(len(prompts), count, round_)
+    chosen = prompts[start:stop]
+    digest = hashlib.sha256("\n".join(p.prompt_id for p in chosen).encode()).hexdigest()
+    return chosen, {
+        "mode": "all" if prompt_split is None else "split",
+        "first": start + 1,
+        "last": stop,
+        "of": len(prompts),
+        "prompts": len(chosen),
+        "ids_sha256": digest,
+    }
 
 
 def _counts(records: list[dict[str, Any]]) -> dict[str, Any]:

@@ -4,8 +4,8 @@ Everything after `load_recipe` works on a validated `Recipe`; no other module re
 This package must not import torch: `simpo validate` and `simpo config show` answer from it alone.
 
 Other modules import from here. The modules inside import each other directly, each only from
-those before it in this order: shipped, common, train, onpolicy, evaluate, hub, schema, problems,
-load, table, catalogue.
+those before it in this order: shipped, common, train, onpolicy, evaluate, hub, rounds, schema,
+problems, load, table, catalogue.
 """
 
 from simpo_cli.recipe.catalogue import copy_recipe, recipe_summary
@@ -42,6 +42,15 @@ from simpo_cli.recipe.onpolicy import (
     seeds_problem,
 )
 from simpo_cli.recipe.problems import format_errors
+from simpo_cli.recipe.rounds import (
+    ROUND_STAGES,
+    RoundsSettings,
+    expand_override,
+    key_paths,
+    round_folder,
+    slice_bounds,
+    split_problem,
+)
 from simpo_cli.recipe.schema import Recipe, stage_identity
 from simpo_cli.recipe.shipped import (
     DEEPSPEED_DIR,
@@ -70,6 +79,7 @@ __all__ = [
     "LOSS_DEFAULTS",
     "LOSS_PARAMETERS",
     "RECIPES_DIR",
+    "ROUND_STAGES",
     "STAGES",
     "TRAINING_STAGES",
     "AnnotateStage",
@@ -92,6 +102,7 @@ __all__ = [
     "Recipe",
     "ReferenceSettings",
     "RewardSettings",
+    "RoundsSettings",
     "SFTData",
     "SFTStage",
     "SFTTraining",
@@ -101,17 +112,22 @@ __all__ = [
     "apply_overrides",
     "copy_recipe",
     "data_sources",
+    "expand_override",
     "find_recipe",
     "format_errors",
+    "key_paths",
     "load_recipe",
     "parse_override",
     "read_yaml",
     "recipe_summary",
     "resolve_paths",
+    "round_folder",
     "seeds_problem",
     "settings_table",
     "shipped_deepspeed_configs",
     "shipped_recipe_dir",
     "shipped_recipes",
+    "slice_bounds",
+    "split_problem",
     "stage_identity",
 ]

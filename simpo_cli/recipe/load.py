@@ -3,6 +3,7 @@ overrides, validate, and make local paths absolute."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from simpo_cli.recipe.common import STAGES, TRAINING_STAGES, DataSource
 from simpo_cli.recipe.evaluate import EvaluateStage
 from simpo_cli.recipe.onpolicy import GenerateStage
 from simpo_cli.recipe.problems import format_errors
+from simpo_cli.recipe.rounds import expand_override, key_paths, merge_into
 from simpo_cli.recipe.schema import Recipe
 from simpo_cli.recipe.shipped import RECIPES_DIR, shipped_recipes
 
@@ -109,12 +111,52 @@ def load_recipe(ref: str, overrides: list[str] | None = None) -> Recipe:
     in_file = set(_key_paths(raw))
     origins = apply_overrides(raw, list(overrides or []))
     raw.setdefault("name", path.parent.name if path.name == "recipe.yaml" else path.stem)
+    written = copy.deepcopy(raw)  # validation fills in a copy; the rounds start from this
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as err:
         raise RecipeError(format_errors(err, str(path), origins)) from None
     recipe._origins = {key: "recipe" for key in in_file} | {key: "--set" for key in origins}
-    return resolve_paths(recipe, path.parent)
+    recipe = resolve_paths(recipe, path.parent)
+    if recipe.rounds is not None:
+        recipe._rounds = _round_recipes(recipe, written, path, origins)
+    return recipe
+
+
+def _round_recipes(
+    recipe: Recipe, raw: dict[str, Any], path: Path, origins: dict[tuple[str, ...], str]
+) -> list[Recipe]:
+    """The recipe of each round: the raw recipe with that round's rounds.overrides entry merged
+    in, validated like the recipe itself (a problem is named as the override's key path). Every
+    entry is checked, those past rounds.count too (they are not used)."""
+    rounds = recipe.rounds
+    assert rounds is not None
+    problems: list[str] = []
+    built = []
+    for index in range(max(rounds.count, len(rounds.overrides))):
+        where = f"rounds.overrides[{index}]"
+        entry = rounds.overrides[index] if index < len(rounds.overrides) else {}
+        nested, found = expand_override(entry, where)
+        # A --set that wrote this entry, or into it (--set rounds.overrides.1.preference.beta=3).
+        given = ("rounds", "overrides", str(index))
+        whole = next((text for key, text in origins.items() if given[: len(key)] == key), None)
+        problems += [f"{whole or path}: {line}" for line in found]
+        if found:
+            continue
+        merged = copy.deepcopy(raw)
+        merge_into(merged, nested)
+        set_here = {key: whole for key in key_paths(nested)} if whole else {}
+        set_here |= {key[3:]: text for key, text in origins.items() if key[:3] == given}
+        try:
+            round_recipe = Recipe.model_validate(merged)
+        except ValidationError as err:
+            problems += format_errors(err, str(path), set_here, prefix=where)
+            continue
+        round_recipe._origins = recipe._origins | {key: where for key in key_paths(nested)}
+        built.append(resolve_paths(round_recipe, path.parent))
+    if problems:
+        raise RecipeError(problems)
+    return built[: rounds.count]
 
 
 def _key_paths(raw: Any, prefix: tuple[str, ...] = ()):

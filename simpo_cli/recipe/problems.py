@@ -88,15 +88,19 @@ def _set_syntax(kind: str, value: Any, given: str) -> str | None:
 
 
 def format_errors(
-    err: ValidationError, source: str, origins: dict[tuple[str, ...], str] | None = None
+    err: ValidationError,
+    source: str,
+    origins: dict[tuple[str, ...], str] | None = None,
+    prefix: str = "",
 ) -> list[str]:
-    """One line per problem: where, key path, value, constraint and the fix."""
+    """One line per problem: where, key path, value, constraint and the fix. `prefix`: where the
+    keys were written when not at the top level (rounds.overrides[1] for a round's override)."""
     origins = origins or {}
     lines = []
     for item in err.errors(include_url=False):
         loc = tuple(p for p in item["loc"] if p != "function-after[...]")
         kind = item["type"]
-        key = _dotted(loc)
+        key = ".".join(filter(None, [prefix, _dotted(loc) if loc else ""])) or _dotted(loc)
         where, given = _origin(loc, origins, source)
         message = item["msg"].removeprefix("Value error, ")
         if kind == "extra_forbidden":
@@ -110,7 +114,7 @@ def format_errors(
             # A section's validator may report several problems, one per line; top-level
             # messages name their keys themselves.
             for part in message.split("\n"):
-                lines.append(f"{where}: {part}" if not loc else f"{where}: {key}: {part}")
+                lines.append(f"{where}: {key}: {part}" if loc or prefix else f"{where}: {part}")
         else:
             value = item.get("input")
             fix = _FIXES.get(kind, "")

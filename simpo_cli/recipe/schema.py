@@ -23,6 +23,13 @@ from simpo_cli.recipe.common import (
 from simpo_cli.recipe.evaluate import EvaluateStage
 from simpo_cli.recipe.hub import HubSettings
 from simpo_cli.recipe.onpolicy import AnnotateStage, GenerateStage
+from simpo_cli.recipe.rounds import (
+    ROUND_STAGES,
+    RoundsSettings,
+    expand_override,
+    key_paths,
+    round_folder,
+)
 from simpo_cli.recipe.train import PreferenceStage, SFTStage
 from simpo_cli.redact import redact
 
@@ -34,6 +41,9 @@ class Recipe(Section):
     model: ModelSettings
     pipeline: list[StageName] = Field(
         default_factory=lambda: ["sft", "preference"], description="Stages run by `simpo train`."
+    )
+    rounds: RoundsSettings | None = Field(
+        None, description="Repeat generate -> annotate -> preference; see recipe/rounds.py."
     )
     sft: SFTStage | None = None
     generate: GenerateStage | None = None
@@ -47,6 +57,9 @@ class Recipe(Section):
     )
     # Where each key path's value came from ("recipe" or "--set"); absent keys are defaults.
     _origins: dict[tuple[str, ...], str] = PrivateAttr(default_factory=dict)
+    # With rounds: the recipe each round's stages see, its rounds.overrides entry applied
+    # (load.py builds them; round_recipe).
+    _rounds: list[Recipe] = PrivateAttr(default_factory=list)
 
     @model_validator(mode="after")
     def _check_pipeline(self) -> Recipe:
@@ -91,6 +104,7 @@ class Recipe(Section):
             p for name in TRAINING_STAGES if getattr(self, name) for p in self._batch_problems(name)
         ]
         problems += self._sample_problems()
+        problems += self._rounds_problems()
         problems += self._hub_problems()
         if problems:
             raise ValueError("\n".join(problems))
@@ -210,6 +224,52 @@ class Recipe(Section):
             "use [13, 21, 42, 79, 100])"
         ]
 
+    def _rounds_problems(self) -> list[str]:
+        """Rounds repeat generate -> annotate -> preference: all three in the pipeline. With
+        reference: initial, a DPO-family loss needs round 1's start as a model it can load."""
+        rounds = self.rounds
+        if rounds is None:
+            return []
+        missing = [name for name in ROUND_STAGES if name not in self.pipeline]
+        if missing:
+            return [
+                f"rounds: the pipeline [{', '.join(self.pipeline)}] has no "
+                f"{', '.join(missing)}; rounds repeat generate -> annotate -> preference: add "
+                "them to the pipeline, or remove the rounds: section"
+            ]
+        stage = self.preference
+        assert stage is not None  # in the pipeline, so the section is there
+        if (
+            rounds.count > 1
+            and rounds.reference == "initial"
+            and stage.uses_reference
+            and not stage.reference.model
+            and self.model_stage_before("generate") is None
+            and self.model.init == "from_config"
+        ):
+            return [
+                "rounds.reference: initial keeps round 1's start model as the reference of "
+                f"{stage.loss}, but that model is built from model.config and never saved; "
+                "train a stage before the rounds (sft), set preference.reference.model, or use "
+                "rounds.reference: previous"
+            ]
+        return []
+
+    def round_recipe(self, round_: int) -> Recipe:
+        """The recipe round `round_` (from 1) sees: rounds.overrides' entry for it applied."""
+        if self.rounds is None or not 1 <= round_ <= self.rounds.count:
+            raise ValueError(f"round {round_}: not a round of recipe '{self.name}'")
+        if not self._rounds:
+            raise RuntimeError("round recipes are built by load_recipe")
+        return self._rounds[round_ - 1]
+
+    def final_folder(self, name: str) -> str:
+        """The folder under the output directory holding stage `name`'s final result: the last
+        round's for a stage the rounds repeat, else the stage's own."""
+        if self.rounds is not None and name in ROUND_STAGES:
+            return round_folder(self.rounds.count, name)
+        return name
+
     def _hub_problems(self) -> list[str]:
         """Each pushed stage is a training stage of the pipeline, and has a repository and
         revision of its own."""
@@ -309,20 +369,27 @@ class Recipe(Section):
         before = self.pipeline[: self.pipeline.index(name)]
         return next((s for s in reversed(before) if s in TRAINING_STAGES), None)
 
-    def connect_stages(self, output_dir: Path) -> None:
+    def connect_stages(self, output_dir: Path, annotate: str | None = None) -> None:
         """Point a preference stage without data at the annotate stage's pairs in output_dir
-        (its train split, and its test split when annotate holds pairs out)."""
+        (its train split, and its test split when annotate holds pairs out). `annotate`: the
+        annotate stage's folder (default: its final one, the last round's with rounds)."""
         stage = self.preference
-        if stage is None or stage.data.train is not None or self.annotate is None:
+        if stage is None or self.annotate is None or "annotate" not in self.pipeline:
             return
-        if "annotate" not in self.pipeline:
+        made = {  # the splits this method points at the pairs (again, with another folder)
+            split: getattr(stage.data, split) is None
+            or self.origin(("preference", "data", split)) == "annotate stage"
+            for split in ("train", "eval")
+        }
+        if not made["train"]:
             return
-        folder = str((output_dir / "annotate" / "dataset").resolve())
+        pairs = output_dir / (annotate or self.final_folder("annotate")) / "dataset"
+        folder = str(pairs.resolve())
         stage.data.train = DataSource(path=folder, split="train")
         held_out = self.annotate.eval_fraction > 0 or (
             self.generate is not None and self.generate.eval_prompts is not None
         )
-        if stage.data.eval is None and held_out:
+        if made["eval"] and held_out:
             stage.data.eval = DataSource(path=folder, split="test")
         for split in ("train", "eval"):
             key = ("preference", "data", split)
@@ -346,14 +413,60 @@ def _or_list(values: list[int]) -> str:
     return text[0] if len(text) == 1 else ", ".join(text[:-1]) + " or " + text[-1]
 
 
-def stage_identity(recipe: dict[str, Any], stage: str) -> dict[str, Any]:
+def stage_identity(recipe: dict[str, Any], stage: str, round_: int | None = None) -> dict[str, Any]:
     """The part of a (dumped) recipe that decides a stage's result: the model and the sections of
     this stage and every stage before it. Names, output folders and logging do not count, nor
-    training.on_nonfinite: a run stopped on a bad step may switch to skip and resume."""
+    training.on_nonfinite: a run stopped on a bad step may switch to skip and resume.
+
+    A stage of round `round_` sees its round's recipe (that round's override applied), and
+    depends on the rounds before it as well: their overrides, and the sections the rounds
+    repeat less the keys this round overrides (what the earlier rounds share); on the prompt
+    split (its count too, when it splits) and, once a round's preference stage before it had a
+    reference model, on rounds.reference. A stage after the rounds (evaluate) depends on the
+    whole rounds section."""
     pipeline = list(recipe.get("pipeline") or [])
     before = pipeline[: pipeline.index(stage) + 1] if stage in pipeline else [stage]
     sections = {name: _without_on_nonfinite(recipe.get(name)) for name in before}
-    return {"model": recipe.get("model"), **sections}
+    identity = {"model": recipe.get("model"), **sections}
+    rounds = recipe.get("rounds")
+    if not rounds or not any(name in ROUND_STAGES for name in before):
+        return identity
+    if round_ is None:  # after the rounds: all of them
+        identity["rounds"] = rounds
+        return identity
+    overrides = [
+        {name: _without_on_nonfinite(section) for name, section in entry.items()}
+        for entry in (
+            expand_override(e, "")[0]
+            for e in [*(rounds.get("overrides") or []), *[{}] * round_][:round_]
+        )
+    ]  # nested, one per round so far ({} where none is given)
+    shared = {}
+    if round_ > 1:
+        own = set(key_paths(overrides[-1]))
+        shared = {name: _without(recipe.get(name), own, (name,)) for name in ROUND_STAGES}
+    uses_reference = (recipe.get("preference") or {}).get("reference") is not None
+    reference_counts = round_ > 2 or (round_ == 2 and stage == "preference")
+    identity["rounds"] = {
+        "round": round_,
+        "prompts": rounds.get("prompts"),
+        "count": rounds.get("count") if rounds.get("prompts") == "split" else None,
+        "reference": rounds.get("reference") if uses_reference and reference_counts else None,
+        "earlier_overrides": overrides[:-1],
+        "shared": shared,
+    }
+    return identity
+
+
+def _without(section: Any, keys: set[tuple[str, ...]], path: tuple[str, ...]) -> Any:
+    """A dumped section less the key paths in `keys`."""
+    if not isinstance(section, dict):
+        return section
+    return {
+        name: _without(value, keys, (*path, name))
+        for name, value in _without_on_nonfinite(section).items()
+        if (*path, name) not in keys
+    }
 
 
 def _without_on_nonfinite(section: Any) -> Any:

@@ -21,6 +21,7 @@ puts its comparison table into the cards of the run's models it scored (add_eval
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from simpo_cli.recipe import LOSS_DEFAULTS, Recipe
 from simpo_cli.redact import redact, redact_text
+from simpo_cli.run.instances import round_start
 
 CARD = "README.md"
 ADAPTER_DIR = "adapter"  # model/adapters.py: a LoRA stage's adapter folder
@@ -138,13 +140,17 @@ class _Card:
     def __init__(self, recipe: Recipe, kind: str, folder: Path, model_from: str | None):
         self.recipe = recipe
         self.kind = kind
-        self.name = folder.name
+        # The stage's folder in its run: preference, or round-2/preference with rounds.
+        in_round = re.fullmatch(r"round-\d+", folder.parent.name) is not None
+        self.run = folder.parent.parent if in_round else folder.parent
+        self.name = folder.relative_to(self.run).as_posix()
         self.folder = folder
         self.model_from = model_from
         # The recipe as resolved_recipe.yaml holds it: defaults filled, secrets redacted.
         self.settings = redact(recipe.dump())
         self.section = self.settings[kind]
-        self.targets = recipe.hub_targets()
+        # Pushed stages by folder: with rounds, a stage they repeat is pushed from its last round.
+        self.targets = {recipe.final_folder(s): t for s, t in recipe.hub_targets().items()}
         self.merged = (folder / "config.json").is_file()
         self.adapter = (folder / ADAPTER_DIR / "adapter_config.json").is_file()
 
@@ -222,7 +228,7 @@ class _Card:
     # ------------------------------------------------------------------ what it is
 
     def _title(self) -> str:
-        return f"{self.settings['name']}-{self.name}"
+        return f"{self.settings['name']}-{self.name.replace('/', '-')}"
 
     def _loss(self) -> str:
         return self.section.get("loss", "sft") if self.kind == "preference" else "sft"
@@ -276,7 +282,7 @@ class _Card:
         the model of the stage before it (its repository when that one is pushed too)."""
         if stage is None:
             return self._root()
-        earlier_name, earlier = self._stage_base(self.recipe.model_stage_before(stage))
+        earlier_name, earlier = self._stage_base(self._earlier(stage))
         if stage in self.targets:
             repo, revision = self.targets[stage]
             at = f" (revision `{revision}`)" if revision else ""
@@ -285,8 +291,8 @@ class _Card:
                 f"itself trained from {earlier}"
             )
         return earlier_name, (
-            f"the model of this pipeline's `{stage}` stage (the `{stage}` folder beside this "
-            f"one), itself trained from {earlier}"
+            f"the model of this pipeline's `{stage}` stage (the `{stage}` folder of this run), "
+            f"itself trained from {earlier}"
         )
 
     def _adapter_base(self) -> tuple[str | None, str]:
@@ -296,10 +302,18 @@ class _Card:
     def _adapter_base_stage(self, stage: str) -> str | None:
         """The stage whose model a stage's adapter sits on, from the adapter's base.json (None:
         the recipe's model). With model.lora.continue_adapter that is the first stage's base."""
-        record_file = self.folder.parent / stage / ADAPTER_DIR / "base.json"
+        record_file = self.run / stage / ADAPTER_DIR / "base.json"
         if not record_file.is_file():
-            return self.model_from if stage == self.name else self.recipe.model_stage_before(stage)
+            return self.model_from if stage == self.name else self._earlier(stage)
         return json.loads(record_file.read_text()).get("stage") or None
+
+    def _earlier(self, stage: str) -> str | None:
+        """The stage folder whose model `stage`'s started from (None: the recipe's model)."""
+        head, _, _ = stage.rpartition("/")
+        number = head.removeprefix("round-")
+        if head.startswith("round-") and number.isdigit():
+            return round_start(self.recipe, int(number))
+        return self.recipe.model_stage_before(stage)
 
     # ------------------------------------------------------------------ data
 
@@ -354,10 +368,16 @@ class _Card:
         if split == "eval" and not generate.get("eval_prompts"):
             held_out = f" (a held-out share of {annotate.get('eval_fraction')} of those pairs)"
         selection = SELECTIONS.get(annotate.get("selection"), annotate.get("selection"))
+        # With rounds: this round's stages, on its slice of the prompts.
+        round_, _, _ = self.name.rpartition("/")
+        rounds = self.settings.get("rounds") or {}
+        if round_ and split == "train" and rounds.get("prompts") == "split":
+            sampled += f" (slice {round_.removeprefix('round-')} of {rounds.get('count')})"
+        at = f"{round_}/" if round_ else ""
         return (
-            f"on-policy pairs this pipeline made: the `generate` stage sampled the policy on "
-            f"{sampled}, and the `annotate` stage scored the samples with `{scorer}` and paired "
-            f"them {selection}{held_out}"
+            f"on-policy pairs this pipeline made: the `{at}generate` stage sampled the policy on "
+            f"{sampled}, and the `{at}annotate` stage scored the samples with `{scorer}` and "
+            f"paired them {selection}{held_out}"
         )
 
     # ------------------------------------------------------------------ settings
@@ -468,7 +488,7 @@ class _Card:
             root = self._root()[0] or "path/to/base"
             return [f'base = AutoModelForCausalLM.from_pretrained("{root}")']
         where, extra = self._where(stage)
-        if (self.folder.parent / stage / "config.json").is_file():
+        if (self.run / stage / "config.json").is_file():
             return [f'base = AutoModelForCausalLM.from_pretrained("{where}"{extra})']
         merge = f'PeftModel.from_pretrained(base, "{where}"{extra}, subfolder="{ADAPTER_DIR}")'
         return [

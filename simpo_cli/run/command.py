@@ -23,8 +23,10 @@ from simpo_cli.recipe import TRAINING_STAGES, Recipe, load_recipe
 from simpo_cli.redact import redact_args
 from simpo_cli.run import hub
 from simpo_cli.run.curves import plot_run
+from simpo_cli.run.instances import StageInstance, instances, selected
 from simpo_cli.run.paths import check_paths
 from simpo_cli.run.plan import check_training, print_plan
+from simpo_cli.run.rounds import summary_lines, write_records
 
 # Set for the stage commands `_run_alone` starts: the command that started them pushes to the
 # hub once they have all run (run/hub.py), so that a pushed card carries the evaluate table.
@@ -67,9 +69,11 @@ def run_stages(
     mixed_precision: str | None,
     dry_run: bool,
     overwrite: bool,
+    round_: int | None = None,
 ) -> None:
-    """Run `stages` of the recipe (None: its whole pipeline) as `simpo COMMAND` does; `sets`:
-    the --set overrides, the launch options' among them."""
+    """Run `stages` of the recipe (None: its whole pipeline; with `round_`, that round's
+    instance of the stage) as `simpo COMMAND` does; `sets`: the --set overrides, the launch
+    options' among them."""
     sets = list(sets)
     recipe = load_recipe(recipe_ref, sets)
     if mixed_precision is not None:
@@ -80,18 +84,21 @@ def run_stages(
     names = list(recipe.pipeline) if stages is None else stages
     for name in names:
         recipe.stage(name)  # a missing section is an error before anything starts
+    every = instances(recipe, out)  # with rounds, each round's stages, connected to its folders
+    plan = selected(every, names, round_, recipe)
 
     # Every path, before a process is launched or a folder created.
-    check_paths(recipe, out, names, "--output-dir" if output_dir is not None else "output_dir")
+    check_paths(recipe, out, plan, "--output-dir" if output_dir is not None else "output_dir")
     if not launch.inside_launch() and any(name in TRAINING_STAGES for name in names):
         # model.lora.target_modules, on the model built on the meta device; once, by the
         # command (the launched processes' stages check the model they load: add_adapters).
         check_targets(recipe)
     # Data smaller than one optimizer step, or a learning rate of 0 at every step: nothing
     # would be trained. Checked here where the data files' rows can be counted.
-    check_training(recipe, names, out, overwrite)
+    check_training(plan, out, overwrite)
 
     child_args = [command, recipe_ref, "--output-dir", str(out)]
+    child_args += ["--round", str(round_)] if round_ is not None else []
     # The launcher, not the training processes, needs the machine's rank: leaving it out keeps
     # one command line for every machine but --machine_rank.
     child_sets = [s for s in sets if not s.startswith("launch.machine_rank=")]
@@ -101,52 +108,58 @@ def run_stages(
     # A stop signal that came while this process started (stops.py) ends it here, at the
     # latest: nothing has been started that a rerun would not redo.
     if dry_run:
-        print_plan(recipe, names, out, child_args if relaunch else None, overwrite)
+        print_plan(recipe, plan, out, child_args if relaunch else None, overwrite)
         stops.stop_now("dry-run", "the plan is above")
         return
     pushes = _pushes_here(recipe)
     if pushes and not hub.token_found():
         print(f"hub: no Hugging Face token found here; the stages run, and the push at the end "
               f"fails unless one is set by then: {hub.LOGIN_FIX}", flush=True)  # fmt: skip
-    if not launch.inside_launch() and len(names) > 1 and _vllm_generate(recipe, names):
+    if not launch.inside_launch() and len(plan) > 1 and _vllm_generate(recipe, names):
         # A vLLM engine keeps its GPUs and its own process group until its process ends: the
         # stages run one command each (see stages/generate.py).
-        for name in names:
-            stops.stop_now(name, "it was not started")
-            code = _run_alone(recipe, name, child_args, relaunch)
+        for instance in plan:
+            stops.stop_now(instance.folder, "it was not started")
+            code = _run_alone(recipe, instance, child_args, relaunch)
             if code != 0:
                 sys.exit(code)
+        _round_summary(recipe, every, plan, out)
         if pushes:
             hub.push_finished_stages(recipe, out)
         return
     if relaunch:
-        stops.stop_now(names[0], "no training process was started")
+        stops.stop_now(plan[0].folder, "no training process was started")
         code = _launch(recipe, child_args)
         if code == 0 and pushes:
             hub.push_finished_stages(recipe, out)
         sys.exit(code)
-    from simpo_cli.distributed import say, shutdown
-    from simpo_cli.run.pipeline import run_stage
+    from simpo_cli.distributed import is_main_process, say, shutdown
+    from simpo_cli.run.pipeline import run_instance
 
     progress.install()  # in every process that runs stages, launched ones included
     folders = {}
     try:
-        for name in names:
+        for instance in plan:
             if not launch.inside_launch():
                 # Between stages (in several processes, the stop is agreed on at the start of
                 # the next training stage instead: they may see the signal at different times).
-                stops.stop_now(name, "it was not started")
+                stops.stop_now(instance.folder, "it was not started")
             # What a stop signal does from here, in this stage's words (stops.py).
-            stops.take(STOPPING.get(name, STOPPING["training"]))
-            folders[name] = run_stage(recipe, name, out, overwrite)
+            stops.take(STOPPING.get(instance.kind, STOPPING["training"]))
+            folders[instance.folder] = run_instance(instance, out, overwrite)
+            if instance.round is not None and is_main_process():
+                write_records(recipe, every, out)  # the round's record, as far as it has got
     except (Preempted, NonFiniteError):
         shutdown()  # every process stopped after the same step, together
         raise
-    trained = [name for name in names if name in TRAINING_STAGES]
+    trained = [i.folder for i in plan if i.kind in TRAINING_STAGES]
     if trained:
         say(f"final model: {folders[trained[-1]]}")
-    if names and names[-1] not in TRAINING_STAGES:
-        say(f"{'evaluation' if names[-1] == 'evaluate' else 'output'}: {folders[names[-1]]}")
+    last = plan[-1]
+    if last.kind not in TRAINING_STAGES:
+        say(f"{'evaluation' if last.kind == 'evaluate' else 'output'}: {folders[last.folder]}")
+    if is_main_process():
+        _round_summary(recipe, every, plan, out)
     shutdown()
     if trained:
         _plot_when_possible(out)
@@ -178,9 +191,22 @@ def _vllm_generate(recipe: Recipe, names: list[str]) -> bool:
     return False
 
 
-def _run_alone(recipe: Recipe, name: str, child_args: list[str], launched: bool) -> int:
-    """Run one stage as its own command (through the launcher when `launched`)."""
-    args = [name, *child_args[1:]]
+def _round_summary(
+    recipe: Recipe, every: list[StageInstance], plan: list[StageInstance], out: Path
+) -> None:
+    """The rounds' records side by side, once a command has run a round's stage."""
+    if any(instance.round is not None for instance in plan):
+        records = write_records(recipe, every, out)
+        if records:
+            print("\n".join(summary_lines(records, out)), flush=True)
+
+
+def _run_alone(
+    recipe: Recipe, instance: StageInstance, child_args: list[str], launched: bool
+) -> int:
+    """Run one stage instance as its own command (through the launcher when `launched`)."""
+    args = [instance.kind, *child_args[1:]]
+    args += ["--round", str(instance.round)] if instance.round is not None else []
     if launched:
         return _launch(recipe, args)
     env = {**os.environ, PUSHED_BY_PARENT: "1"}

@@ -9,6 +9,7 @@ its axes labelled. matplotlib is optional
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from simpo_cli.errors import UserError
@@ -18,10 +19,23 @@ def stage_dirs(run: Path) -> list[Path]:
     """The stage folders of a run folder, in pipeline order, or the folder itself if it is one."""
     if (run / "metrics.jsonl").is_file():
         return [run]
-    found = [p for p in (run / "sft", run / "preference") if (p / "metrics.jsonl").is_file()]
+    numbered = [(p.parent.name.removeprefix("round-"), p) for p in run.glob("round-*/preference")]
+    rounds = [p for _, p in sorted((int(n), p) for n, p in numbered if n.isdigit())]
+    found = [
+        p for p in (run / "sft", run / "preference", *rounds) if (p / "metrics.jsonl").is_file()
+    ]
     if not found:
-        raise UserError(f"{run}: no metrics.jsonl here or in its sft/ and preference/ folders")
+        raise UserError(
+            f"{run}: no metrics.jsonl here or in its sft/, preference/ and round-*/preference/ "
+            "folders"
+        )
     return found
+
+
+def _label(stage: Path) -> str:
+    """preference, or round-2/preference for a round's stage."""
+    in_round = re.fullmatch(r"round-\d+", stage.parent.name) is not None
+    return f"{stage.parent.name}/{stage.name}" if in_round else stage.name
 
 
 def _series(logs: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -89,7 +103,7 @@ def curves_figure(stages: list[Path]):
                 ax.plot(steps, values, ".-", label="training", color="tab:blue")
             if eval_steps:
                 ax.plot(eval_steps, eval_values, "o", label="held-out", color="tab:orange")
-            ax.set_title(f"{stage.name}: {title}")
+            ax.set_title(f"{_label(stage)}: {title}")
             ax.set_xlabel("optimizer step")
             ax.set_ylabel(title)
             ax.grid(alpha=0.3)

@@ -60,7 +60,7 @@ def push_finished_stages(recipe: Recipe, out: Path) -> None:
         return
     problems = []
     for stage, (repo_id, revision) in targets.items():
-        stage_dir = StageDir(out / stage)
+        stage_dir = StageDir(out / recipe.final_folder(stage))  # with rounds: the last one's
         if not stage_dir.is_complete():
             _say(f"[hub] {stage}: not finished in {stage_dir.path}; pushed once it is")
             continue
@@ -95,8 +95,8 @@ def plan_lines(recipe: Recipe, out: Path | None = None) -> list[str]:
         return []
     visibility = "private" if recipe.hub.private else "public"
     lines = [
-        f"{stage}{f' ({out / stage})' if out else ''} -> {HUB}/{repo}, revision "
-        f"{revision or 'main'} ({visibility} if created)"
+        f"{stage}{f' ({out / recipe.final_folder(stage)})' if out else ''} -> {HUB}/{repo}, "
+        f"revision {revision or 'main'} ({visibility} if created)"
         for stage, (repo, revision) in targets.items()
     ]
     token = (

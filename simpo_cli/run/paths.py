@@ -18,7 +18,8 @@ from pathlib import Path
 from simpo_cli import launch  # no torch at import
 from simpo_cli.errors import UserError
 from simpo_cli.model.adapters import adapter_folder, has_model
-from simpo_cli.recipe import TRAINING_STAGES, Recipe, StageName, shipped_deepspeed_configs
+from simpo_cli.recipe import TRAINING_STAGES, Recipe, shipped_deepspeed_configs
+from simpo_cli.run.instances import ROUND_REFERENCE, StageInstance
 
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
 
@@ -190,28 +191,29 @@ def _deepspeed_problems(value: str) -> list[str]:
 def check_paths(
     recipe: Recipe,
     output_dir: Path | None,
-    stages: list[StageName],
+    plan: list[StageInstance],
     output_flag: str = "--output-dir",
 ) -> None:
-    """Check every path that running `stages` of `recipe` into `output_dir` reads or writes."""
+    """Check every path that running the stage instances `plan` of `recipe` into `output_dir`
+    reads or writes (each with the recipe it sees: a round's overrides applied)."""
     problems: list[str] = []
     if output_dir is not None:
         problems += folder_problems(output_dir, output_flag)
         if not problems:
-            for name in stages:
-                stage_dir = output_dir.expanduser() / name
+            for instance in plan:
+                stage_dir = output_dir.expanduser() / instance.folder
                 if stage_dir.is_dir():
                     problems += folder_problems(stage_dir, output_flag)
                 elif stage_dir.exists():
                     problems.append(
-                        f"{stage_dir}: is a file where the '{name}' stage folder goes; remove "
-                        f"it or choose another {output_flag}"
+                        f"{stage_dir}: is a file where the '{instance.folder}' stage folder "
+                        f"goes; remove it or choose another {output_flag}"
                     )
     model = recipe.model
     # The recipe's model and tokenizer are read only by a stage with no training stage before it
     # (the others start from that stage's folder); annotate and evaluate read no recipe model.
-    reads_model = [name for name in stages if name not in ("annotate", "evaluate")]
-    if any(recipe.model_stage_before(name) is None for name in reads_model):
+    reads_model = [i for i in plan if i.kind not in ("annotate", "evaluate")]
+    if any(instance.model_from is None for instance in reads_model):
         if model.init == "pretrained" and model.name_or_path:
             problems += model_folder_problems(model.name_or_path, "model.name_or_path")
         if model.tokenizer:
@@ -223,8 +225,8 @@ def check_paths(
                 "path, or give the template text itself"
             )
     where = " (looked beside the recipe and in the current folder)"
-    for name in stages:
-        stage = recipe.stage(name)
+    for instance in plan:
+        name, stage, seen = instance.kind, instance.settings, instance.recipe
         if name == "generate":
             for key in ("prompts", "eval_prompts"):
                 source = getattr(stage, key)
@@ -237,20 +239,22 @@ def check_paths(
             )
             continue
         if name == "evaluate":
-            problems += _evaluate_problems(recipe, where)
+            problems += _evaluate_problems(seen, where)
             continue
         for split in ("train", "eval"):
             source = getattr(stage.data, split)
             # The annotate stage's pairs do not exist before it has run.
-            if source is not None and recipe.origin((name, "data", split)) != "annotate stage":
+            if source is not None and seen.origin((name, "data", split)) != "annotate stage":
                 problems += data_problems(source.path, f"{name}.data.{split}", where)
         reference = getattr(stage, "reference", None)
-        if reference is not None and reference.model:
+        # A round's reference set by rounds.reference is a stage folder, made before it runs.
+        made = seen.origin((name, "reference", "model")) == ROUND_REFERENCE
+        if reference is not None and reference.model and not made:
             problems += model_folder_problems(reference.model, f"{name}.reference.model")
     if recipe.launch.deepspeed is not None:
         problems += _deepspeed_problems(recipe.launch.deepspeed)
     if problems:
-        raise UserError(problems)
+        raise UserError(list(dict.fromkeys(problems)))  # rounds repeat their stages' paths
 
 
 def _reward_problems(reward, model_key: str, function_key: str, where: str) -> list[str]:

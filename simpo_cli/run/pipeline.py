@@ -1,7 +1,8 @@
-"""Runs stage instances (stages.py): each into its own folder under the output directory,
-resuming from its last complete checkpoint, skipping it when it has finished. The stage kinds
-build the trainer, or make their data, and add their own work before and after training; this
-module does what every stage shares around them and knows nothing of any one kind.
+"""Runs stage instances (instances.py; their kinds: stages.py): each into its own folder under
+the output directory, resuming from its last complete checkpoint, skipping it when it has
+finished. The stage kinds build the trainer, or make their data, and add their own work before
+and after training; this module does what every stage shares around them and knows nothing of
+any one kind.
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ from simpo_cli.launch import LAUNCH_ID, zero_stage
 from simpo_cli.model import adapters
 from simpo_cli.model.load import check_vocab, full_model_folder, load_model, load_model_from
 from simpo_cli.outputs import StageDir, reproducibility_record
-from simpo_cli.recipe import Recipe, settings_table, stage_identity
+from simpo_cli.recipe import ROUND_STAGES, Recipe, settings_table, stage_identity
 from simpo_cli.redact import redact, redact_args, redact_text
 from simpo_cli.run import card, stages
-from simpo_cli.run.stages import StageInstance
+from simpo_cli.run.instances import StageInstance, instance, stage_command
 from simpo_cli.train import console, schedule
 from simpo_cli.train.trainer import MetricsFile, training_arguments
 
@@ -51,7 +52,7 @@ def stage_start(instance: StageInstance, output_dir: Path) -> str | None:
         previous_dir = StageDir(output_dir / folder)
         if not previous_dir.is_complete():
             what = {"generate": "samples", "annotate": "pairs"}.get(kind, "model")
-            command = folder if kind == "model" else kind
+            command = stage_command(folder)
             raise UserError(
                 f"stage '{instance.folder}' starts from the '{folder}' stage's {what}, which is "
                 f"not finished in {previous_dir.path}; run `simpo train` (all stages) or "
@@ -63,8 +64,11 @@ def stage_start(instance: StageInstance, output_dir: Path) -> str | None:
 
 
 def run_stage(recipe: Recipe, name: str, output_dir: Path, overwrite: bool = False) -> Path:
-    """Run the recipe's stage `name` (its instance in DIR/<name>); see run_instance."""
-    return run_instance(stages.instance(recipe, name), output_dir, overwrite)
+    """Run the recipe's stage `name` (its instance in DIR/<name>); see run_instance. A stage
+    that rounds repeat has an instance per round: run those (instances.instances)."""
+    if recipe.rounds is not None and name in ROUND_STAGES:
+        raise ValueError(f"{name}: recipe '{recipe.name}' runs it in rounds; run its instances")
+    return run_instance(instance(recipe, name), output_dir, overwrite)
 
 
 def run_instance(instance: StageInstance, output_dir: Path, overwrite: bool = False) -> Path:
@@ -75,14 +79,14 @@ def run_instance(instance: StageInstance, output_dir: Path, overwrite: bool = Fa
     stage = instance.settings
     stage_dir = StageDir(output_dir / instance.folder)
     # resolved_recipe.yaml is written redacted; compare like with like.
-    identity = stage_identity(redact(recipe.dump()), kind)
+    identity = stage_identity(redact(recipe.dump()), kind, instance.round)
     if stage_dir.is_complete() and not overwrite:
-        stage_dir.check(identity, kind)
+        stage_dir.check(identity, kind, instance.round)
         say(f"[{name}] already finished in {stage_dir.path}; skipping (--overwrite reruns it)")
         return stage_dir.path
     start_from = stage_start(instance, output_dir)
     if not overwrite:
-        stage_dir.check(identity, kind)
+        stage_dir.check(identity, kind, instance.round)
     how = stages.KINDS[kind]
     if isinstance(how, stages.DataKind):
         return _run_data_stage(instance, how, stage_dir, start_from, output_dir, overwrite)

@@ -14,14 +14,25 @@ from simpo_cli.data.rows import check_rows
 from simpo_cli.errors import DataError, UserError
 from simpo_cli.model.adapters import writes_merged
 from simpo_cli.outputs import StageDir
-from simpo_cli.recipe import TRAINING_STAGES, DataSource, Recipe, StageName, stage_identity
+from simpo_cli.recipe import (
+    TRAINING_STAGES,
+    DataSource,
+    Recipe,
+    StageName,
+    expand_override,
+    key_paths,
+    slice_bounds,
+    split_problem,
+    stage_identity,
+)
 from simpo_cli.redact import redact, redact_args
 from simpo_cli.run import hub
+from simpo_cli.run.instances import StageInstance, model_label, reference_text, round_start
 
 
 def print_plan(
     recipe: Recipe,
-    names: list[StageName],
+    plan: list[StageInstance],
     out: Path,
     child: list[str] | None,
     overwrite: bool = False,
@@ -47,8 +58,16 @@ def print_plan(
         lines.append("  " + shlex.join(redact_args(command)))
 
     lines += ["", "stages:"]
-    for name in names:
-        lines += _stage_lines(recipe, name, out, overwrite)
+    shown = None
+    for instance in plan:
+        if instance.round is not None and instance.round != shown:
+            lines.append(_round_line(instance))
+        shown = instance.round
+        lines += _stage_lines(instance, out, overwrite)
+    unused = _unused_overrides(recipe)
+    if unused:
+        lines.append(f"  note: {unused}")
+    names = list(dict.fromkeys(instance.kind for instance in plan))
     lines += ["", *_memory_lines(recipe, names, stage, offload)]
     pushes = hub.plan_lines(recipe, out)
     if pushes:
@@ -64,11 +83,54 @@ def _offloads(zero: dict) -> bool:
     )
 
 
-def _stage_lines(recipe: Recipe, name: StageName, out: Path, overwrite: bool) -> list[str]:
-    stage_dir = StageDir(out / name)
+def _round_line(instance: StageInstance) -> str:
+    """The head of a round in the plan: which model it starts from, its prompts, its reference."""
+    recipe = instance.recipe
+    rounds = recipe.rounds
+    assert rounds is not None and instance.round is not None
+    start = model_label(recipe, round_start(recipe, instance.round))
+    entry = rounds.overrides[instance.round - 1] if instance.round <= len(rounds.overrides) else {}
+    nested, _ = expand_override(entry, "")
+    changed = [".".join(key) for key in key_paths(nested)]
+    return (
+        f"  round {instance.round} of {rounds.count}: starts from {start}; prompts: "
+        f"{prompt_text(instance)}; reference: {reference_text(instance)}"
+        + (f"; rounds.overrides[{instance.round - 1}]: {', '.join(changed)}" if changed else "")
+    )
+
+
+def prompt_text(instance: StageInstance) -> str:
+    """The generate.prompts a round samples, as the plan says it (rows before duplicates are
+    dropped: the split itself is made of the prompts without duplicates)."""
+    source = instance.recipe.stage("generate").prompts
+    rows = count_rows(source)
+    split = instance.prompt_split
+    if split is None:
+        return "all of generate.prompts" + ("" if rows is None else f" ({rows})")
+    round_, count = split
+    if rows is None:
+        return f"slice {round_} of {count} of generate.prompts (from the hub: sized as it runs)"
+    start, stop = slice_bounds(rows, count, round_)
+    return f"{start + 1}-{stop} of {rows} (slice {round_} of {count})"
+
+
+def _unused_overrides(recipe: Recipe) -> str | None:
+    rounds = recipe.rounds
+    if rounds is None or len(rounds.overrides) <= rounds.count:
+        return None
+    return (
+        f"rounds.overrides has {len(rounds.overrides)} entries for {rounds.count} round(s); "
+        f"entries {rounds.count} to {len(rounds.overrides) - 1} are not used"
+    )
+
+
+def _stage_lines(instance: StageInstance, out: Path, overwrite: bool) -> list[str]:
+    recipe, name = instance.recipe, instance.kind
+    stage_dir = StageDir(out / instance.folder)
     checkpoint = stage_dir.last_checkpoint()
     try:
-        stage_dir.check(stage_identity(redact(recipe.dump()), name), name)
+        identity = stage_identity(redact(recipe.dump()), name, instance.round)
+        stage_dir.check(identity, name, instance.round)
         other_recipe = None
     except UserError as err:
         other_recipe = str(err)
@@ -83,11 +145,15 @@ def _stage_lines(recipe: Recipe, name: StageName, out: Path, overwrite: bool) ->
     else:
         state = "starts fresh"
     section = recipe.stage(name)
+    head = f"  {instance.folder} -> {stage_dir.path} ({state})"
     if name == "generate":
         prompts = count_rows(section.prompts)
         count = "prompts from the hub" if prompts is None else f"{prompts} prompts"
+        if instance.round is not None:
+            count = f"prompts {prompt_text(instance)}"
         return [
-            f"  {name} -> {stage_dir.path} ({state})",
+            head,
+            *_start_lines(instance, out, "samples from"),
             f"    {count} x {len(section.sample_seeds)} samples (seeds "
             f"{list(section.sample_seeds)}), temperature {section.temperature:g}, top_p "
             f"{section.top_p:g}, max_new_tokens {section.max_new_tokens}; backend "
@@ -96,19 +162,20 @@ def _stage_lines(recipe: Recipe, name: StageName, out: Path, overwrite: bool) ->
     if name == "annotate":
         reward = section.reward
         return [
-            f"  {name} -> {stage_dir.path} ({state})",
+            head,
             f"    reward {'model ' + reward.model if reward.model else reward.function}; "
             f"{section.selection}, min_margin {section.min_margin:g}, drop_truncated "
             f"{str(section.drop_truncated).lower()}; pairs into {stage_dir.path / 'dataset'}",
         ]
     if name == "evaluate":
-        return [f"  {name} -> {stage_dir.path} ({state})", *_evaluate_lines(recipe)]
+        return [head, *_evaluate_lines(recipe)]
     t = section.training
     world = recipe.launch.world_size
     accumulation = recipe.accumulation_steps(name)
     total = recipe.total_batch(name)
     lines = [
-        f"  {name} -> {stage_dir.path} ({state})",
+        head,
+        *_start_lines(instance, out, "start model"),
         f"    batch: {t.per_device_train_batch_size} per device x {world} process(es) x "
         f"{accumulation} accumulation step(s) = {total} per optimizer step",
     ]
@@ -120,6 +187,8 @@ def _stage_lines(recipe: Recipe, name: StageName, out: Path, overwrite: bool) ->
         )
     if name == "preference":
         lines.append(f"    gamma {section.resolved_gamma:g} (beta {section.beta:g})")
+        if instance.round is not None:
+            lines.append(f"    reference: {reference_text(instance)}")
     if recipe.model.lora is not None:
         lines.append(_adapter_line(recipe, name))
     rows = count_rows(section.data.train)
@@ -137,6 +206,14 @@ def _stage_lines(recipe: Recipe, name: StageName, out: Path, overwrite: bool) ->
     return lines
 
 
+def _start_lines(instance: StageInstance, out: Path, what: str) -> list[str]:
+    """Which model a round's generate samples from, or its preference stage trains."""
+    if instance.round is None:
+        return []
+    where = f" ({out / instance.model_from})" if instance.model_from is not None else ""
+    return [f"    {what}: {model_label(instance.recipe, instance.model_from)}{where}"]
+
+
 def planned_steps(recipe: Recipe, name: StageName, rows: int) -> tuple[int, int]:
     """(optimizer steps per epoch, in all) of a training stage on `rows` examples, as Trainer
     counts them (Trainer.set_initial_training_values: micro-batches per process, then steps of
@@ -148,19 +225,26 @@ def planned_steps(recipe: Recipe, name: StageName, rows: int) -> tuple[int, int]
     return per_epoch, steps
 
 
-def check_training(recipe: Recipe, names: list[StageName], out: Path, overwrite: bool) -> None:
+def check_training(plan: list[StageInstance], out: Path, overwrite: bool) -> None:
     """Before any stage starts (and in --dry-run): one line each (UserError) for a training
     stage to run whose local data holds fewer rows than one optimizer step, or whose schedule
-    gives every step learning rate 0. A stage reading hub data, or pairs not written yet, is
-    checked as it starts (train/schedule.py), on its tokenized data."""
+    gives every step learning rate 0; and for rounds that split fewer local prompts than there
+    are rounds. A stage reading hub data, or pairs not written yet, is checked as it starts
+    (train/schedule.py), on its tokenized data; hub prompts as the generate stage reads them."""
     from simpo_cli.train import schedule
 
     problems = []
-    for name in names:
+    for instance in plan:
+        recipe, name = instance.recipe, instance.kind
+        if StageDir(out / instance.folder).is_complete() and not overwrite:
+            continue  # skipped, not trained
+        if name == "generate" and instance.prompt_split is not None:
+            rows = count_rows(recipe.stage("generate").prompts)
+            problem = None if rows is None else split_problem(rows, instance.prompt_split[1])
+            if problem is not None:
+                problems.append(f"generate.prompts: {rows} rows; {problem}")
         if name not in TRAINING_STAGES:
             continue
-        if StageDir(out / name).is_complete() and not overwrite:
-            continue  # skipped, not trained
         source = recipe.stage(name).data.train
         rows = count_rows(source)
         if rows is None or _bad_rows(source, name):
@@ -172,7 +256,7 @@ def check_training(recipe: Recipe, names: list[StageName], out: Path, overwrite:
         if problem is not None:
             problems.append(problem)
     if problems:
-        raise UserError(problems)
+        raise UserError(list(dict.fromkeys(problems)))
 
 
 def _bad_rows(source: DataSource, name: StageName) -> bool:
@@ -324,7 +408,10 @@ def _count(n: int) -> str:
 
 def _evaluate_lines(recipe: Recipe) -> list[str]:
     section = recipe.stage("evaluate")
-    checkpoints = ", ".join(label for label, _ in recipe.evaluate_checkpoints())
+    checkpoints = ", ".join(
+        label if recipe.final_folder(entry) == entry else f"{label} ({recipe.final_folder(entry)})"
+        for label, entry in recipe.evaluate_checkpoints()
+    )
     lines = [f"    checkpoints: {checkpoints}"]
     pairs = recipe.evaluate_pairs()
     if pairs is not None:

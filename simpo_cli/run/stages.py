@@ -1,13 +1,9 @@
-"""What the orchestrator runs: stage instances, and the registry of the stage kinds they are
-instances of.
+"""The registry of the stage kinds that stage instances (instances.py) are instances of.
 
-A stage instance is a folder under the run's output directory, the kind of stage that runs in
-it, the recipe as that instance sees it (its section is `recipe.stage(kind)`), the training
-instance whose model it starts from, and the instances whose outputs it reads. `instances`
-builds them from a recipe's pipeline: today one per kind, in a folder named after the kind
-(DIR/sft, DIR/preference, ...). Repeating a kind (DIR/round-2/preference) or running many
-preference instances off one SFT is a matter of building more instances, with their own
-folders and recipes; pipeline.py runs whatever it is given.
+instances.py builds the instances from a recipe's pipeline: one per kind in DIR/<kind>, and
+with rounds one per round of generate, annotate and preference in DIR/round-<r>/<kind>;
+running many preference instances off one SFT would be more instances, with their own folders
+and recipes. pipeline.py runs whatever it is given.
 
 The kinds: training kinds (sft, preference) build a Trainer through the same call
 (TrainerBuilder, with `common` the Trainer arguments every kind shares) and may add work before
@@ -18,7 +14,7 @@ annotate, evaluate) run through a StageRunner. A new kind is a module and an ent
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,62 +25,10 @@ from simpo_cli.evaluate import checkpoints
 from simpo_cli.onpolicy import annotate, generate
 from simpo_cli.onpolicy.sampling import resolve_backend
 from simpo_cli.outputs import StageDir
-from simpo_cli.recipe import TRAINING_STAGES, Recipe, StageName
+from simpo_cli.recipe import TRAINING_STAGES, Recipe
 from simpo_cli.run import card
+from simpo_cli.run.instances import StageInstance
 from simpo_cli.train import preference, sft
-
-
-@dataclass(frozen=True)
-class StageInstance:
-    """One stage of a run. `folder` is relative to the run's output directory and labels the
-    stage's console lines; `model_from` is the folder of the training instance whose model this
-    one starts from (or, for generate, samples from), None for the recipe's model; `reads` maps
-    the kind of each other instance whose output this one reads to its folder."""
-
-    folder: str
-    kind: StageName
-    recipe: Recipe
-    model_from: str | None = None
-    reads: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def settings(self) -> Any:
-        """The instance's section of its recipe (SFTStage, PreferenceStage, ...)."""
-        return self.recipe.stage(self.kind)
-
-    def requires(self) -> list[tuple[str, str]]:
-        """(kind, folder) of every instance that must have finished before this one starts:
-        the one whose model it takes, then those whose outputs it reads."""
-        model = [("model", self.model_from)] if self.model_from is not None else []
-        return model + list(self.reads.items())
-
-
-def instances(recipe: Recipe) -> list[StageInstance]:
-    """The recipe's pipeline as stage instances, in order."""
-    return [instance(recipe, kind) for kind in recipe.pipeline]
-
-
-def instance(recipe: Recipe, kind: StageName) -> StageInstance:
-    """The instance of `kind` in the recipe's pipeline, in DIR/<kind>."""
-    model_from = None
-    if kind not in ("annotate", "evaluate"):
-        model_from = recipe.model_stage_before(kind)
-    reads: dict[str, str] = {}
-    if kind == "annotate":
-        reads["generate"] = "generate"
-    if kind == "preference" and recipe.origin(("preference", "data", "train")) == "annotate stage":
-        reads["annotate"] = "annotate"
-    if kind == "evaluate":
-        stage = recipe.stage("evaluate")
-        entries = [entry for _, entry in recipe.evaluate_checkpoints()] + [stage.reference]
-        reads.update({entry: entry for entry in entries if entry in TRAINING_STAGES})
-        if (
-            stage.pairs is None
-            and recipe.origin(("preference", "data", "eval")) == "annotate stage"
-        ):
-            reads["annotate"] = "annotate"
-    return StageInstance(kind, kind, recipe, model_from, reads)
-
 
 # --------------------------------------------------------------------------- training kinds
 
@@ -142,7 +86,9 @@ class DataKind:
 
 
 def _generate(instance, stage_dir, start_from, output_dir):
-    return generate.run(instance.recipe, instance.settings, stage_dir, start_from)
+    return generate.run(
+        instance.recipe, instance.settings, stage_dir, start_from, instance.prompt_split
+    )
 
 
 def _annotate(instance, stage_dir, start_from, output_dir):
@@ -164,7 +110,7 @@ def _cards_with_table(recipe: Recipe, stage_dir: StageDir, output_dir: Path) -> 
     for _, entry in recipe.evaluate_checkpoints():
         if entry not in TRAINING_STAGES:
             continue
-        folder = output_dir / entry
+        folder = output_dir / recipe.final_folder(entry)
         if not (folder / card.CARD).is_file():  # a stage finished before cards were written
             card.write_cards(recipe, entry, folder, recipe.model_stage_before(entry))
         card.add_evaluation(folder, table, f"{recipe.name}-{entry}")

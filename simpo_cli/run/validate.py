@@ -13,7 +13,7 @@ from pathlib import Path
 
 from simpo_cli.data.rows import check_rows
 from simpo_cli.errors import DataError, UserError
-from simpo_cli.recipe import Recipe, load_recipe
+from simpo_cli.recipe import ROUND_STAGES, Recipe, load_recipe
 from simpo_cli.run import hub
 from simpo_cli.run.paths import data_problems
 
@@ -35,7 +35,7 @@ def validate_recipes(refs: list[str], sets: list[str] | None) -> bool:
                 print(f"error: {line}", file=sys.stderr)
             continue
         pushes = [f"hub: {line}" for line in hub.plan_lines(recipe)]
-        print(f"ok: {ref} ({recipe.name}: {' -> '.join(recipe.pipeline)})", *checked, *pushes,
+        print(f"ok: {ref} ({recipe.name}: {_pipeline(recipe)})", *checked, *pushes,
               sep="\n  ")  # fmt: skip
     return valid
 
@@ -81,3 +81,13 @@ def _sources(recipe: Recipe):
                     yield f"{name}.data.{split}", source, name
         elif name == "evaluate" and recipe.stage("evaluate").pairs is not None:
             yield "evaluate.pairs", recipe.stage("evaluate").pairs, "preference"
+
+
+def _pipeline(recipe: Recipe) -> str:
+    """sft -> generate -> annotate -> preference, with rounds sft -> 3 x (generate -> ...)."""
+    names = list(recipe.pipeline)
+    if recipe.rounds is not None:
+        loop = [name for name in names if name in ROUND_STAGES]
+        at = names.index(loop[0])
+        names[at : at + len(loop)] = [f"{recipe.rounds.count} x ({' -> '.join(loop)})"]
+    return " -> ".join(names)

@@ -1,0 +1,372 @@
+"""Iterative on-policy rounds (`rounds:`): the recipe keys and their one-line errors, the prompt
+split, each round's stage identity, the --dry-run listing, and one 2-round run of a small
+tiny-onpolicy through the real CLI (folders, start models, per-round records, the rerun that
+skips finished rounds, `simpo preference --round 2`)."""
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from simpo_cli.errors import RecipeError
+from simpo_cli.recipe import RECIPES_DIR, load_recipe, slice_bounds, stage_identity
+from simpo_cli.redact import redact
+from simpo_cli.run.instances import instances
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+LOWER_LR = "rounds.overrides=[{}, {preference.training.learning_rate: 5.0e-4}]"
+# tiny-onpolicy, 2 rounds, small: a short SFT, 24 prompts (12 a round) x 4 samples, 8 held out,
+# batches of 4 pairs; round 2 trains with a lower learning rate. No evaluate stage.
+SMALL = [
+    "--set", "rounds.count=2",
+    "--set", LOWER_LR,
+    "--set", "pipeline=[sft, generate, annotate, preference]",
+    "--set", "sft.data.train.max_rows=640",
+    "--set", "generate.prompts.max_rows=24",
+    "--set", "generate.eval_prompts.max_rows=8",
+    "--set", "generate.num_samples=4",
+    "--set", "generate.max_new_tokens=16",
+    "--set", "preference.training.total_batch_size=4",
+    "--set", "preference.training.per_device_train_batch_size=4",
+]  # fmt: skip
+DPO = [
+    "--set", "preference.loss=dpo",
+    "--set", "preference.beta=0.1",
+    "--set", "preference.gamma_beta_ratio=null",
+    "--set", "preference.sft_weight=null",
+]  # fmt: skip
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().split("\n") if line.strip()]
+
+
+# --------------------------------------------------------------------------- keys and errors
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        # rounds with no generate/annotate/preference in the pipeline
+        (
+            ["train", "tiny", "--set", "rounds.count=2"],
+            "rounds: the pipeline [sft, preference, evaluate] has no generate, annotate; rounds "
+            "repeat generate -> annotate -> preference",
+        ),
+        # a count below 1
+        (
+            ["train", "tiny-onpolicy", "--set", "rounds.count=0"],
+            "rounds.count = 0: input should be greater than 0",
+        ),
+        # more rounds than prompts to split
+        (
+            ["train", "tiny-onpolicy", "--set", "rounds.count=4"]
+            + ["--set", "generate.prompts.max_rows=3"],
+            "generate.prompts: 3 rows; rounds.count: 4 rounds cannot each have their own slice "
+            "of 3 prompt(s) (rounds.prompts: split); set rounds.count to 3 or less",
+        ),
+        # an override of a key that does not exist
+        (
+            ["train", "tiny-onpolicy", "--set", "rounds.count=2", "--set"]
+            + ["rounds.overrides=[{}, {preference.training.learning_rat: 1.0e-4}]"],
+            "rounds.overrides[1].preference.training.learning_rat: unknown key; did you mean "
+            "'learning_rate'?",
+        ),
+        # an override of a value the key does not take
+        (
+            ["train", "tiny-onpolicy", "--set", "rounds.count=2", "--set"]
+            + ["rounds.overrides=[{preference: {beta: -1}}]"],
+            "rounds.overrides[0].preference.beta = -1: input should be greater than 0",
+        ),
+        # an override of a stage outside the loop
+        (
+            ["train", "tiny-onpolicy", "--set", "rounds.count=2", "--set"]
+            + ["rounds.overrides=[{}, {sft.training.learning_rate: 1.0e-4}]"],
+            "rounds.overrides[1].sft.training.learning_rate: sft is a stage outside the rounds' "
+            "loop",
+        ),
+        # --round past the count
+        (
+            ["preference", "tiny-onpolicy", "--set", "rounds.count=2", "--round", "3"],
+            "--round 3: recipe 'tiny-onpolicy' runs 2 round(s) (rounds.count); give --round 1 to 2",
+        ),
+        # --round without rounds, and a stage the rounds repeat without --round
+        (
+            ["generate", "tiny-onpolicy", "--round", "1"],
+            "--round 1: recipe 'tiny-onpolicy' has no rounds: section",
+        ),
+        (
+            ["annotate", "tiny-onpolicy", "--set", "rounds.count=2"],
+            "annotate: recipe 'tiny-onpolicy' runs it in 2 round(s); give --round 1 to 2",
+        ),
+    ],
+)
+def test_bad_rounds_input_is_one_line_and_exit_2(cli, tmp_path, args, expected):
+    result = cli(*args, "-o", str(tmp_path / "run"), "--dry-run")
+    assert result.code == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert len(result.errors()) == 1, result.errors()
+    assert expected in result.errors()[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_overrides_apply_to_their_round_only_dotted_or_nested():
+    recipe = load_recipe(
+        "tiny-onpolicy",
+        ["rounds.count=3", "rounds.overrides=[{}, {preference.training.learning_rate: 5.0e-4},"
+         " {preference: {training: {learning_rate: 2.5e-4}}, generate.temperature: 0.5}]"],
+    )  # fmt: skip
+    rates = [recipe.round_recipe(r).preference.training.learning_rate for r in (1, 2, 3)]
+    assert rates == [1.0e-3, 5.0e-4, 2.5e-4]
+    assert [recipe.round_recipe(r).generate.temperature for r in (1, 2, 3)] == [0.7, 0.7, 0.5]
+    # the settings table says where a round's value came from
+    key = ("preference", "training", "learning_rate")
+    assert recipe.round_recipe(2).origin(key) == "rounds.overrides[1]"
+    assert recipe.round_recipe(1).origin(key) == "recipe"
+    assert recipe.preference.training.learning_rate == 1.0e-3  # the recipe itself unchanged
+    # --set into one entry
+    again = load_recipe(
+        "tiny-onpolicy",
+        ["rounds.count=2", "rounds.overrides=[{}, {}]",
+         "rounds.overrides.1.preference.beta=3.0"],
+    )  # fmt: skip
+    assert [again.round_recipe(r).preference.beta for r in (1, 2)] == [2.0, 3.0]
+
+
+def test_initial_reference_of_a_model_never_saved_is_refused():
+    with pytest.raises(RecipeError) as err:
+        load_recipe(
+            "tiny-onpolicy",
+            ["rounds.count=2", "pipeline=[generate, annotate, preference]", "sft=null"]
+            + [s for s in DPO if s != "--set"],
+        )
+    assert "rounds.reference: initial keeps round 1's start model" in err.value.messages[0]
+
+
+# --------------------------------------------------------------------------- the prompt split
+
+
+@pytest.mark.parametrize("prompts", [1, 2, 7, 10, 31])
+def test_slices_are_disjoint_cover_every_prompt_and_differ_by_at_most_one(prompts):
+    for count in range(1, prompts + 1):
+        bounds = [slice_bounds(prompts, count, r) for r in range(1, count + 1)]
+        covered = [i for start, stop in bounds for i in range(start, stop)]
+        assert covered == list(range(prompts))  # in order: disjoint and covering
+        sizes = [stop - start for start, stop in bounds]
+        assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+        assert sizes == sorted(sizes, reverse=True)  # the remainder goes to the first rounds
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def test_a_round_stage_depends_on_its_round_and_the_rounds_before_only(tmp_path):
+    def identities(*sets):
+        recipe = load_recipe("tiny-onpolicy", ["rounds.count=2", *sets])
+        return {
+            i.folder: stage_identity(redact(i.recipe.dump()), i.kind, i.round)
+            for i in instances(recipe, tmp_path)
+        }
+
+    base = identities(LOWER_LR)
+    lower = identities("rounds.overrides=[{}, {preference.training.learning_rate: 1.0e-4}]")
+    # round 2's preference learning rate changes round 2's preference, not what comes before
+    changed = [folder for folder in base if base[folder] != lower[folder]]
+    assert changed == ["round-2/preference", "evaluate"]
+    # a round-1 change reaches every later stage
+    hotter = identities(LOWER_LR, "rounds.overrides.0.generate.temperature=0.9")
+    assert [f for f in base if base[f] != hotter[f]] == list(base)[1:]
+    # with every prompt in every round, more rounds leave the earlier rounds as they were
+    three = identities("rounds.prompts=all", "rounds.count=3")
+    two = identities("rounds.prompts=all")
+    assert all(two[f] == three[f] for f in two if f.startswith("round-"))
+    # split: the count decides each round's slice
+    assert identities(LOWER_LR, "rounds.count=3")["round-1/generate"] != base["round-1/generate"]
+
+
+def test_evaluate_reads_the_last_round(tmp_path):
+    recipe = load_recipe("tiny-onpolicy", ["rounds.count=3"])
+    found = instances(recipe, tmp_path)
+    assert [i.folder for i in found] == [
+        "sft",
+        *(
+            f"round-{r}/{kind}"
+            for r in (1, 2, 3)
+            for kind in ("generate", "annotate", "preference")
+        ),
+        "evaluate",
+    ]
+    evaluate = found[-1]
+    assert evaluate.reads == {
+        "sft": "sft",
+        "preference": "round-3/preference",
+        "annotate": "round-3/annotate",
+    }
+    pairs = str((tmp_path / "round-3" / "annotate" / "dataset").resolve())
+    assert recipe.evaluate_pairs().path == pairs
+
+
+# --------------------------------------------------------------------------- --dry-run
+
+
+def test_dry_run_lists_every_round_with_its_start_slice_and_reference(cli, tmp_path):
+    out = tmp_path / "run"
+    result = cli(
+        "train", "tiny-onpolicy", "-o", str(out), "--dry-run", "--set", "rounds.count=3",
+        "--set", "generate.prompts.max_rows=10", *DPO,
+    )  # fmt: skip
+    assert result.code == 0, result.stderr[-2000:]
+    text = result.stdout
+    sft = f"sft ({out / 'sft'})"
+    for r, start, first, last in ((1, "sft", 1, 4), (2, "round-1/preference", 5, 7),
+                                  (3, "round-2/preference", 8, 10)):  # fmt: skip
+        assert (
+            f"  round {r} of 3: starts from {start}; prompts: {first}-{last} of 10 (slice {r} "
+            f"of 3); reference: sft, round 1's start (rounds.reference: initial)"
+        ) in text
+        folder = f"round-{r}/generate -> {out / f'round-{r}' / 'generate'} (starts fresh)"
+        assert folder in text
+        where = sft if r == 1 else f"{start} ({out / start})"
+        assert f"    samples from: {where}" in text
+        assert f"    start model: {where}" in text
+    assert text.count("    reference: sft, round 1's start (rounds.reference: initial)") == 3
+    assert "checkpoints: sft, preference (round-3/preference)" in text
+    assert not out.exists()
+    # previous: each round's own start; SimPO: none
+    result = cli(
+        "train", "tiny-onpolicy", "-o", str(out), "--dry-run", "--set", "rounds.count=3",
+        "--set", "rounds.reference=previous", *DPO,
+    )  # fmt: skip
+    assert (
+        "    reference: round-2/preference, the round's start (rounds.reference: previous)"
+        in result.stdout
+    )
+    result = cli("train", "tiny-onpolicy", "-o", str(out), "--dry-run", "--set", "rounds.count=2")
+    assert result.stdout.count("reference: none (simpo has no reference model)") == 4
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def simpo(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "simpo_cli", *args], capture_output=True, text=True
+    )
+
+
+@pytest.fixture(scope="module")
+def two_rounds(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rounds") / "run"
+    result = simpo("train", "tiny-onpolicy", "-o", str(out), *SMALL)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result.stdout
+
+
+def test_each_round_runs_in_its_folder_from_the_previous_rounds_model(two_rounds):
+    out, stdout = two_rounds
+    for r in (1, 2):
+        for kind in ("generate", "annotate", "preference"):
+            assert (out / f"round-{r}" / kind / "stage_complete.json").is_file(), (r, kind)
+    assert not any((out / kind).exists() for kind in ("generate", "annotate", "preference"))
+    assert f"[round-1/generate] samples from: {out / 'sft'}" in stdout
+    assert f"[round-1/preference] start model: {out / 'sft'}" in stdout
+    assert f"[round-2/generate] samples from: {out / 'round-1' / 'preference'}" in stdout
+    assert f"[round-2/preference] start model: {out / 'round-1' / 'preference'}" in stdout
+    assert stdout.index("[round-1/preference] finished") < stdout.index("[round-2/generate]")
+    assert f"final model: {out / 'round-2' / 'preference'}" in stdout
+    # each round trains on its own pairs; round 2 with its own learning rate
+    for r, rate in ((1, 1.0e-3), (2, 5.0e-4)):
+        resolved = yaml.safe_load((out / f"round-{r}/preference/resolved_recipe.yaml").read_text())
+        pairs = str((out / f"round-{r}" / "annotate" / "dataset").resolve())
+        assert resolved["preference"]["data"]["train"]["path"] == pairs
+        assert resolved["preference"]["training"]["learning_rate"] == rate
+    assert "rounds.overrides[1]" in stdout  # the settings table names where the rate came from
+
+
+def test_the_rounds_sample_disjoint_slices_covering_the_prompts(two_rounds):
+    out, _ = two_rounds
+    source = jsonl(RECIPES_DIR / "tiny" / "data" / "pref_train.jsonl")[:24]
+    wanted = list(dict.fromkeys(row["prompt_id"] for row in source))
+    sampled = [
+        [r["prompt_id"] for r in jsonl(out / f"round-{r}/generate/samples/train.jsonl")]
+        for r in (1, 2)
+    ]
+    assert sampled[0] + sampled[1] == wanted and len(sampled[0]) == len(sampled[1]) == 12
+    # the held-out prompts are the same in every round
+    tests = [jsonl(out / f"round-{r}/generate/samples/test.jsonl") for r in (1, 2)]
+    assert [t["prompt_id"] for t in tests[0]] == [t["prompt_id"] for t in tests[1]]
+    for r, ids in zip((1, 2), sampled, strict=True):
+        record = json.loads((out / f"round-{r}" / "round.json").read_text())
+        digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()
+        assert record["prompts"] == {
+            "mode": "split", "first": 12 * r - 11, "last": 12 * r, "of": 24, "prompts": 12,
+            "ids_sha256": digest,
+        }  # fmt: skip
+
+
+def test_a_record_per_round_and_all_of_them_at_the_end(two_rounds):
+    out, stdout = two_rounds
+    summary = json.loads((out / "rounds.json").read_text())["rounds"]
+    assert [record["round"] for record in summary] == [1, 2]
+    for r, start in ((1, "sft"), (2, "round-1/preference")):
+        record = json.loads((out / f"round-{r}" / "round.json").read_text())
+        assert record == summary[r - 1]
+        assert record["start_model"] == start
+        # what the generate stage recorded it sampled from
+        assert record["start_model_path"] == str(out / start)
+        assert record["reference"] == "none (simpo has no reference model)"
+        assert record["reward"].startswith("function ") and record["reward"].endswith(
+            "reward.py:sorted_digits"
+        )
+        report = json.loads((out / f"round-{r}/annotate/report.json").read_text())["report"]
+        assert record["pairs_kept"] == report["pairs"] > 0
+        assert record["pairs_dropped"] == sum(report["dropped"].values())
+        assert record["pairs_kept"] + record["pairs_dropped"] == 12
+        assert record["reward_mean"] == pytest.approx(report["score_mean"])
+        assert record["chosen_longer"] == pytest.approx(report["chosen_longer"])
+        samples = jsonl(out / f"round-{r}/generate/samples/train.jsonl")
+        tokens = [s["tokens"] for row in samples for s in row["samples"]]
+        assert record["samples"] == len(tokens) == 48
+        assert record["mean_reply_tokens"] == pytest.approx(sum(tokens) / 48, abs=0.01)
+        assert record["model"] == str((out / f"round-{r}" / "preference").resolve())
+        greedy = record["greedy_eval"]
+        assert greedy["before"]["prompts"] == greedy["after"]["prompts"] == 8
+    table = stdout[stdout.index(f"rounds ({out / 'rounds.json'}):") :]
+    assert "1/2    sft                 1-12 of 24" in table
+    assert "2/2    round-1/preference  13-24 of 24" in table
+
+
+def test_a_rerun_skips_finished_rounds_and_one_round_runs_alone(two_rounds, cli):
+    out, _ = two_rounds
+    again = cli("train", "tiny-onpolicy", "-o", str(out), *SMALL)
+    assert again.code == 0, again.stderr[-2000:]
+    for folder in ("sft", "round-1/generate", "round-1/preference", "round-2/preference"):
+        assert f"[{folder}] already finished" in again.stdout
+    assert "] step " not in again.stdout  # nothing trained
+    # round 2's preference again, alone
+    trained = json.loads((out / "round-2/preference/stage_complete.json").read_text())
+    alone = cli("preference", "tiny-onpolicy", "-o", str(out), *SMALL, "--round", "2",
+                "--overwrite")  # fmt: skip
+    assert alone.code == 0, alone.stderr[-2000:]
+    ran = set(re.findall(r"^\[([a-z]+|round-\d+/[a-z]+)\] ", alone.stdout, re.MULTILINE))
+    assert ran == {"round-2/preference"}
+    redone = json.loads((out / "round-2/preference/stage_complete.json").read_text())
+    assert redone["finished_at"] >= trained["finished_at"]
+    assert redone["global_step"] == trained["global_step"]
+    # another learning rate for round 2 leaves round 2's samples as they are, not its model
+    other = ["--set", "rounds.overrides=[{}, {preference.training.learning_rate: 1.0e-4}]"]
+    same = cli("generate", "tiny-onpolicy", "-o", str(out), *SMALL, *other, "--round", "2")
+    assert same.code == 0 and "[round-2/generate] already finished" in same.stdout
+    refused = cli("preference", "tiny-onpolicy", "-o", str(out), *SMALL, *other, "--round", "2")
+    assert refused.code == 2
+    assert (
+        "holds a run of the 'preference' stage made with a different recipe "
+        "(preference.training.learning_rate: 0.0005 -> 0.0001)" in refused.errors()[0]
+    )
