@@ -364,6 +364,8 @@ def test_the_evaluate_stage_has_a_row_per_round_with_pair_metrics(two_rounds):
         assert row["pairs"] == 7 and 0 <= row["reward_accuracy"] <= 1
         assert isinstance(row["loss"], float) and row["alpaca_eval/mean_tokens"] > 0
         assert table["checkpoints"][row["checkpoint"]]["path"] == str(out / folder)
+        # each round's model card holds the comparison table
+        assert "| tiny-onpolicy-round-2 |" in (out / folder / "README.md").read_text()
     # the two rounds' models differ, so do their numbers
     assert table["rows"][1]["loss"] != table["rows"][2]["loss"]
     assert "[evaluate] tiny-onpolicy-round-1: answering the held-out prompts" in stdout
