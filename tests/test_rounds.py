@@ -261,6 +261,26 @@ def test_dry_run_lists_every_round_with_its_start_slice_and_reference(cli, tmp_p
     assert result.stdout.count("reference: none (simpo has no reference model)") == 4
 
 
+def test_tiny_iterative_is_tiny_onpolicy_in_three_rounds_of_every_prompt(cli, tmp_path):
+    recipe, single = load_recipe("tiny-iterative").dump(), load_recipe("tiny-onpolicy").dump()
+    assert recipe.pop("rounds") == {
+        "count": 3, "prompts": "all", "reference": "initial", "overrides": [],
+    }  # fmt: skip
+    assert single.pop("rounds", None) is None
+    own = ("name", "description")
+    assert {k: v for k, v in recipe.items() if k not in own} == {
+        k: v for k, v in single.items() if k not in own
+    }
+    result = cli("train", "tiny-iterative", "-o", str(tmp_path / "run"), "--dry-run",
+                 "--set", "generate.prompts.max_rows=30")  # fmt: skip
+    assert result.code == 0, result.stderr[-2000:]
+    for r, start in ((1, "sft"), (2, "round-1/preference"), (3, "round-2/preference")):
+        assert (
+            f"  round {r} of 3: starts from {start}; prompts: all of generate.prompts (30)"
+        ) in result.stdout
+    assert "checkpoints: sft, round-1 (round-1/preference)" in result.stdout
+
+
 # --------------------------------------------------------------------------- end to end
 
 
