@@ -18,7 +18,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from typer.testing import CliRunner
 
 from simpo_cli.cli import app
-from simpo_cli.recipe import RECIPES_DIR, load_recipe, shipped_recipes
+from simpo_cli.recipe import RECIPES_DIR, load_recipe, shipped_recipes, slice_bounds
+from simpo_cli.run.instances import instances
 
 # name: (beta, gamma_beta_ratio, gamma, lr, max_length, max_prompt_length, model, dataset,
 #        train split, eval split): the table of section 2, one row per setting.
@@ -476,3 +477,60 @@ def test_recipes_help():
     for command in (["recipes"], ["recipes", "list"], ["recipes", "show"], ["recipes", "copy"]):
         result = runner.invoke(app, [*command, "--help"])
         assert result.exit_code == 0 and "Usage:" in result.stdout, command
+
+
+# --------------------------------------------------------------------------- iterative Gemma-2
+
+ITERATIVE = "gemma2-9b-it-simpo-iterative"
+
+
+def test_the_iterative_gemma_recipe_is_the_onpolicy_recipe_in_three_rounds_on_thirds():
+    recipe = load_recipe(ITERATIVE)
+    single = load_recipe("gemma2-9b-it-simpo-onpolicy").dump()
+    rounds = recipe.rounds
+    assert (rounds.count, rounds.prompts, rounds.overrides) == (3, "split", [])
+    assert recipe.pipeline == ["generate", "annotate", "preference"]
+    # each round samples, scores and trains as the single-round recipe does
+    for r in (1, 2, 3):
+        seen = recipe.round_recipe(r).dump()
+        for key in ("model", "generate", "annotate", "preference", "launch"):
+            assert seen[key] == single[key], (r, key)
+    # one third of the prompts a round, disjoint, covering them all (UltraFeedback's train_prefs
+    # holds about 61.5k prompts; any count splits so)
+    generates = [i for i in instances(recipe, Path("out")) if i.kind == "generate"]
+    assert [i.prompt_split for i in generates] == [(1, 3), (2, 3), (3, 3)]
+    for prompts in (61_135, 61_136, 61_137):
+        bounds = [slice_bounds(prompts, 3, r) for r in (1, 2, 3)]
+        assert [i for start, stop in bounds for i in range(start, stop)] == list(range(prompts))
+    # every number of the file is sourced in its header, SPPO's schedule among the sources
+    text = (RECIPES_DIR / ITERATIVE / "recipe.yaml").read_text()
+    lines = [line for line in text.splitlines() if line.startswith("#")]
+    header = " ".join(line.lstrip("#").strip() for line in lines)
+    assert text.startswith(f"# {ITERATIVE}: ")
+    for source in ("uclaml/SPPO", "onpolicy.md section 7", "arXiv 2405.14734"):
+        assert source in header
+    missing = [
+        f"{key} {value}"
+        for key, value in _numbers(yaml.safe_load(text))
+        if not any(
+            re.search(rf"\b{key} {re.escape(spelling)}(?![\d]|\.\d)", header)
+            for spelling in _number_spellings(value)
+        )
+    ]
+    assert not missing, f"numbers the header does not mention: {missing}"
+
+
+def test_the_iterative_gemma_recipe_dry_runs_offline_with_three_rounds(cli, tmp_path):
+    out = tmp_path / "run"
+    result = cli("train", ITERATIVE, "-o", str(out), "--dry-run")
+    assert result.code == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    text = result.stdout
+    starts = ["the recipe's model (google/gemma-2-9b-it)", "round-1/preference",
+              "round-2/preference"]  # fmt: skip
+    for r, start in enumerate(starts, start=1):
+        assert (
+            f"  round {r} of 3: starts from {start}; prompts: slice {r} of 3 of generate.prompts"
+        ) in text
+        for kind in ("generate", "annotate", "preference"):
+            assert f"  round-{r}/{kind} -> {out / f'round-{r}' / kind} (starts fresh)" in text
+    assert "round 4" not in text and not out.exists()

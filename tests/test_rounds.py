@@ -1,9 +1,11 @@
 """Iterative on-policy rounds (`rounds:`): the recipe keys and their one-line errors, the prompt
 split, each round's stage identity, the --dry-run listing, and one 2-round run of a small
-tiny-onpolicy through the real CLI (folders, start models, per-round records, the rerun that
-skips finished rounds, `simpo preference --round 2`)."""
+tiny-onpolicy through the real CLI (folders, start models, per-round records, the evaluate
+stage's comparison of the rounds and its plot, `simpo eval RUN_DIR`, the rerun that skips
+finished rounds, `simpo preference --round 2`)."""
 
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -24,11 +26,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 LOWER_LR = "rounds.overrides=[{}, {preference.training.learning_rate: 5.0e-4}]"
 # tiny-onpolicy, 2 rounds, small: a short SFT, 24 prompts (12 a round) x 4 samples, 8 held out,
-# batches of 4 pairs; round 2 trains with a lower learning rate. No evaluate stage.
+# batches of 4 pairs; round 2 trains with a lower learning rate; the recipe's evaluate stage
+# (sft, round-1, round-2 side by side).
 SMALL = [
     "--set", "rounds.count=2",
     "--set", LOWER_LR,
-    "--set", "pipeline=[sft, generate, annotate, preference]",
     "--set", "sft.data.train.max_rows=640",
     "--set", "generate.prompts.max_rows=24",
     "--set", "generate.eval_prompts.max_rows=8",
@@ -237,7 +239,14 @@ def test_dry_run_lists_every_round_with_its_start_slice_and_reference(cli, tmp_p
         assert f"    samples from: {where}" in text
         assert f"    start model: {where}" in text
     assert text.count("    reference: sft, round 1's start (rounds.reference: initial)") == 3
-    assert "checkpoints: sft, preference (round-3/preference)" in text
+    rows = ", ".join(f"round-{r} (round-{r}/preference)" for r in (1, 2, 3))
+    assert f"    checkpoints: sft, {rows}" in text
+    assert (
+        "    rounds: greedy answers to the held-out prompts "
+        f"({RECIPES_DIR / 'tiny' / 'data' / 'pref_eval.jsonl'}) scored by function "
+        f"{RECIPES_DIR / 'tiny-onpolicy' / 'reward.py'}:sorted_digits; win rates over the "
+        "previous row and the first; rounds.png"
+    ) in text
     assert not out.exists()
     # previous: each round's own start; SimPO: none
     result = cli(
@@ -250,6 +259,26 @@ def test_dry_run_lists_every_round_with_its_start_slice_and_reference(cli, tmp_p
     )
     result = cli("train", "tiny-onpolicy", "-o", str(out), "--dry-run", "--set", "rounds.count=2")
     assert result.stdout.count("reference: none (simpo has no reference model)") == 4
+
+
+def test_tiny_iterative_is_tiny_onpolicy_in_three_rounds_of_every_prompt(cli, tmp_path):
+    recipe, single = load_recipe("tiny-iterative").dump(), load_recipe("tiny-onpolicy").dump()
+    assert recipe.pop("rounds") == {
+        "count": 3, "prompts": "all", "reference": "initial", "overrides": [],
+    }  # fmt: skip
+    assert single.pop("rounds", None) is None
+    own = ("name", "description")
+    assert {k: v for k, v in recipe.items() if k not in own} == {
+        k: v for k, v in single.items() if k not in own
+    }
+    result = cli("train", "tiny-iterative", "-o", str(tmp_path / "run"), "--dry-run",
+                 "--set", "generate.prompts.max_rows=30")  # fmt: skip
+    assert result.code == 0, result.stderr[-2000:]
+    for r, start in ((1, "sft"), (2, "round-1/preference"), (3, "round-2/preference")):
+        assert (
+            f"  round {r} of 3: starts from {start}; prompts: all of generate.prompts (30)"
+        ) in result.stdout
+    assert "checkpoints: sft, round-1 (round-1/preference)" in result.stdout
 
 
 # --------------------------------------------------------------------------- end to end
@@ -341,6 +370,99 @@ def test_a_record_per_round_and_all_of_them_at_the_end(two_rounds):
     table = stdout[stdout.index(f"rounds ({out / 'rounds.json'}):") :]
     assert "1/2    sft                 1-12 of 24" in table
     assert "2/2    round-1/preference  13-24 of 24" in table
+
+
+ROWS = ["sft", "round-1", "round-2"]
+
+
+def test_the_evaluate_stage_has_a_row_per_round_with_pair_metrics(two_rounds):
+    out, stdout = two_rounds
+    table = json.loads((out / "evaluate" / "comparison.json").read_text())
+    assert [row["checkpoint"] for row in table["rows"]] == [f"tiny-onpolicy-{n}" for n in ROWS]
+    for row, folder in zip(table["rows"], ["sft", "round-1/preference", "round-2/preference"],
+                           strict=True):  # fmt: skip
+        assert row["pairs"] == 7 and 0 <= row["reward_accuracy"] <= 1
+        assert isinstance(row["loss"], float) and row["alpaca_eval/mean_tokens"] > 0
+        assert table["checkpoints"][row["checkpoint"]]["path"] == str(out / folder)
+        # each round's model card holds the comparison table
+        assert "| tiny-onpolicy-round-2 |" in (out / folder / "README.md").read_text()
+    # the two rounds' models differ, so do their numbers
+    assert table["rows"][1]["loss"] != table["rows"][2]["loss"]
+    assert "[evaluate] tiny-onpolicy-round-1: answering the held-out prompts" in stdout
+
+
+def test_round_win_rates_are_the_recipes_reward_on_the_held_out_answers(two_rounds):
+    out, _ = two_rounds
+    spec = importlib.util.spec_from_file_location("tiny_reward", RECIPES_DIR / "tiny-onpolicy"
+                                                  / "reward.py")  # fmt: skip
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    prompts = {row["prompt_id"]: row for row in jsonl(RECIPES_DIR / "tiny/data/pref_eval.jsonl")}
+    answers = {}
+    for name in ROWS:
+        held = json.loads(
+            (out / f"evaluate/checkpoints/tiny-onpolicy-{name}/held_out.json").read_text()
+        )["replies"]
+        assert [a["prompt_id"] for a in held] == list(prompts)[:8]
+        # each answer's reward, again, by the recipe's function on the prompt it answered
+        answers[name] = [(a["text"], module.sorted_digits(a["prompt"], a["text"])) for a in held]
+        for a, (_, reward) in zip(held, answers[name], strict=True):
+            assert a["reward"] == reward
+            assert a["prompt"][-1]["content"] == prompts[a["prompt_id"]]["prompt"]
+
+    def by_hand(mine, theirs):  # 1 a win, 0.5 a tie, 0 a loss, averaged
+        return sum(
+            (a > b) + 0.5 * (a == b) for (_, a), (_, b) in zip(mine, theirs, strict=True)
+        ) / len(mine)
+
+    rows = json.loads((out / "evaluate" / "rounds.json").read_text())["rows"]
+    table = json.loads((out / "evaluate" / "comparison.json").read_text())["rows"]
+    assert [row["name"] for row in rows] == ROWS
+    assert "win_rate_vs_previous" not in rows[0] and table[0]["win_rate_vs_previous"] is None
+    for i in (1, 2):
+        previous = by_hand(answers[ROWS[i]], answers[ROWS[i - 1]])
+        first = by_hand(answers[ROWS[i]], answers["sft"])
+        assert rows[i]["win_rate_vs_previous"]["win_rate"] == pytest.approx(previous)
+        assert rows[i]["win_rate_vs_previous"]["opponent"] == f"tiny-onpolicy-{ROWS[i - 1]}"
+        assert rows[i]["win_rate_vs_first"]["win_rate"] == pytest.approx(first)
+        assert table[i]["win_rate_vs_previous"] == pytest.approx(previous)
+        assert table[i]["win_rate_vs_first"] == pytest.approx(first)
+    # the held-out numbers are the rounds' own greedy check (annotate.greedy_eval) of each model
+    for i, name in enumerate(ROWS):
+        rewards = [reward for _, reward in answers[name]]
+        assert rows[i]["mean_reward"] == pytest.approx(sum(rewards) / 8)
+        assert table[i]["held_out_reward"] == pytest.approx(sum(rewards) / 8)
+        record = json.loads((out / f"round-{max(i, 1)}" / "round.json").read_text())
+        greedy = record["greedy_eval"]["after" if i else "before"]
+        assert rows[i]["mean_reward"] == pytest.approx(greedy["mean_reward"])
+        assert rows[i]["success"] == pytest.approx(greedy["success"])
+
+
+def test_the_rounds_plot_has_reward_win_rate_and_length_panels(two_rounds):
+    out, stdout = two_rounds
+    summary = json.loads((out / "evaluate" / "rounds.json").read_text())
+    assert summary["plot"] == {
+        "file": "rounds.png",
+        "panels": [
+            "held-out greedy answers: reward", "win rate (recipe's reward)",
+            "reply length (tokens)",
+        ],
+    }  # fmt: skip
+    png = (out / "evaluate" / "rounds.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width = int.from_bytes(png[16:20], "big")
+    assert width == round(3 * 4.6 * 110)  # three panels side by side
+    assert f"[evaluate] wrote {out / 'evaluate' / 'rounds.png'}" in stdout
+
+
+def test_simpo_eval_of_the_run_folder_scores_every_round(two_rounds, cli):
+    out, _ = two_rounds
+    result = cli("eval", str(out), "--pairs", str(out / "round-2" / "annotate" / "dataset"))
+    assert result.code == 0, result.stderr[-2000:]
+    for name, folder in zip(ROWS, ["sft", "round-1/preference", "round-2/preference"],
+                            strict=True):  # fmt: skip
+        assert f"{out}: scoring {name} ({out / folder}) as run-{name}" in result.stdout
+        assert f"| run-{name} | 7 |" in result.stdout
 
 
 def test_a_rerun_skips_finished_rounds_and_one_round_runs_alone(two_rounds, cli):

@@ -10,6 +10,8 @@ Output folder:
 
     comparison.md / .csv / .json    one row per checkpoint (compare.py)
     comparison.png                  the plots (with matplotlib)
+    rounds.json, rounds.png         with rounds: held-out reward, win rates and reply length
+                                    by round (rounds.py)
     alpaca_eval/<label>/model_outputs.json          what `alpaca_eval --model_outputs` reads
     arena_hard/model_answer/<label>.jsonl           arena-hard-auto's model_answer/ files
     mt_bench/model_answer/<label>.jsonl             FastChat llm_judge's model_answer/ files
@@ -31,7 +33,7 @@ from typing import Any
 
 from simpo_cli.distributed import barrier, is_main_process, say
 from simpo_cli.errors import UserError
-from simpo_cli.evaluate import benchmarks, compare, winrate
+from simpo_cli.evaluate import benchmarks, compare, rounds, winrate
 from simpo_cli.evaluate.answers import (
     answer_benchmark,
     check_chat_template,
@@ -47,7 +49,7 @@ from simpo_cli.onpolicy.annotate import gather_scores, make_scorer
 from simpo_cli.onpolicy.rewards import load_reward_function
 from simpo_cli.onpolicy.sampling import resolve_backend
 from simpo_cli.outputs import StageDir
-from simpo_cli.recipe import TRAINING_STAGES, EvaluateStage
+from simpo_cli.recipe import TRAINING_STAGES, EvaluateStage, Recipe
 
 
 @dataclass(frozen=True)
@@ -61,12 +63,18 @@ class Checkpoint:
 
 def run_folder_checkpoints(folder: Path) -> tuple[list[Checkpoint], list[str]]:
     """The finished training stages' models of a run folder (`simpo train -o FOLDER`), in
-    pipeline order, labelled <run>-<stage>, and one line per stage folder saying whether it is
+    pipeline order (every round's preference model, round-<r>/preference, labelled
+    <run>-round-<r>), labelled <run>-<stage>, and one line per stage folder saying whether it is
     scored or skipped (unfinished: its newest complete checkpoint is what to pass instead).
     ([], []) when the folder is not a run folder."""
     found, lines = [], []
-    for stage in TRAINING_STAGES:
-        stage_dir = StageDir(folder / stage)
+    numbered = [(int(p.name.removeprefix("round-")), p) for p in folder.glob("round-*")
+                if p.name.removeprefix("round-").isdigit()]  # fmt: skip
+    stages = [(stage, stage) for stage in TRAINING_STAGES]
+    at = TRAINING_STAGES.index("preference")
+    stages[at:at] = [(f"round-{r}", f"round-{r}/preference") for r, _ in sorted(numbered)]
+    for stage, where in stages:
+        stage_dir = StageDir(folder / where)
         if not stage_dir.path.is_dir():
             continue
         if stage_dir.is_complete() and has_model(stage_dir.path):
@@ -149,11 +157,15 @@ def evaluate_checkpoints(
     output_dir: Path,
     reference: str | None = None,
     against_key: str = "--against",
+    held_out: Recipe | None = None,
 ) -> dict[str, Any]:
     """Evaluate every checkpoint; returns {"checkpoints": {label: results}, "files": [...]}
     and writes the comparison into output_dir (main process). `reference` is the reference
-    model's folder (settings.reference resolved by the caller)."""
+    model's folder (settings.reference resolved by the caller). `held_out`: a recipe with
+    rounds whose held-out prompts every checkpoint also answers, scored with its reward and
+    compared row to row (rounds.py)."""
     questions, opponents = _inputs(checkpoints, settings, against_key)
+    scorer = make_scorer(held_out.annotate.reward) if held_out and held_out.annotate else None
     results: dict[str, dict[str, Any]] = {}
     # An adapter-only checkpoint or reference is read as its merged model, written for the
     # while (the reference once, for every checkpoint's pairs).
@@ -165,6 +177,15 @@ def evaluate_checkpoints(
             results[checkpoint.label] = _evaluate_one(
                 checkpoint, settings, questions, output_dir, reference, reference_folder
             )
+            if held_out is not None and scorer is not None:
+                say(f"[evaluate] {checkpoint.label}: answering the held-out prompts")
+                work = output_dir / "checkpoints" / checkpoint.label
+                with full_model_folder(checkpoint.path, work / "merged_model") as path:
+                    results[checkpoint.label]["held_out"] = rounds.held_out(
+                        held_out, path, settings.dtype, scorer, work
+                    )
+    if held_out is not None:
+        rounds.compare_rounds(results)
 
     for bench in settings.benchmarks:
         if bench.against is not None:
@@ -179,6 +200,8 @@ def evaluate_checkpoints(
             if bench.exact_match:
                 _print_side_by_side(checkpoints, bench, questions[bench.name], output_dir)
         files = compare.write_comparison(results, output_dir)
+        if held_out is not None:
+            files += rounds.write_rounds(held_out, results, output_dir)
     barrier()
     return {"checkpoints": results, "files": files}
 
@@ -362,21 +385,22 @@ def _win_rates(checkpoints, bench, questions, opponent, settings, output_dir, re
 
 def run(recipe, stage: EvaluateStage, stage_dir: StageDir, output_dir: Path) -> dict[str, Any]:
     """The evaluate stage: the recipe's checkpoints (its training stages' folders in output_dir,
-    labelled <recipe>-<stage>, or model folders) into the stage folder; returns the comparison
-    rows for stage_complete.json."""
+    labelled <recipe>-<stage>, every round's model with rounds, or model folders) into the stage
+    folder; returns the comparison rows for stage_complete.json."""
 
     def folder(entry: str | None) -> str | None:
         # With rounds, a stage they repeat stands for its last round's folder.
         return str(output_dir / recipe.final_folder(entry)) if entry in TRAINING_STAGES else entry
 
-    # A stage's model is named <recipe>-<stage> in the answer files (judges compare models of
-    # many runs); a model folder keeps its name.
-    labels = {
-        name: f"{recipe.name}-{entry}" if entry in TRAINING_STAGES else name
-        for name, entry in recipe.evaluate_checkpoints()
-    }
+    # A stage's model is named <recipe>-<stage> (with rounds, <recipe>-round-<r>) in the answer
+    # files (judges compare models of many runs); a model folder keeps its name.
+    entries = recipe.evaluate_rows()
+    labels = {name: f"{recipe.name}-{name}" if stage else name for name, _, stage in entries}
+    if recipe.rounds is not None and "preference" not in labels:  # against: the last round
+        labels["preference"] = labels.get(f"round-{recipe.rounds.count}", "preference")
     checkpoints = [
-        Checkpoint(labels[name], folder(entry)) for name, entry in recipe.evaluate_checkpoints()
+        Checkpoint(labels[name], str(output_dir / where) if stage else where)
+        for name, where, stage in entries
     ]
     benchmarks = [
         bench.model_copy(update={"against": labels.get(bench.against, bench.against)})
@@ -389,6 +413,7 @@ def run(recipe, stage: EvaluateStage, stage_dir: StageDir, output_dir: Path) -> 
         stage_dir.path,
         folder(stage.reference),
         "evaluate.benchmarks.against",
+        recipe if recipe.compares_rounds() else None,
     )
     columns, rows = compare.comparison_rows(result["checkpoints"])
     say(compare.markdown_table(columns, rows).rstrip())

@@ -40,11 +40,23 @@ BENCHMARK_COLUMNS = (
 # Only for benchmarks scored against their reference answers (`exact_match`).
 EXACT_MATCH_COLUMNS = (("exact_match", "exact match"),)
 WIN_RATE_COLUMNS = (("win_rate", "RM win rate"), ("soft_win_rate", "RM soft win rate"))
+# With rounds (rounds.py): greedy answers to the held-out prompts under the recipe's reward, and
+# each row's win rate over the previous row and the first.
+HELD_OUT_COLUMNS = (
+    ("held_out_reward", "held-out reward"),
+    ("held_out_success", "held-out success"),
+    ("held_out_tokens", "held-out reply tokens"),
+    ("win_rate_vs_previous", "held-out win rate vs previous row"),
+    ("win_rate_vs_first", "held-out win rate vs first row"),
+)
 # How a cell reads: counts as whole numbers, settings as given, mean lengths to one decimal,
 # rates, margins and losses to four.
 COUNTS = ("pairs",)
 SETTINGS = ("beta",)
-MEAN_LENGTHS = ("mean_chosen_tokens", "mean_rejected_tokens", "mean_characters", "mean_tokens")
+MEAN_LENGTHS = (
+    "mean_chosen_tokens", "mean_rejected_tokens", "mean_characters", "mean_tokens",
+    "held_out_tokens",
+)  # fmt: skip
 
 
 def comparison_rows(results: dict[str, dict[str, Any]]) -> tuple[list[str], list[dict]]:
@@ -73,13 +85,25 @@ def comparison_rows(results: dict[str, dict[str, Any]]) -> tuple[list[str], list
             for key, _ in WIN_RATE_COLUMNS:
                 if key in win:
                     put(row, f"{bench}/{key} vs {win.get('opponent', '?')}", win[key])
+        held_out = entry.get("held_out") or {}
+        if held_out:
+            numbers = {
+                "held_out_reward": held_out["mean_reward"],
+                "held_out_success": held_out.get("success"),
+                "held_out_tokens": held_out["mean_tokens"],
+            } | {
+                f"win_rate_vs_{name}": (held_out.get(f"win_rate_vs_{name}") or {}).get("win_rate")
+                for name in ("previous", "first")
+            }
+            for key, value in numbers.items():
+                put(row, key, value)
         for task, metrics in (entry.get("lm_eval") or {}).items():
             for metric, value in metrics.items():
                 if not metric.endswith("_stderr"):
                     put(row, f"{task}/{metric}", value)
         rows.append(row)
     # Pair columns first, in PAIR_COLUMNS order, whichever checkpoint brought them in.
-    order = {key: i for i, (key, _) in enumerate(PAIR_COLUMNS)}
+    order = {key: i for i, (key, _) in enumerate(PAIR_COLUMNS + HELD_OUT_COLUMNS)}
     columns = ["checkpoint"] + sorted(
         columns[1:], key=lambda c: (0, order[c]) if c in order else (1, columns.index(c))
     )
@@ -87,7 +111,7 @@ def comparison_rows(results: dict[str, dict[str, Any]]) -> tuple[list[str], list
 
 
 def _title(column: str) -> str:
-    names = dict(PAIR_COLUMNS) | dict(BENCHMARK_COLUMNS)
+    names = dict(PAIR_COLUMNS) | dict(BENCHMARK_COLUMNS) | dict(HELD_OUT_COLUMNS)
     bench, _, key = column.partition("/")
     if not key:
         return names.get(column, column)
@@ -162,8 +186,9 @@ def _csv(column: str, value: Any) -> Any:
 
 
 def _without_points(value: Any) -> Any:
+    """Without the plot's points and the held-out answers (in their own files)."""
     if isinstance(value, dict):
-        return {k: v for k, v in value.items() if k != "points"}
+        return {k: v for k, v in value.items() if k not in ("points", "replies")}
     return value
 
 

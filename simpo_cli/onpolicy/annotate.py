@@ -145,9 +145,25 @@ def greedy_check(recipe: Recipe, model, tokenizer) -> dict[str, float] | None:
     annotate stage's reward: their mean, and with annotate.success_reward the share of replies
     scoring at least that. Every process decodes its share; returns the numbers on every
     process, or None when the recipe does not ask for it (annotate.greedy_eval)."""
-    generate, annotate = recipe.generate, recipe.annotate
-    if annotate is None or generate is None or not annotate.greedy_eval:
+    annotate = recipe.annotate
+    if annotate is None or recipe.generate is None or not annotate.greedy_eval:
         return None
+    scores = [reply["reward"] for reply in greedy_replies(recipe, model, tokenizer)]
+    result: dict[str, float] = {"prompts": len(scores), "mean_reward": sum(scores) / len(scores)}
+    if annotate.success_reward is not None:
+        result["success"] = sum(score >= annotate.success_reward for score in scores) / len(scores)
+    return result
+
+
+def greedy_replies(
+    recipe: Recipe, model, tokenizer, scorer: Scorer | None = None
+) -> list[dict[str, Any]]:
+    """Greedy replies of `model` to the held-out prompts (generate.eval_prompts, at most
+    generate.max_new_tokens new tokens), each scored with the annotate stage's reward (or
+    `scorer`), in prompt order on every process: {"prompt_id", "prompt" (messages), "text",
+    "tokens", "reward"}. Every process decodes and scores its share."""
+    generate, annotate = recipe.generate, recipe.annotate
+    assert generate is not None and annotate is not None
     source = generate.eval_prompts
     assert source is not None  # the recipe's validator checks it
     prompts = read_prompts(source, source.column, "generate.eval_prompts", source.id_column)
@@ -163,12 +179,15 @@ def greedy_check(recipe: Recipe, model, tokenizer) -> dict[str, float] | None:
     training = model.training
     samples = backend.generate(requests, settings)
     model.train(training)
-    scorer = make_scorer(annotate.reward)
+    scorer = scorer or make_scorer(annotate.reward)
     items = [
         ScoreItem(p.prompt_id, p.messages, s.text) for p, s in zip(share, samples, strict=True)
     ]
-    mine = gather_lists(scorer(items) if items else [])
-    result: dict[str, float] = {"prompts": len(mine), "mean_reward": sum(mine) / len(mine)}
-    if annotate.success_reward is not None:
-        result["success"] = sum(score >= annotate.success_reward for score in mine) / len(mine)
-    return result
+    scores = scorer(items) if items else []
+    mine = [
+        {"prompt_id": p.prompt_id, "prompt": p.messages, "text": s.text, "tokens": s.tokens,
+         "reward": float(score)}
+        for p, s, score in zip(share, samples, scores, strict=True)
+    ]  # fmt: skip
+    replies = {reply["prompt_id"]: reply for reply in gather_lists(mine)}
+    return [replies[p.prompt_id] for p in prompts]

@@ -201,6 +201,7 @@ def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
         if evaluate.reference not in TRAINING_STAGES:
             evaluate.reference = local(evaluate.reference)
         labels = [label for label, _ in recipe.evaluate_checkpoints()]
+        labels += [name for name, _, _ in recipe.evaluate_rows()]  # round-1, ... with rounds
         for bench in evaluate.benchmarks:
             bench.questions = local(bench.questions)
             if bench.against not in ("reference", *labels):

@@ -167,6 +167,31 @@ class Recipe(Section):
         )
         return [(name, name) for name in before if name in TRAINING_STAGES]
 
+    def evaluate_rows(self) -> list[tuple[str, str, bool]]:
+        """(name, folder or model path, whether it is a stage folder) of each checkpoint row of
+        the evaluate stage: evaluate_checkpoints(), where under rounds: a stage the rounds repeat
+        is one row per round, named round-<r> (its folder round-<r>/preference), in order."""
+        rows = []
+        for label, entry in self.evaluate_checkpoints():
+            if entry not in TRAINING_STAGES:
+                rows.append((label, entry, False))
+            elif self.rounds is not None and entry in ROUND_STAGES:
+                count = self.rounds.count
+                rows += [(f"round-{r}", round_folder(r, entry), True) for r in range(1, count + 1)]
+            else:
+                rows.append((label, entry, True))
+        return rows
+
+    def compares_rounds(self) -> bool:
+        """Whether the evaluate stage compares the rounds on the held-out prompts (every row's
+        greedy answers under the annotate stage's reward): rounds with generate.eval_prompts."""
+        return (
+            self.rounds is not None
+            and self.annotate is not None
+            and self.generate is not None
+            and self.generate.eval_prompts is not None
+        )
+
     def evaluate_pairs(self) -> DataSource | None:
         """The pairs the evaluate stage scores: its own, else the preference stage's held-out
         pairs."""

@@ -409,10 +409,18 @@ def _count(n: int) -> str:
 def _evaluate_lines(recipe: Recipe) -> list[str]:
     section = recipe.stage("evaluate")
     checkpoints = ", ".join(
-        label if recipe.final_folder(entry) == entry else f"{label} ({recipe.final_folder(entry)})"
-        for label, entry in recipe.evaluate_checkpoints()
+        name if where == name or not stage else f"{name} ({where})"
+        for name, where, stage in recipe.evaluate_rows()
     )
     lines = [f"    checkpoints: {checkpoints}"]
+    if recipe.compares_rounds():
+        source = recipe.generate.eval_prompts
+        reward = recipe.annotate.reward
+        scored = f"model {reward.model}" if reward.model else f"function {reward.function}"
+        lines.append(
+            f"    rounds: greedy answers to the held-out prompts ({source.path}) scored by "
+            f"{scored}; win rates over the previous row and the first; rounds.png"
+        )
     pairs = recipe.evaluate_pairs()
     if pairs is not None:
         reference = (

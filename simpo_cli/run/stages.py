@@ -25,7 +25,7 @@ from simpo_cli.evaluate import checkpoints
 from simpo_cli.onpolicy import annotate, generate
 from simpo_cli.onpolicy.sampling import resolve_backend
 from simpo_cli.outputs import StageDir
-from simpo_cli.recipe import TRAINING_STAGES, Recipe
+from simpo_cli.recipe import Recipe
 from simpo_cli.run import card
 from simpo_cli.run.instances import StageInstance
 from simpo_cli.train import preference, sft
@@ -107,13 +107,15 @@ def _cards_with_table(recipe: Recipe, stage_dir: StageDir, output_dir: Path) -> 
     """The comparison table into the model card of each of this run's stages the evaluate
     stage scored (model folders from elsewhere are left as they are)."""
     table = (stage_dir.path / "comparison.md").read_text()
-    for _, entry in recipe.evaluate_checkpoints():
-        if entry not in TRAINING_STAGES:
+    for name, where, stage in recipe.evaluate_rows():  # with rounds, every round's model
+        if not stage:
             continue
-        folder = output_dir / recipe.final_folder(entry)
+        folder = output_dir / where
         if not (folder / card.CARD).is_file():  # a stage finished before cards were written
-            card.write_cards(recipe, entry, folder, recipe.model_stage_before(entry))
-        card.add_evaluation(folder, table, f"{recipe.name}-{entry}")
+            if where != name:
+                continue  # a round's stage writes its card when it finishes
+            card.write_cards(recipe, name, folder, recipe.model_stage_before(name))
+        card.add_evaluation(folder, table, f"{recipe.name}-{name}")
 
 
 KINDS: dict[str, TrainingKind | DataKind] = {
