@@ -553,5 +553,6 @@ def test_run_leaves_a_plot_of_its_curves(tiny_run, tmp_path):
     missing = simpo("plot", str(tmp_path))
     assert missing.returncode == 2
     assert missing.stderr.strip() == (
-        f"error: {tmp_path}: no metrics.jsonl here or in its sft/ and preference/ folders"
+        f"error: {tmp_path}: no metrics.jsonl here or in its sft/, preference/ and "
+        "round-*/preference/ folders"
     )
