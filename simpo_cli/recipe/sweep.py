@@ -119,11 +119,12 @@ def short_names(keys: list[str]) -> dict[str, str]:
         words = [w for w in part.split("_") if w]
         return "".join(w[0] for w in words) if len(words) > 1 else part
 
-    names = {key: short(key.split(".")[-1]) for key in keys}
-    for key in keys:
-        if list(names.values()).count(names[key]) > 1:
-            names[key] = key if "." not in key else f"{key.split('.')[0]}.{names[key]}"
-    return names
+    first = {key: short(key.split(".")[-1]) for key in keys}
+    taken = list(first.values())
+    return {
+        key: f"{key.split('.')[0]}.{name}" if taken.count(name) > 1 and "." in key else name
+        for key, name in first.items()
+    }
 
 
 def value_text(value: Any) -> str:

@@ -138,17 +138,18 @@ def plan_sweep(
     keys = list(dict.fromkeys(k for phase in settings.phases for k in phase.grid))
     out = output_folder(recipe, output_dir)
     sweep = Sweep(recipe_ref, sets, out, recipe, settings, bool(grid), [], short_names(keys))
-    problems = []
+    shared, refused = _shared_kinds(sweep)
+    problems = list(refused.values())
     for number, phase in enumerate(settings.phases, 1):
         for key, values in phase.grid.items():
-            for value in values:
+            for value in [] if (number, key) in refused else values:
                 found = _load_problems(sweep, [(key, value)], number)
                 problems += found
                 if found:
                     break  # one line per key: its other values would say the same
     if problems:
         raise UserError(problems)
-    sweep.shared = [instance(recipe, kind) for kind in _shared_kinds(sweep)]
+    sweep.shared = [instance(recipe, kind) for kind in shared]
     # Every point of phase 1 as a whole recipe; a later phase's on the recipe's own values of
     # the keys before it (its real base, phase k-1's best, is known once that phase has run).
     every = [p for n in range(1, len(settings.phases) + 1) for p in points(sweep, n, {})]
@@ -193,36 +194,38 @@ def _stage_of(recipe: Recipe, key: str) -> StageName | None:
     return section if section in STAGES else None  # type: ignore[return-value]
 
 
-def _shared_kinds(sweep: Sweep) -> list[str]:
-    """The stages that run once: those before the first stage a phase-1 key belongs to. One
-    line each for a key outside model and the stages, of a stage not in the pipeline, or (in a
-    later phase) of a stage that runs once."""
+def _shared_kinds(sweep: Sweep) -> tuple[list[str], dict[tuple[int, str], str]]:
+    """The stages that run once (those before the first stage a phase-1 key belongs to), and
+    one line for each (phase, key) refused: a key of a section that is no stage, of a stage
+    not in the pipeline, or (in a later phase) of a stage that runs once. A key of no section
+    at all is left to the schema, which names the section it meant."""
     recipe, pipeline = sweep.recipe, sweep.recipe.pipeline
-    problems, first = [], len(pipeline)
+    refused, first = {}, len(pipeline)
     for number, phase in enumerate(sweep.settings.phases, 1):
         for key in phase.grid:
             stage = _stage_of(recipe, key)
             where = sweep.where(number, key)
-            if stage is None:
-                problems.append(
-                    f"{where}: {key.split('.')[0]} is not a stage; sweep keys of model or of a "
-                    f"stage ({', '.join(STAGES)})"
+            section = key.split(".")[0]
+            if stage is None and section in type(recipe).model_fields:
+                refused[number, key] = (
+                    f"{where}: {section} is not a stage; sweep keys of model or of a stage "
+                    f"({', '.join(STAGES)})"
                 )
+            elif stage is None:
+                continue
             elif stage not in pipeline:
-                problems.append(
+                refused[number, key] = (
                     f"{where}: the pipeline [{', '.join(pipeline)}] has no {stage} stage; sweep "
                     "keys of the stages it runs"
                 )
             elif number == 1:
                 first = min(first, pipeline.index(stage))
             elif pipeline.index(stage) < first:
-                problems.append(
+                refused[number, key] = (
                     f"{where}: {stage} runs once, shared by every point (phase 1 sweeps keys of "
                     f"{pipeline[first]} and later); sweep it in phase 1"
                 )
-    if problems:
-        raise UserError(problems)
-    return list(pipeline[:first])
+    return list(pipeline[:first]), refused
 
 
 def _load_problems(sweep: Sweep, values: list[tuple[str, Any]], phase: int) -> list[str]:
@@ -379,7 +382,10 @@ def print_sweep_plan(sweep: Sweep) -> None:
                 lines.append(f"  {values} (with phase {number - 1}'s best values; shown here on "
                              "the recipe's own)")  # fmt: skip
             for seen in point.instances:
-                lines += ["  " + line for line in stage_lines(seen, out)]
+                shown = stage_lines(seen, out)
+                if number > 1:  # its folder is named once phase 1's best is known
+                    shown = [f"  {seen.kind} (in DIR/{SWEEP_DIR}/<point>/{seen.kind})", *shown[1:]]
+                lines += ["  " + line for line in shown]
     names = list(dict.fromkeys([*sweep.shared_kinds, *sweep.recipe.pipeline]))
     lines += ["", *memory_lines(sweep.recipe, names)]
     print("\n".join(lines))
