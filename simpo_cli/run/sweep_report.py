@@ -246,8 +246,10 @@ def _write_csv(path: Path, sweep: Sweep, rows: list[dict[str, Any]]) -> None:
 
 
 def _best_command(sweep: Sweep, point: Point) -> str:
-    """`simpo train RECIPE -o DIR/best --set ...`: the best point on the full data."""
-    sets = [*sweep.sets, *(f"{key}={value_text(v)}" for key, v in point.values.items())]
+    """`simpo train RECIPE -o DIR/best --set ...`: the best point on the full data (the --set
+    of the sweep: section left out: train reads none of it)."""
+    own = [text for text in sweep.sets if not text.startswith(("sweep.", "sweep="))]
+    sets = [*own, *(f"{key}={value_text(v)}" for key, v in point.values.items())]
     args = ["simpo", "train", sweep.recipe_ref, "-o", str(sweep.out / "best")]
     args += [arg for text in sets for arg in ("--set", text)]
     return shlex.join(redact_args(args))
@@ -284,13 +286,16 @@ def _plot(sweep: Sweep, points: list[Point], rows: list[dict[str, Any]], path: P
             ax.set_xlabel(keys[0])
             ax.set_ylabel(sweep.settings.metric)
         elif len(keys) == 2:
-            first, second = (phase.grid[k] for k in keys)
+            # the values as validated (3e-4 given as text is the number 0.0003), in grid order
+            first, second = (
+                list(dict.fromkeys(value_text(p.values[k]) for p in mine)) for k in keys
+            )
             grid = [
                 [value[i * len(second) + j] for j in range(len(second))] for i in range(len(first))
             ]
             image = ax.imshow(grid, cmap="viridis", aspect="auto")
-            ax.set_yticks(range(len(first)), [value_text(v) for v in first])
-            ax.set_xticks(range(len(second)), [value_text(v) for v in second])
+            ax.set_yticks(range(len(first)), first)
+            ax.set_xticks(range(len(second)), second)
             ax.set_ylabel(keys[0])
             ax.set_xlabel(keys[1])
             for i, row in enumerate(grid):
