@@ -68,8 +68,10 @@ def sweep(
     best point on the full data. A sweep never pushes to the hub."""
     sets = list(set_ or [])
     planned = plan_sweep(recipe, sets, list(grid or []), metric, mode, max_rows, output_dir)
-    planned.child_args = ["sweep", *sys.argv[sys.argv.index("sweep") + 1 :]]
-    planned.child_args = _without_point(planned.child_args)
+    # What each launched process runs (with --point UNIT): this command line, as given.
+    given = sys.argv[1:]
+    given = given[given.index("sweep") + 1 :] if "sweep" in given else [recipe]
+    planned.child_args = _without_point(["sweep", *given])
     if dry_run:
         print_sweep_plan(planned)
         stops.stop_now("sweep", "the plan is above")
