@@ -24,7 +24,7 @@ PACKAGE = "simpo_cli"
 LAYERS = [
     "__main__",
     "cli",
-    "cli_recipes",
+    "cli_recipes | cli_sweep",
     "flags",
     "run",
     "evaluate",

@@ -17,6 +17,7 @@ import typer
 
 from simpo_cli import stops
 from simpo_cli.cli_recipes import recipes_app
+from simpo_cli.cli_sweep import sweep
 from simpo_cli.environment import environment_report, report_text, version_line
 from simpo_cli.errors import EXIT_ABORTED, Preempted, UserError
 from simpo_cli.flags import (
@@ -170,6 +171,7 @@ STAGE_COMMANDS = {
 }
 for _name, (_stages, _doc) in STAGE_COMMANDS.items():
     app.command(_name)(_run_command(_name, _stages, _doc))
+app.command("sweep")(sweep)
 
 
 @app.command()
@@ -372,9 +374,10 @@ def main() -> None:
     # Every process of a launch meets the same error or stop; one of them says it.
     speaks = os.environ.get("RANK", "0") == "0"
     try:
-        # Stage commands stop well on a signal from the moment they start (stops.py); the
-        # others get the signals' defaults back.
-        if next((a for a in sys.argv[1:] if not a.startswith("-")), None) not in STAGE_COMMANDS:
+        # Stage commands and sweeps stop well on a signal from the moment they start
+        # (stops.py); the others get the signals' defaults back.
+        command = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+        if command not in STAGE_COMMANDS and command != "sweep":
             stops.release()
         with_plain_help_types(app)()  # no `<bool>` beside a flag in --help
     except UserError as err:

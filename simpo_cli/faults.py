@@ -253,7 +253,9 @@ class StepGuard(TrainerCallback):
             f"[{self.stage}] step {stop['step']}: {stop['reason']} "
             f"({_rows(stop['rows'], stop['reason'])} of "
             f"{self.data}); {kept}. Check that data, or set "
-            f"{self.stage}.training.on_nonfinite=skip to skip such steps{where}"
+            # the key of the stage's kind: preference, for round-2/preference too
+            f"{self.stage.rpartition('/')[2]}.training.on_nonfinite=skip to skip such "
+            f"steps{where}"
         )
 
 

@@ -4,8 +4,8 @@ Everything after `load_recipe` works on a validated `Recipe`; no other module re
 This package must not import torch: `simpo validate` and `simpo config show` answer from it alone.
 
 Other modules import from here. The modules inside import each other directly, each only from
-those before it in this order: shipped, common, train, onpolicy, evaluate, hub, rounds, schema,
-problems, load, table, catalogue.
+those before it in this order: shipped, common, train, onpolicy, evaluate, hub, rounds, sweep,
+schema, problems, load, table, catalogue.
 """
 
 from simpo_cli.recipe.catalogue import copy_recipe, recipe_summary
@@ -59,6 +59,15 @@ from simpo_cli.recipe.shipped import (
     shipped_recipe_dir,
     shipped_recipes,
 )
+from simpo_cli.recipe.sweep import (
+    DEFAULT_METRIC,
+    SweepSettings,
+    parse_grid,
+    point_name,
+    set_text,
+    short_names,
+    value_text,
+)
 from simpo_cli.recipe.table import settings_table
 from simpo_cli.recipe.train import (
     LOSS_DEFAULTS,
@@ -75,6 +84,7 @@ from simpo_cli.recipe.train import (
 
 __all__ = [
     "AUTHORS_SEEDS",
+    "DEFAULT_METRIC",
     "DEEPSPEED_DIR",
     "LOSS_DEFAULTS",
     "LOSS_PARAMETERS",
@@ -108,6 +118,7 @@ __all__ = [
     "SFTTraining",
     "Section",
     "StageName",
+    "SweepSettings",
     "TrainingSettings",
     "apply_overrides",
     "copy_recipe",
@@ -117,17 +128,22 @@ __all__ = [
     "format_errors",
     "key_paths",
     "load_recipe",
+    "parse_grid",
     "parse_override",
+    "point_name",
     "read_yaml",
     "recipe_summary",
     "resolve_paths",
     "round_folder",
     "seeds_problem",
+    "set_text",
     "settings_table",
     "shipped_deepspeed_configs",
     "shipped_recipe_dir",
     "shipped_recipes",
+    "short_names",
     "slice_bounds",
     "split_problem",
     "stage_identity",
+    "value_text",
 ]

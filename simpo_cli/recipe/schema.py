@@ -30,6 +30,7 @@ from simpo_cli.recipe.rounds import (
     key_paths,
     round_folder,
 )
+from simpo_cli.recipe.sweep import SweepSettings
 from simpo_cli.recipe.train import PreferenceStage, SFTStage
 from simpo_cli.redact import redact
 
@@ -55,11 +56,17 @@ class Recipe(Section):
     hub: HubSettings | None = Field(
         None, description="Push stage folders to the Hugging Face Hub (run/hub.py)."
     )
+    sweep: SweepSettings | None = Field(
+        None, description="`simpo sweep`'s grids and metric; see recipe/sweep.py."
+    )
     # Where each key path's value came from ("recipe" or "--set"); absent keys are defaults.
     _origins: dict[tuple[str, ...], str] = PrivateAttr(default_factory=dict)
     # With rounds: the recipe each round's stages see, its rounds.overrides entry applied
     # (load.py builds them; round_recipe).
     _rounds: list[Recipe] = PrivateAttr(default_factory=list)
+    # A sweep point's recipe: the folder of each stage kind under the output directory, where it
+    # is not DIR/<kind> (sweep/<point>/preference; the shared stages keep theirs).
+    _folders: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _check_pipeline(self) -> Recipe:
@@ -179,7 +186,7 @@ class Recipe(Section):
                 count = self.rounds.count
                 rows += [(f"round-{r}", round_folder(r, entry), True) for r in range(1, count + 1)]
             else:
-                rows.append((label, entry, True))
+                rows.append((label, self.final_folder(entry), True))
         return rows
 
     def compares_rounds(self) -> bool:
@@ -290,7 +297,10 @@ class Recipe(Section):
 
     def final_folder(self, name: str) -> str:
         """The folder under the output directory holding stage `name`'s final result: the last
-        round's for a stage the rounds repeat, else the stage's own."""
+        round's for a stage the rounds repeat, a sweep point's own for a stage it runs, else the
+        stage's own."""
+        if name in self._folders:
+            return self._folders[name]
         if self.rounds is not None and name in ROUND_STAGES:
             return round_folder(self.rounds.count, name)
         return name

@@ -129,7 +129,7 @@ def run_stages(
         return
     if relaunch:
         stops.stop_now(plan[0].folder, "no training process was started")
-        code = _launch(recipe, child_args)
+        code = launch_children(recipe, child_args)
         if code == 0 and pushes:
             hub.push_finished_stages(recipe, out)
         sys.exit(code)
@@ -208,7 +208,7 @@ def _run_alone(
     args = [instance.kind, *child_args[1:]]
     args += ["--round", str(instance.round)] if instance.round is not None else []
     if launched:
-        return _launch(recipe, args)
+        return launch_children(recipe, args)
     env = {**os.environ, PUSHED_BY_PARENT: "1"}
     return subprocess.run([sys.executable, "-m", "simpo_cli", *args], env=env).returncode
 
@@ -221,7 +221,7 @@ def _plot_when_possible(out: Path) -> None:
         print(f"training curves: {plot_run(out)}")
 
 
-def _launch(recipe: Recipe, child_args: list[str]) -> int:
+def launch_children(recipe: Recipe, child_args: list[str]) -> int:
     """Re-run this command on every process through `accelerate launch`; wait for them."""
     import torch
 

@@ -63,7 +63,7 @@ def print_plan(
         if instance.round is not None and instance.round != shown:
             lines.append(_round_line(instance))
         shown = instance.round
-        lines += _stage_lines(instance, out, overwrite)
+        lines += stage_lines(instance, out, overwrite)
     unused = _unused_overrides(recipe)
     if unused:
         lines.append(f"  note: {unused}")
@@ -124,7 +124,9 @@ def _unused_overrides(recipe: Recipe) -> str | None:
     )
 
 
-def _stage_lines(instance: StageInstance, out: Path, overwrite: bool) -> list[str]:
+def stage_lines(instance: StageInstance, out: Path, overwrite: bool = False) -> list[str]:
+    """A stage instance in the plan: its folder and state (fresh, resumes, finished), where its
+    model starts, and for a training stage its batch and optimizer steps."""
     recipe, name = instance.recipe, instance.kind
     stage_dir = StageDir(out / instance.folder)
     checkpoint = stage_dir.last_checkpoint()
@@ -207,8 +209,9 @@ def _stage_lines(instance: StageInstance, out: Path, overwrite: bool) -> list[st
 
 
 def _start_lines(instance: StageInstance, out: Path, what: str) -> list[str]:
-    """Which model a round's generate samples from, or its preference stage trains."""
-    if instance.round is None:
+    """Which model a round's (or a sweep point's) generate samples from, or its preference stage
+    trains."""
+    if instance.round is None and instance.folder == instance.kind:
         return []
     where = f" ({out / instance.model_from})" if instance.model_from is not None else ""
     return [f"    {what}: {model_label(instance.recipe, instance.model_from)}{where}"]
@@ -278,6 +281,15 @@ def _adapter_line(recipe: Recipe, name: StageName) -> str:
     if writes_merged(recipe, name):
         return f"    LoRA: {start}; saves adapter/ and the merged model"
     return f"    LoRA: {start}; saves adapter/ only (model.lora.merge), merged as it is read"
+
+
+def memory_lines(recipe: Recipe, names: list[StageName]) -> list[str]:
+    """The memory estimate of the plan for the training stages among `names`, on the recipe's
+    launch (its DeepSpeed config read for the ZeRO stage and offload)."""
+    settings = recipe.launch
+    ds = launch.read_deepspeed_config(settings.deepspeed) if settings.deepspeed else None
+    zero = (ds or {}).get("zero_optimization", {})
+    return _memory_lines(recipe, names, int(zero.get("stage", 0)), _offloads(zero))
 
 
 def _memory_lines(recipe: Recipe, names: list[StageName], stage: int, offload: bool) -> list[str]:

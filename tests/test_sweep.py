@@ -1,0 +1,196 @@
+"""`simpo sweep`: every bad input is one line and exit 2 with nothing written, the --dry-run
+plan (shared stages, each phase's points and their cost), point names, the held-out
+metric names kept in step with the preference stage, and one small two-phase sweep of the tiny
+recipe through the real CLI (the SFT trained once and shared, a point that fails at run time
+recorded while the others finish, phase 2 on phase 1's best, the report and its order, the best
+point's command, and the rerun that skips finished points)."""
+
+import json
+import os
+
+import pytest
+
+from simpo_cli.recipe import point_name, short_names
+from simpo_cli.run.sweep import HELD_OUT, WITH_SFT_WEIGHT
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+LR = "preference.training.learning_rate"
+GBR = "preference.gamma_beta_ratio"
+TWO_PHASES = (
+    f"sweep.phases=[{{grid: {{{LR}: [1.0e-3, 1.0e+30]}}}}, {{grid: {{{GBR}: [0.3, 0.5]}}}}]"
+)
+# The tiny recipe, small: SFT on 64 rows (2 steps), 32 held-out rows each, no evaluate stage.
+SMALL = [
+    "--set", "sft.data.train.max_rows=64",
+    "--set", "sft.data.eval.max_rows=32",
+    "--set", "preference.data.eval.max_rows=32",
+    "--set", "pipeline=[sft, preference]",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        # an unknown key: the did-you-mean of --set, named by the --grid flag
+        (
+            ["--grid", "preference.training.learning_rat=1e-3,2e-3"],
+            "--grid preference.training.learning_rat=1e-3: preference.training.learning_rat: "
+            "unknown key; did you mean 'learning_rate'?",
+        ),
+        # a value of the wrong type
+        (
+            ["--grid", "preference.beta=2,abc"],
+            "--grid preference.beta=abc: preference.beta = 'abc': input should be a valid number",
+        ),
+        # an empty grid, and none at all
+        (["--grid", "preference.beta="], "--grid preference.beta=: no values"),
+        ([], "simpo sweep: no grid; give --grid KEY=V1,V2,..."),
+        (["--grid", "preference.beta=2,2"], "--grid: preference.beta: [2, 2] lists a value twice"),
+        # a stage the pipeline does not run; a section that is no stage
+        (
+            ["--grid", "generate.temperature=0.5,0.7"],
+            "--grid generate.temperature: the pipeline [sft, preference, evaluate] has no "
+            "generate stage",
+        ),
+        (["--grid", "logging.project=a,b"], "--grid logging.project: logging is not a stage"),
+        # a later phase sweeping a key of a stage the sweep shares (run once, before phase 1's)
+        (
+            [
+                "--set",
+                f"sweep.phases=[{{grid: {{{LR}: [1.0e-3]}}}}, "
+                "{grid: {sft.training.learning_rate: [1.0e-3, 3.0e-3]}}]",
+            ],
+            "sweep.phases[1].grid.sft.training.learning_rate: sft runs once, shared by every "
+            "point (phase 1 sweeps keys of preference and later); sweep it in phase 1",
+        ),  # fmt: skip
+        # a metric the evaluation does not produce
+        (
+            ["--grid", "preference.beta=2,3", "--metric", "eval_reward"],
+            "--metric eval_reward: not a number the sweep's evaluation produces",
+        ),
+    ],
+)
+def test_bad_sweep_input_is_one_line_and_exit_2(cli, tmp_path, args, expected):
+    result = cli("sweep", "tiny", "-o", tmp_path / "run", *args)
+    assert result.code == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.errors() == [f"error: {expected}"] or (
+        len(result.errors()) == 1 and expected in result.errors()[0]
+    ), result.errors()
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_recipe_with_rounds_is_refused(cli, tmp_path):
+    result = cli("sweep", "tiny-onpolicy", "-o", tmp_path / "run", "--set", "rounds.count=2",
+                 "--grid", "preference.beta=2,3")  # fmt: skip
+    assert result.code == 2
+    assert "sweeps of iterative rounds are not supported yet" in result.errors()[0]
+
+
+def test_point_names_are_short_readable_and_unique():
+    short = short_names([LR, GBR, "preference.beta"])
+    assert short == {LR: "lr", GBR: "gbr", "preference.beta": "beta"}
+    assert point_name({LR: 5e-7, GBR: 0.5}, short) == "lr=5e-07_gbr=0.5"
+    both = short_names(["sft.training.learning_rate", LR])
+    assert both == {"sft.training.learning_rate": "sft.lr", LR: "preference.lr"}
+    assert point_name({"model.lora.target_modules": ["q_proj", "v proj"]}, {
+        "model.lora.target_modules": "tm"
+    }) == 'tm=--q_proj-,-v-proj--'  # fmt: skip
+
+
+def test_held_out_names_are_those_the_preference_stage_records():
+    """The sweep checks a metric against these names before anything runs; the preference
+    stage's metrics (Trainer prefixes eval_) are the truth."""
+    import numpy as np
+
+    from simpo_cli.train.preference import preference_metrics
+
+    class Prediction:
+        predictions = np.array([[0.5, 1.0, 0.0, -1.0, -2.0], [0.7, 0.0, 1.0, -1.5, -1.0]])
+
+    plain = {f"eval_{k}" for k in preference_metrics(Prediction())}
+    assert plain == set(HELD_OUT["preference"])
+    weighted = {f"eval_{k}" for k in preference_metrics(Prediction(), sft_weight=1.0)}
+    assert weighted == set(HELD_OUT["preference"]) | set(WITH_SFT_WEIGHT)
+
+
+def test_dry_run_prints_the_shared_stages_each_phase_and_costs(cli, tmp_path):
+    done = cli("sweep", "tiny", "-o", tmp_path / "run", "--set", TWO_PHASES, "--max-rows", "48",
+               *SMALL, "--dry-run")  # fmt: skip
+    assert done.code == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    out = done.stdout.replace(str(tmp_path / "run"), "DIR")
+    assert "preference.gamma_beta_ratio=0.3 (with phase 1's best values" in out
+    assert "each point trains on at most 48 rows per training stage" in out
+    assert (
+        "shared (run once; every point starts from them):\n  sft -> DIR/sft (starts fresh)" in out
+    )
+    assert f"phase 1: 2 point(s): {LR} (2)" in out
+    assert "  lr=0.001:\n    sweep/lr=0.001/preference -> DIR/sweep/lr=0.001/preference" in out
+    assert "      start model: sft (DIR/sft)" in out
+    assert "optimizer steps: 3 per epoch (48 rows, before dropped rows); 3 in all" in out
+    assert f"phase 2: 2 point(s), each on top of phase 1's best point: {GBR} (2)" in out
+    assert "memory per GPU for model states" in out
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_two_phase_sweep_shares_the_sft_records_a_failure_and_resumes(cli, tmp_path):
+    out = tmp_path / "run"
+    args = ["sweep", "tiny", "-o", out, "--set", TWO_PHASES, "--max-rows", "48", *SMALL]
+    first = cli(*args)
+    assert first.code == 1, first.stdout[-3000:] + first.stderr[-3000:]  # one point failed
+
+    # The SFT ran once, in DIR/sft, and every point's preference stage started from it.
+    sft = out / "sft" / "stage_complete.json"
+    assert sft.is_file()
+    trained_at = sft.stat().st_mtime_ns
+    sweep = out / "sweep"
+    names = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert names == ["lr=0.001", "lr=0.001_gbr=0.3", "lr=0.001_gbr=0.5", "lr=1e+30"]
+    for name in names:
+        assert not (sweep / name / "sft").exists()
+        resolved = (sweep / name / "preference" / "resolved_recipe.yaml").read_text()
+        assert "max_rows: 48" in resolved
+        if name != "lr=1e+30":  # written as a stage finishes
+            repro = (sweep / name / "preference" / "reproducibility.json").read_text()
+            assert json.loads(repro)["start_model"] == str(out / "sft")
+
+    # The point that diverged is recorded with its error; the others finished.
+    failed = json.loads((sweep / "lr=1e+30" / "point.json").read_text())
+    assert failed["status"] == "failed" and "non-finite" in failed["error"], failed
+
+    # Phase 2 ran on phase 1's best (the finite learning rate); the report is best first.
+    report = json.loads((sweep / "report.json").read_text())
+    rows = report["points"]
+    assert [r["status"] for r in rows] == ["finished"] * 3 + ["failed"]
+    assert rows[-1]["point"] == "lr=1e+30"
+    metrics = [r["metric"] for r in rows[:3]]
+    assert metrics == sorted(metrics, reverse=True) and all(0 <= m <= 1 for m in metrics)
+    assert all(r["numbers"]["eval_rewards/accuracies"] == r["metric"] for r in rows[:3])
+    assert {r["point"] for r in rows if r["phase"] == 2} == {"lr=0.001_gbr=0.3", "lr=0.001_gbr=0.5"}
+    assert report["max_rows"] == 48 and report["shared"] == ["sft"]
+    best = report["best"]
+    assert best["point"] == rows[0]["point"]
+    command = best["command"]
+    assert command.startswith(
+        f"simpo train tiny -o {out / 'best'} --set sft.data.train.max_rows=64"
+    )
+    assert f"--set {LR}=0.001" in command and "max_rows=48" not in command
+    assert (
+        f"best point: {best['point']}; to train it on the full data:\n  {command}" in first.stdout
+    )
+    md = (sweep / "report.md").read_text()
+    assert "Each point trained on at most 48 rows per training stage" in md
+    assert "failed: preference: step " in md and "non-finite" in md
+    assert (sweep / "report.csv").read_text().count("\n") == 5
+    assert (sweep / "report.png").stat().st_size > 0
+
+    # The rerun skips the finished points and the SFT, tries the failed one again.
+    again = cli(*args)
+    assert again.code == 1
+    assert sft.stat().st_mtime_ns == trained_at
+    assert "[sft] already finished" in again.stdout
+    for name in ("lr=0.001", "lr=0.001_gbr=0.3", "lr=0.001_gbr=0.5"):
+        assert f"[sweep] {name}: already finished; skipping" in again.stdout
+    assert "[sweep] phase 1: lr=1e+30" in again.stdout
