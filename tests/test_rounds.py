@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from simpo_cli.errors import RecipeError
+from simpo_cli.errors import EXIT_PREEMPTED, RecipeError
 from simpo_cli.recipe import RECIPES_DIR, load_recipe, slice_bounds, stage_identity
 from simpo_cli.redact import redact
 from simpo_cli.run.instances import instances
@@ -492,3 +493,63 @@ def test_a_rerun_skips_finished_rounds_and_one_round_runs_alone(two_rounds, cli)
         "holds a run of the 'preference' stage made with a different recipe "
         "(preference.training.learning_rate: 0.0005 -> 0.0001)" in refused.errors()[0]
     )
+
+
+# --------------------------------------------------------------------------- launch and stops
+
+
+@pytest.mark.slow
+def test_rounds_under_zero3_on_two_processes_stop_in_a_round_and_resume_in_it(tmp_path):
+    """Every round under the launch of today's stages: 2 processes, ZeRO-3 (generation shares
+    its prompts between the processes). SIGTERM to `simpo train` while round 2 trains: the
+    launcher passes it on, the stage saves a checkpoint and the command exits 75; the rerun
+    skips round 1 and round 2's samples and pairs, and resumes round 2's preference stage from
+    that checkpoint. No SFT here: round 1 samples from the recipe's new model."""
+    from test_faults import end, logged_steps, wait_until
+
+    from simpo_cli.launch import free_port
+
+    out = tmp_path / "run"
+    args = [
+        sys.executable, "-m", "simpo_cli", "train", "tiny-onpolicy", "-o", str(out), *SMALL,
+        "--set", "pipeline=[generate, annotate, preference]",
+        "--set", "preference.training.per_device_train_batch_size=2",
+        "--set", "preference.training.logging_steps=1",
+        # round 2 trains long enough to be stopped in the middle
+        "--set", "rounds.overrides=[{}, {preference.training.num_train_epochs: 4}]",
+        "--num-processes", "2", "--deepspeed", "zero3",
+    ]  # fmt: skip
+    stage = out / "round-2" / "preference"
+    with (tmp_path / "first.out").open("w") as stdout, (tmp_path / "first.err").open("w") as err:
+        process = subprocess.Popen(
+            [*args, "--main-process-port", str(free_port())], stdout=stdout, stderr=err
+        )
+        try:
+            wait_until(lambda: len(logged_steps(stage)) >= 1, process, "a step of round 2")
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=300)
+        finally:
+            end(process)
+    first, stderr = (tmp_path / "first.out").read_text(), (tmp_path / "first.err").read_text()
+    assert process.returncode == EXIT_PREEMPTED, stderr[-3000:]
+    assert stderr.count("[round-2/preference] stopped by SIGTERM after step") == 1, "rank 0 says it"
+    note = json.loads((stage / "stopped.json").read_text())
+    checkpoint = stage / note["checkpoint"]
+    assert not (stage / "stage_complete.json").exists()
+    assert len(list(checkpoint.glob("global_step*/*optim_states.pt"))) == 2, "both ranks' shards"
+    assert "[round-1/generate] 12 train prompts" in first and "2 process(es)" in first
+    sampled = jsonl(out / "round-1" / "generate" / "samples" / "train.jsonl")
+    assert len(sampled) == len({row["prompt_id"] for row in sampled}) == 12, "each prompt once"
+
+    again = subprocess.run(
+        [*args, "--main-process-port", str(free_port())], capture_output=True, text=True
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    for folder in ("round-1/generate", "round-1/annotate", "round-1/preference",
+                   "round-2/generate", "round-2/annotate"):  # fmt: skip
+        assert f"[{folder}] already finished" in again.stdout, folder
+    assert f"resuming from {checkpoint} (step {note['step']})" in again.stdout
+    steps = [m["step"] for m in logged_steps(stage)]
+    assert steps == list(range(1, steps[-1] + 1)) and steps[-1] > note["step"], "each step once"
+    records = json.loads((out / "rounds.json").read_text())["rounds"]
+    assert [r["stages"]["preference"] for r in records] == ["finished", "finished"]
