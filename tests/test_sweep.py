@@ -1,5 +1,6 @@
-"""`simpo sweep`: every bad input is one line and exit 2 with nothing written, the --dry-run
-plan (shared stages, each phase's points and their cost), point names, the held-out
+"""`simpo sweep`: every bad input is one line and exit 2 with nothing written (--slurm without
+sbatch on PATH too), the --dry-run plan (shared stages, each phase's points and their cost; with
+--slurm the sbatch commands and the script), point names, the held-out
 metric names kept in step with the preference stage, and one small two-phase sweep of the tiny
 recipe through the real CLI (the SFT trained once and shared, a point that fails at run time
 recorded while the others finish, phase 2 on phase 1's best, the report and its order, the best
