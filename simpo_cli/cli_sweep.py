@@ -1,5 +1,5 @@
 """`simpo sweep`: train a recipe once per point of a grid, phase after phase, and report which
-point is best (run/sweep.py does the work)."""
+point is best (run/sweep.py does the work; run/sweep_slurm.py submits it to SLURM with --slurm)."""
 
 from __future__ import annotations
 
@@ -109,7 +109,12 @@ def sweep(
     phases, each on top of the best point of the one before. Running the same command again
     skips finished points and resumes a stopped one; a failed point is recorded and the others go
     on (exit 1). The report: DIR/sweep/report.md/.csv/.json/.png, and the command that trains the
-    best point on the full data. A sweep never pushes to the hub."""
+    best point on the full data. A sweep never pushes to the hub.
+
+    With --slurm it is submitted with sbatch instead: a job for the shared stages, per phase one
+    job array (a task per point, at most --max-parallel at once) through
+    scripts/slurm/simpo.sbatch and a report job after it; the next phase waits for that report.
+    Job ids: DIR/sweep/slurm.json; logs: DIR/sweep/slurm/."""
     if not slurm:
         for flag, value in (("--max-parallel", max_parallel), ("--sbatch-arg", sbatch_arg)):
             if value:
