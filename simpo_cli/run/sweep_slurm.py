@@ -234,7 +234,13 @@ def submit_sweep(sweep: Sweep, jobs: list[Job]) -> None:
     refusal by sbatch cancels the jobs submitted before it (nothing half-submitted is left)."""
     folder = sweep.out / SWEEP_DIR
     record_path = folder / RECORD
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    try:
+        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    except ValueError:
+        raise UserError(
+            f"{record_path}: not the JSON `--slurm` writes; move it away (the jobs it lists are "
+            "then not checked) and run this again"
+        ) from None
     earlier = [job["job_id"] for entry in record.get("submissions", []) for job in entry["jobs"]]
     queued = _queued(earlier)
     if queued:
