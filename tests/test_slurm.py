@@ -2,8 +2,9 @@
 scripts/slurm/local_cluster.sh): the tiny recipe submitted with sbatch, stopped by SLURM's own
 time-limit warning and by signals sent with scancel at chosen moments of the job (during the
 dry-run, while simpo imports, between stages, during a save), requeued by the script, resumed by
-the rerun, and finished with the weights of a run never stopped. Skipped unless
-SIMPO_TEST_SLURM_CONF names the cluster's slurm.conf."""
+the rerun, and finished with the weights of a run never stopped; and a two-phase `simpo sweep
+--slurm` run as job arrays through the same script. Skipped unless SIMPO_TEST_SLURM_CONF names
+the cluster's slurm.conf."""
 
 import json
 import os
@@ -235,6 +236,132 @@ def test_the_time_limit_warning_requeues_until_max_requeues(tmp_path, start_mode
     assert "requeueing job" in text
     assert "not requeueing (already restarted 1 times)" in text
     assert not (out / "preference" / "stage_complete.json").exists()
+
+
+# --------------------------------------------------------------------------- sweeps
+
+LR = "preference.training.learning_rate"
+GBR = "preference.gamma_beta_ratio"
+# Phase 1: three learning rates, one of which diverges (its point fails); phase 2: two
+# gamma/beta ratios on phase 1's best. The tiny recipe small, as tests/test_sweep.py's sweep.
+SWEEP = [
+    "--set", f"sweep.phases=[{{grid: {{{LR}: [1.0e-3, 3.0e-3, 1.0e+30]}}}}, "
+             f"{{grid: {{{GBR}: [0.3, 0.5]}}}}]",
+    "--set", "sft.data.train.max_rows=64",
+    "--set", "sft.data.eval.max_rows=32",
+    "--set", "preference.data.eval.max_rows=32",
+    "--set", "pipeline=[sft, preference]",
+    "--max-rows", "48",
+    # One node, no GPU, and not the script's whole node (--exclusive): two points at once.
+    "--slurm", "--max-parallel", "2",
+    "--sbatch-arg=--nodes=1", "--sbatch-arg=--gres=none", "--sbatch-arg=--oversubscribe",
+]  # fmt: skip
+
+
+def sweep_slurm(folder: Path, out: Path) -> subprocess.CompletedProcess:
+    """`simpo sweep tiny -o OUT ... --slurm` from `folder`, one process per job."""
+    command = [simpo_executable(), "sweep", "tiny", "-o", str(out), *SWEEP]
+    return subprocess.run(command, env=slurm_env(GPUS_PER_NODE="1"), cwd=folder,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+def array_tasks(job_id: str) -> list[dict[str, str]]:
+    """scontrol's records of every task of a job array."""
+    text = slurm("scontrol", "show", "job", "--oneliner", job_id)
+    return [dict(re.findall(r"(\w+)=(\S*)", line)) for line in text.splitlines() if line]
+
+
+def test_a_two_phase_sweep_runs_as_job_arrays_and_a_rerun_submits_only_what_is_left(tmp_path):
+    """`simpo sweep --slurm`: the shared SFT as one job, each phase as one job array (a task
+    per point, at most 2 at once) with a report job after it, phase 2 after phase 1's report
+    and on its best point, a failed point recorded without holding phase 2 up; then a rerun
+    submits only the failed point and what depends on it, and one while those are queued is
+    refused."""
+    out = tmp_path / "run"
+    sweep = out / "sweep"
+    first = sweep_slurm(tmp_path, out)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    submitted = json.loads((sweep / "slurm.json").read_text())["submissions"]
+    assert len(submitted) == 1
+    jobs = {job["job"]: job for job in submitted[0]["jobs"]}
+    assert list(jobs) == ["shared", "phase1", "report1", "phase2", "report2"]
+    ids = {key: job["job_id"] for key, job in jobs.items()}
+    assert jobs["phase1"]["array"] == "0-2%2" and jobs["phase2"]["array"] == "0-1%2"
+    assert jobs["phase1"]["points"] == ["lr=0.001", "lr=0.003", "lr=1e+30"]
+    assert jobs["phase2"]["points"] is None  # known once phase 1 has a best
+    assert f"phase 1: job array {ids['phase1']}, tasks 0-2%2" in first.stdout
+    assert f"report of phase 1: job {ids['report1']}, after job {ids['phase1']}" in first.stdout
+
+    report2 = wait_until_done(ids["report2"], timeout=900)
+    logs = {path.name: path.read_text() for path in (sweep / "slurm").iterdir()}
+    everything = "\n".join(f"== {name}\n{text[-1500:]}" for name, text in sorted(logs.items()))
+    assert report2["JobState"] == "COMPLETED", everything
+    for key in ("shared", "report1"):
+        assert job(ids[key])["ExitCode"] == "0:0", everything
+
+    # Each phase was one array: a record per task, the limit of 2 at once, a log per task.
+    for key, count in (("phase1", 3), ("phase2", 2)):
+        tasks = array_tasks(ids[key])
+        assert sorted(int(t["ArrayTaskId"]) for t in tasks) == list(range(count)), tasks
+        assert {t["ArrayJobId"] for t in tasks} == {ids[key]}
+        assert {t["ArrayTaskThrottle"] for t in tasks} == {"2"}
+        assert {f"{key}-{ids[key]}_{i}.out" for i in range(count)} <= set(logs)
+    tasks = {t["ArrayTaskId"]: t for t in array_tasks(ids["phase1"])}
+    states = {i: (t["JobState"], t["ExitCode"]) for i, t in tasks.items()}
+    assert states == {"0": ("COMPLETED", "0:0"), "1": ("COMPLETED", "0:0"),
+                      "2": ("FAILED", "1:0")}, states  # fmt: skip
+    # %2: the third task started only once one of the first two had ended.
+    assert tasks["2"]["StartTime"] >= min(tasks["0"]["EndTime"], tasks["1"]["EndTime"]), tasks
+
+    # The SFT trained once, in the shared job; every point started from it.
+    trained_sft = [name for name, text in logs.items() if "[sft] step" in text]
+    assert trained_sft == [f"shared-{ids['shared']}.out"], everything
+    names = sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name != "slurm")
+    # Phase 2 on phase 1's best (the best held-out reward accuracy, the first on a tie).
+    report = json.loads((sweep / "report.json").read_text())
+    rows = {row["point"]: row for row in report["points"]}
+    phase1 = ["lr=0.001", "lr=0.003"]
+    best = max(phase1, key=lambda name: (rows[name]["metric"], -phase1.index(name)))
+    assert names == sorted([*phase1, "lr=1e+30", f"{best}_gbr=0.3", f"{best}_gbr=0.5"])
+    assert {name for name, row in rows.items() if row["phase"] == 2} == {
+        f"{best}_gbr=0.3", f"{best}_gbr=0.5"
+    }  # fmt: skip
+    for name in names:
+        record = json.loads((sweep / name / "point.json").read_text())
+        if name == "lr=1e+30":
+            assert record["status"] == "failed" and "non-finite" in record["error"], record
+            continue
+        assert record["status"] == "finished", record
+        stage = sweep / name / "preference"
+        assert (stage / "stage_complete.json").is_file()
+        repro = json.loads((stage / "reproducibility.json").read_text())
+        assert repro["start_model"] == str(out / "sft")
+        assert not (sweep / name / "sft").exists()
+    # The report: every point, best first, the failed one last; the files beside it.
+    assert len(rows) == 5 and report["points"][-1]["point"] == "lr=1e+30"
+    assert report["best"]["point"] in names
+    for suffix in ("md", "csv", "png"):
+        assert (sweep / f"report.{suffix}").stat().st_size > 0
+    assert "lr=1e+30" in (sweep / "report.md").read_text()
+
+    # The rerun: no shared job (finished), phase 1's array only for the failed point, then
+    # what depends on it (phase 2's tasks skip their points unless phase 1's best changes).
+    again = sweep_slurm(tmp_path, out)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    rerun = json.loads((sweep / "slurm.json").read_text())["submissions"]
+    assert len(rerun) == 2
+    jobs = {job["job"]: job for job in rerun[1]["jobs"]}
+    try:
+        assert list(jobs) == ["phase1", "report1", "phase2", "report2"]
+        assert jobs["phase1"]["array"] == "2%2" and jobs["phase1"]["points"] == ["lr=1e+30"]
+        # While they are queued, another rerun submits nothing.
+        refused = sweep_slurm(tmp_path, out)
+        assert refused.returncode == 2, refused.stdout[-3000:] + refused.stderr[-3000:]
+        queued = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
+        assert len(queued) == 1 and "still in the queue" in queued[0], refused.stderr
+        assert len(json.loads((sweep / "slurm.json").read_text())["submissions"]) == 2
+    finally:
+        slurm("scancel", *(job["job_id"] for job in jobs.values()))
 
 
 def test_the_cluster_is_the_one_asked_for():

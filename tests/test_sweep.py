@@ -1,5 +1,6 @@
-"""`simpo sweep`: every bad input is one line and exit 2 with nothing written, the --dry-run
-plan (shared stages, each phase's points and their cost), point names, the held-out
+"""`simpo sweep`: every bad input is one line and exit 2 with nothing written (--slurm without
+sbatch on PATH too), the --dry-run plan (shared stages, each phase's points and their cost; with
+--slurm the sbatch commands and the script), point names, the held-out
 metric names kept in step with the preference stage, and one small two-phase sweep of the tiny
 recipe through the real CLI (the SFT trained once and shared, a point that fails at run time
 recorded while the others finish, phase 2 on phase 1's best, the report and its order, the best
@@ -7,11 +8,13 @@ point's command, and the rerun that skips finished points)."""
 
 import json
 import os
+import shutil
 
 import pytest
 
-from simpo_cli.recipe import point_name, short_names
+from simpo_cli.recipe import SBATCH_SCRIPT, point_name, short_names
 from simpo_cli.run.sweep import HELD_OUT, WITH_SFT_WEIGHT
+from simpo_cli.run.sweep_slurm import _ranges
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -69,6 +72,11 @@ SMALL = [
         (
             ["--grid", "preference.beta=2,3", "--metric", "eval_reward"],
             "--metric eval_reward: not a number the sweep's evaluation produces",
+        ),
+        # the options of --slurm without it
+        (
+            ["--grid", "preference.beta=2,3", "--max-parallel", "2"],
+            "--max-parallel: only with --slurm; add --slurm, or drop --max-parallel",
         ),
     ],
 )
@@ -132,6 +140,70 @@ def test_dry_run_prints_the_shared_stages_each_phase_and_costs(cli, tmp_path):
     assert f"phase 2: 2 point(s), each on top of phase 1's best point: {GBR} (2)" in out
     assert "memory per GPU for model states" in out
     assert not (tmp_path / "run").exists()
+
+
+def without_sbatch(monkeypatch) -> None:
+    """PATH less every folder that holds an sbatch (this machine may have SLURM installed)."""
+    kept = [d for d in os.environ["PATH"].split(os.pathsep) if not (shutil.which("sbatch", path=d))]
+    monkeypatch.setenv("PATH", os.pathsep.join(kept))
+    assert shutil.which("sbatch") is None
+
+
+def test_slurm_without_sbatch_on_path_is_one_line_and_exit_2(cli, tmp_path, monkeypatch):
+    without_sbatch(monkeypatch)
+    result = cli("sweep", "tiny", "-o", tmp_path / "run", "--grid", "preference.beta=2,3",
+                 "--slurm", "--max-parallel", "2")  # fmt: skip
+    assert result.code == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.errors() == [
+        "error: --slurm: sbatch is not on PATH; run this on a SLURM login node (or where sbatch "
+        "is installed), or drop --slurm to run the sweep on this machine"
+    ]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_dry_run_slurm_prints_the_jobs_their_dependencies_and_the_script(
+    cli, tmp_path, monkeypatch
+):
+    """What --slurm would submit, without sbatch (a dry run needs none): the shared job, then
+    per phase one job array (a task per point, at most 2 at once) and a report job after it, the
+    next phase after that report, every job with the --sbatch-arg; then the script itself."""
+    without_sbatch(monkeypatch)
+    run = tmp_path / "run"
+    done = cli("sweep", "tiny", "-o", run, "--set", TWO_PHASES, "--max-rows", "48", *SMALL,
+               "--slurm", "--max-parallel", "2", "--sbatch-arg=--time=30", "--dry-run")  # fmt: skip
+    assert done.code == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    out = done.stdout
+    assert f"phase 2: 2 point(s), each on top of phase 1's best point: {GBR} (2)" in out  # the plan
+    jobs = [line.strip() for line in out.splitlines() if "=$(sbatch --parsable" in line]
+    assert [line.split("=$(")[0] for line in jobs] == [
+        "shared", "phase1", "report1", "phase2", "report2"
+    ]  # fmt: skip
+    shared, phase1, report1, phase2, report2 = jobs
+    logs = run / "sweep" / "slurm"
+    assert f"--output={logs}/shared-%j.out" in shared and shared.endswith(" --task shared)")
+    assert "--dependency" not in shared
+    assert f"--array=0-1%2 --output={logs}/phase1-%A_%a.out" in phase1
+    assert "--dependency=afterok:$shared --kill-on-invalid-dep=yes" in phase1
+    assert phase1.endswith(" --task 1)") and phase2.endswith(" --task 2)")
+    assert "--dependency=afterany:$phase1" in report1 and "--task report:1" in report1
+    assert "--dependency=afterok:$report1 --kill-on-invalid-dep=yes" in phase2
+    assert "--array=0-1%2" in phase2 and "--dependency=afterany:$phase2" in report2
+    for job in jobs:
+        assert "--time=30" in job and "--max-rows 48" in job and "--slurm" not in job
+        assert "sft.data.train.max_rows=64" in job
+    for job in (shared, phase1, phase2):
+        assert f" {SBATCH_SCRIPT} --set " in job
+    assert "--nodes=1 --ntasks=1 --gres=none --wrap" in report1
+    assert "SIMPO_COMMAND=sweep SIMPO=" in out and f"RECIPE=tiny OUTPUT_DIR={run}" in out
+    assert f"the script ({SBATCH_SCRIPT}):\n{SBATCH_SCRIPT.read_text()}" in out + "\n"
+    assert not run.exists()
+
+
+def test_slurm_array_index_lists():
+    assert _ranges([0, 1, 2]) == "0-2"
+    assert _ranges([1, 3, 4, 6]) == "1,3-4,6"
+    assert _ranges([5]) == "5"
 
 
 @pytest.mark.slow

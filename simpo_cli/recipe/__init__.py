@@ -55,6 +55,7 @@ from simpo_cli.recipe.schema import Recipe, stage_identity
 from simpo_cli.recipe.shipped import (
     DEEPSPEED_DIR,
     RECIPES_DIR,
+    SBATCH_SCRIPT,
     shipped_deepspeed_configs,
     shipped_recipe_dir,
     shipped_recipes,
@@ -90,6 +91,7 @@ __all__ = [
     "LOSS_PARAMETERS",
     "RECIPES_DIR",
     "ROUND_STAGES",
+    "SBATCH_SCRIPT",
     "STAGES",
     "TRAINING_STAGES",
     "AnnotateStage",

@@ -1,4 +1,4 @@
-"""Where the shipped recipes and DeepSpeed configs sit, and their names."""
+"""Where the shipped recipes, DeepSpeed configs and SLURM script sit, and their names."""
 
 from __future__ import annotations
 
@@ -15,6 +15,13 @@ DEEPSPEED_DIR = (
     _HERE / "deepspeed_configs"
     if (_HERE / "deepspeed_configs").is_dir()
     else _HERE.parent / "configs" / "deepspeed"
+)
+
+# The SLURM batch script (scripts/slurm/simpo.sbatch), which `simpo sweep --slurm` submits.
+SBATCH_SCRIPT = (
+    _HERE / "slurm" / "simpo.sbatch"
+    if (_HERE / "slurm").is_dir()
+    else _HERE.parent / "scripts" / "slurm" / "simpo.sbatch"
 )
 
 

@@ -14,8 +14,10 @@ point has something to train. A point that fails is recorded with its error and 
 on; a stop signal stops the sweep (exit 75) and the same command goes on where it stopped.
 
 `run_unit` runs one unit (the shared stages, or one point) in this process: what a launched
-process (`simpo sweep ... --point NAME` under `accelerate launch`) runs, and what one task of a
-job array would run.
+process (`simpo sweep ... --point NAME` under `accelerate launch`) runs. `run_task` runs one job
+of a sweep submitted to SLURM (`--task`, run/sweep_slurm.py): the shared stages, one task of a
+phase's job array, or a phase's report, each as the top command would (launched where the
+recipe needs it, each point recorded).
 
 No torch at import: `--dry-run` plans the sweep without it.
 """
@@ -426,7 +428,11 @@ def run_sweep(sweep: Sweep) -> int:
 
 
 def _run_point(sweep: Sweep, point: Point) -> None:
-    """Run one point unless it has finished; record how it went in its point.json."""
+    """Run one point unless it has finished; record how it went in its point.json (on machine
+    0 only, when a point spans several machines: the others run their share of it)."""
+    if sweep.recipe.launch.machine_rank > 0:
+        _run(sweep, point.name, point.instances)
+        return
     record = read_record(sweep.out, point)
     if finished(sweep.out, point.instances):
         print(f"[sweep] {point.name}: already finished; skipping", flush=True)
@@ -511,3 +517,80 @@ def run_unit(sweep: Sweep, unit: str) -> None:
             break
         base = dict(best.values)
     raise UserError(f"--point {unit}: no such point of this sweep (yet); see --dry-run")
+
+
+# --------------------------------------------------------------------------- SLURM jobs
+
+TASK_FORMS = "shared, PHASE:INDEX, PHASE (INDEX from SLURM_ARRAY_TASK_ID) or report:PHASE"
+
+
+def phase_points(sweep: Sweep, number: int) -> tuple[list[Point], list[Point]]:
+    """The points of the phases before phase `number` and those of phase `number` as they stand
+    now: each phase on the best point of the one before, read from the finished points' records.
+    UserError when a phase before it has no best point (yet)."""
+    base: dict[str, Any] = {}
+    before: list[Point] = []
+    for earlier in range(1, number):
+        found = points(sweep, earlier, base)
+        before += found
+        best = best_point(sweep, found)
+        if best is None:
+            raise UserError(
+                f"phase {number} cannot start: phase {earlier} has no finished point with "
+                f"{sweep.settings.metric} (its report job says why); run the sweep again once "
+                "it has one"
+            )
+        base = dict(best.values)
+    return before, points(sweep, number, base)
+
+
+def parse_task(sweep: Sweep, task: str, array_index: str | None) -> tuple[str, int, int]:
+    """`--task` as (what, phase, index): ("shared", 0, 0), ("point", K, I) or ("report", K, 0).
+    One line (UserError) for a task this sweep has not."""
+    if task == SHARED:
+        return SHARED, 0, 0
+    what, _, rest = task.rpartition(":") if task.startswith("report:") else ("point", "", task)
+    phase_text, _, index_text = rest.partition(":")
+    if what == "point" and not index_text:
+        index_text = array_index or ""
+    count = len(sweep.settings.phases)
+    try:
+        phase = int(phase_text)
+        index = int(index_text) if what == "point" else 0
+    except ValueError:
+        phase = index = -1
+    if not 1 <= phase <= count or index < 0:
+        raise UserError(f"--task {task}: expected {TASK_FORMS} (phases 1 to {count})")
+    size = len(points(sweep, phase, {}))
+    if index >= size:
+        raise UserError(f"--task {task}: phase {phase} has {size} point(s), indexed from 0")
+    return what, phase, index
+
+
+def run_task(sweep: Sweep, task: str, array_index: str | None) -> int:
+    """Run one job of a sweep on SLURM (`--task`; run/sweep_slurm.py submits them) and return
+    its exit code. `shared`: the shared stages. `K:I`: the I-th point (from 0, in grid order) of
+    phase K, on phase K-1's best, which is known only once that phase has run, so it is resolved
+    here, when the job starts; `K` alone takes I from SLURM_ARRAY_TASK_ID (`array_index`): one
+    task of phase K's job array. `report:K`: the report of phases 1 to K. A point runs as in
+    the local sweep (skipped when finished, launched where the recipe needs it, recorded) and
+    exits 1 when it failed; a report exits 1 when phase K has no best point, so that the next
+    phase's array (which waits for this job to succeed) is cancelled rather than started on
+    nothing."""
+    what, phase, index = parse_task(sweep, task, array_index)
+    if what == SHARED:
+        return _run(sweep, SHARED, sweep.shared)
+    if what == "report":
+        before, found = phase_points(sweep, phase)
+        write_report(sweep, [*before, *found])
+        if best_point(sweep, found) is None:
+            print(f"[sweep] phase {phase}: no point finished with {sweep.settings.metric}; "
+                  "the phases after it cannot start", flush=True)  # fmt: skip
+            return EXIT_FAILURE
+        return 0
+    point = phase_points(sweep, phase)[1][index]
+    print(f"[sweep] task {task}: phase {phase}, point {index}: {point.name}", flush=True)
+    _run_point(sweep, point)
+    if sweep.recipe.launch.machine_rank > 0:
+        return 0
+    return 0 if read_record(sweep.out, point).get("status") == "finished" else EXIT_FAILURE

@@ -273,7 +273,11 @@ def _plot(sweep: Sweep, points: list[Point], rows: list[dict[str, Any]], path: P
         mine = [p for p in points if p.phase == number]
         keys = list(phase.grid)
         value = [math.nan if metric.get(p.name) is None else metric[p.name] for p in mine]
-        ax.set_title(f"phase {number}" + (" (on phase 1's best)" if number > 1 else ""))
+        ax.set_title(f"phase {number}" + (f" (on phase {number - 1}'s best)" if number > 1 else ""))
+        if not mine:  # a report of the phases so far (a SLURM phase's report job, a stop)
+            ax.text(0.5, 0.5, "not run yet", ha="center", va="center", transform=ax.transAxes)
+            ax.set_axis_off()
+            continue
         if len(keys) == 1:
             xs = [p.values[keys[0]] for p in mine]
             numeric = all(isinstance(x, int | float) and not isinstance(x, bool) for x in xs)

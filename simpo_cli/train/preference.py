@@ -12,6 +12,8 @@ import copy
 import dataclasses
 import hashlib
 import json
+import os
+import uuid
 from collections import defaultdict
 from functools import partial
 from pathlib import Path
@@ -445,8 +447,12 @@ class CachedReference(TrainerCallback):
             sides = scorer.summed_logps(dataset)
             self._fill(first, sides)
             if is_main_process():
+                # Whole or not at all: the points of a sweep on SLURM share the folder, and one
+                # may read the file while another writes the same numbers.
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps({"sides": sides}))
+                written = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+                written.write_text(json.dumps({"sides": sides}))
+                os.replace(written, path)
         self.todo = []
         barrier()
 
