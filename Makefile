@@ -20,11 +20,14 @@ $(VENV)/.installed: pyproject.toml
 demo: install  ## SFT then SimPO on the tiny recipe, on the CPU, in well under 5 minutes
 	$(BIN)/simpo train tiny --output-dir outputs/tiny
 
+# Two pytest workers (pytest-xdist), a test file whole on one of them: its module fixtures are
+# built once, and the many tests that wait on a subprocess leave a core to the other worker.
+PYTEST_WORKERS ?= 2
 test: install  ## the whole test suite (what CI runs)
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=25
 
 test-fast: install  ## everything but the end-to-end CLI runs
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow"
 
 # A one-node SLURM cluster (slurm-wlm + munge, as root) in $(SLURM_DIR) for the SLURM tests, stopped
 # by its pid files afterwards whatever the tests did.
