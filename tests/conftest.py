@@ -4,6 +4,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the hub
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on two cores: one thread each, in the worker and in the runs
+    # it starts (torch would otherwise take a thread per core in each, four on two cores).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import signal  # noqa: E402
 import sys  # noqa: E402

@@ -20,6 +20,7 @@ from simpo_cli.evaluate.pairs import (
     spearman,
     token_budget_batches,
 )
+from simpo_cli.launch import free_port
 from simpo_cli.recipe import RECIPES_DIR
 
 TINY = RECIPES_DIR / "tiny"
@@ -293,7 +294,7 @@ def test_two_processes_give_the_numbers_of_one(run_dir, pairs, compared, tmp_pat
     two = tmp_path / "two"
     result = simpo(
         "eval", run_dir, "--pairs", pairs, "--reference", run_dir / "sft", "-o", two,
-        "--batch-tokens", "96", "--num-processes", "2",
+        "--batch-tokens", "96", "--num-processes", "2", "--main-process-port", str(free_port()),
         "--benchmark", "alpaca_eval", "--questions", TINY / "benchmarks" / "alpaca_eval.json",
         "--max-new-tokens", "6", "--family", "gemma2", "--backend", "transformers",
         "--against", "tiny-sft", "--reward-function", f"{REWARD}:sorted_digits",

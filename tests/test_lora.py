@@ -337,8 +337,10 @@ def test_quantization_on_the_cpu_is_one_line(tmp_path, cli):
 def test_quantization_under_zero3_is_refused_before_launch(tmp_path, cli):
     sets = ["--set", "pipeline=[preference]", "--set", "model.lora.r=8",
             "--set", "model.quantization=4bit"]  # fmt: skip
-    result = cli("preference", "tiny", "-o", tmp_path, *sets,
-                 "--deepspeed", "zero3", "--num-processes", "2")  # fmt: skip
+    from simpo_cli.launch import free_port
+
+    result = cli("preference", "tiny", "-o", tmp_path, *sets, "--deepspeed", "zero3",
+                 "--num-processes", "2", "--main-process-port", str(free_port()))  # fmt: skip
     assert result.code == 2
     assert result.errors() == [
         "error: model.quantization 4bit with launch.deepspeed zero3 (ZeRO-3) is not supported; "

@@ -14,6 +14,7 @@ import pytest
 from conftest import count_sampled_prompts
 
 from simpo_cli.errors import RecipeError
+from simpo_cli.launch import free_port
 from simpo_cli.recipe import RECIPES_DIR, load_recipe
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -162,7 +163,7 @@ def test_two_processes_give_the_same_samples_and_pairs(onpolicy_run, tmp_path):
     result = simpo(
         "train", "tiny-onpolicy", "-o", str(two), *SMALL,
         "--set", "pipeline=[sft, generate, annotate]", "--num-processes", "2",
-        "--main-process-port", "29517",
+        "--main-process-port", str(free_port()),
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "2 process(es)" in result.stdout

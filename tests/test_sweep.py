@@ -266,3 +266,28 @@ def test_a_two_phase_sweep_shares_the_sft_records_a_failure_and_resumes(cli, tmp
     for name in ("lr=0.001", "lr=0.001_gbr=0.3", "lr=0.001_gbr=0.5"):
         assert f"[sweep] {name}: already finished; skipping" in again.stdout
     assert "[sweep] phase 1: lr=1e+30" in again.stdout
+
+
+@pytest.mark.slow
+def test_points_with_the_same_reference_and_pairs_share_its_log_probs(cli, tmp_path):
+    """A DPO sweep over the learning rate: the reference (the recipe's model) and the pairs are
+    the same at every point, so the reference log-probs are computed by the first point and
+    read from DIR/reference_logps/ by the second."""
+    out = tmp_path / "run"
+    dpo = ["--set", "preference.loss=dpo", "--set", "preference.beta=0.1",
+           "--set", "preference.gamma_beta_ratio=null", "--set", "preference.sft_weight=null",
+           "--set", "pipeline=[preference]",
+           "--set", "preference.data.eval.max_rows=16"]  # fmt: skip
+    done = cli("sweep", "tiny", "-o", out, *dpo, "--max-rows", "32",
+               "--grid", f"{LR}=1.0e-3,3.0e-4")  # fmt: skip
+    assert done.code == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    cache = out / "reference_logps"
+    files = sorted(cache.glob("*.json"))
+    assert len(files) == 2, files  # the training pairs and the held-out pairs, once each
+    at = done.stdout.index("[sweep] phase 1: lr=0.0003")
+    first, second = done.stdout[:at], done.stdout[at:]
+    assert first.count("[preference] computing reference log-probs of") == 2
+    read = [line for line in second.splitlines() if "reference log-probs of" in line]
+    assert len(read) == 2 and all(line.startswith("[preference] reference log-probs of ")
+                                  for line in read), read  # fmt: skip
+    assert {line.rsplit(" from ", 1)[1] for line in read} == {str(f) for f in files}, read
