@@ -17,6 +17,17 @@ dir=$(cd "$dir" && pwd)
 conf=$dir/slurm.conf
 
 stop() {
+  # The cluster's jobs first, while its daemons run: a job step whose slurmd and slurmctld have
+  # gone lingers (retrying to report its end), and would hold the node of the next cluster.
+  local ctld=$dir/slurmctld.pid
+  if [[ -f $conf && -f $ctld ]] && kill -0 "$(cat "$ctld")" 2>/dev/null; then
+    SLURM_CONF=$conf scancel --full --signal=KILL --user="$(id -un)" 2>/dev/null || true
+    SLURM_CONF=$conf scancel --user="$(id -un)" 2>/dev/null || true
+    for _ in $(seq 100); do
+      [[ -z $(SLURM_CONF=$conf squeue -h 2>/dev/null) ]] && break
+      sleep 0.2
+    done
+  fi
   # slurmd first: it may still be reporting a job to slurmctld. munged last: both need it.
   for name in slurmd slurmctld munged; do
     pidfile=$dir/$name.pid
@@ -27,6 +38,16 @@ stop() {
       kill -9 "$pid" 2>/dev/null || true
     fi
     rm -f "$pidfile"
+  done
+  # A job step left over all the same (it holds a file of this cluster's folder open).
+  local pid fd
+  for pid in $(pgrep -x slurmstepd || true); do
+    for fd in "/proc/$pid"/fd/*; do
+      if [[ $(readlink "$fd" 2>/dev/null) == "$dir"/* ]]; then
+        kill -9 "$pid" 2>/dev/null || true
+        break
+      fi
+    done
   done
 }
 
@@ -51,6 +72,8 @@ print(*(s.getsockname()[1] for s in socks))
 EOF
 )
 
+# Fresh state: no job of an earlier cluster in this folder is remembered.
+rm -rf "$dir/state" "$dir/spool"
 mkdir -p "$dir/state" "$dir/spool" "$dir/munge"
 chmod 755 "$dir" "$dir/munge"
 if [[ ! -f $dir/munge/munge.key ]]; then
