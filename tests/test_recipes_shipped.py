@@ -202,6 +202,18 @@ def test_attention_and_chat_template(name):
         assert model.chat_template == expected
 
 
+def _numbers_not_in(header: str, recipe: dict) -> list[str]:
+    """The recipe's numbers ("key value") that its header does not mention in any spelling."""
+    return [
+        f"{key} {value}"
+        for key, value in _numbers(recipe)
+        if not any(
+            re.search(rf"\b{key} {re.escape(spelling)}(?![\d]|\.\d)", header)
+            for spelling in _number_spellings(value)
+        )
+    ]
+
+
 def _number_spellings(value: float) -> set[str]:
     text = f"{value:g}"
     return {str(value), text, re.sub(r"e([-+])0*(\d)", r"e\1\2", text).replace("e+", "e")}
@@ -225,14 +237,7 @@ def test_header_says_where_every_number_comes_from(name):
     for source in ("NeurIPS 2024", "arXiv 2405.14734", "princeton-nlp/SimPO training_configs/"):
         assert source in header
     assert "Both for " in header  # the paper setting the numbers belong to
-    missing = [
-        f"{key} {value}"
-        for key, value in _numbers(yaml.safe_load(text))
-        if not any(
-            re.search(rf"\b{key} {re.escape(spelling)}(?![\d]|\.\d)", header)
-            for spelling in _number_spellings(value)
-        )
-    ]
+    missing = _numbers_not_in(header, yaml.safe_load(text))
     assert not missing, f"numbers the header does not mention: {missing}"
     if name in DPO_LR:
         assert "(unverified)" in header  # the DPO search grid is marked so in the notes
@@ -509,14 +514,7 @@ def test_the_iterative_gemma_recipe_is_the_onpolicy_recipe_in_three_rounds_on_th
     assert text.startswith(f"# {ITERATIVE}: ")
     for source in ("uclaml/SPPO", "onpolicy.md section 7", "arXiv 2405.14734"):
         assert source in header
-    missing = [
-        f"{key} {value}"
-        for key, value in _numbers(yaml.safe_load(text))
-        if not any(
-            re.search(rf"\b{key} {re.escape(spelling)}(?![\d]|\.\d)", header)
-            for spelling in _number_spellings(value)
-        )
-    ]
+    missing = _numbers_not_in(header, yaml.safe_load(text))
     assert not missing, f"numbers the header does not mention: {missing}"
 
 
