@@ -26,7 +26,7 @@ LAUNCH = schema_options(
 
 @with_options(
     "recipe", "output_dir", "grid", "metric", "mode", "max_rows", "set_", "dry_run", "slurm",
-    "max_parallel", "sbatch_arg", "point", "task", LAUNCH,
+    "max_parallel", "sbatch_arg", "overwrite", "point", "task", LAUNCH,
 )  # fmt: skip
 def sweep(
     recipe: Annotated[
@@ -88,6 +88,14 @@ def sweep(
             "(repeatable).",
         ),
     ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Start over the stage folders (shared or a point's) made with other settings, "
+            "e.g. another --max-rows; those made with this sweep's settings are kept.",
+        ),
+    ] = False,
     point: Annotated[
         str | None,
         typer.Option(hidden=True, help="Run one unit (a point, or 'shared') in this process."),
@@ -123,13 +131,15 @@ def sweep(
         check_sbatch()  # before anything else: nothing is planned or written without it
     launch_sets = option_values(LAUNCH, launch_given).items()
     sets = [*(set_ or []), *(f"launch.{k}={v}" for k, v in launch_sets if v is not None)]
-    planned = plan_sweep(recipe, sets, list(grid or []), metric, mode, max_rows, output_dir)
+    planned = plan_sweep(
+        recipe, sets, list(grid or []), metric, mode, max_rows, output_dir, overwrite
+    )
     # What each launched process runs (with --point UNIT): this command line, as given.
     given = sys.argv[1:]
     given = given[given.index("sweep") + 1 :] if "sweep" in given else [recipe]
     planned.child_args = _without(["sweep", *given], ("--point", "--task", "--machine-rank"))
     if slurm and point is None and task is None:
-        args = _job_args(set_, grid, metric, mode, max_rows, launch_given)
+        args = _job_args(set_, grid, metric, mode, max_rows, overwrite, launch_given)
         jobs = slurm_jobs(planned, args, max_parallel, list(sbatch_arg or []))
         if dry_run:
             print_sweep_plan(planned)
@@ -173,6 +183,7 @@ def _job_args(
     metric: str | None,
     mode: str | None,
     max_rows: int | None,
+    overwrite: bool,
     launch_given: dict[str, Any],
 ) -> list[str]:
     """The options each SLURM job of the sweep gets (the script adds the recipe, -o, the launch
@@ -181,6 +192,7 @@ def _job_args(
     args += [arg for g in grid or [] for arg in ("--grid", g)]
     for flag, value in (("--metric", metric), ("--mode", mode), ("--max-rows", max_rows)):
         args += [flag, str(value)] if value is not None else []
+    args += ["--overwrite"] if overwrite else []  # removes only folders of other settings
     for option in LAUNCH:  # given ones win over the script's (they come after)
         value = launch_given[option.name]
         if value is not None and option.name != "machine_rank":

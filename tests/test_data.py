@@ -35,6 +35,7 @@ from simpo_cli.data import (  # noqa: E402
     load_tokenizer,
     preference_messages,
     prepare,
+    prepare_reused,
     render_segments,
     sft_messages,
     show_tokens,
@@ -549,6 +550,45 @@ def test_prepare_all_rows_dropped_is_a_data_error(tok):
     assert str(err.value) == (
         "p: no usable rows: all 2 dropped (1 chosen identical to rejected, 1 empty response)"
     )
+
+
+def test_tokenized_data_is_kept_and_read_back_only_for_the_same_rows_and_settings(
+    tok, fresh_tok, tmp_path
+):
+    """prepare_reused: the first call tokenizes and keeps the result; a second with the same
+    file, tokenizer and settings reads it back (same rows, same report); another max_length,
+    max_rows, file content or chat template tokenizes anew; a source whose rows all drop is
+    not kept (its error comes again)."""
+    path = tmp_path / "pairs.jsonl"
+    rows = [pair_row("Sort: 2 1", "1 2", "2 1"), pair_row("Sort: 3 1", " ", "1 3"),
+            pair_row("Sort: 9 8 7", "7 8 9", "9 8 7")]  # fmt: skip
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    folder = tmp_path / "tokenized"
+
+    def run(source, tokenizer=tok, max_length=64):
+        raw = load_source(source, "p")
+        return prepare_reused(source, raw, tokenizer, "preference", "p", max_length, 32,
+                              "default", folder, write=True)  # fmt: skip
+
+    source = DataSource(path=str(path))
+    first, report, read = run(source)
+    assert read is None and len(list(folder.iterdir())) == 1
+    again, report_again, read = run(source)
+    assert read is not None and read.parent == folder
+    assert again.to_list() == first.to_list()
+    assert report_again.lines() == report.lines() and dict(report.dropped) == {"empty response": 1}
+    assert run(source, max_length=32)[2] is None
+    assert run(DataSource(path=str(path), max_rows=2))[2] is None
+    fresh_tok.chat_template = fresh_tok.chat_template.replace("<|eot_id|>", "<|eot_id|>\n")
+    assert run(source, tokenizer=fresh_tok)[2] is None
+    path.write_text(json.dumps(rows[0]) + "\n")
+    assert run(source)[2] is None
+    assert len(list(folder.iterdir())) == 5 and not list(folder.glob("*.partial"))
+    path.write_text(json.dumps(rows[1]) + "\n")
+    for _ in range(2):
+        with pytest.raises(DataError, match="no usable rows"):
+            run(source)
+    assert len(list(folder.iterdir())) == 5
 
 
 def test_prepare_keeps_rows_after_a_first_batch_of_dropped_rows(tok):

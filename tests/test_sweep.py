@@ -272,7 +272,7 @@ def test_a_two_phase_sweep_shares_the_sft_records_a_failure_and_resumes(cli, tmp
 def test_points_with_the_same_reference_and_pairs_share_its_log_probs(cli, tmp_path):
     """A DPO sweep over the learning rate: the reference (the recipe's model) and the pairs are
     the same at every point, so the reference log-probs are computed by the first point and
-    read from DIR/reference_logps/ by the second."""
+    read from DIR/reference_logps/ by the second; so is the tokenized data (DIR/tokenized/)."""
     out = tmp_path / "run"
     dpo = ["--set", "preference.loss=dpo", "--set", "preference.beta=0.1",
            "--set", "preference.gamma_beta_ratio=null", "--set", "preference.sft_weight=null",
@@ -291,3 +291,36 @@ def test_points_with_the_same_reference_and_pairs_share_its_log_probs(cli, tmp_p
     assert len(read) == 2 and all(line.startswith("[preference] reference log-probs of ")
                                   for line in read), read  # fmt: skip
     assert {line.rsplit(" from ", 1)[1] for line in read} == {str(f) for f in files}, read
+    # The same rows tokenized the same way: the first point keeps them, the second reads them.
+    kept = sorted(p for p in (out / "tokenized").iterdir())
+    assert len(kept) == 2 and all((p / "data_report.json").is_file() for p in kept), kept
+    assert "tokenized as before" not in first
+    read = [line for line in second.splitlines() if "tokenized as before" in line]
+    assert {line.rsplit(" from ", 1)[1] for line in read} == {str(p) for p in kept}, read
+    reports = [(out / "sweep" / name / "preference" / "data_report.txt").read_text()
+               for name in ("lr=0.001", "lr=0.0003")]  # fmt: skip
+    assert reports[0] == reports[1] and ": 32 rows read, 32 kept" in reports[0], reports
+
+    # Another --max-rows finds the points' folders made with 32 rows: refused before anything
+    # runs, a line per folder naming the change; --overwrite starts those over.
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    more = [*dpo, "--max-rows", "48", "--grid", f"{LR}=1.0e-3,3.0e-4"]
+    refused = cli("sweep", "tiny", "-o", out, *more)
+    errors = [line.removeprefix("error: ") for line in refused.errors()]
+    assert refused.code == 2 and len(errors) == 2, refused.stderr
+    for line, name in zip(errors, ("lr=0.001", "lr=0.0003"), strict=True):
+        assert line.startswith(
+            f"{out / 'sweep' / name / 'preference'}: holds a run of the "
+            "'preference' stage made with a different recipe ("
+        ), line
+        assert "max_rows: 32 -> 48" in line and line.endswith(
+            "pass --overwrite to start it over, or choose another --output-dir"
+        ), line
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+    again = cli("sweep", "tiny", "-o", out, *more, "--overwrite")
+    assert again.code == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("made with other settings; starting it over (--overwrite)") == 2
+    for name in ("lr=0.001", "lr=0.0003"):
+        report = (out / "sweep" / name / "preference" / "data_report.txt").read_text()
+        assert ": 48 rows read, 48 kept" in report, report
+    assert len(list((out / "tokenized").iterdir())) == 3  # 48 training rows: a new entry

@@ -6,7 +6,8 @@ collating batches, and showing one example (`simpo data inspect`), one module pe
 - tokenizer.py the stage's tokenizer;
 - tokenize.py  rendering, tokenizing, masking and truncating rows;
 - collate.py   padding and packing tokenized examples into batches (loads torch);
-- inspect.py   one row shown as training sees it.
+- inspect.py   one row shown as training sees it;
+- reuse.py     tokenized data kept on disk and read back (the points of a sweep).
 
 Code outside the package imports these names from simpo_cli.data; the modules inside import each
 other directly (inspect -> tokenize -> rows -> sources, tokenizer), never through this file.
@@ -26,6 +27,7 @@ _NAMES = {
         "with_lengths",
     ),
     "inspect": ("inspect_row", "show_tokens"),
+    "reuse": ("TOKENIZED_DIR", "prepare_reused"),
     "rows": (
         "PREFERENCE_COLUMNS",
         "SFT_COLUMNS",

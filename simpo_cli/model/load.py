@@ -177,3 +177,40 @@ def full_model_folder(
         barrier()
         if is_main_process():
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextmanager
+def whole_for_decoding(model, engine=None) -> Iterator[None]:
+    """Every weight of a ZeRO-3-partitioned `model` whole on this process for the while, for
+    decoding. Under ZeRO-3 a forward gathers each layer's shards from all processes at once, so
+    processes that decode their own prompts, each for as many steps as its replies need, would
+    wait on each other forever. Here each process holds the whole model once more (DeepSpeed's
+    GatheredParameters) and, when the DeepSpeed `engine` has hooked the modules (training has
+    started), the hooks that gather and release layers are taken off, so that a forward reads
+    the gathered weights and gathers nothing; they are put back as DeepSpeed first put them.
+    A model not partitioned is used as it is. (DeepSpeed's engine internals, as of 0.19: the
+    2-process ZeRO-3 rounds test in tests/test_rounds.py decodes through this.)"""
+    if not any(hasattr(p, "ds_id") for p in model.parameters()):
+        yield
+        return
+    import deepspeed
+    from deepspeed.runtime.zero import parameter_offload
+
+    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    if offload is not None:
+        # Layers the engine prefetched for a next step are in flight, neither whole nor
+        # gathered again: wait for them (DeepSpeed's own reset between steps does this).
+        offload.get_param_coordinator()._clean_inflight_param_registry()
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        if offload is not None:
+            offload._remove_module_hooks()
+        try:
+            yield
+        finally:
+            if offload is not None:
+                offload.forward_hooks, offload.backward_hooks = [], []
+                offload.setup_zero_stage3_hooks()
+                # setup_zero_stage3_hooks stacks the module a second time: keep one entry.
+                stack = parameter_offload.FWD_MODULE_STACK
+                if sum(entry is offload.module for entry in stack) > 1:
+                    stack.remove(offload.module)

@@ -30,7 +30,9 @@ class StageInstance:
     stage's console lines; `model_from` is the folder of the training instance whose model this
     one starts from (or, for generate, samples from), None for the recipe's model; `reads` maps
     the kind of each other instance whose output this one reads to its folder; `round` is the
-    round it belongs to (from 1), None outside rounds."""
+    round it belongs to (from 1), None outside rounds; `reuse_tokenized`: read its tokenized
+    data from DIR/tokenized/ when an earlier instance kept the same there, else keep it there
+    (the points of a sweep, which tokenize the same rows)."""
 
     folder: str
     kind: StageName
@@ -38,6 +40,7 @@ class StageInstance:
     model_from: str | None = None
     reads: dict[str, str] = field(default_factory=dict)
     round: int | None = None
+    reuse_tokenized: bool = False
 
     @property
     def settings(self):

@@ -21,10 +21,12 @@ import torch
 from transformers import TrainingArguments
 
 from simpo_cli.data import (
+    TOKENIZED_DIR,
     fingerprint,
     load_source,
     load_tokenizer,
     prepare,
+    prepare_reused,
     with_lengths,
 )
 from simpo_cli.distributed import barrier, is_main_process, say, world_size
@@ -115,9 +117,17 @@ def run_instance(instance: StageInstance, output_dir: Path, overwrite: bool = Fa
             continue
         role = f"{kind}.data.{split} ({source.path})"
         raw = load_source(source, role)
-        datasets_[split], report = prepare(
-            raw, tokenizer, kind, role, stage.data.max_length, max_prompt, tokenization
-        )
+        if instance.reuse_tokenized:
+            datasets_[split], report, kept = prepare_reused(
+                source, raw, tokenizer, kind, role, stage.data.max_length, max_prompt,
+                tokenization, output_dir / TOKENIZED_DIR, write=is_main_process(),
+            )  # fmt: skip
+            if kept is not None:
+                say(f"[{name}] {split} data tokenized as before: read from {kept}")
+        else:
+            datasets_[split], report = prepare(
+                raw, tokenizer, kind, role, stage.data.max_length, max_prompt, tokenization
+            )
         if how.rows is not None:
             datasets_[split] = how.rows(stage, datasets_[split])
         if split == "train" and stage.training.balanced_batches:

@@ -6,7 +6,8 @@ in DIR/sweep/<point>/<kind>, starting from the shared folders: a point is the st
 idea of the rounds (instances.py) with the recipe of the point, `--set KEY=VALUE` for each of
 its values. Every point trains with DIR as its output directory, so the preference stage's
 cached reference log-probs (DIR/reference_logps/, keyed by the reference model, the tokenized
-pairs and the chat template) are computed once for all the points that share them.
+pairs and the chat template) are computed once for all the points that share them, and so is
+their tokenized data (DIR/tokenized/, keyed by the rows, the tokenizer and the tokenization).
 
 Everything a sweep will do is checked before anything runs: each value against the schema, the
 keys' stages, every point of phase 1 as a whole recipe, the metric, the paths, and that each
@@ -25,6 +26,7 @@ No torch at import: `--dry-run` plans the sweep without it.
 from __future__ import annotations
 
 import itertools
+import shutil
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -106,6 +108,7 @@ class Sweep:
     from_flags: bool
     shared: list[StageInstance]
     short: dict[str, str]
+    overwrite: bool = False  # start over the stage folders made with other settings
     child_args: list[str] = field(default_factory=list)  # `sweep RECIPE ...` for a launch
 
     @property
@@ -128,6 +131,7 @@ def plan_sweep(
     mode: str | None,
     max_rows: int | None,
     output_dir: Path | None,
+    overwrite: bool = False,
 ) -> Sweep:
     """Check the sweep whole (UserError: one line per problem) and return it; writes nothing."""
     recipe = load_recipe(recipe_ref, sets)
@@ -139,7 +143,9 @@ def plan_sweep(
         )
     keys = list(dict.fromkeys(k for phase in settings.phases for k in phase.grid))
     out = output_folder(recipe, output_dir)
-    sweep = Sweep(recipe_ref, sets, out, recipe, settings, bool(grid), [], short_names(keys))
+    sweep = Sweep(
+        recipe_ref, sets, out, recipe, settings, bool(grid), [], short_names(keys), overwrite
+    )
     shared, refused = _shared_kinds(sweep)
     problems = list(refused.values())
     for number, phase in enumerate(settings.phases, 1):
@@ -160,8 +166,29 @@ def plan_sweep(
     check_paths(recipe, out, plan, "--output-dir" if output_dir is not None else "output_dir")
     if not launch.inside_launch() and any(i.kind in TRAINING_STAGES for i in plan):
         check_targets(recipe)
-    check_training(plan, out, overwrite=False)
+    if not overwrite:
+        _check_folders(plan, out)
+    check_training(plan, out, overwrite)
     return sweep
+
+
+def _check_folders(plan: list[StageInstance], out: Path) -> None:
+    """One line (UserError) for each stage folder of the plan made with other settings (another
+    --max-rows, a changed recipe): it would fail its point halfway through the sweep."""
+    problems = [problem for seen in plan if (problem := _other_settings(seen, out)) is not None]
+    if problems:
+        raise UserError(problems)  # each says: pass --overwrite, or choose another --output-dir
+
+
+def _other_settings(seen: StageInstance, out: Path) -> str | None:
+    """Why the instance's folder holds a run made with other settings, or None when it does
+    not (no folder, or one of this sweep's)."""
+    identity = stage_identity(redact(seen.recipe.dump()), seen.kind)
+    try:
+        StageDir(out / seen.folder).check(identity, seen.kind)
+    except UserError as err:
+        return err.messages[0]
+    return None
 
 
 def _settings(
@@ -290,7 +317,10 @@ def make_point(sweep: Sweep, phase: int, values: dict[str, Any]) -> Point:
         seen = instance(recipe, kind)
         model_from = folders.get(seen.model_from) if seen.model_from is not None else None
         reads = {k: folders.get(v, v) for k, v in seen.reads.items()}
-        made.append(StageInstance(folders[kind], kind, recipe, model_from, reads))
+        # The points tokenize the same rows: the first keeps them in DIR/tokenized/ for the rest.
+        made.append(
+            StageInstance(folders[kind], kind, recipe, model_from, reads, reuse_tokenized=True)
+        )
     return Point(phase, name, shown, recipe, made)
 
 
@@ -370,7 +400,7 @@ def print_sweep_plan(sweep: Sweep) -> None:
     if not sweep.shared:
         lines.append("  none: phase 1 sweeps a key of the pipeline's first stage")
     for shared in sweep.shared:
-        lines += stage_lines(shared, out)
+        lines += stage_lines(shared, out, _starts_over(sweep, shared))
     for number, phase in enumerate(settings.phases, 1):
         grid = " x ".join(f"{key} ({len(values)})" for key, values in phase.grid.items())
         found = points(sweep, number, {})
@@ -384,13 +414,18 @@ def print_sweep_plan(sweep: Sweep) -> None:
                 lines.append(f"  {values} (with phase {number - 1}'s best values; shown here on "
                              "the recipe's own)")  # fmt: skip
             for seen in point.instances:
-                shown = stage_lines(seen, out)
+                shown = stage_lines(seen, out, _starts_over(sweep, seen))
                 if number > 1:  # its folder is named once phase 1's best is known
                     shown = [f"  {seen.kind} (in DIR/{SWEEP_DIR}/<point>/{seen.kind})", *shown[1:]]
                 lines += ["  " + line for line in shown]
     names = list(dict.fromkeys([*sweep.shared_kinds, *sweep.recipe.pipeline]))
     lines += ["", *memory_lines(sweep.recipe, names)]
     print("\n".join(lines))
+
+
+def _starts_over(sweep: Sweep, seen: StageInstance) -> bool:
+    """Whether --overwrite starts this instance over: its folder was made with other settings."""
+    return sweep.overwrite and _other_settings(seen, sweep.out) is not None
 
 
 # --------------------------------------------------------------------------- running
@@ -434,7 +469,7 @@ def _run_point(sweep: Sweep, point: Point) -> None:
         _run(sweep, point.name, point.instances)
         return
     record = read_record(sweep.out, point)
-    if finished(sweep.out, point.instances):
+    if finished(sweep.out, point.instances, sweep.overwrite):
         print(f"[sweep] {point.name}: already finished; skipping", flush=True)
         if record.get("status") != "finished":
             write_record(sweep, point, "finished", None, record.get("seconds", 0.0))
@@ -465,7 +500,15 @@ def _run_point(sweep: Sweep, point: Point) -> None:
 
 def _run(sweep: Sweep, unit: str, plan: list[StageInstance]) -> int:
     """Run a unit's stage instances: here, or through `accelerate launch` when the recipe needs
-    more processes or DeepSpeed (each process runs `simpo sweep ... --point UNIT`)."""
+    more processes or DeepSpeed (each process runs `simpo sweep ... --point UNIT`). With
+    --overwrite, a folder made with other settings is removed first, here, before any process
+    starts (so that all of them see the same fresh folder)."""
+    if sweep.overwrite:
+        for seen in plan:
+            if _other_settings(seen, sweep.out) is not None:
+                print(f"[{seen.folder}] made with other settings; starting it over (--overwrite)",
+                      flush=True)  # fmt: skip
+                shutil.rmtree(sweep.out / seen.folder)
     if finished(sweep.out, plan):
         for seen in plan:
             print(f"[{seen.folder}] already finished in {sweep.out / seen.folder}; skipping")
@@ -477,10 +520,12 @@ def _run(sweep: Sweep, unit: str, plan: list[StageInstance]) -> int:
     return 0
 
 
-def finished(out: Path, plan: list[StageInstance]) -> bool:
+def finished(out: Path, plan: list[StageInstance], overwrite: bool = False) -> bool:
     """Whether every instance has finished; one made by another recipe is refused (UserError),
-    never taken as done."""
+    never taken as done (with `overwrite` it is not finished: it starts over)."""
     if not all(StageDir(out / seen.folder).is_complete() for seen in plan):
+        return False
+    if overwrite and any(_other_settings(seen, out) is not None for seen in plan):
         return False
     for seen in plan:
         identity = stage_identity(redact(seen.recipe.dump()), seen.kind)

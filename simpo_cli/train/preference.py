@@ -26,9 +26,8 @@ from simpo_cli.data import PreferenceCollator, add_mismatched_pairs
 from simpo_cli.distributed import all_gather, barrier, is_main_process, say, world_size
 from simpo_cli.errors import UserError
 from simpo_cli.faults import GuardedTrainer
-from simpo_cli.launch import zero_stage
 from simpo_cli.model import adapters
-from simpo_cli.model.load import load_model
+from simpo_cli.model.load import load_model, whole_for_decoding
 from simpo_cli.onpolicy.annotate import greedy_check
 from simpo_cli.outputs import StageDir
 from simpo_cli.recipe import PreferenceStage, Recipe
@@ -293,10 +292,10 @@ def after_training(recipe: Recipe, name: str, trainer, tokenizer, stage_dir: Sta
 def _greedy_check(recipe: Recipe, name: str, trainer, tokenizer) -> dict | None:
     if recipe.annotate is None or not recipe.annotate.greedy_eval:
         return None
-    if getattr(trainer, "is_deepspeed_enabled", False) and zero_stage(recipe) == 3:
-        say(f"[{name}] annotate.greedy_eval: skipped under ZeRO-3 (the weights are sharded)")
-        return None
-    return greedy_check(recipe, trainer.model, tokenizer)
+    # Under ZeRO-3 each process decodes with the whole model gathered (its size once more).
+    engine = trainer.model_wrapped if trainer.model_wrapped is not trainer.model else None
+    with whole_for_decoding(trainer.model, engine):
+        return greedy_check(recipe, trainer.model, tokenizer)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
