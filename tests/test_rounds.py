@@ -1,10 +1,14 @@
 """Iterative on-policy rounds (`rounds:`): the recipe keys and their one-line errors, the prompt
 split, each round's stage identity, the --dry-run listing, and one 2-round run of a small
-tiny-onpolicy through the real CLI (folders, start models, per-round records, the evaluate
-stage's comparison of the rounds and its plot, `simpo eval RUN_DIR`, the rerun that skips
-finished rounds, `simpo preference --round 2`)."""
+tiny-onpolicy through the real CLI on 2 processes under ZeRO-3 (folders, start models,
+per-round records with the greedy held-out check, the evaluate stage's comparison of the rounds
+and its plot, `simpo eval RUN_DIR`, SIGTERM in round 2 and the rerun that resumes it, the rerun
+that skips finished rounds, `simpo preference --round 2`); the rounds on vLLM (stood in: one
+engine per round on the model of the round before); and, outside the default suite
+(`make test-measured`), the shipped tiny-iterative whole."""
 
 import hashlib
+import importlib.machinery
 import importlib.util
 import itertools
 import json
@@ -13,6 +17,7 @@ import re
 import signal
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -356,6 +361,103 @@ def two_rounds(tmp_path_factory):
     )
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     return out, first + again.stdout, stop
+
+
+class SamplingVLLM(types.ModuleType):
+    """`vllm` stood in (no GPU here) by an engine that really samples, with transformers, from
+    the model folder it is started on: each request from a torch generator seeded with its
+    SamplingParams' seed, answered in vLLM's shape. It records every engine it starts."""
+
+    def __init__(self):
+        super().__init__("vllm")
+        self.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
+        self.engines: list[dict] = []
+        fake = self
+
+        class LLM:
+            def __init__(self, model, tokenizer, **kwargs):
+                from transformers import AutoModelForCausalLM, AutoTokenizer
+
+                fake.engines.append(
+                    {
+                        "model": model,
+                        "tokenizer": tokenizer,
+                        "devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                        **kwargs,
+                    }  # fmt: skip
+                )
+                self.model = AutoModelForCausalLM.from_pretrained(model).eval()
+                self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+
+            def generate(self, prompts, params, use_tqdm=True):
+                return [self._one(p["prompt_token_ids"], s) for p, s in zip(prompts, params,
+                                                                          strict=True)]  # fmt: skip
+
+            def _one(self, ids, params):
+                import torch
+
+                from simpo_cli.onpolicy.sampling import SamplingSettings, pick_token
+
+                settings = SamplingSettings(seeds=(0,), temperature=params.temperature,
+                                            top_p=params.top_p)  # fmt: skip
+                generator = torch.Generator().manual_seed(params.seed)
+                drawn = []
+                with torch.inference_mode():
+                    while len(drawn) < params.max_tokens:
+                        logits = self.model(torch.tensor([ids + drawn])).logits[0, -1].float()
+                        drawn.append(pick_token(logits, settings, generator))
+                        if drawn[-1] in params.stop_token_ids:
+                            break
+                done = "stop" if drawn[-1] in params.stop_token_ids else "length"
+                text = self.tokenizer.decode(drawn, skip_special_tokens=True)
+                completion = types.SimpleNamespace(text=text, token_ids=drawn, finish_reason=done)
+                return types.SimpleNamespace(prompt_token_ids=ids, outputs=[completion])
+
+        class SamplingParams:
+            def __init__(self, **kwargs):
+                self.__dict__.update(kwargs)
+
+        self.LLM, self.SamplingParams = LLM, SamplingParams
+
+
+def test_vllm_rounds_start_an_engine_on_the_model_of_the_round_before(cli, tmp_path, monkeypatch):
+    """generate.backend: vllm in rounds: each round's generate stage starts one engine (on this
+    process's GPU) on the model the round before trained, round 1 on the SFT model, and the
+    rounds train on what it sampled. vLLM and the GPU are stood in (SamplingVLLM); the stage's
+    own code runs: the backend, the engine's settings, the shards, the pairs."""
+    from gpu_stand_in import in_process_cli
+
+    from simpo_cli.onpolicy import generate, sampling
+
+    commands = in_process_cli(monkeypatch)  # each stage's own command, run in this process
+    fake = SamplingVLLM()
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setattr(sampling, "_vllm_problem", lambda: "")
+
+    class OneGPU:  # torch as the generate stage sees it: one GPU visible
+        cuda = types.SimpleNamespace(device_count=lambda: 1, is_available=lambda: True)
+
+        def __getattr__(self, name):
+            return getattr(importlib.import_module("torch"), name)
+
+    monkeypatch.setattr(generate, "torch", OneGPU())
+    out = tmp_path / "run"
+    result = cli("train", "tiny-onpolicy", "-o", str(out), *SMALL, "--set", "generate.backend=vllm",
+                 "--set", "pipeline=[sft, generate, annotate, preference]")  # fmt: skip
+    assert result.code == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert [(e["model"], e["devices"]) for e in fake.engines] == [
+        (str(out / "sft"), "0"), (str(out / "round-1" / "preference"), "0"),
+    ]  # fmt: skip
+    assert all(e["tensor_parallel_size"] == 1 and e["dtype"] == "float32" for e in fake.engines)
+    # a vLLM engine keeps its GPU until its process ends: every stage is a command of its own
+    ran = [c[:1] + c[c.index("--round") :][:2] if "--round" in c else c[:1] for c in commands]
+    kinds = ("generate", "annotate", "preference")
+    assert ran == [["sft"], *([kind, "--round", r] for r in ("1", "2") for kind in kinds)]
+    for r in (1, 2):
+        record = json.loads((out / f"round-{r}" / "round.json").read_text())
+        assert record["samples"] == 48 and record["pairs_kept"] > 0, record
+        assert (out / f"round-{r}" / "preference" / "stage_complete.json").is_file()
+    assert result.stdout.count("x 4 samples on vllm, 1 process(es)") == 2
 
 
 def test_each_round_runs_in_its_folder_from_the_previous_rounds_model(two_rounds):
