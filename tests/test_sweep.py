@@ -133,6 +133,9 @@ def test_dry_run_prints_the_shared_stages_each_phase_and_costs(cli, tmp_path):
     assert (
         "shared (run once; every point starts from them):\n  sft -> DIR/sft (starts fresh)" in out
     )
+    assert "  tokenized data of preference: kept by the first point that tokenizes it, read by " \
+           "the others (DIR/tokenized)" in out  # fmt: skip
+    assert "reference log-probs" not in out  # SimPO has no reference
     assert f"phase 1: 2 point(s): {LR} (2)" in out
     assert "  lr=0.001:\n    sweep/lr=0.001/preference -> DIR/sweep/lr=0.001/preference" in out
     assert "      start model: sft (DIR/sft)" in out

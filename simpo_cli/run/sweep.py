@@ -401,6 +401,7 @@ def print_sweep_plan(sweep: Sweep) -> None:
         lines.append("  none: phase 1 sweeps a key of the pipeline's first stage")
     for shared in sweep.shared:
         lines += stage_lines(shared, out, _starts_over(sweep, shared))
+    lines += _reused_lines(sweep)
     for number, phase in enumerate(settings.phases, 1):
         grid = " x ".join(f"{key} ({len(values)})" for key, values in phase.grid.items())
         found = points(sweep, number, {})
@@ -421,6 +422,28 @@ def print_sweep_plan(sweep: Sweep) -> None:
     names = list(dict.fromkeys([*sweep.shared_kinds, *sweep.recipe.pipeline]))
     lines += ["", *memory_lines(sweep.recipe, names)]
     print("\n".join(lines))
+
+
+def _reused_lines(sweep: Sweep) -> list[str]:
+    """What the points compute once and read after: their tokenized data, and a cached
+    reference's log-probs."""
+    trained = [
+        k for k in sweep.recipe.pipeline if k in TRAINING_STAGES and k not in sweep.shared_kinds
+    ]
+    if not trained:
+        return []
+    lines = [
+        f"  tokenized data of {', '.join(trained)}: kept by the first point that tokenizes it, "
+        f"read by the others ({sweep.out / 'tokenized'})"
+    ]
+    stage = sweep.recipe.preference
+    if "preference" in trained and stage is not None and stage.uses_reference:
+        if stage.reference.mode == "cached":
+            lines.append(
+                "  reference log-probs: computed by the first point with that reference and data, "
+                f"read by the others ({sweep.out / 'reference_logps'})"
+            )
+    return lines
 
 
 def _starts_over(sweep: Sweep, seen: StageInstance) -> bool:
