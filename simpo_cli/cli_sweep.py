@@ -113,12 +113,13 @@ def sweep(
     """Train the recipe once per point of a grid and report the best point.
 
     The stages before the first swept key's stage run once in DIR/<stage> (e.g. the SFT); each
-    point's stages run in DIR/sweep/<point>/ from them, reading the tokenized data and cached
-    reference log-probs that the first point kept (DIR/tokenized/, DIR/reference_logps/). A recipe's sweep: section may hold several
-    phases, each on top of the best point of the one before. Running the same command again
-    skips finished points and resumes a stopped one; a failed point is recorded and the others go
-    on (exit 1). The report: DIR/sweep/report.md/.csv/.json/.png, and the command that trains the
-    best point on the full data. A sweep never pushes to the hub.
+    point's stages run in DIR/sweep/<point>/ from them, reading what the first point kept:
+    tokenized data, cached reference log-probs, the shared models' benchmark answers
+    (DIR/tokenized/, DIR/reference_logps/, DIR/evaluated/). A recipe's sweep: section may hold
+    several phases, each on top of the best point of the one before. Running the same command
+    again skips finished points and resumes a stopped one; a failed point is recorded and the
+    others go on (exit 1). The report: DIR/sweep/report.md/.csv/.json/.png, and the command
+    that trains the best point on the full data. A sweep never pushes to the hub.
 
     With --slurm it is submitted with sbatch instead: a job for the shared stages, per phase one
     job array (a task per point, at most --max-parallel at once) through

@@ -273,14 +273,18 @@ def test_a_two_phase_sweep_shares_the_sft_records_a_failure_and_resumes(cli, tmp
 
 @pytest.mark.slow
 def test_points_with_the_same_reference_and_pairs_share_its_log_probs(cli, tmp_path):
-    """A DPO sweep over the learning rate: the reference (the recipe's model) and the pairs are
-    the same at every point, so the reference log-probs are computed by the first point and
-    read from DIR/reference_logps/ by the second; so is the tokenized data (DIR/tokenized/)."""
+    """A DPO sweep over the learning rate after a shared SFT: the reference (the SFT model) and
+    the pairs are the same at every point, so the reference log-probs are computed by the first
+    point and read from DIR/reference_logps/ by the second; so is the tokenized data
+    (DIR/tokenized/), and the SFT model's benchmark answers that each point's evaluate stage
+    compares with (DIR/evaluated/): sampled once, the same answers in both points' files."""
     out = tmp_path / "run"
     dpo = ["--set", "preference.loss=dpo", "--set", "preference.beta=0.1",
            "--set", "preference.gamma_beta_ratio=null", "--set", "preference.sft_weight=null",
-           "--set", "pipeline=[preference]",
-           "--set", "preference.data.eval.max_rows=16"]  # fmt: skip
+           *SMALL[:4], "--set", "pipeline=[sft, preference, evaluate]",
+           "--set", "preference.data.eval.max_rows=16",
+           "--set", "evaluate.benchmarks=[{name: alpaca_eval, temperature: 0, "
+                    "questions: benchmarks/alpaca_eval.json, max_new_tokens: 12}]"]  # fmt: skip
     done = cli("sweep", "tiny", "-o", out, *dpo, "--max-rows", "32",
                "--grid", f"{LR}=1.0e-3,3.0e-4")  # fmt: skip
     assert done.code == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -303,6 +307,19 @@ def test_points_with_the_same_reference_and_pairs_share_its_log_probs(cli, tmp_p
     reports = [(out / "sweep" / name / "preference" / "data_report.txt").read_text()
                for name in ("lr=0.001", "lr=0.0003")]  # fmt: skip
     assert reports[0] == reports[1] and ": 32 rows read, 32 kept" in reports[0], reports
+    # The SFT model's answers: sampled by the first point, kept, read by the second (each
+    # point's own model's samples are kept too: three models in all).
+    assert "samples read from" not in first
+    assert len(list((out / "evaluated").iterdir())) == 3
+    read = [line for line in second.splitlines() if "samples read from" in line]
+    assert len(read) == 1 and read[0].startswith("[evaluate] tiny-sft: alpaca_eval samples read "
+                                                 f"from {out / 'evaluated'}"), read  # fmt: skip
+    answers = [
+        json.loads((out / "sweep" / name / "evaluate/alpaca_eval/tiny-sft/model_outputs.json")
+                   .read_text())
+        for name in ("lr=0.001", "lr=0.0003")
+    ]  # fmt: skip
+    assert answers[0] == answers[1] and len(answers[0]) == 4
 
     # Another --max-rows finds the points' folders made with 32 rows: refused before anything
     # runs, a line per folder naming the change; --overwrite starts those over.
@@ -310,7 +327,8 @@ def test_points_with_the_same_reference_and_pairs_share_its_log_probs(cli, tmp_p
     more = [*dpo, "--max-rows", "48", "--grid", f"{LR}=1.0e-3,3.0e-4"]
     refused = cli("sweep", "tiny", "-o", out, *more)
     errors = [line.removeprefix("error: ") for line in refused.errors()]
-    assert refused.code == 2 and len(errors) == 2, refused.stderr
+    assert refused.code == 2 and len(errors) == 4, refused.stderr  # preference and evaluate
+    errors = [line for line in errors if "'preference' stage" in line]
     for line, name in zip(errors, ("lr=0.001", "lr=0.0003"), strict=True):
         assert line.startswith(
             f"{out / 'sweep' / name / 'preference'}: holds a run of the "
@@ -322,7 +340,8 @@ def test_points_with_the_same_reference_and_pairs_share_its_log_probs(cli, tmp_p
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
     again = cli("sweep", "tiny", "-o", out, *more, "--overwrite")
     assert again.code == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert again.stdout.count("made with other settings; starting it over (--overwrite)") == 2
+    assert again.stdout.count("made with other settings; starting it over (--overwrite)") == 4
+    assert again.stdout.count("[evaluate] tiny-sft: alpaca_eval samples read from") == 2
     for name in ("lr=0.001", "lr=0.0003"):
         report = (out / "sweep" / name / "preference" / "data_report.txt").read_text()
         assert ": 48 rows read, 48 kept" in report, report

@@ -26,7 +26,11 @@ across the processes; the main process writes the files.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
+import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -44,12 +48,14 @@ from simpo_cli.evaluate.lmeval import run_lm_eval
 from simpo_cli.evaluate.pairs import evaluate_pairs
 from simpo_cli.model import adapters
 from simpo_cli.model.adapters import ADAPTER_DIR, has_model
-from simpo_cli.model.load import full_model_folder
+from simpo_cli.model.load import full_model_folder, weights_identity
 from simpo_cli.onpolicy.annotate import gather_scores, make_scorer
 from simpo_cli.onpolicy.rewards import load_reward_function
 from simpo_cli.onpolicy.sampling import resolve_backend
 from simpo_cli.outputs import StageDir
 from simpo_cli.recipe import TRAINING_STAGES, EvaluateStage, Recipe
+
+EVALUATED_DIR = "evaluated"  # DIR/evaluated/<key>/: a sweep's shared benchmark samples
 
 
 @dataclass(frozen=True)
@@ -158,12 +164,16 @@ def evaluate_checkpoints(
     reference: str | None = None,
     against_key: str = "--against",
     held_out: Recipe | None = None,
+    shared: Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate every checkpoint; returns {"checkpoints": {label: results}, "files": [...]}
     and writes the comparison into output_dir (main process). `reference` is the reference
     model's folder (settings.reference resolved by the caller). `held_out`: a recipe with
     rounds whose held-out prompts every checkpoint also answers, scored with its reward and
-    compared row to row (rounds.py)."""
+    compared row to row (rounds.py). `shared`: where each model's benchmark samples are kept
+    once sampled (a folder per model, label and benchmark settings), so that a later evaluation
+    of the same model the same way (the next point of a sweep) reads them rather than sampling
+    them again."""
     questions, opponents = _inputs(checkpoints, settings, against_key)
     scorer = make_scorer(held_out.annotate.reward) if held_out and held_out.annotate else None
     results: dict[str, dict[str, Any]] = {}
@@ -175,7 +185,7 @@ def evaluate_checkpoints(
     ) as reference_folder:
         for checkpoint in checkpoints:
             results[checkpoint.label] = _evaluate_one(
-                checkpoint, settings, questions, output_dir, reference, reference_folder
+                checkpoint, settings, questions, output_dir, reference, reference_folder, shared
             )
             if held_out is not None and scorer is not None:
                 say(f"[evaluate] {checkpoint.label}: answering the held-out prompts")
@@ -233,9 +243,12 @@ def _inputs(checkpoints, settings, against_key: str):
     return questions, opponents
 
 
-def _evaluate_one(checkpoint, settings, questions, output_dir, reference, reference_folder):
+def _evaluate_one(
+    checkpoint, settings, questions, output_dir, reference, reference_folder, shared=None
+):
     """One checkpoint's pairs, benchmark answers and lm-eval tasks. `reference_folder` holds
-    the model `reference` names (its merged copy for an adapter)."""
+    the model `reference` names (its merged copy for an adapter); `shared`: see
+    evaluate_checkpoints."""
     work = output_dir / "checkpoints" / checkpoint.label
     entry: dict[str, Any] = {"path": checkpoint.path}
     if adapters.adapter_only(checkpoint.path) is not None:
@@ -251,8 +264,9 @@ def _evaluate_one(checkpoint, settings, questions, output_dir, reference, refere
             entry["pairs"] = _pairs(model, settings, work, reference_folder, named)
         for bench in settings.benchmarks:
             say(f"[evaluate] {checkpoint.label}: answering {bench.name}")
+            kept = _kept_samples(shared, checkpoint, path, bench, settings)
             entry.setdefault("benchmarks", {})[bench.name] = _answers(
-                model, bench, questions[bench.name], settings, output_dir, work
+                model, bench, questions[bench.name], settings, output_dir, work, kept
             )
         if settings.lm_eval is not None:
             say(f"[evaluate] {checkpoint.label}: lm-eval {', '.join(settings.lm_eval.tasks)}")
@@ -287,7 +301,40 @@ def answers_dir(output_dir: Path, benchmark: str, label: str) -> Path:
     return output_dir / benchmark
 
 
-def _answers(checkpoint, bench, questions, settings, output_dir, work) -> dict[str, Any]:
+def _kept_samples(shared: Path | None, checkpoint, path: str, bench, settings) -> Path | None:
+    """The folder under `shared` that keeps this model's samples for `bench`, keyed by its
+    weights (files, sizes, times), the folder it is read from, its label, the benchmark's
+    settings and questions, the backend and dtype."""
+    if shared is None:
+        return None
+    questions = Path(bench.questions) if bench.questions else None
+    what = {
+        "model": weights_identity(checkpoint.path),
+        "read_from": path,
+        "label": checkpoint.label,
+        "benchmark": bench.model_dump(),
+        "questions": hashlib.sha256(questions.read_bytes()).hexdigest()
+        if questions is not None and questions.is_file()
+        else None,
+        "backend": settings.backend,
+        "dtype": settings.dtype,
+    }
+    key = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+    return shared / key[:32]
+
+
+def _answers(checkpoint, bench, questions, settings, output_dir, work, kept=None):
+    """One checkpoint's answers to one benchmark. With `kept` (_kept_samples): the samples an
+    earlier evaluation kept there are copied in first, so that only what is missing is sampled
+    (nothing, when it finished), and once all are sampled they are kept there for the next.
+    Points running at once each sample for themselves; the first to finish keeps its samples."""
+    generation = work / bench.name / "generation"
+    if kept is not None and kept.is_dir() and not generation.exists():
+        if is_main_process():
+            say(f"[evaluate] {checkpoint.label}: {bench.name} samples read from {kept}, as an "
+                "earlier evaluation of this model left them")  # fmt: skip
+            shutil.copytree(kept, generation)
+        barrier()
     summary = answer_benchmark(
         checkpoint.path,
         bench.name,
@@ -304,6 +351,14 @@ def _answers(checkpoint, bench, questions, settings, output_dir, work) -> dict[s
         questions,
         exact_match=bench.exact_match,
     )
+    if kept is not None and is_main_process() and not kept.exists():
+        # Whole or not at all: a folder of its own, renamed into place.
+        partial = kept.with_name(f"{kept.name}.{uuid.uuid4().hex}.partial")
+        shutil.copytree(generation, partial)
+        try:
+            os.replace(partial, kept)
+        except OSError:  # another point kept the same samples first
+            shutil.rmtree(partial, ignore_errors=True)
     counts = answer_counts(summary, questions)
     say(f"[evaluate] {checkpoint.label}: wrote {summary['answers']} ({counts})")
     return summary
@@ -383,10 +438,13 @@ def _win_rates(checkpoints, bench, questions, opponent, settings, output_dir, re
         results[checkpoint.label]["benchmarks"][bench.name]["win_rate"] = summary
 
 
-def run(recipe, stage: EvaluateStage, stage_dir: StageDir, output_dir: Path) -> dict[str, Any]:
+def run(
+    recipe, stage: EvaluateStage, stage_dir: StageDir, output_dir: Path, shared: Path | None = None
+) -> dict[str, Any]:
     """The evaluate stage: the recipe's checkpoints (its training stages' folders in output_dir,
     labelled <recipe>-<stage>, every round's model with rounds, or model folders) into the stage
-    folder; returns the comparison rows for stage_complete.json."""
+    folder; returns the comparison rows for stage_complete.json. `shared`: see
+    evaluate_checkpoints (a sweep's points)."""
 
     def folder(entry: str | None) -> str | None:
         # With rounds, a stage they repeat stands for its last round's folder.
@@ -414,6 +472,7 @@ def run(recipe, stage: EvaluateStage, stage_dir: StageDir, output_dir: Path) -> 
         folder(stage.reference),
         "evaluate.benchmarks.against",
         recipe if recipe.compares_rounds() else None,
+        shared,
     )
     columns, rows = compare.comparison_rows(result["checkpoints"])
     say(compare.markdown_table(columns, rows).rstrip())

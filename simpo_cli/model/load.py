@@ -21,6 +21,7 @@ from simpo_cli.errors import UserError
 from simpo_cli.launch import LAUNCH_ID
 from simpo_cli.model.adapters import (
     RECIPE_FILE,
+    adapter_folder,
     adapter_only,
     merged,
     quantization_config,
@@ -177,6 +178,22 @@ def full_model_folder(
         barrier()
         if is_main_process():
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def weights_identity(source: str) -> dict[str, Any]:
+    """What decides a saved model's weights, cheaply: a folder's weight files and config (name,
+    size, modification time; its adapter's too), or a hub name as given."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return {"name": source}
+    adapter = adapter_folder(folder)
+    files = sorted(
+        (str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+        for where in [folder] + ([adapter] if adapter not in (None, folder) else [])
+        for p in where.iterdir()
+        if p.suffix in (".safetensors", ".bin") or p.name in ("config.json", "base.json")
+    )
+    return {"folder": str(folder.resolve()), "files": files}
 
 
 @contextmanager

@@ -30,9 +30,10 @@ class StageInstance:
     stage's console lines; `model_from` is the folder of the training instance whose model this
     one starts from (or, for generate, samples from), None for the recipe's model; `reads` maps
     the kind of each other instance whose output this one reads to its folder; `round` is the
-    round it belongs to (from 1), None outside rounds; `reuse_tokenized`: read its tokenized
-    data from DIR/tokenized/ when an earlier instance kept the same there, else keep it there
-    (the points of a sweep, which tokenize the same rows)."""
+    round it belongs to (from 1), None outside rounds; `sweep_point`: a stage of a sweep's
+    point, which reads what an earlier point computed the same way (its tokenized data in
+    DIR/tokenized/, an evaluated model's benchmark answers in DIR/evaluated/) and keeps there
+    what it computes first."""
 
     folder: str
     kind: StageName
@@ -40,7 +41,7 @@ class StageInstance:
     model_from: str | None = None
     reads: dict[str, str] = field(default_factory=dict)
     round: int | None = None
-    reuse_tokenized: bool = False
+    sweep_point: bool = False
 
     @property
     def settings(self):

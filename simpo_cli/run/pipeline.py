@@ -117,7 +117,7 @@ def run_instance(instance: StageInstance, output_dir: Path, overwrite: bool = Fa
             continue
         role = f"{kind}.data.{split} ({source.path})"
         raw = load_source(source, role)
-        if instance.reuse_tokenized:
+        if instance.sweep_point:
             datasets_[split], report, kept = prepare_reused(
                 source, raw, tokenizer, kind, role, stage.data.max_length, max_prompt,
                 tokenization, output_dir / TOKENIZED_DIR, write=is_main_process(),

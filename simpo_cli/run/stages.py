@@ -97,7 +97,9 @@ def _annotate(instance, stage_dir, start_from, output_dir):
 
 
 def _evaluate(instance, stage_dir, start_from, output_dir):
-    summary = checkpoints.run(instance.recipe, instance.settings, stage_dir, output_dir)
+    # A sweep's point evaluates the shared models as every other point does: sampled once.
+    shared = output_dir / checkpoints.EVALUATED_DIR if instance.sweep_point else None
+    summary = checkpoints.run(instance.recipe, instance.settings, stage_dir, output_dir, shared)
     if is_main_process():
         _cards_with_table(instance.recipe, stage_dir, output_dir)
     return summary

@@ -317,10 +317,9 @@ def make_point(sweep: Sweep, phase: int, values: dict[str, Any]) -> Point:
         seen = instance(recipe, kind)
         model_from = folders.get(seen.model_from) if seen.model_from is not None else None
         reads = {k: folders.get(v, v) for k, v in seen.reads.items()}
-        # The points tokenize the same rows: the first keeps them in DIR/tokenized/ for the rest.
-        made.append(
-            StageInstance(folders[kind], kind, recipe, model_from, reads, reuse_tokenized=True)
-        )
+        # The points tokenize the same rows and evaluate the shared models: the first point
+        # keeps what it computes (DIR/tokenized/, DIR/evaluated/) for the rest.
+        made.append(StageInstance(folders[kind], kind, recipe, model_from, reads, sweep_point=True))
     return Point(phase, name, shown, recipe, made)
 
 
@@ -425,8 +424,8 @@ def print_sweep_plan(sweep: Sweep) -> None:
 
 
 def _reused_lines(sweep: Sweep) -> list[str]:
-    """What the points compute once and read after: their tokenized data, and a cached
-    reference's log-probs."""
+    """What the points compute once and read after: their tokenized data, the benchmark
+    answers of the models they evaluate, and a cached reference's log-probs."""
     trained = [
         k for k in sweep.recipe.pipeline if k in TRAINING_STAGES and k not in sweep.shared_kinds
     ]
@@ -436,6 +435,11 @@ def _reused_lines(sweep: Sweep) -> list[str]:
         f"  tokenized data of {', '.join(trained)}: kept by the first point that tokenizes it, "
         f"read by the others ({sweep.out / 'tokenized'})"
     ]
+    if "evaluate" in sweep.recipe.pipeline:
+        lines.append(
+            "  benchmark answers of each model evaluated (the shared ones at every point): "
+            f"sampled once, read after ({sweep.out / 'evaluated'})"
+        )
     stage = sweep.recipe.preference
     if "preference" in trained and stage is not None and stage.uses_reference:
         if stage.reference.mode == "cached":

@@ -26,8 +26,7 @@ from simpo_cli.data import PreferenceCollator, add_mismatched_pairs
 from simpo_cli.distributed import all_gather, barrier, is_main_process, say, world_size
 from simpo_cli.errors import UserError
 from simpo_cli.faults import GuardedTrainer
-from simpo_cli.model import adapters
-from simpo_cli.model.load import load_model, whole_for_decoding
+from simpo_cli.model.load import load_model, weights_identity, whole_for_decoding
 from simpo_cli.onpolicy.annotate import greedy_check
 from simpo_cli.outputs import StageDir
 from simpo_cli.recipe import PreferenceStage, Recipe
@@ -465,17 +464,7 @@ def _model_identity(source: str | None, recipe: Recipe) -> dict[str, Any]:
     modification time), a hub name, or the seeded config of a from_config model."""
     if source is None:
         return {"from_config": recipe.model.config, "seed": recipe.first_stage_seed()}
-    folder = Path(source)
-    if not folder.is_dir():
-        return {"name": source}
-    adapter = adapters.adapter_folder(folder)
-    files = sorted(
-        (str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
-        for where in [folder] + ([adapter] if adapter not in (None, folder) else [])
-        for p in where.iterdir()
-        if p.suffix in (".safetensors", ".bin") or p.name in ("config.json", "base.json")
-    )
-    return {"folder": str(folder.resolve()), "files": files}
+    return weights_identity(source)
 
 
 def _reference_key(identity: dict[str, Any], dataset, tokenizer) -> str:
