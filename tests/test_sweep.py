@@ -325,6 +325,12 @@ def test_points_with_the_same_reference_and_pairs_share_its_log_probs(cli, tmp_p
     # runs, a line per folder naming the change; --overwrite starts those over.
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     more = [*dpo, "--max-rows", "48", "--grid", f"{LR}=1.0e-3,3.0e-4"]
+    plan = cli("sweep", "tiny", "-o", out, *dpo, "--max-rows", "32",
+               "--grid", f"{LR}=1.0e-3,3.0e-4", "--dry-run").stdout  # fmt: skip
+    assert f"  sft -> {out / 'sft'} (finished, will be skipped)\n" in plan
+    assert "--overwrite reruns it" not in plan  # a sweep's --overwrite reruns other settings only
+    plan = cli("sweep", "tiny", "-o", out, *more, "--dry-run", "--overwrite").stdout
+    assert plan.count("(starts over: --overwrite)") == 4 and "(finished, will be skipped)" in plan
     refused = cli("sweep", "tiny", "-o", out, *more)
     errors = [line.removeprefix("error: ") for line in refused.errors()]
     assert refused.code == 2 and len(errors) == 4, refused.stderr  # preference and evaluate

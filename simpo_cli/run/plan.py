@@ -124,9 +124,12 @@ def _unused_overrides(recipe: Recipe) -> str | None:
     )
 
 
-def stage_lines(instance: StageInstance, out: Path, overwrite: bool = False) -> list[str]:
+def stage_lines(
+    instance: StageInstance, out: Path, overwrite: bool = False, in_sweep: bool = False
+) -> list[str]:
     """A stage instance in the plan: its folder and state (fresh, resumes, finished), where its
-    model starts, and for a training stage its batch and optimizer steps."""
+    model starts, and for a training stage its batch and optimizer steps. `in_sweep`: a sweep's
+    plan, whose --overwrite reruns only folders made with other settings."""
     recipe, name = instance.recipe, instance.kind
     stage_dir = StageDir(out / instance.folder)
     checkpoint = stage_dir.last_checkpoint()
@@ -141,7 +144,7 @@ def stage_lines(instance: StageInstance, out: Path, overwrite: bool = False) -> 
     elif other_recipe is not None:
         state = f"stops: {other_recipe}"
     elif stage_dir.is_complete():
-        state = "finished, will be skipped; --overwrite reruns it"
+        state = "finished, will be skipped" + ("" if in_sweep else "; --overwrite reruns it")
     elif checkpoint is not None:
         state = f"resumes from {checkpoint.name}"
     else:

@@ -399,7 +399,7 @@ def print_sweep_plan(sweep: Sweep) -> None:
     if not sweep.shared:
         lines.append("  none: phase 1 sweeps a key of the pipeline's first stage")
     for shared in sweep.shared:
-        lines += stage_lines(shared, out, _starts_over(sweep, shared))
+        lines += stage_lines(shared, out, _starts_over(sweep, shared), in_sweep=True)
     lines += _reused_lines(sweep)
     for number, phase in enumerate(settings.phases, 1):
         grid = " x ".join(f"{key} ({len(values)})" for key, values in phase.grid.items())
@@ -414,7 +414,7 @@ def print_sweep_plan(sweep: Sweep) -> None:
                 lines.append(f"  {values} (with phase {number - 1}'s best values; shown here on "
                              "the recipe's own)")  # fmt: skip
             for seen in point.instances:
-                shown = stage_lines(seen, out, _starts_over(sweep, seen))
+                shown = stage_lines(seen, out, _starts_over(sweep, seen), in_sweep=True)
                 if number > 1:  # its folder is named once phase 1's best is known
                     shown = [f"  {seen.kind} (in DIR/{SWEEP_DIR}/<point>/{seen.kind})", *shown[1:]]
                 lines += ["  " + line for line in shown]
