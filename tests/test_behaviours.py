@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -491,6 +492,7 @@ def test_two_machines_on_localhost_train_one_stage_together(tmp_path):
                 stderr=subprocess.PIPE,
                 text=True,
                 start_new_session=True,
+                env={**os.environ, "PYTHONFAULTHANDLER": "1"},
             )
         )
     outputs = []
@@ -498,7 +500,25 @@ def test_two_machines_on_localhost_train_one_stage_together(tmp_path):
         for machine in machines:
             outputs.append(machine.communicate(timeout=240))
     except subprocess.TimeoutExpired:
-        pytest.fail("the two machines did not finish within 240 s")
+        # Where each process waits: PYTHONFAULTHANDLER prints every thread's stack on SIGABRT.
+        hung = [psutil.Process(m.pid) for m in machines if m.poll() is None]
+        hung += [child for front in list(hung) for child in front.children(recursive=True)]
+        for process in hung:
+            process.send_signal(signal.SIGABRT)
+        psutil.wait_procs(hung, timeout=10)
+        for process in hung:
+            if process.is_running():
+                process.kill()
+        said = [machine.communicate() for machine in machines[len(outputs) :]]
+        stacks = [
+            "\n".join(line for line in err.splitlines() if not line.startswith("Extension modules"))
+            for _, err in outputs + said
+        ]
+        tails = [
+            f"machine {rank}:\n{out[-1500:]}\n{stack[-8000:]}"
+            for rank, ((out, _), stack) in enumerate(zip(outputs + said, stacks, strict=True))
+        ]
+        pytest.fail("the two machines did not finish within 240 s\n" + "\n".join(tails))
     finally:
         for machine in machines:
             if machine.poll() is None:

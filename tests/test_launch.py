@@ -306,6 +306,12 @@ PIPELINE_SETS = [
 ]
 
 
+def own_port() -> list[str]:
+    """A port free now: the default (29500) may be held by another worker's run, and two
+    launches that pass the port check together would rendezvous on one port."""
+    return ["--main-process-port", str(free_port())]
+
+
 def _train_pipeline(out: Path, start: Path, *extra: str) -> subprocess.CompletedProcess:
     sets = [*PIPELINE_SETS, f"model.name_or_path={start}"]
     args = [a for s in sets for a in ("--set", s)]
@@ -330,7 +336,7 @@ def test_two_processes_match_one(tmp_path, start_model, single):
     test_zero3_trains_like_one_process.)"""
     out = tmp_path / "out"
     extra = ["--num-processes", "2", "--set", "preference.training.per_device_train_batch_size=4"]
-    result = _train_pipeline(out, start_model, *extra)
+    result = _train_pipeline(out, start_model, *extra, *own_port())
     assert result.returncode == 0, result.stderr[-3000:]
     assert "launching: accelerate launch --num_processes 2" in result.stdout
     _assert_trains_like(out, single, None, 1e-5)
@@ -392,7 +398,7 @@ def test_zero3_trains_like_one_process(tmp_path, start_model, single):
     extra = ["--num-processes", "2", "--deepspeed", "zero3",
              "--set", "preference.training.per_device_train_batch_size=4"]  # fmt: skip
     out = tmp_path / "out"
-    result = _train_pipeline(out, start_model, *extra)
+    result = _train_pipeline(out, start_model, *extra, *own_port())
     assert result.returncode == 0, result.stderr[-3000:]
     sft = AutoModelForCausalLM.from_pretrained(out / "sft")
     assert sft.model.embed_tokens.weight.shape == (320, 64)
@@ -510,7 +516,8 @@ def test_reference_losses_under_zero3_match_one_process(tmp_path, start_model):
     runs = {}
     for mode in ("cached", "live"):
         out = tmp_path / mode
-        result = _train(out, start_model, *kto, *two, "--set", f"preference.reference.mode={mode}")
+        result = _train(out, start_model, *kto, *two, "--set", f"preference.reference.mode={mode}",
+                        *own_port())  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
         runs[mode] = _losses(out)
     assert runs["cached"][0] == pytest.approx(runs["live"][0], rel=1e-5)
