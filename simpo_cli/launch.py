@@ -11,6 +11,8 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -131,12 +133,13 @@ def run(command: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     assert command[:2] == ["accelerate", "launch"], command
-    os.environ[LAUNCHED_ENV] = "1"  # the children must run in place, not launch again
-    # torchrun's agent would answer SIGTERM and SIGINT by killing the training processes 30 s
-    # later, whether or not their checkpoint is written: those signals are ours.
-    os.environ["PET_SIGNALS_TO_HANDLE"] = "SIGHUP,SIGQUIT"
     args = launch_command_parser().parse_args(command[2:])
-    with stops.forwarding() as stop:
+    # The children must run in place, not launch again; torchrun's agent would answer SIGTERM
+    # and SIGINT by killing the training processes 30 s later, whether or not their checkpoint
+    # is written: those signals are ours. This process's environment is given back after, so
+    # that it can launch again (a sweep's next point, the next stage run alone).
+    children = {LAUNCHED_ENV: "1", "PET_SIGNALS_TO_HANDLE": "SIGHUP,SIGQUIT"}
+    with stops.forwarding() as stop, _environment(children):
         try:
             accelerate_launch(args)
             return 0
@@ -156,6 +159,21 @@ def run(command: list[str]) -> int:
         file=sys.stderr,
     )
     return first_code if first_code > 0 else EXIT_FAILURE
+
+
+@contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """These environment variables set while the block runs, then as they were."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def run_exit_code(codes: list[int], stopping: bool) -> int | None:

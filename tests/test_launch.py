@@ -452,7 +452,9 @@ def test_a_dying_rank_stops_the_others(tmp_path, start_model):
 @pytest.mark.parametrize(("exit_code", "expected"), [(7, 7), (-9, EXIT_FAILURE)])
 def test_a_crashed_process_s_exit_code_ends_the_run(monkeypatch, capsys, exit_code, expected):
     """torchrun's agent reports rank 1 failed with `exit_code` (a negative one: killed by that
-    signal): the run ends with that exit code, or 1 when there is none (README "Exit codes")."""
+    signal): the run ends with that exit code, or 1 when there is none (README "Exit codes").
+    The children's environment is set while they run and this process's given back after: a
+    sweep launches its next point from the same process."""
     import accelerate.commands.launch
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
@@ -460,15 +462,19 @@ def test_a_crashed_process_s_exit_code_ends_the_run(monkeypatch, capsys, exit_co
 
     failure = ProcessFailure(local_rank=1, pid=4242, exitcode=exit_code, error_file="")
     crash = ChildFailedError("simpo_cli.cli", {1: failure})
+    seen = []
 
     def crashed(args) -> None:
+        seen.append((launch.inside_launch(), os.environ["PET_SIGNALS_TO_HANDLE"]))
         raise crash
 
     monkeypatch.setattr(accelerate.commands.launch, "launch_command", crashed)
-    monkeypatch.setenv(launch.LAUNCHED_ENV, "")  # run() sets these: give them back after
-    monkeypatch.setenv("PET_SIGNALS_TO_HANDLE", "")
+    monkeypatch.delenv(launch.LAUNCHED_ENV, raising=False)
+    monkeypatch.setenv("PET_SIGNALS_TO_HANDLE", "SIGTERM")
     command = launch.accelerate_command(LaunchSettings(num_processes=2), "no", ["preference"])
     assert launch.run(command) == expected
+    assert seen == [(True, "SIGHUP,SIGQUIT")]
+    assert not launch.inside_launch() and os.environ["PET_SIGNALS_TO_HANDLE"] == "SIGTERM"
     assert f"error: training process rank 1 failed (exit code {exit_code})" in (
         capsys.readouterr().err
     )

@@ -4,11 +4,13 @@ sbatch on PATH too), the --dry-run plan (shared stages, each phase's points and 
 metric names kept in step with the preference stage, and one small two-phase sweep of the tiny
 recipe through the real CLI (the SFT trained once and shared, a point that fails at run time
 recorded while the others finish, phase 2 on phase 1's best, the report and its order, the best
-point's command, and the rerun that skips finished points)."""
+point's command, and the rerun that skips finished points); points launched on 2 processes."""
 
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -352,3 +354,38 @@ def test_points_with_the_same_reference_and_pairs_share_its_log_probs(cli, tmp_p
         report = (out / "sweep" / name / "preference" / "data_report.txt").read_text()
         assert ": 48 rows read, 48 kept" in report, report
     assert len(list((out / "tokenized").iterdir())) == 3  # 48 training rows: a new entry
+
+
+@pytest.mark.slow
+def test_each_point_runs_under_the_recipe_s_launch(tmp_path):
+    """With 2 processes each point is `accelerate launch`ed as `simpo sweep ... --point NAME`:
+    both points train on 2 processes (world size 2, each step logged once, by rank 0), the
+    processes leave their process group and exit cleanly, and the report has both points."""
+    from simpo_cli.launch import free_port
+
+    out = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "simpo_cli", "sweep", "tiny", "-o", str(out),
+        "--set", "pipeline=[preference]", "--set", "preference.data.eval.max_rows=16",
+        "--set", "preference.training.total_batch_size=null",
+        "--set", "preference.training.per_device_train_batch_size=4",
+        "--set", "preference.training.logging_steps=1",
+        "--max-rows", "16", "--grid", f"{LR}=1.0e-3,3.0e-4",
+        "--num-processes", "2", "--main-process-port", str(free_port()),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "terminate called" not in done.stderr
+    names = ("lr=0.001", "lr=0.0003")
+    for name in names:
+        launched = [line for line in done.stdout.splitlines() if line.startswith("launching: ")]
+        assert any(
+            "--num_processes 2 " in line and line.endswith(f"--point {name}") for line in launched
+        ), launched
+        stage = out / "sweep" / name / "preference"
+        assert json.loads((stage / "reproducibility.json").read_text())["world_size"] == 2
+        logged = [json.loads(x) for x in (stage / "metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in logged if "loss" in m] == [1, 2], "each step once, by rank 0"
+    rows = json.loads((out / "sweep" / "report.json").read_text())["points"]
+    assert sorted(r["point"] for r in rows) == sorted(names)
+    assert all(r["status"] == "finished" and 0 <= r["metric"] <= 1 for r in rows), rows

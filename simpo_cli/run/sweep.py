@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from simpo_cli import launch, progress, stops
-from simpo_cli.errors import EXIT_FAILURE, Preempted, UserError
+from simpo_cli.errors import EXIT_FAILURE, NonFiniteError, Preempted, UserError
 from simpo_cli.evaluate.compare import PAIR_COLUMNS
 from simpo_cli.model.adapters import check_targets
 from simpo_cli.outputs import StageDir
@@ -573,7 +573,19 @@ def _run_here(out: Path, plan: list[StageInstance]) -> None:
 
 def run_unit(sweep: Sweep, unit: str) -> None:
     """Run one unit in this process: the shared stages (`shared`) or the point named `unit`
-    (a later phase's after the phases before it have finished)."""
+    (a later phase's after the phases before it have finished). A launched process leaves its
+    process group at the end, as `simpo train`'s do (distributed.shutdown)."""
+    from simpo_cli.distributed import shutdown
+
+    try:
+        _run_unit_here(sweep, unit)
+    except (Preempted, NonFiniteError):
+        shutdown()  # every process stopped after the same step, together
+        raise
+    shutdown()
+
+
+def _run_unit_here(sweep: Sweep, unit: str) -> None:
     if unit == SHARED:
         _run_here(sweep.out, sweep.shared)
         return
