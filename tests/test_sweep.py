@@ -346,6 +346,13 @@ def test_points_with_the_same_reference_and_pairs_share_its_log_probs(cli, tmp_p
             "pass --overwrite to start it over, or choose another --output-dir"
         ), line
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+    # On SLURM the same: the SFT is done, both points are submitted again (their jobs remove
+    # the folders: each job gets --overwrite).
+    plan = cli("sweep", "tiny", "-o", out, *more, "--overwrite", "--slurm", "--dry-run")
+    assert plan.code == 0, plan.stdout[-3000:] + plan.stderr[-3000:]
+    jobs = [line.strip() for line in plan.stdout.splitlines() if "=$(sbatch --parsable" in line]
+    assert [line.split("=$(")[0] for line in jobs] == ["phase1", "report1"], jobs
+    assert "--array=0-1 " in jobs[0] and " --overwrite " in jobs[0], jobs[0]
     again = cli("sweep", "tiny", "-o", out, *more, "--overwrite")
     assert again.code == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert again.stdout.count("made with other settings; starting it over (--overwrite)") == 4

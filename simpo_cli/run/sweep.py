@@ -496,7 +496,8 @@ def _run_point(sweep: Sweep, point: Point) -> None:
         _run(sweep, point.name, point.instances)
         return
     record = read_record(sweep.out, point)
-    if finished(sweep.out, point.instances, sweep.overwrite):
+    _start_over(sweep, point.instances)
+    if finished(sweep.out, point.instances):
         print(f"[sweep] {point.name}: already finished; skipping", flush=True)
         if record.get("status") != "finished":
             write_record(sweep, point, "finished", None, record.get("seconds", 0.0))
@@ -527,15 +528,8 @@ def _run_point(sweep: Sweep, point: Point) -> None:
 
 def _run(sweep: Sweep, unit: str, plan: list[StageInstance]) -> int:
     """Run a unit's stage instances: here, or through `accelerate launch` when the recipe needs
-    more processes or DeepSpeed (each process runs `simpo sweep ... --point UNIT`). With
-    --overwrite, a folder made with other settings is removed first, here, before any process
-    starts (so that all of them see the same fresh folder)."""
-    if sweep.overwrite:
-        for seen in plan:
-            if _other_settings(seen, sweep.out) is not None:
-                print(f"[{seen.folder}] made with other settings; starting it over (--overwrite)",
-                      flush=True)  # fmt: skip
-                shutil.rmtree(sweep.out / seen.folder)
+    more processes or DeepSpeed (each process runs `simpo sweep ... --point UNIT`)."""
+    _start_over(sweep, plan)
     if finished(sweep.out, plan):
         for seen in plan:
             print(f"[{seen.folder}] already finished in {sweep.out / seen.folder}; skipping")
@@ -547,12 +541,30 @@ def _run(sweep: Sweep, unit: str, plan: list[StageInstance]) -> int:
     return 0
 
 
-def finished(out: Path, plan: list[StageInstance], overwrite: bool = False) -> bool:
-    """Whether every instance has finished; one made by another recipe is refused (UserError),
-    never taken as done (with `overwrite` it is not finished: it starts over)."""
-    if not all(StageDir(out / seen.folder).is_complete() for seen in plan):
+def _start_over(sweep: Sweep, plan: list[StageInstance]) -> None:
+    """With --overwrite, remove the folders made with other settings: here, before any process
+    starts (so that all of them see the same fresh folder)."""
+    if not sweep.overwrite:
+        return
+    for seen in plan:
+        if _other_settings(seen, sweep.out) is not None:
+            print(f"[{seen.folder}] made with other settings; starting it over (--overwrite)",
+                  flush=True)  # fmt: skip
+            shutil.rmtree(sweep.out / seen.folder)
+
+
+def finished_as_planned(sweep: Sweep, plan: list[StageInstance]) -> bool:
+    """Whether every instance has finished, as the sweep will see it: with --overwrite, one
+    made with other settings has not (its job removes it and starts it over)."""
+    if sweep.overwrite and any(_other_settings(seen, sweep.out) is not None for seen in plan):
         return False
-    if overwrite and any(_other_settings(seen, out) is not None for seen in plan):
+    return finished(sweep.out, plan)
+
+
+def finished(out: Path, plan: list[StageInstance]) -> bool:
+    """Whether every instance has finished; one made by another recipe is refused (UserError),
+    never taken as done."""
+    if not all(StageDir(out / seen.folder).is_complete() for seen in plan):
         return False
     for seen in plan:
         identity = stage_identity(redact(seen.recipe.dump()), seen.kind)

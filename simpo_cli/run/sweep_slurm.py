@@ -49,7 +49,7 @@ from simpo_cli.run.sweep import (
     SWEEP_DIR,
     Point,
     Sweep,
-    finished,
+    finished_as_planned,
     points,
 )
 from simpo_cli.run.sweep_report import REPORT, best_point, read_record
@@ -112,7 +112,7 @@ def slurm_jobs(
     jobs: list[Job] = []
     script = [str(SBATCH_SCRIPT), *args, "--task"]
     after: str | None = None  # the key of the job the next array waits for
-    if sweep.shared and not finished(out, sweep.shared):
+    if sweep.shared and not finished_as_planned(sweep, sweep.shared):
         log = str(logs / "shared-%j.out")
         flags = [f"--job-name={sweep.recipe.name}-shared", f"--output={log}", *sbatch_args]
         kinds = ", ".join(sweep.shared_kinds)
@@ -181,8 +181,8 @@ def _phase_now(sweep: Sweep, number: int) -> list[Point]:
 
 
 def _done(sweep: Sweep, point: Point) -> bool:
-    return read_record(sweep.out, point).get("status") == "finished" and finished(
-        sweep.out, point.instances
+    return read_record(sweep.out, point).get("status") == "finished" and finished_as_planned(
+        sweep, point.instances
     )
 
 
