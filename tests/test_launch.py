@@ -584,3 +584,22 @@ def test_zero3_packed_chunked_logps_and_gradients(tmp_path):
                           result.stdout)  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert sorted(verdicts) == [("gemma2", "ok")] * 2 + [("llama", "ok")] * 2, result.stdout
+
+
+@pytest.mark.slow
+def test_zero3_processes_decode_alone_between_training_steps(tmp_path):
+    """tests/zero3_decode_worker.py under torchrun with 2 processes: between ZeRO-3 training
+    steps each process decodes greedily for its own number of tokens with the weights gathered
+    whole (model/load.py whole_for_decoding, what the rounds' greedy check runs in); the tokens
+    are those of the same weights without DeepSpeed, DeepSpeed's hooks are back after, and the
+    next two steps' losses match. Without whole_for_decoding the processes' gathers mismatch."""
+    worker = Path(__file__).parent / "zero3_decode_worker.py"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", str(free_port()), str(worker)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    line = r"rank (\d): decoded (\d+) tokens equal, hooks restored, .*? (ok|MISMATCH)"
+    verdicts = re.findall(line, result.stdout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert sorted(verdicts) == [("0", "3", "ok"), ("1", "9", "ok")], result.stdout

@@ -205,8 +205,9 @@ def whole_for_decoding(model, engine=None) -> Iterator[None]:
     GatheredParameters) and, when the DeepSpeed `engine` has hooked the modules (training has
     started), the hooks that gather and release layers are taken off, so that a forward reads
     the gathered weights and gathers nothing; they are put back as DeepSpeed first put them.
-    A model not partitioned is used as it is. (DeepSpeed's engine internals, as of 0.19: the
-    2-process ZeRO-3 rounds test in tests/test_rounds.py decodes through this.)"""
+    A model not partitioned is used as it is. (DeepSpeed's engine internals, as of 0.19:
+    tests/test_launch.py::test_zero3_processes_decode_alone_between_training_steps decodes
+    through this on 2 processes between training steps.)"""
     if not any(hasattr(p, "ds_id") for p in model.parameters()):
         yield
         return
