@@ -907,3 +907,49 @@ def test_mismatched_pairs_join_each_prompt_to_the_next_rows_chosen_response(tok)
     cut = add_mismatched_pairs(pairs, max_length=16 + 2)
     assert cut["kl_ids"] == [p + r[:2] for p, r in zip(prompts, following, strict=True)]
     assert cut["kl_labels"] == [masked(16) + r[:2] for r in following]
+
+
+def test_a_kept_entry_is_written_whole_once_and_killed_writers_leftovers_go(tmp_path):
+    """keep_whole (DIR/tokenized, DIR/evaluated): the first writer's entry stays, a second
+    writer's is dropped; a write that fails leaves nothing; the next writer removes what a
+    writer on this machine that was killed mid-write left (its process is gone), not what a
+    running process or another machine is writing."""
+    import socket
+    import subprocess
+
+    from simpo_cli.data.reuse import PARTIAL, keep_whole
+
+    def writes(text: str):
+        def write(folder: Path) -> None:
+            folder.mkdir()
+            (folder / "a.txt").write_text(text)
+
+        return write
+
+    entry = tmp_path / "kept" / "key"
+    assert keep_whole(entry, writes("first"))
+    assert not keep_whole(entry, writes("second"))
+    assert (entry / "a.txt").read_text() == "first"
+
+    def fails(folder: Path) -> None:
+        folder.mkdir()
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        keep_whole(tmp_path / "kept" / "other", fails)
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["key"]
+
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    host = socket.gethostname()
+    left = {
+        "killed": f"a{PARTIAL}{ended.pid}@{host}-0f0f0f0f",
+        "running": f"b{PARTIAL}{os.getpid()}@{host}-0f0f0f0f",
+        "elsewhere": f"c{PARTIAL}{ended.pid}@other-{host}-0f0f0f0f",
+    }
+    for name in left.values():
+        (tmp_path / "kept" / name).mkdir()
+    assert keep_whole(tmp_path / "kept" / "next", writes("next"))
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == sorted(
+        ["key", "next", left["running"], left["elsewhere"]]
+    )

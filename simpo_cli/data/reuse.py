@@ -18,8 +18,10 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from simpo_cli import progress
@@ -73,22 +75,63 @@ def prepare_reused(
 
 
 def _keep(dataset, report: DataReport, entry: Path) -> None:
-    """Write the entry under a name of its own, then rename it into place: a reader sees all of
-    it or nothing; when another process got there first, its entry (the same rows) stays."""
-    written = entry.with_name(f"{entry.name}.{uuid.uuid4().hex}.partial")
-    with progress.dataset_bars(len(dataset), progress.WRITING):
-        dataset.save_to_disk(str(written))
     counts = {
         "rows_read": report.rows_read,
         "dropped": dict(report.dropped),
         "truncated": report.truncated,
         "mean_tokens": report.mean_tokens,
     }
-    (written / REPORT_FILE).write_text(json.dumps(counts, indent=1) + "\n")
+
+    def write(folder: Path) -> None:
+        with progress.dataset_bars(len(dataset), progress.WRITING):
+            dataset.save_to_disk(str(folder))
+        (folder / REPORT_FILE).write_text(json.dumps(counts, indent=1) + "\n")
+
+    keep_whole(entry, write)
+
+
+PARTIAL = ".partial-"  # <entry>.partial-<pid>@<host>-<random>: an entry being written
+
+
+def keep_whole(entry: Path, write: Callable[[Path], None]) -> bool:
+    """Write the folder `entry` whole or not at all: `write` fills a folder of this process's
+    own beside it, which is then renamed into place, so a reader sees all of an entry or none
+    of it. False when another process's entry got there first (that one stays: the same
+    content). Folders that writers on this machine left when they were killed mid-write go
+    first (their process is gone); those of other machines and of running processes stay."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(entry.parent)
+    owner = f"{os.getpid()}@{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+    written = entry.with_name(f"{entry.name}{PARTIAL}{owner}")
+    try:
+        write(written)
+    except BaseException:
+        shutil.rmtree(written, ignore_errors=True)
+        raise
     try:
         os.replace(written, entry)
     except OSError:  # the entry exists (a folder is not replaced by a rename): keep that one
         shutil.rmtree(written, ignore_errors=True)
+        return False
+    return True
+
+
+def _remove_abandoned(folder: Path) -> None:
+    host = socket.gethostname()
+    for path in folder.glob(f"*{PARTIAL}*"):
+        pid, _, rest = path.name.rsplit(PARTIAL, 1)[1].partition("@")
+        if rest.rsplit("-", 1)[0] == host and pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def tokenized_key(

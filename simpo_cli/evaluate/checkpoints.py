@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from simpo_cli.data.reuse import keep_whole
 from simpo_cli.distributed import barrier, is_main_process, say
 from simpo_cli.errors import UserError
 from simpo_cli.evaluate import benchmarks, compare, rounds, winrate
@@ -352,13 +351,7 @@ def _answers(checkpoint, bench, questions, settings, output_dir, work, kept=None
         exact_match=bench.exact_match,
     )
     if kept is not None and is_main_process() and not kept.exists():
-        # Whole or not at all: a folder of its own, renamed into place.
-        partial = kept.with_name(f"{kept.name}.{uuid.uuid4().hex}.partial")
-        shutil.copytree(generation, partial)
-        try:
-            os.replace(partial, kept)
-        except OSError:  # another point kept the same samples first
-            shutil.rmtree(partial, ignore_errors=True)
+        keep_whole(kept, lambda folder: shutil.copytree(generation, folder))
     counts = answer_counts(summary, questions)
     say(f"[evaluate] {checkpoint.label}: wrote {summary['answers']} ({counts})")
     return summary
