@@ -139,7 +139,7 @@ def run(command: list[str]) -> int:
     # is written: those signals are ours. This process's environment is given back after, so
     # that it can launch again (a sweep's next point, the next stage run alone).
     children = {LAUNCHED_ENV: "1", "PET_SIGNALS_TO_HANDLE": "SIGHUP,SIGQUIT"}
-    with stops.forwarding() as stop, _environment(children):
+    with stops.forwarding() as stop, environment(children):
         try:
             accelerate_launch(args)
             return 0
@@ -162,7 +162,7 @@ def run(command: list[str]) -> int:
 
 
 @contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
+def environment(values: dict[str, str]) -> Iterator[None]:
     """These environment variables set while the block runs, then as they were."""
     before = {name: os.environ.get(name) for name in values}
     os.environ.update(values)

@@ -16,10 +16,8 @@ config, each process:
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
-import os
 import socket
 from pathlib import Path
 
@@ -97,6 +95,8 @@ def worker(rank: int, world: int, port: int, tiny: bool, work: str) -> None:
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": port,
     }
+    from simpo_cli.launch import environment  # put back after: the checks after this one
+
     with environment({k: str(v) for k, v in env.items()}):
         try:
             result = measure(rank, TINY if tiny else FULL)
@@ -212,19 +212,3 @@ def measure(rank: int, size: dict) -> dict:
         "saved": saved,
         "failures": failures,
     }
-
-
-@contextlib.contextmanager
-def environment(values: dict[str, str]):
-    """os.environ with `values` for the while (a process group's rank and rendezvous), put
-    back after: an in-process check must not leave LOCAL_RANK to the ones after it."""
-    before = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
