@@ -13,6 +13,8 @@ import shlex
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from simpo_cli import launch, progress, stops
@@ -133,12 +135,12 @@ def run_stages(
         if code == 0 and pushes:
             hub.push_finished_stages(recipe, out)
         sys.exit(code)
-    from simpo_cli.distributed import is_main_process, say, shutdown
+    from simpo_cli.distributed import is_main_process, say
     from simpo_cli.run.pipeline import run_instance
 
     progress.install()  # in every process that runs stages, launched ones included
     folders = {}
-    try:
+    with leaving_the_process_group():
         for instance in plan:
             if not launch.inside_launch():
                 # Between stages (in several processes, the stop is agreed on at the start of
@@ -149,22 +151,34 @@ def run_stages(
             folders[instance.folder] = run_instance(instance, out, overwrite)
             if instance.round is not None and is_main_process():
                 write_records(recipe, every, out)  # the round's record, as far as it has got
-    except (Preempted, NonFiniteError):
-        shutdown()  # every process stopped after the same step, together
-        raise
-    trained = [i.folder for i in plan if i.kind in TRAINING_STAGES]
-    if trained:
-        say(f"final model: {folders[trained[-1]]}")
-    last = plan[-1]
-    if last.kind not in TRAINING_STAGES:
-        say(f"{'evaluation' if last.kind == 'evaluate' else 'output'}: {folders[last.folder]}")
-    if is_main_process():
-        _round_summary(recipe, every, plan, out)
-    shutdown()
+        trained = [i.folder for i in plan if i.kind in TRAINING_STAGES]
+        if trained:
+            say(f"final model: {folders[trained[-1]]}")
+        last = plan[-1]
+        if last.kind not in TRAINING_STAGES:
+            say(f"{'evaluation' if last.kind == 'evaluate' else 'output'}: {folders[last.folder]}")
+        if is_main_process():
+            _round_summary(recipe, every, plan, out)
     if trained:
         _plot_when_possible(out)
     if pushes:
         hub.push_finished_stages(recipe, out)
+
+
+@contextmanager
+def leaving_the_process_group() -> Iterator[None]:
+    """Run a process's stages, then leave the process group (distributed.shutdown): at their
+    end, and at a stop that every process met after the same step (a signal, a non-finite
+    step). Not on an error one process met alone: destroying a group others still use can
+    hang."""
+    from simpo_cli.distributed import shutdown
+
+    try:
+        yield
+    except (Preempted, NonFiniteError):
+        shutdown()
+        raise
+    shutdown()
 
 
 def _pushes_here(recipe: Recipe) -> bool:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from simpo_cli import launch, progress, stops
-from simpo_cli.errors import EXIT_FAILURE, NonFiniteError, Preempted, UserError
+from simpo_cli.errors import EXIT_FAILURE, Preempted, UserError
 from simpo_cli.evaluate.compare import PAIR_COLUMNS
 from simpo_cli.model.adapters import check_targets
 from simpo_cli.outputs import StageDir
@@ -53,7 +53,12 @@ from simpo_cli.recipe import (
     value_text,
 )
 from simpo_cli.redact import redact
-from simpo_cli.run.command import STOPPING, launch_children, output_folder
+from simpo_cli.run.command import (
+    STOPPING,
+    launch_children,
+    leaving_the_process_group,
+    output_folder,
+)
 from simpo_cli.run.instances import StageInstance, instance
 from simpo_cli.run.paths import check_paths
 from simpo_cli.run.plan import check_training, memory_lines, stage_lines
@@ -496,8 +501,7 @@ def _run_point(sweep: Sweep, point: Point) -> None:
         _run(sweep, point.name, point.instances)
         return
     record = read_record(sweep.out, point)
-    _start_over(sweep, point.instances)
-    if finished(sweep.out, point.instances):
+    if finished_as_planned(sweep, point.instances):
         print(f"[sweep] {point.name}: already finished; skipping", flush=True)
         if record.get("status") != "finished":
             write_record(sweep, point, "finished", None, record.get("seconds", 0.0))
@@ -586,15 +590,9 @@ def _run_here(out: Path, plan: list[StageInstance]) -> None:
 def run_unit(sweep: Sweep, unit: str) -> None:
     """Run one unit in this process: the shared stages (`shared`) or the point named `unit`
     (a later phase's after the phases before it have finished). A launched process leaves its
-    process group at the end, as `simpo train`'s do (distributed.shutdown)."""
-    from simpo_cli.distributed import shutdown
-
-    try:
+    process group at the end, as `simpo train`'s do."""
+    with leaving_the_process_group():
         _run_unit_here(sweep, unit)
-    except (Preempted, NonFiniteError):
-        shutdown()  # every process stopped after the same step, together
-        raise
-    shutdown()
 
 
 def _run_unit_here(sweep: Sweep, unit: str) -> None:
